@@ -1,0 +1,407 @@
+"""TRACI wire protocol, version 1: the one place a message is encoded or decoded.
+
+A message is a list of ZeroMQ frames::
+
+    [header, tensor_0, tensor_1, ...]
+
+``header`` is a msgpack map ``{"v": VERSION, "k": KIND, <fields>, "t": [[dtype, shape], ...]}``.
+Every tensor is one frame of raw little-endian, C-contiguous bytes whose length must equal
+``prod(shape) * itemsize(dtype)``. Tensor frames are handed to ZeroMQ without copying and,
+on the broker, forwarded as the very frame objects that arrived.
+
+ROUTER sockets prepend the peer's routing id; the service strips it before ``decode`` and
+puts it back after ``encode``. ``decode`` checks everything (size, version, kind, fields,
+dtype, shape against frame length, finite values) and raises ``ProtocolError`` whose
+``reason`` is a short stable label, used as a metric label by every service.
+
+This module imports neither torch nor zmq: the broker holds no model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence, Union
+
+import msgpack
+import numpy as np
+
+from traci_ml.errors import ProtocolError
+
+VERSION = 1
+
+# Limits. A message outside them is rejected before any allocation that depends on it.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSOR_BYTES = 512 * 1024 * 1024
+MAX_TENSORS = 1024  # tensors per message (BATCH carries one per present expert)
+MAX_EXPERTS = 1024
+MAX_RANK = 4
+MAX_DIM = 1 << 31
+MAX_STR = 1024
+MAX_SEQ = (1 << 53) - 1
+
+# dtype name -> (itemsize, numpy dtype or None where numpy has none)
+DTYPES: dict[str, tuple[int, Any]] = {
+    "float32": (4, np.dtype("<f4")),
+    "float16": (2, np.dtype("<f2")),
+    "bfloat16": (2, None),
+}
+
+ROLES = ("expert", "reducer")
+PHASES = ("train", "eval")
+
+# Every reason a message can be rejected with; services pre-create a metric series per reason.
+REJECT_REASONS = (
+    "empty",
+    "too_many_frames",
+    "header_size",
+    "bad_header",
+    "version",
+    "unknown_kind",
+    "bad_field",
+    "dtype",
+    "bad_shape",
+    "size_mismatch",
+    "oversize",
+    "frame_count",
+    "non_finite",
+)
+
+FrameLike = Union[bytes, bytearray, memoryview, Any]  # Any: zmq.Frame (has .buffer)
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """A tensor on the wire: dtype name, shape, and the frame that holds its bytes.
+
+    ``data`` is kept as received (``bytes`` or a ``zmq.Frame``) so it can be forwarded
+    without a copy; ``buffer`` is a memoryview over the same memory.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: FrameLike
+
+    @property
+    def buffer(self) -> memoryview:
+        return _buffer(self.data)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][0]
+
+    def numpy(self) -> np.ndarray:
+        """A read-only numpy view (no copy). bfloat16 comes back as raw uint16."""
+        np_dtype = DTYPES[self.dtype][1] or np.dtype("<u2")
+        return np.frombuffer(self.buffer, dtype=np_dtype).reshape(self.shape)
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> "Tensor":
+        for name, (_, np_dtype) in DTYPES.items():
+            if np_dtype is not None and array.dtype == np_dtype:
+                array = np.ascontiguousarray(array)
+                return cls(name, tuple(int(s) for s in array.shape), memoryview(array).cast("B"))
+        raise ProtocolError("dtype", f"numpy dtype {array.dtype} has no wire dtype")
+
+
+def _buffer(data: FrameLike) -> memoryview:
+    buf = getattr(data, "buffer", None)  # zmq.Frame
+    view = buf if buf is not None else memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+# --------------------------------------------------------------------------------------
+# Messages. One typed class per kind; ``FIELDS`` is the header schema checked by decode.
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Peer -> broker: register. Experts give ``expert_id``; the reducer gives ``n_experts``."""
+
+    KIND: ClassVar[str] = "HELLO"
+    FIELDS: ClassVar[dict[str, type]] = {
+        "role": str, "run_id": str, "expert_id": int, "n_experts": int,
+        "embed_dim": int, "dtype": str, "window": int,
+    }
+    role: str
+    run_id: str
+    embed_dim: int
+    dtype: str
+    expert_id: int = -1  # -1 for the reducer
+    n_experts: int = 0
+    window: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Broker -> peer: accepted (``ok``) with the step to start at, or refused with a reason."""
+
+    KIND: ClassVar[str] = "WELCOME"
+    FIELDS: ClassVar[dict[str, type]] = {"ok": bool, "reason": str, "start_seq": int}
+    ok: bool
+    reason: str = ""
+    start_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Emb:
+    """Expert -> broker: the target embedding ``[B, d]`` of step ``seq``."""
+
+    KIND: ClassVar[str] = "EMB"
+    FIELDS: ClassVar[dict[str, type]] = {"seq": int, "expert_id": int, "phase": str}
+    seq: int
+    expert_id: int
+    phase: str
+    tensor: Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Broker -> reducer: one joined step. ``tensors`` holds one ``[B, d]`` per present
+    expert, in ascending expert id; ``present[i]`` says whether expert ``i`` took part."""
+
+    KIND: ClassVar[str] = "BATCH"
+    FIELDS: ClassVar[dict[str, type]] = {"seq": int, "phase": str, "present": list}
+    seq: int
+    phase: str
+    present: tuple[bool, ...]
+    tensors: tuple[Tensor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Grad:
+    """Reducer -> broker: dL/dtoken for every present expert of ``seq`` (same order as the
+    BATCH, ``expert_id`` = -1). Broker -> expert: one slice, ``expert_id`` = its id."""
+
+    KIND: ClassVar[str] = "GRAD"
+    FIELDS: ClassVar[dict[str, type]] = {"seq": int, "expert_id": int}
+    seq: int
+    expert_id: int
+    tensors: tuple[Tensor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Reducer -> broker -> experts: step ``seq`` (an eval step) is done; no gradient."""
+
+    KIND: ClassVar[str] = "ACK"
+    FIELDS: ClassVar[dict[str, type]] = {"seq": int}
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Broker -> expert: step ``seq`` will never get a reply (late, or lost); count it."""
+
+    KIND: ClassVar[str] = "DROP"
+    FIELDS: ClassVar[dict[str, type]] = {"seq": int, "reason": str}
+    seq: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    KIND: ClassVar[str] = "HEARTBEAT"
+    FIELDS: ClassVar[dict[str, type]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    """Either way: the sender is leaving (``reason``: "done", "shutdown", ...)."""
+
+    KIND: ClassVar[str] = "GOODBYE"
+    FIELDS: ClassVar[dict[str, type]] = {"reason": str}
+    reason: str = ""
+
+
+Message = Union[Hello, Welcome, Emb, Batch, Grad, Ack, Drop, Heartbeat, Goodbye]
+KINDS: dict[str, type] = {
+    cls.KIND: cls for cls in (Hello, Welcome, Emb, Batch, Grad, Ack, Drop, Heartbeat, Goodbye)
+}
+_REQUIRED: dict[str, frozenset[str]] = {
+    "HELLO": frozenset({"role", "run_id", "embed_dim", "dtype"}),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Encode
+# --------------------------------------------------------------------------------------
+
+
+def encode(msg: Message) -> list[FrameLike]:
+    """Frames for ``msg``: the msgpack header, then each tensor's frame as it is (no copy)."""
+    header: dict[str, Any] = {"v": VERSION, "k": msg.KIND}
+    for name in msg.FIELDS:
+        value = getattr(msg, name)
+        header[name] = list(value) if isinstance(value, tuple) else value
+    tensors = _tensors_of(msg)
+    if tensors:
+        header["t"] = [[t.dtype, list(t.shape)] for t in tensors]
+    return [msgpack.packb(header, use_bin_type=True), *(t.data for t in tensors)]
+
+
+def _tensors_of(msg: Message) -> tuple[Tensor, ...]:
+    if isinstance(msg, Emb):
+        return (msg.tensor,)
+    if isinstance(msg, (Batch, Grad)):
+        return msg.tensors
+    return ()
+
+
+# --------------------------------------------------------------------------------------
+# Decode: all checking happens here.
+# --------------------------------------------------------------------------------------
+
+
+def decode(frames: Sequence[FrameLike], *, check_finite: bool = True) -> Message:
+    """Validate ``frames`` (routing id already stripped) and return the typed message.
+
+    Raises ``ProtocolError`` with a ``reason`` from ``REJECT_REASONS``.
+    """
+    if not frames:
+        raise ProtocolError("empty", "message has no frames")
+    if len(frames) > MAX_TENSORS + 1:
+        raise ProtocolError("too_many_frames", f"{len(frames)} frames > {MAX_TENSORS + 1}")
+    raw = _buffer(frames[0])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError("header_size", f"header of {len(raw)} bytes > {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, max_buffer_size=MAX_HEADER_BYTES
+        )
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError("bad_header", f"header is not msgpack ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("bad_header", f"header is a {type(header).__name__}, not a map")
+    version = header.get("v")
+    if version != VERSION:
+        raise ProtocolError("version", f"protocol version {version!r}, expected {VERSION}")
+    kind = header.get("k")
+    cls = KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError("unknown_kind", f"unknown message kind {kind!r}")
+    fields = _check_fields(cls, header)
+    tensors = _check_tensors(header.get("t", []), frames[1:], check_finite)
+    return _build(cls, fields, tensors)
+
+
+def _check_fields(cls: type, header: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(header) - set(cls.FIELDS) - {"v", "k", "t"}
+    if unknown:
+        raise ProtocolError("bad_field", f"{cls.KIND} has unknown fields {sorted(unknown)}")
+    required = _REQUIRED.get(cls.KIND, frozenset(cls.FIELDS))
+    fields: dict[str, Any] = {}
+    for name, typ in cls.FIELDS.items():
+        if name not in header:
+            if name in required:
+                raise ProtocolError("bad_field", f"{cls.KIND} lacks field {name!r}")
+            continue
+        value = header[name]
+        ok = isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
+        if not ok:
+            raise ProtocolError(
+                "bad_field", f"{cls.KIND}.{name} is {type(value).__name__}, not {typ.__name__}"
+            )
+        if typ is int and not -1 <= value <= MAX_SEQ:
+            raise ProtocolError("bad_field", f"{cls.KIND}.{name}={value} out of range")
+        if typ is str and len(value) > MAX_STR:
+            raise ProtocolError("bad_field", f"{cls.KIND}.{name} longer than {MAX_STR}")
+        fields[name] = value
+    if "seq" in fields and fields["seq"] < 0:
+        raise ProtocolError("bad_field", f"{cls.KIND}.seq={fields['seq']} is negative")
+    if "phase" in fields and fields["phase"] not in PHASES:
+        raise ProtocolError("bad_field", f"{cls.KIND}.phase={fields['phase']!r} not in {PHASES}")
+    if cls is Hello:
+        _check_hello(fields)
+    return fields
+
+
+def _check_hello(fields: dict[str, Any]) -> None:
+    if fields["role"] not in ROLES:
+        raise ProtocolError("bad_field", f"HELLO.role={fields['role']!r} not in {ROLES}")
+    if fields["dtype"] not in DTYPES:
+        raise ProtocolError("dtype", f"HELLO.dtype={fields['dtype']!r} not in {sorted(DTYPES)}")
+    if not 1 <= fields["embed_dim"] <= MAX_DIM:
+        raise ProtocolError("bad_field", f"HELLO.embed_dim={fields['embed_dim']} out of range")
+    if fields["role"] == "expert" and not 0 <= fields.get("expert_id", -1) < MAX_EXPERTS:
+        raise ProtocolError("bad_field", "expert HELLO needs 0 <= expert_id < MAX_EXPERTS")
+    if fields["role"] == "reducer" and not 1 <= fields.get("n_experts", 0) <= MAX_EXPERTS:
+        raise ProtocolError("bad_field", "reducer HELLO needs 1 <= n_experts <= MAX_EXPERTS")
+
+
+def _check_tensors(
+    specs: Any, frames: Sequence[FrameLike], check_finite: bool
+) -> tuple[Tensor, ...]:
+    if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
+        raise ProtocolError("bad_header", "tensor list 't' is not a list of at most MAX_TENSORS")
+    if len(specs) != len(frames):
+        raise ProtocolError("frame_count", f"header lists {len(specs)} tensors, got {len(frames)}")
+    tensors = []
+    for i, (spec, frame) in enumerate(zip(specs, frames)):
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], list)):
+            raise ProtocolError("bad_header", f"tensor {i} spec is not [dtype, shape]")
+        dtype, shape = spec
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ProtocolError("dtype", f"tensor {i} dtype {dtype!r} not in {sorted(DTYPES)}")
+        if len(shape) > MAX_RANK or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape
+        ):
+            raise ProtocolError("bad_shape", f"tensor {i} shape {shape!r} is not valid")
+        nbytes = math.prod(shape) * DTYPES[dtype][0]
+        if nbytes > MAX_TENSOR_BYTES:
+            raise ProtocolError("oversize", f"tensor {i} of {nbytes} bytes > {MAX_TENSOR_BYTES}")
+        got = len(_buffer(frame))
+        if got != nbytes:
+            raise ProtocolError(
+                "size_mismatch", f"tensor {i} {dtype}{shape} needs {nbytes} bytes, frame has {got}"
+            )
+        tensor = Tensor(dtype, tuple(shape), frame)
+        if check_finite and not is_finite(tensor):
+            raise ProtocolError("non_finite", f"tensor {i} holds NaN or Inf")
+        tensors.append(tensor)
+    return tuple(tensors)
+
+
+def is_finite(tensor: Tensor) -> bool:
+    """True when no element is NaN or Inf (bfloat16: exponent bits not all ones)."""
+    if tensor.dtype == "bfloat16":
+        bits = np.frombuffer(tensor.buffer, dtype="<u2")
+        return not bool(np.any((bits & 0x7F80) == 0x7F80))
+    return bool(np.isfinite(tensor.numpy()).all())
+
+
+def _build(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...]) -> Message:
+    if cls is Emb:
+        _expect(len(tensors) == 1, "EMB carries one tensor")
+        _expect(len(tensors[0].shape) == 2, "EMB tensor is [B, d]", "bad_shape")
+        return Emb(fields["seq"], fields["expert_id"], fields["phase"], tensors[0])
+    if cls is Batch:
+        present = fields["present"]
+        _expect(
+            0 < len(present) <= MAX_EXPERTS and all(isinstance(p, bool) for p in present),
+            "BATCH.present is a non-empty list of booleans",
+            "bad_field",
+        )
+        _expect(len(tensors) == sum(present), "BATCH carries one tensor per present expert")
+        _expect(_same_2d(tensors), "BATCH tensors are [B, d] of one shape and dtype", "bad_shape")
+        return Batch(fields["seq"], fields["phase"], tuple(present), tensors)
+    if cls is Grad:
+        _expect(len(tensors) >= 1, "GRAD carries at least one tensor")
+        _expect(_same_2d(tensors), "GRAD tensors are [B, d] of one shape and dtype", "bad_shape")
+        _expect(fields["expert_id"] == -1 or len(tensors) == 1, "GRAD to an expert has one")
+        return Grad(fields["seq"], fields["expert_id"], tensors)
+    _expect(not tensors, f"{cls.KIND} carries no tensors")
+    return cls(**fields)
+
+
+def _same_2d(tensors: tuple[Tensor, ...]) -> bool:
+    return all(
+        len(t.shape) == 2 and t.shape == tensors[0].shape and t.dtype == tensors[0].dtype
+        for t in tensors
+    )
+
+
+def _expect(condition: bool, what: str, reason: str = "frame_count") -> None:
+    if not condition:
+        raise ProtocolError(reason, what)

@@ -1,0 +1,257 @@
+"""Run configuration: one validated object, built once at the entry point and passed down.
+
+Sources, later ones winning: the YAML file, environment variables ``TRACI_<SECTION>__<KEY>``
+(e.g. ``TRACI_NETWORK__BROKER_HOST=broker``), then CLI ``--set section.key=value``. Values from
+the environment and the CLI are parsed as YAML scalars, so ``5`` is an int and ``[64, 32]`` a
+list. Every error is a ``ConfigError`` that names the key (or variable) at fault.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from traci_ml.errors import ConfigError
+
+ENV_PREFIX = "TRACI_"
+_MODULE_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ViewConfig(_Section):
+    """One expert's view of the data: a name and the feature columns it reads."""
+
+    name: str = Field(min_length=1)
+    columns: list[str] = Field(min_length=1)
+
+
+class DataConfig(_Section):
+    source: Literal["digits", "csv"] = "digits"
+    path: str | None = None  # csv: file path
+    label: str | None = None  # csv: label column
+    task: Literal["classification", "regression"] = "classification"
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # digits: a preset ("quadrants": 4 experts, one 4x4 quadrant each; "halves": 2 experts).
+    # csv: a list of views, one per expert. The number of experts is the number of views.
+    views: Literal["quadrants", "halves"] | list[ViewConfig] = "quadrants"
+
+    @model_validator(mode="after")
+    def _csv_needs_path(self) -> DataConfig:
+        if self.source == "csv":
+            for key in ("path", "label"):
+                if not getattr(self, key):
+                    raise ValueError(f"data.{key} is required when data.source is 'csv'")
+            if isinstance(self.views, str):
+                raise ValueError("data.views must list each expert's columns for a csv source")
+        return self
+
+
+class ExpertModelConfig(_Section):
+    """The embedding network: a feed-forward net, or any nn.Module by import path."""
+
+    hidden: list[int] = Field(default_factory=lambda: [256])
+    activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    norm: Literal["none", "layernorm", "batchnorm"] = "none"
+    # "package.module:Class", built as Class(in_dim=..., out_dim=..., **kwargs).
+    module: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(w < 1 for w in v):
+            raise ValueError("every hidden width must be >= 1")
+        return v
+
+    @field_validator("module")
+    @classmethod
+    def _module_path(cls, v: str | None) -> str | None:
+        if v is not None and not _MODULE_PATH.match(v):
+            raise ValueError(f"{v!r} is not of the form 'package.module:Class'")
+        return v
+
+
+class ExpertConfig(_Section):
+    model: ExpertModelConfig = ExpertModelConfig()
+    tau: float = Field(0.1, gt=0.0, le=1.0)  # Polyak rate: target += tau * (online - target)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    window: int = Field(2, ge=1, le=1024)  # steps in flight (sent, gradient not yet applied)
+    step_timeout: float = Field(30.0, gt=0.0)  # seconds before an in-flight step is dropped
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # embeddings on the wire
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    torch_threads: int = Field(1, ge=0)  # 0: torch's default
+
+
+class ReducerConfig(_Section):
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    ff: int = Field(128, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    expert_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # mask a token with this chance (train)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    eval_batch_size: int = Field(512, ge=1)
+    device: str = "auto"
+    torch_threads: int = Field(1, ge=0)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(64, ge=1)
+    eval_every: int = Field(250, ge=0)  # 0: evaluate only at the end
+    checkpoint_every: int = Field(500, ge=0)  # 0: only at exit
+
+
+class NetworkConfig(_Section):
+    broker_host: str = "127.0.0.1"  # where experts and the reducer connect
+    bind_host: str = "127.0.0.1"  # where the broker binds
+    expert_port: int = Field(5555, ge=1, le=65535)
+    reducer_port: int = Field(5556, ge=1, le=65535)
+    heartbeat_interval: float = Field(0.5, gt=0.0)
+    liveness: float = Field(3.0, gt=0.0)  # silence after which a peer counts as gone
+    max_pending_steps: int = Field(256, ge=1)  # broker: steps joined but not yet answered
+
+    @model_validator(mode="after")
+    def _liveness(self) -> NetworkConfig:
+        if self.liveness <= self.heartbeat_interval:
+            raise ValueError("network.liveness must exceed network.heartbeat_interval")
+        if self.expert_port == self.reducer_port:
+            raise ValueError("network.expert_port and network.reducer_port must differ")
+        return self
+
+
+class MetricsConfig(_Section):
+    bind: str = "127.0.0.1"
+    broker_port: int = Field(9100, ge=0, le=65535)  # 0 disables a service's endpoint
+    reducer_port: int = Field(9101, ge=0, le=65535)
+    expert_base_port: int = Field(9110, ge=0, le=65535)  # expert i listens on base + i
+
+
+class Config(_Section):
+    run_id: str = Field("traci", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    seed: int = 0
+    run_dir: str = "runs/{run_id}"
+    embed_dim: int = Field(64, ge=1)  # one token's width; the reducer's d_model
+    data: DataConfig = DataConfig()
+    expert: ExpertConfig = ExpertConfig()
+    reducer: ReducerConfig = ReducerConfig()
+    train: TrainConfig = TrainConfig()
+    network: NetworkConfig = NetworkConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> Config:
+        if self.embed_dim % self.reducer.heads:
+            raise ValueError(
+                f"reducer.heads ({self.reducer.heads}) must divide embed_dim ({self.embed_dim})"
+            )
+        return self
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir.format(run_id=self.run_id))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    overrides: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the config from a YAML file, the environment and ``--set`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    environ = os.environ if env is None else env
+    for name, value in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            key = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            _set(raw, key, _scalar(value), source=f"environment variable {name}")
+    for key, value in (overrides or {}).items():
+        _set(raw, key, _scalar(value), source=f"--set {key}")
+    return validate(raw)
+
+
+def validate(raw: Mapping[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``["a.b=1", ...]`` -> ``{"a.b": "1"}``; a malformed item names itself."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any, *, source: str) -> None:
+    keys = dotted.split(".")
+    node: Any = raw
+    fields = Config.model_fields
+    for depth, key in enumerate(keys):
+        if fields is None or key not in fields:
+            raise ConfigError(f"{source}: unknown config key {'.'.join(keys[: depth + 1])!r}")
+        annotation = fields[key].annotation
+        sub = getattr(annotation, "model_fields", None) if isinstance(annotation, type) else None
+        if depth == len(keys) - 1:
+            node[key] = value
+            return
+        if sub is None:
+            raise ConfigError(f"{source}: {'.'.join(keys[: depth + 1])!r} has no sub-keys")
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {'.'.join(keys[: depth + 1])!r} is not a mapping")
+        fields = sub
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{key}: {msg}")
+    return "invalid config: " + "; ".join(lines)

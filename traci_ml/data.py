@@ -1,0 +1,181 @@
+"""Datasets and views: every process loads the same table and keeps only what it needs.
+
+An expert reads only its view's feature columns; the reducer reads only the labels. The split
+(train/test by ``seed``) and standardisation (on the train part) are pure functions of the
+config, so every process derives identical arrays without shipping data over the wire.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from traci_ml.config import Config, DataConfig, ViewConfig
+from traci_ml.errors import DataError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    task: str  # "classification" | "regression"
+    columns: tuple[str, ...]  # feature column names
+    views: tuple[ViewConfig, ...]  # one per expert
+    x_train: np.ndarray  # (n_train, F) float32, standardised
+    y_train: np.ndarray  # (n_train,) int64 class ids, or float32 standardised targets
+    x_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int  # 0 for regression
+    classes: tuple[str, ...] = ()  # class names, in id order
+    y_mean: float = 0.0  # regression: targets are (y - y_mean) / y_std
+    y_std: float = 1.0
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.views)
+
+    @property
+    def out_dim(self) -> int:
+        return self.n_classes if self.task == "classification" else 1
+
+    def view_columns(self, expert_id: int) -> np.ndarray:
+        """Column indices of expert ``expert_id``'s view."""
+        index = {name: i for i, name in enumerate(self.columns)}
+        return np.array([index[c] for c in self.views[expert_id].columns], dtype=np.int64)
+
+    def view(self, expert_id: int, split: str) -> np.ndarray:
+        """(n, F_i) float32 features of one expert's view, C-contiguous."""
+        x = self.x_train if split == "train" else self.x_test
+        return np.ascontiguousarray(x[:, self.view_columns(expert_id)])
+
+
+def load_dataset(config: Config) -> Dataset:
+    cfg = config.data
+    if cfg.source == "digits":
+        x, y, columns, classes = _digits()
+        views = digits_views(cfg.views) if isinstance(cfg.views, str) else tuple(cfg.views)
+        task = "classification"
+    else:
+        x, y, columns, classes = _read_csv(cfg)
+        views = tuple(cfg.views)  # type: ignore[arg-type]
+        task = cfg.task
+    _check_views(views, columns, source=cfg.path or cfg.source)
+    return _split(x, y, columns, views, classes, task, cfg.test_fraction, config.seed)
+
+
+def digits_views(preset: str) -> tuple[ViewConfig, ...]:
+    """Views over the 8x8 digits image: four 4x4 quadrants, or top/bottom halves."""
+    if preset == "quadrants":
+        corners = [("top_left", 0, 0), ("top_right", 0, 4), ("bottom_left", 4, 0),
+                   ("bottom_right", 4, 4)]
+        return tuple(
+            ViewConfig(name=name, columns=[f"pixel_{r}_{c}" for r in range(r0, r0 + 4)
+                                           for c in range(c0, c0 + 4)])
+            for name, r0, c0 in corners
+        )
+    if preset == "halves":
+        return tuple(
+            ViewConfig(name=name, columns=[f"pixel_{r}_{c}" for r in rows for c in range(8)])
+            for name, rows in (("top", range(4)), ("bottom", range(4, 8)))
+        )
+    raise DataError(f"unknown digits view preset {preset!r}")
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    bunch = load_digits()
+    columns = tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8))
+    classes = tuple(str(i) for i in range(10))
+    return bunch.data.astype(np.float32), bunch.target.astype(np.int64), columns, classes
+
+
+def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]:
+    path = Path(cfg.path or "")
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+    except OSError as exc:
+        raise DataError(f"cannot read data file {path}: {exc.strerror}") from None
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise DataError(f"data file {path} is not a readable CSV: {exc}") from None
+    if len(rows) < 3:
+        raise DataError(f"data file {path} needs a header and at least two rows")
+    header = [h.strip() for h in rows[0]]
+    if cfg.label not in header:
+        raise DataError(f"data file {path} has no label column {cfg.label!r}")
+    label_at = header.index(cfg.label)
+    used = sorted({c for v in cfg.views for c in v.columns}, key=header.index)  # type: ignore[union-attr]
+    missing = [c for v in cfg.views for c in v.columns if c not in header]  # type: ignore[union-attr]
+    if missing:
+        raise DataError(f"data file {path} has no column(s) {sorted(set(missing))}")
+    at = [header.index(c) for c in used]
+    x = np.empty((len(rows) - 1, len(used)), dtype=np.float32)
+    labels = []
+    for r, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path} line {r}: {len(row)} fields, header has {len(header)}")
+        for j, col in enumerate(at):
+            try:
+                x[r - 2, j] = float(row[col])
+            except ValueError:
+                raise DataError(f"{path} line {r}: column {header[col]!r} value {row[col]!r} "
+                                "is not a number") from None
+        labels.append(row[label_at].strip())
+    if not np.isfinite(x).all():
+        raise DataError(f"data file {path} holds NaN or Inf feature values")
+    if cfg.task == "classification":
+        classes = tuple(sorted(set(labels), key=_natural))
+        ids = {c: i for i, c in enumerate(classes)}
+        return x, np.array([ids[v] for v in labels], dtype=np.int64), tuple(used), classes
+    try:
+        y = np.array([float(v) for v in labels], dtype=np.float32)
+    except ValueError:
+        raise DataError(f"data file {path}: label column {cfg.label!r} is not numeric") from None
+    return x, y, tuple(used), ()
+
+
+def _natural(label: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def _check_views(views: tuple[ViewConfig, ...], columns: tuple[str, ...], *, source: str) -> None:
+    if not views:
+        raise DataError("data.views is empty: at least one expert is needed")
+    names = [v.name for v in views]
+    if len(set(names)) != len(names):
+        raise DataError(f"data.views has duplicate names {names}")
+    for v in views:
+        unknown = [c for c in v.columns if c not in columns]
+        if unknown:
+            raise DataError(f"view {v.name!r} names unknown column(s) {unknown} in {source}")
+
+
+def _split(
+    x: np.ndarray, y: np.ndarray, columns: tuple[str, ...], views: tuple[ViewConfig, ...],
+    classes: tuple[str, ...], task: str, test_fraction: float, seed: int,
+) -> Dataset:
+    n = len(x)
+    order = np.random.default_rng([seed, 0xDA7A]).permutation(n)
+    n_test = max(1, int(round(n * test_fraction)))
+    test, train = order[:n_test], order[n_test:]
+    if len(train) < 2:
+        raise DataError(f"only {len(train)} training rows after a {test_fraction} test split")
+    mean = x[train].mean(axis=0)
+    std = x[train].std(axis=0)
+    std[std < 1e-8] = 1.0  # constant columns (digits has some) stay at zero
+    xs = ((x - mean) / std).astype(np.float32)
+    y_mean, y_std = 0.0, 1.0
+    if task == "regression":
+        y_mean, y_std = float(y[train].mean()), float(y[train].std() or 1.0)
+        y = ((y - y_mean) / y_std).astype(np.float32)
+    return Dataset(
+        task=task, columns=columns, views=views,
+        x_train=xs[train], y_train=y[train], x_test=xs[test], y_test=y[test],
+        n_classes=len(classes) if task == "classification" else 0, classes=classes,
+        y_mean=y_mean, y_std=y_std,
+    )

@@ -1,0 +1,90 @@
+"""Which rows step ``seq`` uses: a pure function of (dataset size, seed, batch size, seq).
+
+The global step sequence interleaves training and evaluation::
+
+    seq:  0 .. E-1 train | eval batches | E .. 2E-1 train | eval batches | ... | final eval
+
+where E is ``train.eval_every``. Every process derives the same ``Step`` for a given ``seq``
+with no coordination, so experts and the reducer agree on rows without talking.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    seq: int
+    phase: str  # "train" | "eval"
+    index: int  # train step number, or the eval batch number within its round
+    round: int  # eval round (0-based); for train steps, the round that follows
+    last_in_round: bool  # eval: last batch of its round
+
+
+class Schedule:
+    """Maps ``seq`` to train/eval steps and to the rows each uses."""
+
+    def __init__(
+        self, *, n_train: int, n_test: int, seed: int, batch_size: int, steps: int,
+        eval_every: int, eval_batch_size: int,
+    ) -> None:
+        if batch_size > n_train:
+            raise ValueError(f"train.batch_size {batch_size} exceeds the {n_train} training rows")
+        self.n_train, self.n_test, self.seed = n_train, n_test, seed
+        self.batch_size, self.steps = batch_size, steps
+        self.eval_every = eval_every if 0 < eval_every < steps else steps
+        self.eval_batch_size = eval_batch_size
+        self.eval_batches = math.ceil(n_test / eval_batch_size)
+        self._block = self.eval_every + self.eval_batches
+        full, self._tail = divmod(steps, self.eval_every)
+        self._full_blocks = full
+        self.total = full * self._block + (self._tail + self.eval_batches if self._tail else 0)
+        self.steps_per_epoch = n_train // batch_size
+
+    @property
+    def eval_rounds(self) -> int:
+        return self._full_blocks + (1 if self._tail else 0)
+
+    def step(self, seq: int) -> Step:
+        if not 0 <= seq < self.total:
+            raise IndexError(f"seq {seq} outside the schedule [0, {self.total})")
+        block, offset = divmod(seq, self._block)
+        train_len = self.eval_every if block < self._full_blocks else self._tail
+        if offset < train_len:
+            return Step(seq, "train", block * self.eval_every + offset, block, False)
+        j = offset - train_len
+        return Step(seq, "eval", j, block, j == self.eval_batches - 1)
+
+    def rows(self, step: Step) -> np.ndarray:
+        """Row indices into the train split (train) or the test split (eval)."""
+        if step.phase == "eval":
+            start = step.index * self.eval_batch_size
+            return np.arange(start, min(start + self.eval_batch_size, self.n_test))
+        epoch, k = divmod(step.index, self.steps_per_epoch)
+        perm = _permutation(self.n_train, self.seed, epoch)
+        return perm[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def first_seq_of_train_step(self, index: int) -> int:
+        """The ``seq`` of train step ``index`` (used to resume at a step boundary)."""
+        block, offset = divmod(index, self.eval_every)
+        return block * self._block + offset
+
+
+@lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    perm = np.random.default_rng([seed, 0x5EED, epoch]).permutation(n)
+    perm.setflags(write=False)
+    return perm
+
+
+def schedule_for(config, dataset) -> Schedule:  # noqa: ANN001 - avoid import cycles
+    return Schedule(
+        n_train=len(dataset.y_train), n_test=len(dataset.y_test), seed=config.seed,
+        batch_size=config.train.batch_size, steps=config.train.steps,
+        eval_every=config.train.eval_every, eval_batch_size=config.reducer.eval_batch_size,
+    )
