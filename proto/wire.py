@@ -20,8 +20,9 @@ This module imports neither torch nor zmq: the broker holds no model.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence, Union
+from typing import Any, ClassVar
 
 import msgpack
 import numpy as np
@@ -67,7 +68,7 @@ REJECT_REASONS = (
     "non_finite",
 )
 
-FrameLike = Union[bytes, bytearray, memoryview, Any]  # Any: zmq.Frame (has .buffer)
+FrameLike = Any  # bytes, bytearray, memoryview, or a zmq.Frame (which has .buffer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +97,12 @@ class Tensor:
         return np.frombuffer(self.buffer, dtype=np_dtype).reshape(self.shape)
 
     @classmethod
-    def from_numpy(cls, array: np.ndarray) -> "Tensor":
+    def from_numpy(cls, array: np.ndarray) -> Tensor:
         for name, (_, np_dtype) in DTYPES.items():
             if np_dtype is not None and array.dtype == np_dtype:
                 array = np.ascontiguousarray(array)
-                return cls(name, tuple(int(s) for s in array.shape), memoryview(array).cast("B"))
+                raw = array.reshape(-1).view(np.uint8)  # 1-D bytes, also for empty arrays
+                return cls(name, tuple(int(s) for s in array.shape), memoryview(raw))
         raise ProtocolError("dtype", f"numpy dtype {array.dtype} has no wire dtype")
 
 
@@ -121,8 +123,13 @@ class Hello:
 
     KIND: ClassVar[str] = "HELLO"
     FIELDS: ClassVar[dict[str, type]] = {
-        "role": str, "run_id": str, "expert_id": int, "n_experts": int,
-        "embed_dim": int, "dtype": str, "window": int,
+        "role": str,
+        "run_id": str,
+        "expert_id": int,
+        "n_experts": int,
+        "embed_dim": int,
+        "dtype": str,
+        "window": int,
     }
     role: str
     run_id: str
@@ -215,7 +222,7 @@ class Goodbye:
     reason: str = ""
 
 
-Message = Union[Hello, Welcome, Emb, Batch, Grad, Ack, Drop, Heartbeat, Goodbye]
+Message = Hello | Welcome | Emb | Batch | Grad | Ack | Drop | Heartbeat | Goodbye
 KINDS: dict[str, type] = {
     cls.KIND: cls for cls in (Hello, Welcome, Emb, Batch, Grad, Ack, Drop, Heartbeat, Goodbye)
 }
@@ -267,15 +274,13 @@ def decode(frames: Sequence[FrameLike], *, check_finite: bool = True) -> Message
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError("header_size", f"header of {len(raw)} bytes > {MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, max_buffer_size=MAX_HEADER_BYTES
-        )
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError("bad_header", f"header is not msgpack ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", f"header is a {type(header).__name__}, not a map")
     version = header.get("v")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise ProtocolError("version", f"protocol version {version!r}, expected {VERSION}")
     kind = header.get("k")
     cls = KINDS.get(kind) if isinstance(kind, str) else None
@@ -289,7 +294,8 @@ def decode(frames: Sequence[FrameLike], *, check_finite: bool = True) -> Message
 def _check_fields(cls: type, header: dict[str, Any]) -> dict[str, Any]:
     unknown = set(header) - set(cls.FIELDS) - {"v", "k", "t"}
     if unknown:
-        raise ProtocolError("bad_field", f"{cls.KIND} has unknown fields {sorted(unknown)}")
+        names = sorted(repr(k) for k in unknown)
+        raise ProtocolError("bad_field", f"{cls.KIND} has unknown fields {', '.join(names)}")
     required = _REQUIRED.get(cls.KIND, frozenset(cls.FIELDS))
     fields: dict[str, Any] = {}
     for name, typ in cls.FIELDS.items():
@@ -338,7 +344,7 @@ def _check_tensors(
     if len(specs) != len(frames):
         raise ProtocolError("frame_count", f"header lists {len(specs)} tensors, got {len(frames)}")
     tensors = []
-    for i, (spec, frame) in enumerate(zip(specs, frames)):
+    for i, (spec, frame) in enumerate(zip(specs, frames, strict=True)):
         if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], list)):
             raise ProtocolError("bad_header", f"tensor {i} spec is not [dtype, shape]")
         dtype, shape = spec

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -110,6 +111,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(64, ge=1)
     eval_every: int = Field(250, ge=0)  # 0: evaluate only at the end
     checkpoint_every: int = Field(500, ge=0)  # 0: only at exit
+    log_every: int = Field(25, ge=1)  # train steps between metrics.jsonl records
 
 
 class NetworkConfig(_Section):
@@ -120,6 +122,7 @@ class NetworkConfig(_Section):
     heartbeat_interval: float = Field(0.5, gt=0.0)
     liveness: float = Field(3.0, gt=0.0)  # silence after which a peer counts as gone
     max_pending_steps: int = Field(256, ge=1)  # broker: steps joined but not yet answered
+    connect_timeout: float = Field(120.0, gt=0.0)  # peers: give up if the broker never answers
 
     @model_validator(mode="after")
     def _liveness(self) -> NetworkConfig:
@@ -178,7 +181,7 @@ def load_config(
     environ = os.environ if env is None else env
     for name, value in sorted(environ.items()):
         if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
-            key = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
             _set(raw, key, _scalar(value), source=f"environment variable {name}")
     for key, value in (overrides or {}).items():
         _set(raw, key, _scalar(value), source=f"--set {key}")
@@ -208,6 +211,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -67,11 +67,17 @@ def load_dataset(config: Config) -> Dataset:
 def digits_views(preset: str) -> tuple[ViewConfig, ...]:
     """Views over the 8x8 digits image: four 4x4 quadrants, or top/bottom halves."""
     if preset == "quadrants":
-        corners = [("top_left", 0, 0), ("top_right", 0, 4), ("bottom_left", 4, 0),
-                   ("bottom_right", 4, 4)]
+        corners = [
+            ("top_left", 0, 0),
+            ("top_right", 0, 4),
+            ("bottom_left", 4, 0),
+            ("bottom_right", 4, 4),
+        ]
         return tuple(
-            ViewConfig(name=name, columns=[f"pixel_{r}_{c}" for r in range(r0, r0 + 4)
-                                           for c in range(c0, c0 + 4)])
+            ViewConfig(
+                name=name,
+                columns=[f"pixel_{r}_{c}" for r in range(r0, r0 + 4) for c in range(c0, c0 + 4)],
+            )
             for name, r0, c0 in corners
         )
     if preset == "halves":
@@ -95,7 +101,7 @@ def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ...],
     path = Path(cfg.path or "")
     try:
         with path.open(newline="") as fh:
-            rows = list(csv.reader(fh))
+            rows = [row for row in csv.reader(fh) if row]  # blank lines carry no data
     except OSError as exc:
         raise DataError(f"cannot read data file {path}: {exc.strerror}") from None
     except (csv.Error, UnicodeDecodeError) as exc:
@@ -106,10 +112,11 @@ def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ...],
     if cfg.label not in header:
         raise DataError(f"data file {path} has no label column {cfg.label!r}")
     label_at = header.index(cfg.label)
-    used = sorted({c for v in cfg.views for c in v.columns}, key=header.index)  # type: ignore[union-attr]
-    missing = [c for v in cfg.views for c in v.columns if c not in header]  # type: ignore[union-attr]
+    wanted = {c for v in cfg.views for c in v.columns}  # type: ignore[union-attr]
+    missing = sorted(wanted - set(header))
     if missing:
-        raise DataError(f"data file {path} has no column(s) {sorted(set(missing))}")
+        raise DataError(f"data file {path} has no column(s) {missing}")
+    used = sorted(wanted, key=header.index)
     at = [header.index(c) for c in used]
     x = np.empty((len(rows) - 1, len(used)), dtype=np.float32)
     labels = []
@@ -120,8 +127,9 @@ def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ...],
             try:
                 x[r - 2, j] = float(row[col])
             except ValueError:
-                raise DataError(f"{path} line {r}: column {header[col]!r} value {row[col]!r} "
-                                "is not a number") from None
+                raise DataError(
+                    f"{path} line {r}: column {header[col]!r} value {row[col]!r} is not a number"
+                ) from None
         labels.append(row[label_at].strip())
     if not np.isfinite(x).all():
         raise DataError(f"data file {path} holds NaN or Inf feature values")
@@ -156,8 +164,14 @@ def _check_views(views: tuple[ViewConfig, ...], columns: tuple[str, ...], *, sou
 
 
 def _split(
-    x: np.ndarray, y: np.ndarray, columns: tuple[str, ...], views: tuple[ViewConfig, ...],
-    classes: tuple[str, ...], task: str, test_fraction: float, seed: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    columns: tuple[str, ...],
+    views: tuple[ViewConfig, ...],
+    classes: tuple[str, ...],
+    task: str,
+    test_fraction: float,
+    seed: int,
 ) -> Dataset:
     n = len(x)
     order = np.random.default_rng([seed, 0xDA7A]).permutation(n)
@@ -174,8 +188,15 @@ def _split(
         y_mean, y_std = float(y[train].mean()), float(y[train].std() or 1.0)
         y = ((y - y_mean) / y_std).astype(np.float32)
     return Dataset(
-        task=task, columns=columns, views=views,
-        x_train=xs[train], y_train=y[train], x_test=xs[test], y_test=y[test],
-        n_classes=len(classes) if task == "classification" else 0, classes=classes,
-        y_mean=y_mean, y_std=y_std,
+        task=task,
+        columns=columns,
+        views=views,
+        x_train=xs[train],
+        y_train=y[train],
+        x_test=xs[test],
+        y_test=y[test],
+        n_classes=len(classes) if task == "classification" else 0,
+        classes=classes,
+        y_mean=y_mean,
+        y_std=y_std,
     )

@@ -15,8 +15,23 @@ from traci_ml.errors import ConfigError
 
 # Latency buckets from 50 us to 10 s: queue latency on loopback sits in the sub-millisecond range.
 LATENCY_BUCKETS = (
-    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 
 

@@ -30,8 +30,15 @@ class Schedule:
     """Maps ``seq`` to train/eval steps and to the rows each uses."""
 
     def __init__(
-        self, *, n_train: int, n_test: int, seed: int, batch_size: int, steps: int,
-        eval_every: int, eval_batch_size: int,
+        self,
+        *,
+        n_train: int,
+        n_test: int,
+        seed: int,
+        batch_size: int,
+        steps: int,
+        eval_every: int,
+        eval_batch_size: int,
     ) -> None:
         if batch_size > n_train:
             raise ValueError(f"train.batch_size {batch_size} exceeds the {n_train} training rows")
@@ -67,7 +74,7 @@ class Schedule:
             return np.arange(start, min(start + self.eval_batch_size, self.n_test))
         epoch, k = divmod(step.index, self.steps_per_epoch)
         perm = _permutation(self.n_train, self.seed, epoch)
-        return perm[k * self.batch_size : (k + 1) * self.batch_size]
+        return perm[k * self.batch_size : (k + 1) * self.batch_size].copy()
 
     def first_seq_of_train_step(self, index: int) -> int:
         """The ``seq`` of train step ``index`` (used to resume at a step boundary)."""
@@ -84,7 +91,11 @@ def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def schedule_for(config, dataset) -> Schedule:  # noqa: ANN001 - avoid import cycles
     return Schedule(
-        n_train=len(dataset.y_train), n_test=len(dataset.y_test), seed=config.seed,
-        batch_size=config.train.batch_size, steps=config.train.steps,
-        eval_every=config.train.eval_every, eval_batch_size=config.reducer.eval_batch_size,
+        n_train=len(dataset.y_train),
+        n_test=len(dataset.y_test),
+        seed=config.seed,
+        batch_size=config.train.batch_size,
+        steps=config.train.steps,
+        eval_every=config.train.eval_every,
+        eval_batch_size=config.reducer.eval_batch_size,
     )

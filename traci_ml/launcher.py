@@ -1,0 +1,249 @@
+"""``traci up``: a local cluster of separate OS processes on this machine.
+
+Starts the broker, the reducer and every expert as child processes (exactly the commands a
+container runs), shows live progress, and stops them all cleanly on Ctrl-C, when training ends,
+or when one of them fails (exiting non-zero with the failed service's log tail).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from traci_ml.config import Config
+from traci_ml.errors import ConfigError
+
+log = logging.getLogger(__name__)
+POLL = 0.2
+GRACE = 15.0  # seconds the others get to finish after the reducer is done
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    log_file: TextIO | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_file = self.log_path.open("ab")  # type: ignore[assignment]
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches us alone
+        )
+
+    @property
+    def code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def up(config: Config, *, argv: list[str], args: Any) -> int:
+    run_path = config.run_path
+    if args.fresh and run_path.exists():
+        shutil.rmtree(run_path)
+    if not args.resume and (run_path / "checkpoints").exists():
+        raise ConfigError(
+            f"run directory {run_path} already holds checkpoints: pass --fresh to start over "
+            "or --resume to continue"
+        )
+    (run_path / "logs").mkdir(parents=True, exist_ok=True)
+    launch = run_path / "launch.yaml"
+    launch.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    children = _children(config, launch, resume=args.resume)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    progress = Progress(config, sys.stdout)
+    interrupted = False
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for child in children:
+            child_env = dict(env)
+            if args.gpus and child.name.startswith("expert-"):
+                child_env["CUDA_VISIBLE_DEVICES"] = str(int(child.name[7:]) % args.gpus)
+            child.start(child_env)
+        progress.line(f"started {', '.join(c.name for c in children)}; logs in {run_path}/logs")
+        code = _watch(children, progress)
+    except KeyboardInterrupt:
+        interrupted = True
+        progress.line("interrupted: stopping every service")
+        code = 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop_all(children)
+    if interrupted or code:
+        return code
+    return progress.final(run_path)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _children(config: Config, launch: Path, *, resume: bool) -> list[Child]:
+    from traci_ml.data import load_dataset
+
+    n = load_dataset(config).n_experts
+    base = [sys.executable, "-m", "traci_ml.cli"]
+    logs = config.run_path / "logs"
+    extra = ["--resume"] if resume else []
+    children = [
+        Child("broker", [*base, "broker", "--config", str(launch)], logs / "broker.log"),
+        Child("reducer", [*base, "reducer", "--config", str(launch), *extra], logs / "reducer.log"),
+    ]
+    for i in range(n):
+        children.append(
+            Child(
+                f"expert-{i}",
+                [*base, "expert", "--config", str(launch), "--id", str(i), *extra],
+                logs / f"expert-{i}.log",
+            )
+        )
+    return children
+
+
+def _watch(children: list[Child], progress: Progress) -> int:
+    """Wait until the reducer finishes (0) or any service fails (1)."""
+    by_name = {c.name: c for c in children}
+    while True:
+        for child in children:
+            code = child.code
+            if code not in (None, 0):  # exiting 0 is a service's normal end of the run
+                progress.line(
+                    f"{child.name} exited with code {code}; last log lines:\n{child.tail()}"
+                )
+                return 1
+        if by_name["reducer"].code == 0:
+            deadline = time.monotonic() + GRACE
+            while time.monotonic() < deadline and any(c.code is None for c in children):
+                time.sleep(POLL)
+            return 0
+        progress.update(children)
+        time.sleep(POLL)
+
+
+def _stop_all(children: list[Child], timeout: float = 10.0) -> None:
+    for child in children:
+        child.signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        if child.proc is None:
+            continue
+        try:
+            child.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs: killing it", child.name, timeout)
+            child.proc.kill()
+            child.proc.wait()
+        if child.log_file is not None:
+            child.log_file.close()
+
+
+class Progress:
+    """Follows the reducer's metrics.jsonl and the broker's metrics; prints a status line."""
+
+    def __init__(self, config: Config, out: TextIO, every: float = 2.0) -> None:
+        self.config, self.out, self.every = config, out, every
+        self.path = config.run_path / "metrics.jsonl"
+        self.offset = 0
+        self.last_train: dict[str, Any] = {}
+        self.last_eval: dict[str, Any] = {}
+        self.printed = 0.0
+
+    def line(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def update(self, children: list[Child]) -> None:
+        self._follow()
+        now = time.monotonic()
+        if now - self.printed < self.every:
+            return
+        self.printed = now
+        steps = self.config.train.steps
+        t, e = self.last_train, self.last_eval
+        metric = "accuracy" if "accuracy" in e or "train_accuracy" in t else "rmse"
+        parts = [f"step {t.get('step', 0):>5}/{steps}"]
+        if t:
+            parts.append(f"loss {t['loss_avg']:.4f}")
+            parts.append(f"{t['samples_per_sec']:,.0f} samples/s")
+        if e:
+            parts.append(f"eval {metric} {e[metric]:.4f}")
+        alive = sum(c.code is None for c in children if c.name.startswith("expert-"))
+        experts = [c for c in children if c.name.startswith("expert-")]
+        live = self._broker_live()
+        parts.append(
+            f"experts {alive}/{len(experts)} running"
+            + (f", {live} live at broker" if live is not None else "")
+        )
+        self.line(" | ".join(parts))
+
+    def _follow(self) -> None:
+        try:
+            with self.path.open() as fh:
+                fh.seek(self.offset)
+                for raw in fh:
+                    if not raw.endswith("\n"):
+                        break
+                    self.offset += len(raw.encode())
+                    rec = json.loads(raw)
+                    if rec.get("kind") == "train":
+                        self.last_train = rec
+                    elif rec.get("kind") == "eval":
+                        self.last_eval = rec
+        except (OSError, ValueError):
+            pass
+
+    def _broker_live(self) -> int | None:
+        port = self.config.metrics.broker_port
+        if not port:
+            return None
+        host = self.config.metrics.bind if self.config.metrics.bind != "0.0.0.0" else "127.0.0.1"
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=0.2) as resp:
+                for line in resp.read().decode().splitlines():
+                    if line.startswith("traci_broker_live_experts "):
+                        return int(float(line.split()[1]))
+        except (OSError, ValueError):
+            return None
+        return None
+
+    def final(self, run_path: Path) -> int:
+        try:
+            summary = json.loads((run_path / "summary.json").read_text())
+        except (OSError, ValueError):
+            self.line(f"training ended but {run_path}/summary.json is missing")
+            return 1
+        metric = next((k for k in ("test_accuracy", "test_rmse") if k in summary), None)
+        value = f"{metric} {summary[metric]:.4f}, " if metric else ""
+        self.line(
+            f"done: {value}{summary['steps']} steps in {summary['wall_seconds']:.1f}s "
+            f"({summary['samples_per_sec']:,.0f} samples/s); summary in "
+            f"{run_path}/summary.json"
+        )
+        return 0

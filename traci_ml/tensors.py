@@ -1,0 +1,77 @@
+"""torch <-> wire tensors, devices and seeds, for the expert and the reducer (not the broker).
+
+Receiving copies each frame once, straight into a preallocated host tensor (pinned when the
+device is CUDA) and then moves it to the device with a non-blocking copy. Sending moves the
+tensor to the host and hands its memory to ZeroMQ without another copy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+
+import numpy as np
+import torch
+
+from traci_ml.errors import ConfigError
+from traci_ml.proto import Tensor
+
+if sys.byteorder != "little":  # the wire is little-endian; we send raw host memory
+    raise ImportError("TRACI needs a little-endian host")
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto``: the first visible CUDA device (``CUDA_VISIBLE_DEVICES`` is honoured by
+    torch), else the CPU. ``cpu``, ``cuda``, ``cuda:N`` as given, checked."""
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"device: {spec!r} is not a torch device") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {spec!r} asked for, but no CUDA device is visible")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device: {spec!r} but only {torch.cuda.device_count()} visible")
+    return device
+
+
+def set_threads(n: int) -> None:
+    """Several TRACI processes share few cores: one intra-op thread each by default."""
+    if n > 0:
+        torch.set_num_threads(n)
+        os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A stable per-component seed (the same in every process and run)."""
+    return zlib.crc32(":".join(map(str, (seed, *parts))).encode()) & 0x7FFFFFFF
+
+
+def to_wire(tensor: torch.Tensor, dtype: str) -> Tensor:
+    """A wire tensor over host memory holding ``tensor`` cast to ``dtype`` (no extra copy)."""
+    host = tensor.detach().to(device="cpu", dtype=TORCH_DTYPES[dtype]).contiguous()
+    raw = host.view(torch.uint8).numpy() if host.numel() else np.empty(0, np.uint8)
+    return Tensor(dtype, tuple(host.shape), memoryview(raw).cast("B"))
+
+
+def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host staging tensor; pinned when it feeds a CUDA device (async copies)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+def copy_into(dest: torch.Tensor, wire: Tensor) -> None:
+    """Copy a wire tensor's bytes into the host tensor ``dest`` (same dtype, same size)."""
+    dest_bytes = dest.view(torch.uint8).numpy().reshape(-1)
+    dest_bytes[:] = np.frombuffer(wire.buffer, dtype=np.uint8)
+
+
+def from_wire(wire: Tensor, device: torch.device) -> torch.Tensor:
+    """A fresh tensor on ``device`` holding the wire tensor."""
+    host = host_buffer(wire.shape, TORCH_DTYPES[wire.dtype], device)
+    copy_into(host, wire)
+    return host.to(device, non_blocking=True)
