@@ -1,0 +1,72 @@
+"""Prometheus metrics of one expert, in its own registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from traci_ml import proto
+from traci_ml.observe import LATENCY_BUCKETS
+
+EXPERT_REASONS = ("unknown_step", "misrouted", "conflict", "unexpected_kind")
+DROP_REASONS = ("timeout", "late", "too_far_ahead", "conflict", "reducer_lost", "broker_lost")
+
+
+class ExpertMetrics:
+    def __init__(self, expert_id: int) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"expert": str(expert_id)}
+        r = self.registry
+        self.sent = Counter(
+            "traci_expert_embeddings_sent", "EMB messages sent", ["expert", "phase"], registry=r
+        )
+        self.applied = Counter(
+            "traci_expert_gradients_applied", "gradients applied (train)", ["expert"], registry=r
+        ).labels(**labels)
+        self.acked = Counter(
+            "traci_expert_eval_acked", "eval steps acknowledged", ["expert"], registry=r
+        ).labels(**labels)
+        self.dropped = Counter(
+            "traci_expert_steps_dropped",
+            "steps that never got a reply",
+            ["expert", "reason"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "traci_expert_inflight_steps", "steps sent, reply pending", ["expert"], registry=r
+        ).labels(**labels)
+        self.roundtrip = Histogram(
+            "traci_expert_grad_roundtrip_seconds",
+            "EMB sent -> GRAD/ACK received",
+            ["expert"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        self.staleness = Histogram(
+            "traci_expert_staleness_steps",
+            "optimizer steps taken between sending a step and applying its gradient",
+            ["expert"],
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        ).labels(**labels)
+        self.seq = Gauge("traci_expert_seq", "next seq to send", ["expert"], registry=r).labels(
+            **labels
+        )
+        self.rejections = Counter(
+            "traci_expert_rejections",
+            "messages rejected, by reason",
+            ["expert", "reason"],
+            registry=r,
+        )
+        for phase in proto.PHASES:
+            self.sent.labels(phase=phase, **labels)
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason=reason, **labels)
+        for reason in (*proto.REJECT_REASONS, *EXPERT_REASONS):
+            self.rejections.labels(reason=reason, **labels)
+        self._labels = labels
+
+    def reject(self, reason: str) -> None:
+        self.rejections.labels(reason=reason, **self._labels).inc()
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped.labels(reason=reason, **self._labels).inc(n)

@@ -1,0 +1,96 @@
+"""The expert's embedding network and its Polyak target. No sockets here."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import torch
+from torch import nn
+
+from traci_ml.config import ExpertModelConfig
+from traci_ml.errors import ConfigError
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+class EmbeddingMLP(nn.Module):
+    """Feed-forward embedding net: (B, F) -> (B, d).
+
+    Each hidden layer is Linear -> [norm] -> activation -> [dropout]; the last layer is a
+    plain Linear so the embedding is unconstrained (the reducer normalises it).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        hidden: list[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+        norm: str = "none",
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_dim
+        for h in hidden:
+            layers.append(nn.Linear(width, h))
+            if norm == "layernorm":
+                layers.append(nn.LayerNorm(h))
+            elif norm == "batchnorm":
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        layers.append(nn.Linear(width, out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B, d)
+        return self.net(x)
+
+
+def build_expert_net(cfg: ExpertModelConfig, *, in_dim: int, out_dim: int) -> nn.Module:
+    """The configured feed-forward net, or ``package.module:Class(in_dim, out_dim, **kwargs)``."""
+    if cfg.module is None:
+        return EmbeddingMLP(
+            in_dim,
+            out_dim,
+            hidden=list(cfg.hidden),
+            activation=cfg.activation,
+            dropout=cfg.dropout,
+            norm=cfg.norm,
+        )
+    module_name, _, class_name = cfg.module.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"expert.model.module: cannot import {cfg.module!r}: {exc}") from None
+    try:
+        net = cls(in_dim=in_dim, out_dim=out_dim, **cfg.kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"expert.model.kwargs: {cfg.module} rejected them: {exc}") from None
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"expert.model.module: {cfg.module} did not build an nn.Module")
+    return net
+
+
+def make_target(online: nn.Module) -> nn.Module:
+    """A frozen copy of ``online`` in eval mode: the smoothed net whose output is sent."""
+    target = copy.deepcopy(online)
+    target.requires_grad_(False)
+    return target.eval()
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """target <- target + tau * (online - target); buffers (e.g. BatchNorm stats) likewise."""
+    t_params = [p for p in target.parameters()]
+    o_params = [p for p in online.parameters()]
+    torch._foreach_lerp_(t_params, o_params, tau)
+    for t_buf, o_buf in zip(target.buffers(), online.buffers(), strict=True):
+        if t_buf.dtype.is_floating_point:
+            t_buf.lerp_(o_buf, tau)
+        else:
+            t_buf.copy_(o_buf)

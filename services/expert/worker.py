@@ -1,0 +1,311 @@
+"""The expert loop: send target embeddings for steps in order, keep at most ``window`` in
+flight, apply each gradient once to the online net of the step it belongs to, soft-update.
+
+Loop shape: produce (fill the window) -> poll -> decode -> on_<kind> -> tick (heartbeats,
+in-flight timeouts, checkpoints), all on ``time.monotonic()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import zmq
+from traci_ml.services.expert.metrics import ExpertMetrics
+from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
+
+from traci_ml import checkpoint, proto
+from traci_ml.config import Config
+from traci_ml.data import load_dataset
+from traci_ml.errors import PeerTimeout, TraciError
+from traci_ml.link import BrokerLink
+from traci_ml.schedule import Step, schedule_for
+from traci_ml.tensors import derive_seed, from_wire, resolve_device, to_wire
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class InFlight:
+    step: Step
+    rows: torch.Tensor  # (B,) row indices into this expert's view
+    sent_at: float  # monotonic
+    applied_at_send: int  # optimizer steps taken when sent (for staleness)
+
+
+@dataclass(slots=True)
+class Accounts:
+    """sent == applied + acked + dropped + in flight, at every moment."""
+
+    sent: int = 0
+    applied: int = 0  # train gradients applied
+    acked: int = 0  # eval steps acknowledged
+    dropped: int = 0
+    rejected: int = 0
+
+
+class Expert:
+    def __init__(
+        self,
+        config: Config,
+        expert_id: int,
+        *,
+        resume: bool = False,
+        context: zmq.Context | None = None,
+        metrics: ExpertMetrics | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        dataset = load_dataset(config)
+        if not 0 <= expert_id < dataset.n_experts:
+            raise TraciError(f"--id {expert_id} outside [0, {dataset.n_experts}) experts")
+        self.config, self.id = config, expert_id
+        self.name = f"expert-{expert_id}"
+        self.schedule = schedule_for(config, dataset)
+        self.device = resolve_device(config.expert.device)
+        self.wire_dtype = config.expert.dtype
+        self.metrics = metrics or ExpertMetrics(expert_id)
+        self.stop_event = stop or threading.Event()
+        # This expert's view of both splits, on its device: (n, F_i)
+        self.views = {
+            "train": torch.from_numpy(dataset.view(expert_id, "train")).to(self.device),
+            "eval": torch.from_numpy(dataset.view(expert_id, "test")).to(self.device),
+        }
+        torch.manual_seed(derive_seed(config.seed, "expert", expert_id))
+        self.online = build_expert_net(
+            config.expert.model, in_dim=self.views["train"].shape[1], out_dim=config.embed_dim
+        ).to(self.device)
+        self.target = make_target(self.online)
+        self.optimizer = torch.optim.Adam(
+            self.online.parameters(), lr=config.expert.lr, weight_decay=config.expert.weight_decay
+        )
+        self.inflight: OrderedDict[int, InFlight] = OrderedDict()
+        self.accounts = Accounts()
+        self.seq_next = 0
+        self.ckpt_path = config.run_path / "checkpoints" / f"expert-{expert_id}.pt"
+        if resume and self.ckpt_path.exists():
+            self._restore()
+        self.context = context or zmq.Context.instance()
+        net = config.network
+        self.link = BrokerLink(
+            self.context,
+            f"tcp://{net.broker_host}:{net.expert_port}",
+            proto.Hello(
+                role="expert",
+                run_id=config.run_id,
+                embed_dim=config.embed_dim,
+                dtype=self.wire_dtype,
+                expert_id=expert_id,
+                window=config.expert.window,
+            ),
+            heartbeat_interval=net.heartbeat_interval,
+            liveness=net.liveness,
+            on_reject=self._reject,
+            name=self.name,
+        )
+
+    # -- main loop --------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._register()
+        finished = False
+        try:
+            while not finished and not self.stop_event.is_set():
+                self._produce()
+                wait = 0.0 if self._can_send() else self.config.network.heartbeat_interval / 2
+                msg = self.link.recv(wait)
+                if msg is not None:
+                    finished = self._dispatch(msg)
+                finished = finished or self._tick()
+        finally:
+            self._close()
+        return 0
+
+    def _register(self) -> None:
+        welcome = self.link.connect(timeout=self.config.network.connect_timeout)
+        self._drop_all("broker_lost")
+        self.seq_next = welcome.start_seq
+
+    def _can_send(self) -> bool:
+        return (
+            len(self.inflight) < self.config.expert.window and self.seq_next < self.schedule.total
+        )
+
+    def _produce(self) -> None:
+        """Fill the window: target embeddings for the next steps, in seq order."""
+        while self._can_send():
+            step = self.schedule.step(self.seq_next)
+            rows = torch.tensor(self.schedule.rows(step), device=self.device)
+            with torch.no_grad():
+                emb = self.target(self.views[step.phase][rows])  # (B, d)
+            self.link.send(proto.Emb(step.seq, self.id, step.phase, to_wire(emb, self.wire_dtype)))
+            self.inflight[step.seq] = InFlight(step, rows, time.monotonic(), self.accounts.applied)
+            self.accounts.sent += 1
+            self.metrics.sent.labels(expert=str(self.id), phase=step.phase).inc()
+            self.seq_next += 1
+        self.metrics.inflight.set(len(self.inflight))
+        self.metrics.seq.set(self.seq_next)
+
+    def _dispatch(self, msg: proto.Message) -> bool:
+        """Handle one message; True when the run is over."""
+        if isinstance(msg, proto.Grad):
+            self.on_grad(msg)
+        elif isinstance(msg, proto.Ack):
+            self.on_ack(msg)
+        elif isinstance(msg, proto.Drop):
+            self.on_drop(msg)
+        elif isinstance(msg, proto.Goodbye):
+            return self.on_goodbye(msg)
+        elif not isinstance(msg, proto.Heartbeat):
+            self._reject("unexpected_kind", f"{msg.KIND} is not for experts")
+        return self.seq_next >= self.schedule.total and not self.inflight
+
+    # -- handlers ---------------------------------------------------------------------
+
+    def on_grad(self, msg: proto.Grad) -> None:
+        pending = self.inflight.get(msg.seq)
+        if msg.expert_id != self.id:
+            return self._reject("misrouted", f"GRAD for expert {msg.expert_id}", msg.seq)
+        if pending is None:
+            return self._reject("unknown_step", "GRAD for a step not in flight", msg.seq)
+        if pending.step.phase != "train":
+            return self._reject("unexpected_kind", "GRAD for an eval step", msg.seq)
+        grad = msg.tensors[0]
+        if grad.shape != (len(pending.rows), self.config.embed_dim):
+            return self._reject("conflict", f"GRAD shape {grad.shape}", msg.seq)
+        del self.inflight[msg.seq]
+        # Recompute the online output with the current weights (with window > 1 the weights
+        # have moved since the send; a cached graph would be stale), then backprop the slice.
+        self.online.train()
+        out = self.online(self.views["train"][pending.rows])  # (B, d)
+        g = from_wire(grad, self.device).to(out.dtype)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.backward(g)
+        self.optimizer.step()
+        polyak_update(self.target, self.online, self.config.expert.tau)
+        self._answered(pending, "applied")
+        self.metrics.staleness.observe(self.accounts.applied - 1 - pending.applied_at_send)
+        every = self.config.train.checkpoint_every
+        if every and self.accounts.applied % every == 0:
+            self.save()
+
+    def on_ack(self, msg: proto.Ack) -> None:
+        pending = self.inflight.pop(msg.seq, None)
+        if pending is None:
+            return self._reject("unknown_step", "ACK for a step not in flight", msg.seq)
+        self._answered(pending, "acked")
+
+    def on_drop(self, msg: proto.Drop) -> None:
+        if self.inflight.pop(msg.seq, None) is None:
+            return self._reject("unknown_step", "DROP for a step not in flight", msg.seq)
+        log.warning("%s step %d dropped by the broker: %s", self.name, msg.seq, msg.reason)
+        self._count_drop(msg.reason)
+
+    def on_goodbye(self, msg: proto.Goodbye) -> bool:
+        if msg.reason == "done":
+            log.info("%s: broker says the run is done", self.name)
+            return True
+        log.warning("%s: broker says goodbye (%s); registering again", self.name, msg.reason)
+        self._register()
+        return False
+
+    # -- housekeeping -----------------------------------------------------------------
+
+    def _tick(self) -> bool:
+        now = time.monotonic()
+        timeout = self.config.expert.step_timeout
+        while self.inflight:
+            seq, oldest = next(iter(self.inflight.items()))
+            if now - oldest.sent_at <= timeout:
+                break
+            del self.inflight[seq]
+            log.warning("%s step %d got no reply in %.0fs: dropped", self.name, seq, timeout)
+            self._count_drop("timeout")
+        try:
+            self.link.tick()
+        except PeerTimeout as exc:
+            log.warning("%s: %s; reconnecting", self.name, exc)
+            self._register()
+        return False
+
+    def _answered(self, pending: InFlight, how: str) -> None:
+        self.metrics.roundtrip.observe(time.monotonic() - pending.sent_at)
+        if how == "applied":
+            self.accounts.applied += 1
+            self.metrics.applied.inc()
+        else:
+            self.accounts.acked += 1
+            self.metrics.acked.inc()
+        self.metrics.inflight.set(len(self.inflight))
+
+    def _count_drop(self, reason: str, n: int = 1) -> None:
+        self.accounts.dropped += n
+        self.metrics.drop(reason, n)
+
+    def _drop_all(self, reason: str) -> None:
+        if self.inflight:
+            log.warning("%s drops %d in-flight steps (%s)", self.name, len(self.inflight), reason)
+            self._count_drop(reason, len(self.inflight))
+            self.inflight.clear()
+
+    def _reject(self, reason: str, what: str = "", seq: int | None = None) -> None:
+        self.accounts.rejected += 1
+        self.metrics.reject(reason)
+        if what:
+            log.warning("%s rejected a message (%s): %s, step %s", self.name, reason, what, seq)
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def save(self) -> None:
+        checkpoint.save_atomic(
+            {
+                "run_id": self.config.run_id,
+                "expert_id": self.id,
+                "online": self.online.state_dict(),
+                "target": self.target.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "seq_next": self.seq_next,
+                "accounts": asdict(self.accounts),
+            },
+            self.ckpt_path,
+        )
+
+    def _restore(self) -> None:
+        state = checkpoint.load(self.ckpt_path, run_id=self.config.run_id, expert_id=self.id)
+        self.online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.accounts = Accounts(**state["accounts"])
+        self.seq_next = state["seq_next"]
+        log.info(
+            "%s resumed from %s (applied %d)", self.name, self.ckpt_path, self.accounts.applied
+        )
+
+    def _close(self) -> None:
+        self._drop_all("shutdown")
+        self.save()
+        self._write_accounts()
+        try:
+            self.link.send(
+                proto.Goodbye("done" if self.seq_next >= self.schedule.total else "shutdown")
+            )
+        except (zmq.ZMQError, AssertionError):
+            pass
+        self.link.close()
+        log.info("%s stopped: %s", self.name, self.accounts)
+
+    def _write_accounts(self) -> None:
+        path = Path(self.config.run_path) / "experts" / f"expert-{self.id}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {"expert_id": self.id, **asdict(self.accounts), "inflight": len(self.inflight)}
+            )
+        )
+        tmp.replace(path)

@@ -1,0 +1,19 @@
+"""Entry point of the reducer process: build, run, close."""
+
+from __future__ import annotations
+
+from traci_ml.services.reducer.worker import ReducerService
+
+from traci_ml.config import Config
+from traci_ml.observe import serve_metrics
+from traci_ml.signals import stop_on_signals
+from traci_ml.tensors import set_threads
+
+
+def run(config: Config, *, resume: bool = False) -> int:
+    set_threads(config.reducer.torch_threads)
+    service = ReducerService(config, resume=resume, stop=stop_on_signals("reducer"))
+    serve_metrics(
+        service.metrics.registry, bind=config.metrics.bind, port=config.metrics.reducer_port
+    )
+    return service.run()

@@ -1,0 +1,61 @@
+"""Prometheus metrics of the reducer, in its own registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from traci_ml import proto
+from traci_ml.observe import LATENCY_BUCKETS
+
+REDUCER_REASONS = ("replay", "unknown_step", "conflict", "unexpected_kind")
+
+
+class ReducerMetrics:
+    def __init__(self, n_experts: int) -> None:
+        self.registry = r = CollectorRegistry()
+        self.loss = Gauge("traci_reducer_loss", "training loss (moving average)", registry=r)
+        self.train_metric = Gauge(
+            "traci_reducer_train_metric",
+            "training accuracy (classification) or RMSE (regression), moving average",
+            registry=r,
+        )
+        self.eval_loss = Gauge("traci_reducer_eval_loss", "last held-out loss", registry=r)
+        self.eval_metric = Gauge(
+            "traci_reducer_eval_metric",
+            "last held-out accuracy (classification) or RMSE (regression)",
+            registry=r,
+        )
+        self.step_time = Histogram(
+            "traci_reducer_step_seconds",
+            "BATCH received -> reply sent and optimizer stepped",
+            ["phase"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.steps = Counter("traci_reducer_steps", "steps processed", ["phase"], registry=r)
+        self.samples = Counter("traci_reducer_samples", "training samples processed", registry=r)
+        self.skipped = Counter(
+            "traci_reducer_steps_skipped", "seqs that never arrived (lost upstream)", registry=r
+        )
+        self.present = Gauge(
+            "traci_reducer_experts_present", "experts present in the last batch", registry=r
+        )
+        self.attention = Gauge(
+            "traci_reducer_attention",
+            "mean [CLS] attention weight each expert receives",
+            ["expert", "phase"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "traci_reducer_rejections", "messages rejected, by reason", ["reason"], registry=r
+        )
+        for phase in proto.PHASES:
+            self.steps.labels(phase=phase)
+            self.step_time.labels(phase=phase)
+            for i in range(n_experts):
+                self.attention.labels(expert=str(i), phase=phase)
+        for reason in (*proto.REJECT_REASONS, *REDUCER_REASONS):
+            self.rejections.labels(reason=reason)
+
+    def reject(self, reason: str) -> None:
+        self.rejections.labels(reason=reason).inc()

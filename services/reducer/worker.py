@@ -1,0 +1,350 @@
+"""The reducer loop: for each BATCH (in seq order) run the Transformer, and for training
+steps return dL/dtoken per present expert before stepping its own optimizer, so experts
+work on the gradient while the reducer updates. Evaluation steps are answered with ACK.
+
+Loop shape: poll -> decode -> on_<kind> -> tick, on ``time.monotonic()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+import zmq
+from traci_ml.services.reducer.metrics import ReducerMetrics
+from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
+from traci_ml.services.reducer.records import EvalRound, MetricsLog, metric_name, write_json_atomic
+
+from traci_ml import checkpoint, proto
+from traci_ml.config import Config
+from traci_ml.data import load_dataset
+from traci_ml.errors import PeerTimeout
+from traci_ml.link import BrokerLink
+from traci_ml.schedule import schedule_for
+from traci_ml.tensors import (
+    TORCH_DTYPES,
+    copy_into,
+    derive_seed,
+    host_buffer,
+    resolve_device,
+    to_wire,
+)
+
+log = logging.getLogger(__name__)
+EMA = 0.9
+
+
+class ReducerService:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        resume: bool = False,
+        context: zmq.Context | None = None,
+        metrics: ReducerMetrics | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.config = config
+        self.dataset = ds = load_dataset(config)
+        self.schedule = schedule_for(config, ds)
+        self.n = ds.n_experts
+        self.device = resolve_device(config.reducer.device)
+        self.wire_dtype = config.expert.dtype
+        self.metrics = metrics or ReducerMetrics(self.n)
+        self.stop_event = stop or threading.Event()
+        self.labels = {
+            "train": torch.from_numpy(ds.y_train).to(self.device),
+            "eval": torch.from_numpy(ds.y_test).to(self.device),
+        }
+        torch.manual_seed(derive_seed(config.seed, "reducer"))
+        self.model = Reducer(
+            n_experts=self.n, d=config.embed_dim, out_dim=ds.out_dim, cfg=config.reducer
+        ).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.reducer.lr, weight_decay=config.reducer.weight_decay
+        )
+        self.run_path = config.run_path
+        self.ckpt_path = self.run_path / "checkpoints" / "reducer.pt"
+        self.last_seq = -1
+        self.train_steps = 0
+        self.skipped = 0
+        self.wall_before = 0.0  # wall seconds of earlier lives (resume)
+        self.history: list[dict[str, Any]] = []
+        self.ema: dict[str, float] = {}
+        self.att_train = torch.zeros(self.n)
+        self.eval_round: EvalRound | None = None
+        self.started_at: float | None = None
+        self.window_start = (time.monotonic(), 0)  # for samples/s between log records
+        if resume and self.ckpt_path.exists():
+            self._restore()
+        self.records = MetricsLog(self.run_path / "metrics.jsonl")
+        self.context = context or zmq.Context.instance()
+        net = config.network
+        self.link = BrokerLink(
+            self.context,
+            f"tcp://{net.broker_host}:{net.reducer_port}",
+            proto.Hello(
+                role="reducer",
+                run_id=config.run_id,
+                embed_dim=config.embed_dim,
+                dtype=self.wire_dtype,
+                n_experts=self.n,
+            ),
+            heartbeat_interval=net.heartbeat_interval,
+            liveness=net.liveness,
+            on_reject=self.metrics.reject,
+            name="reducer",
+        )
+
+    # -- main loop --------------------------------------------------------------------
+
+    def run(self) -> int:
+        write_json_atomic(self.run_path / "config.json", self.config.to_dict())
+        self.link.connect(timeout=self.config.network.connect_timeout)
+        finished = False
+        try:
+            while not finished and not self.stop_event.is_set():
+                msg = self.link.recv(self.config.network.heartbeat_interval / 2)
+                if isinstance(msg, proto.Batch):
+                    finished = self.on_batch(msg)
+                elif isinstance(msg, proto.Goodbye):
+                    log.warning("reducer: broker says goodbye (%s); registering again", msg.reason)
+                    self.link.connect(timeout=self.config.network.connect_timeout)
+                elif msg is not None and not isinstance(msg, proto.Heartbeat):
+                    self._reject("unexpected_kind", f"{msg.KIND} is not for the reducer")
+                self._tick()
+        finally:
+            self._close(finished)
+        return 0
+
+    def _tick(self) -> None:
+        try:
+            self.link.tick()
+        except PeerTimeout as exc:
+            log.warning("reducer: %s; reconnecting", exc)
+            self.link.connect(timeout=self.config.network.connect_timeout)
+
+    # -- one step ---------------------------------------------------------------------
+
+    def on_batch(self, msg: proto.Batch) -> bool:
+        """Process one BATCH; True when it was the last step of the run."""
+        t0 = time.monotonic()
+        tokens = self._validate(msg)
+        if tokens is None:
+            return False
+        if self.started_at is None:
+            self.started_at = t0
+        step = self.schedule.step(msg.seq)
+        self.skipped += msg.seq - self.last_seq - 1
+        self.metrics.skipped.inc(msg.seq - self.last_seq - 1)
+        self.last_seq = msg.seq
+        present = torch.tensor(msg.present, device=self.device)
+        rows = torch.as_tensor(self.schedule.rows(step), device=self.device)
+        y = self.labels[step.phase][rows]
+        absent = (~present).expand(len(rows), self.n)  # (B, N)
+        if step.phase == "train":
+            self._train_step(msg, tokens, absent, y)
+        else:
+            self._eval_step(msg, step.last_in_round, tokens, absent, y)
+        self.metrics.steps.labels(phase=step.phase).inc()
+        self.metrics.step_time.labels(phase=step.phase).observe(time.monotonic() - t0)
+        self.metrics.present.set(sum(msg.present))
+        return msg.seq == self.schedule.total - 1
+
+    def _validate(self, msg: proto.Batch) -> torch.Tensor | None:
+        """Checks the BATCH against the schedule; returns tokens (N, B, d) on the device."""
+        if msg.seq <= self.last_seq:
+            return self._reject("replay", f"BATCH seq {msg.seq} <= last {self.last_seq}", msg)
+        if msg.seq >= self.schedule.total:
+            return self._reject("unknown_step", f"BATCH seq {msg.seq} beyond the schedule", msg)
+        step = self.schedule.step(msg.seq)
+        want = (len(self.schedule.rows(step)), self.config.embed_dim)
+        if msg.phase != step.phase or len(msg.present) != self.n:
+            return self._reject("conflict", f"phase {msg.phase} / {len(msg.present)} experts", msg)
+        if msg.tensors[0].shape != want or msg.tensors[0].dtype != self.wire_dtype:
+            return self._reject("conflict", f"tokens {msg.tensors[0].shape}, want {want}", msg)
+        host = host_buffer((self.n, *want), TORCH_DTYPES[self.wire_dtype], self.device)
+        host.zero_()
+        for i, t in zip((i for i, p in enumerate(msg.present) if p), msg.tensors, strict=True):
+            copy_into(host[i], t)
+        return host.to(self.device, non_blocking=True).float()  # (N, B, d)
+
+    def _train_step(
+        self, msg: proto.Batch, tokens: torch.Tensor, absent: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        self.model.train()
+        gen = torch.Generator().manual_seed(derive_seed(self.config.seed, "dropout", msg.seq))
+        masked = expert_dropout_mask(absent, self.config.reducer.expert_dropout, gen)
+        tokens.requires_grad_(True)
+        logits, att = self.model(tokens.transpose(0, 1), masked)  # (B, out), (B, N)
+        loss, metric = loss_and_metric(self.dataset.task, logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = tokens.grad  # (N, B, d)
+        self.link.send(
+            proto.Grad(
+                msg.seq,
+                -1,
+                tuple(to_wire(grads[i], self.wire_dtype) for i, p in enumerate(msg.present) if p),
+            )
+        )
+        self.optimizer.step()  # after the send: experts apply their slices meanwhile
+        self.train_steps += 1
+        self.metrics.samples.inc(len(y))
+        self._track(loss.item(), metric, att, masked)
+        every = self.config.train.checkpoint_every
+        if every and self.train_steps % every == 0:
+            self.save()
+
+    def _eval_step(
+        self,
+        msg: proto.Batch,
+        last: bool,
+        tokens: torch.Tensor,
+        absent: torch.Tensor,
+        y: torch.Tensor,
+    ) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            logits, att = self.model(tokens.transpose(0, 1), absent)
+        self.link.send(proto.Ack(msg.seq))
+        if self.eval_round is None:
+            self.eval_round = EvalRound(self.dataset.task, self.n, self.dataset.y_std)
+        self.eval_round.add(logits, y, att, absent)
+        if last:
+            self._finish_eval_round()
+
+    # -- records ----------------------------------------------------------------------
+
+    def _track(self, loss: float, metric: float, att: torch.Tensor, absent: torch.Tensor) -> None:
+        for key, value in (("loss", loss), ("metric", metric)):
+            self.ema[key] = (
+                value if key not in self.ema else EMA * self.ema[key] + (1 - EMA) * value
+            )
+        present = (~absent).float()
+        att_now = ((att.detach() * present).sum(0) / present.sum(0).clamp(min=1)).cpu()
+        self.att_train = (
+            att_now if self.train_steps == 1 else EMA * self.att_train + (1 - EMA) * att_now
+        )
+        self.metrics.loss.set(self.ema["loss"])
+        self.metrics.train_metric.set(self.ema["metric"])
+        if self.train_steps % self.config.train.log_every == 0:
+            now = time.monotonic()
+            t_prev, s_prev = self.window_start
+            sps = (
+                (self.train_steps - s_prev) * self.config.train.batch_size / max(now - t_prev, 1e-9)
+            )
+            self.window_start = (now, self.train_steps)
+            for i, a in enumerate(self.att_train.tolist()):
+                self.metrics.attention.labels(expert=str(i), phase="train").set(a)
+            self.records.write(
+                {
+                    "kind": "train",
+                    "step": self.train_steps,
+                    "seq": self.last_seq,
+                    "loss": loss,
+                    "loss_avg": self.ema["loss"],
+                    f"train_{metric_name(self.dataset.task)}": self.ema["metric"],
+                    "samples_per_sec": sps,
+                    "wall_seconds": self.wall_seconds(),
+                    "skipped": self.skipped,
+                }
+            )
+
+    def _finish_eval_round(self) -> None:
+        assert self.eval_round is not None
+        result = self.eval_round.result()
+        self.eval_round = None
+        name = metric_name(self.dataset.task)
+        record = {
+            "kind": "eval",
+            "step": self.train_steps,
+            "seq": self.last_seq,
+            **result,
+            "wall_seconds": self.wall_seconds(),
+        }
+        self.history.append(record)
+        self.records.write(record)
+        self.metrics.eval_loss.set(result["loss"])
+        self.metrics.eval_metric.set(result[name])
+        for i, a in enumerate(result["attention"]):
+            self.metrics.attention.labels(expert=str(i), phase="eval").set(a)
+        log.info(
+            "reducer eval after step %d: loss %.4f %s %.4f",
+            self.train_steps,
+            result["loss"],
+            name,
+            result[name],
+        )
+
+    def wall_seconds(self) -> float:
+        since = 0.0 if self.started_at is None else time.monotonic() - self.started_at
+        return self.wall_before + since
+
+    def summary(self) -> dict[str, Any]:
+        final = self.history[-1] if self.history else {}
+        wall = self.wall_seconds()
+        out: dict[str, Any] = {
+            "run_id": self.config.run_id,
+            "task": self.dataset.task,
+            "steps": self.train_steps,
+            "steps_skipped": self.skipped,
+            "wall_seconds": wall,
+            "samples_per_sec": self.train_steps * self.config.train.batch_size / max(wall, 1e-9),
+            "n_experts": self.n,
+            "expert_names": [v.name for v in self.dataset.views],
+            "attention_train": self.att_train.tolist(),
+            "attention_eval": final.get("attention", []),
+            "eval_history": self.history,
+        }
+        for key in ("accuracy", "loss", "rmse", "r2"):
+            if key in final:
+                out[f"test_{key}"] = final[key]
+        return out
+
+    # -- checkpoints and exit ---------------------------------------------------------
+
+    def save(self) -> None:
+        checkpoint.save_atomic(
+            {
+                "run_id": self.config.run_id,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "last_seq": self.last_seq,
+                "train_steps": self.train_steps,
+                "skipped": self.skipped,
+                "wall_seconds": self.wall_seconds(),
+                "history": self.history,
+            },
+            self.ckpt_path,
+        )
+
+    def _restore(self) -> None:
+        state = checkpoint.load(self.ckpt_path, run_id=self.config.run_id)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.last_seq, self.train_steps = state["last_seq"], state["train_steps"]
+        self.skipped, self.wall_before = state["skipped"], state["wall_seconds"]
+        self.history = state["history"]
+        log.info("reducer resumed from %s at seq %d", self.ckpt_path, self.last_seq)
+
+    def _close(self, finished: bool) -> None:
+        self.save()
+        if finished:
+            write_json_atomic(self.run_path / "summary.json", self.summary())
+        try:
+            self.link.send(proto.Goodbye("done" if finished else "shutdown"))
+        except (zmq.ZMQError, AssertionError):
+            pass
+        self.link.close()
+        self.records.close()
+        log.info("reducer stopped after %d train steps (finished=%s)", self.train_steps, finished)
+
+    def _reject(self, reason: str, what: str, msg: proto.Batch) -> None:
+        self.metrics.reject(reason)
+        log.warning("reducer rejected BATCH seq %d (%s): %s", msg.seq, reason, what)
+        self.link.send(proto.Drop(msg.seq, reason))  # the broker frees the experts' windows
+        return None
