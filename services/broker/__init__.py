@@ -1,0 +1,3 @@
+"""The broker: joins expert embeddings into ordered batches for the reducer and routes
+gradients back (``main.run`` is the entry point; ``join`` holds the logic, ``server`` the
+sockets). It holds no model and imports no torch."""

@@ -1,0 +1,29 @@
+"""Entry point of the broker service: build metrics, serve them, run the loop until done."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from traci_ml.config import Config
+from traci_ml.observe import serve_metrics
+from traci_ml.services.broker.metrics import BrokerMetrics
+from traci_ml.services.broker.server import Broker, n_experts_of
+from traci_ml.signals import stop_on_signals
+
+log = logging.getLogger(__name__)
+
+
+def run(config: Config) -> int:
+    """Run the broker for ``config``; returns the process exit code (0: done or stopped)."""
+    n_experts = n_experts_of(config)
+    metrics = BrokerMetrics(n_experts)
+    bind = config.metrics.bind
+    served = serve_metrics(metrics.registry, bind=bind, port=config.metrics.broker_port)
+    if served is not None:
+        log.info("broker metrics on http://%s:%d/metrics", bind, served)
+    # Signal handlers can only be installed from the main thread (tests run us elsewhere).
+    in_main = threading.current_thread() is threading.main_thread()
+    stop = stop_on_signals("broker") if in_main else threading.Event()
+    broker = Broker(config, metrics=metrics, n_experts=n_experts, stop=stop)
+    return broker.run()

@@ -1,0 +1,270 @@
+"""The broker loop: two ROUTER sockets around a ``JoinBook``.
+
+One loop in the Majordomo shape::
+
+    poll (heartbeat-length timeout) -> recv -> strip routing id -> decode -> on_<kind>
+        -> send what the book decided -> tick (expiries, heartbeats, gauges)
+
+All decisions live in ``join.JoinBook``; this module only moves frames. Tensor frames are
+forwarded as the very ``zmq.Frame`` objects that arrived (``copy=False`` both ways). A bad
+message -- undecodable, the wrong kind for its socket, or one that trips a bug -- is counted,
+logged and dropped; the loop keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import zmq
+
+from traci_ml.config import Config
+from traci_ml.data import digits_views
+from traci_ml.errors import ConfigError, ProtocolError
+from traci_ml.proto import (
+    MAX_TENSOR_BYTES,
+    Ack,
+    Drop,
+    Emb,
+    Goodbye,
+    Grad,
+    Heartbeat,
+    Hello,
+    Message,
+    decode,
+    encode,
+)
+from traci_ml.services.broker.join import JoinBook
+from traci_ml.services.broker.metrics import BrokerMetrics
+from traci_ml.services.broker.records import EXPERT, REDUCER, Outcome
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY = 1.0  # seconds between warnings of one rejection reason (the rest are counted)
+Handler = Callable[[str, bytes, Message, float], Outcome]
+
+
+def n_experts_of(config: Config) -> int:
+    """The number of experts is the number of data views."""
+    views = config.data.views
+    return len(views) if isinstance(views, list) else len(digits_views(views))
+
+
+class Broker:
+    """Joins expert embeddings into ordered batches for the reducer and routes replies.
+
+    ``expert_endpoint``/``reducer_endpoint`` override the bind addresses from
+    ``config.network`` (tests pass ``tcp://127.0.0.1:*``); the bound ones are exposed as
+    ``expert_endpoint``/``reducer_endpoint`` after construction.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: BrokerMetrics | None = None,
+        n_experts: int | None = None,
+        expert_endpoint: str | None = None,
+        reducer_endpoint: str | None = None,
+        context: zmq.Context | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        net = config.network
+        self.n_experts = n_experts if n_experts is not None else n_experts_of(config)
+        self.metrics = metrics if metrics is not None else BrokerMetrics(self.n_experts)
+        self.book = JoinBook.from_config(config, n_experts=self.n_experts)
+        self.heartbeat_interval = net.heartbeat_interval
+        self._stop = stop if stop is not None else threading.Event()
+        self._own_context = context is None
+        self._context = context if context is not None else zmq.Context()
+        self._sockets: dict[str, zmq.Socket] = {}
+        try:
+            self.expert_endpoint = self._bind(
+                EXPERT, expert_endpoint or f"tcp://{net.bind_host}:{net.expert_port}"
+            )
+            self.reducer_endpoint = self._bind(
+                REDUCER, reducer_endpoint or f"tcp://{net.bind_host}:{net.reducer_port}"
+            )
+        except ConfigError:
+            self.close()
+            raise
+        self._handlers: dict[str, dict[type, Handler]] = {
+            EXPERT: {Hello: self.on_hello, Emb: self.on_emb, Heartbeat: self.on_heartbeat,
+                     Goodbye: self.on_goodbye},
+            REDUCER: {Hello: self.on_hello, Grad: self.on_grad, Ack: self.on_ack,
+                      Drop: self.on_drop, Heartbeat: self.on_heartbeat, Goodbye: self.on_goodbye},
+        }  # fmt: skip
+        self._last_warned: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._done = False
+
+    def _bind(self, name: str, endpoint: str) -> str:
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting with its id takes over
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_TENSOR_BYTES)  # per frame; larger: peer cut off
+        self._sockets[name] = sock
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            raise ConfigError(
+                f"broker cannot bind the {name} socket to {endpoint}: {exc}"
+            ) from None
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until the reducer says GOODBYE("done") or ``stop()``; returns 0 either way."""
+        poller = zmq.Poller()
+        for sock in self._sockets.values():
+            poller.register(sock, zmq.POLLIN)
+        log.info("broker: experts on %s, reducer on %s, %d experts",
+                 self.expert_endpoint, self.reducer_endpoint, self.n_experts)  # fmt: skip
+        next_tick = time.monotonic()
+        try:
+            while not self._stop.is_set() and not self._done:
+                timeout_ms = max(0.0, next_tick - time.monotonic()) * 1000
+                ready = dict(poller.poll(timeout_ms))
+                for name, sock in self._sockets.items():
+                    if ready.get(sock, 0) & zmq.POLLIN:
+                        self._receive(name, sock.recv_multipart(copy=False))
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._tick(now)
+                    next_tick = now + self.heartbeat_interval
+            if not self._done:
+                log.info("broker: stopping; telling peers")
+                self._say_goodbye("shutdown")
+        finally:
+            self.close(linger_ms=int(self.heartbeat_interval * 1000))
+        log.info("broker: exit (%s)", "run done" if self._done else "stopped")
+        return 0
+
+    def stop(self) -> None:
+        """Ask the loop to end (thread-safe; the loop notices within one heartbeat)."""
+        self._stop.set()
+
+    def close(self, *, linger_ms: int = 0) -> None:
+        """Close the sockets. A short linger lets the final GOODBYEs leave."""
+        for sock in self._sockets.values():
+            if not sock.closed:
+                sock.close(linger=linger_ms)
+        if self._own_context and not self._context.closed:
+            self._context.term()
+
+    def _receive(self, socket: str, frames: list[zmq.Frame]) -> None:
+        routing_id = frames[0].bytes
+        try:
+            self._handle(socket, routing_id, frames[1:], time.monotonic())
+        except Exception:  # one bad message must never end the loop
+            self.metrics.reject("internal")
+            log.exception("broker: internal error handling a message from %s peer %s",
+                          socket, routing_id.hex())  # fmt: skip
+
+    def _handle(self, socket: str, routing_id: bytes, frames: list[zmq.Frame], now: float) -> None:
+        """Decode one message (routing id stripped) and hand it to its ``on_<kind>``."""
+        self.book.touch(socket, routing_id, now)
+        try:
+            msg = decode(frames)
+        except ProtocolError as exc:
+            self.metrics.message("invalid", "in")
+            detail = exc.message.removeprefix(f"{exc.reason}: ")
+            self._rejected(exc.reason, socket, routing_id, None, detail)
+            return
+        self.metrics.message(msg.KIND, "in")
+        seq = getattr(msg, "seq", None)
+        handler = self._handlers[socket].get(type(msg))
+        if handler is None:
+            detail = f"{msg.KIND} is not expected on the {socket} socket"
+            self._rejected("unexpected_kind", socket, routing_id, seq, detail)
+            return
+        self._apply(handler(socket, routing_id, msg, now), socket, routing_id, seq)
+
+    def _tick(self, now: float) -> None:
+        try:
+            self._apply(self.book.tick(now))
+            for socket, routing_id in self.book.live_peers():
+                self._send(socket, routing_id, Heartbeat())
+        except Exception:
+            self.metrics.reject("internal")
+            log.exception("broker: internal error in tick")
+        book = self.book
+        self.metrics.set_state(
+            pending=book.pending_steps, dispatched=book.dispatched_steps,
+            registered=book.registered_experts, live=book.live_experts,
+            expert_up=book.expert_up(), reducer_up=book.reducer_up,
+        )  # fmt: skip
+
+    # ---- handlers: hand the message to the book ------------------------------------------
+
+    def on_hello(self, socket: str, routing_id: bytes, msg: Hello, now: float) -> Outcome:
+        return self.book.hello(socket, routing_id, msg, now)
+
+    def on_emb(self, socket: str, routing_id: bytes, msg: Emb, now: float) -> Outcome:
+        return self.book.emb(routing_id, msg, now)
+
+    def on_grad(self, socket: str, routing_id: bytes, msg: Grad, now: float) -> Outcome:
+        return self.book.grad(routing_id, msg, now)
+
+    def on_ack(self, socket: str, routing_id: bytes, msg: Ack, now: float) -> Outcome:
+        return self.book.ack(routing_id, msg, now)
+
+    def on_drop(self, socket: str, routing_id: bytes, msg: Drop, now: float) -> Outcome:
+        return self.book.reducer_drop(routing_id, msg, now)
+
+    def on_heartbeat(self, socket: str, routing_id: bytes, msg: Heartbeat, now: float) -> Outcome:
+        return self.book.heartbeat(socket, routing_id)
+
+    def on_goodbye(self, socket: str, routing_id: bytes, msg: Goodbye, now: float) -> Outcome:
+        outcome = self.book.goodbye(socket, routing_id, msg, now)
+        self._done = self._done or outcome.done
+        return outcome
+
+    # ---- output --------------------------------------------------------------------------
+
+    def _apply(
+        self, outcome: Outcome, socket: str = "", routing_id: bytes = b"", seq: int | None = None
+    ) -> None:
+        """Send what the book decided and count it."""
+        for send in outcome.sends:
+            self._send(send.socket, send.routing_id, send.message)
+        if outcome.rejected is not None:
+            self._rejected(outcome.rejected, socket, routing_id, seq, outcome.detail)
+        for note in outcome.notes:
+            log.info("broker: %s", note)
+        for wait in outcome.join_waits:
+            self.metrics.join_wait.observe(wait)
+            self.metrics.steps_released.inc()
+        for latency in outcome.queue_latencies:
+            self.metrics.queue_latency.observe(latency)
+        if outcome.skipped:
+            self.metrics.steps_skipped.inc(outcome.skipped)
+        for reason in outcome.dropped:
+            self.metrics.steps_dropped.labels(reason=reason).inc()
+
+    def _send(self, socket: str, routing_id: bytes, msg: Message) -> None:
+        # Tensor frames are the received zmq.Frame objects: zero-copy forwarding.
+        self._sockets[socket].send_multipart([routing_id, *encode(msg)], copy=False)
+        self.metrics.message(msg.KIND, "out")
+
+    def _say_goodbye(self, reason: str) -> None:
+        for socket, routing_id in self.book.live_peers():
+            self._send(socket, routing_id, Goodbye(reason))
+
+    def _rejected(
+        self, reason: str, socket: str, routing_id: bytes, seq: int | None, detail: str
+    ) -> None:
+        """Count a rejection; warn at most once per LOG_EVERY seconds per reason."""
+        self.metrics.reject(reason)
+        now = time.monotonic()
+        if now - self._last_warned.get(reason, -LOG_EVERY) < LOG_EVERY:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        self._last_warned[reason] = now
+        more = self._suppressed.pop(reason, 0)
+        log.warning("broker: rejected message from %s peer %s (step %s): %s: %s%s",
+                    socket, routing_id.hex(), seq, reason, detail,
+                    f" ({more} more since last warning)" if more else "")  # fmt: skip

@@ -1,0 +1,361 @@
+"""The broker over loopback TCP, with fake experts and a fake reducer (DEALER sockets)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from traci_ml.config import Config, load_config
+from traci_ml.proto import (
+    Batch,
+    Drop,
+    Emb,
+    Goodbye,
+    Grad,
+    Heartbeat,
+    Hello,
+    Message,
+    Tensor,
+    Welcome,
+    decode,
+    encode,
+)
+from traci_ml.services.broker import main as broker_main
+from traci_ml.services.broker.server import Broker, n_experts_of
+
+D = 8  # embed_dim
+B = 3  # batch rows
+RUN_ID = "test-run"
+
+
+pytestmark = pytest.mark.timeout(20)
+
+
+def make_config(n_experts: int = 3, **overrides: str) -> Config:
+    views = ", ".join(f"{{name: v{i}, columns: [c{i}]}}" for i in range(n_experts))
+    settings = {
+        "run_id": RUN_ID, "embed_dim": str(D), "reducer.heads": "1", "data.views": f"[{views}]",
+        "expert.window": "4", "network.heartbeat_interval": "0.05", "network.liveness": "2.0",
+        "metrics.broker_port": "0",
+    }  # fmt: skip
+    settings.update(overrides)
+    return load_config(overrides=settings, env={})
+
+
+class RunningBroker:
+    """A Broker on random loopback ports, its run() in a thread."""
+
+    def __init__(self, config: Config) -> None:
+        self.broker = Broker(
+            config, expert_endpoint="tcp://127.0.0.1:*", reducer_endpoint="tcp://127.0.0.1:*"
+        )
+        self.exit_codes: list[int] = []
+        self.thread = threading.Thread(target=lambda: self.exit_codes.append(self.broker.run()))
+        self.thread.start()
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        value = self.broker.metrics.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+    def rejections(self, reason: str) -> float:
+        return self.sample("traci_broker_rejections_total", {"reason": reason})
+
+    def stop(self) -> None:
+        self.broker.stop()
+        self.thread.join(5)
+
+
+class Peer:
+    """A fake expert or reducer: a DEALER speaking the protocol through traci_ml.proto."""
+
+    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+        self.sock = context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.last_beat = 0.0
+
+    def send(self, msg: Message) -> None:
+        self.sock.send_multipart(encode(msg), copy=False)
+
+    def beat(self) -> None:
+        if time.monotonic() - self.last_beat >= 0.05:
+            self.send(Heartbeat())
+            self.last_beat = time.monotonic()
+
+    def recv(
+        self, timeout: float = 3.0, *, beat: bool = True, keep_alive: Sequence[Peer] = ()
+    ) -> Message:
+        """The next message that is not a HEARTBEAT; while waiting, this peer (unless
+        ``beat`` is false) and the ``keep_alive`` peers send heartbeats."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            for peer in (self, *keep_alive) if beat else keep_alive:
+                peer.beat()
+            if self.sock.poll(int(min(left, 0.05) * 1000) + 1):
+                msg = decode(self.sock.recv_multipart())
+                if not isinstance(msg, Heartbeat):
+                    return msg
+        raise AssertionError(f"no message within {timeout} s")
+
+    def quiet(self, wait: float = 0.2) -> None:
+        """Assert that nothing but heartbeats arrives for ``wait`` seconds."""
+        with pytest.raises(AssertionError, match="no message"):
+            msg = self.recv(wait)
+            raise RuntimeError(f"unexpected {msg}")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def tensor(value: float, rows: int = B) -> Tensor:
+    return Tensor.from_numpy(np.full((rows, D), value, dtype=np.float32))
+
+
+class Net:
+    """The test's own zmq context and every fake peer made from it (closed at teardown)."""
+
+    def __init__(self) -> None:
+        self.context = zmq.Context()
+        self.peers: list[Peer] = []
+
+    def peer(self, endpoint: str) -> Peer:
+        self.peers.append(Peer(self.context, endpoint))
+        return self.peers[-1]
+
+    def close(self) -> None:
+        for peer in self.peers:
+            peer.sock.close(linger=0)
+        self.context.term()
+
+
+@pytest.fixture
+def net() -> Net:
+    network = Net()
+    yield network
+    network.close()
+
+
+@pytest.fixture
+def broker() -> RunningBroker:
+    running = RunningBroker(make_config())
+    yield running
+    running.stop()
+
+
+def join_expert(net: Net, broker: RunningBroker, expert_id: int, **fields: object) -> Peer:
+    peer = net.peer(broker.broker.expert_endpoint)
+    hello = dict(role="expert", run_id=RUN_ID, embed_dim=D, dtype="float32", expert_id=expert_id)
+    peer.send(Hello(**{**hello, **fields}))  # type: ignore[arg-type]
+    return peer
+
+
+def join_reducer(net: Net, broker: RunningBroker, n_experts: int = 3) -> Peer:
+    peer = net.peer(broker.broker.reducer_endpoint)
+    peer.send(Hello("reducer", RUN_ID, D, "float32", n_experts=n_experts))
+    assert peer.recv() == Welcome(ok=True, start_seq=0)
+    return peer
+
+
+def cluster(net: Net, broker: RunningBroker, n: int = 3) -> tuple[list[Peer], Peer]:
+    experts = [join_expert(net, broker, i) for i in range(n)]
+    for expert in experts:
+        assert expert.recv() == Welcome(ok=True, start_seq=0)
+    return experts, join_reducer(net, broker, n)
+
+
+# ---- registration -----------------------------------------------------------------------
+
+
+def test_registration_accepted_and_refused_with_reasons(net, broker) -> None:
+    first = join_expert(net, broker, 0)
+    assert first.recv() == Welcome(ok=True, start_seq=0)
+    for fields, words in (({}, "held by another live peer"), ({"run_id": "other"}, "run_id"),
+                          ({"embed_dim": D * 2}, "embed_dim")):  # fmt: skip
+        welcome = join_expert(net, broker, 0, **fields).recv()
+        assert isinstance(welcome, Welcome) and not welcome.ok and words in welcome.reason
+    wait_for(lambda: broker.rejections("refused") == 3)
+    assert broker.sample("traci_broker_registered_experts") <= 1
+
+
+# ---- the data path ----------------------------------------------------------------------
+
+
+def test_full_step_round_trip(net, broker) -> None:
+    experts, reducer = cluster(net, broker)
+    sent = [np.arange(B * D, dtype=np.float32).reshape(B, D) + 100 * i for i in range(3)]
+    for i, expert in enumerate(experts):
+        expert.send(Emb(0, i, "train", Tensor.from_numpy(sent[i])))
+    batch = reducer.recv()
+    assert isinstance(batch, Batch)
+    assert (batch.seq, batch.phase, batch.present) == (0, "train", (True, True, True))
+    assert [bytes(t.buffer) for t in batch.tensors] == [a.tobytes() for a in sent]
+    grads = [tensor(-1.0 - i) for i in range(3)]
+    reducer.send(Grad(0, -1, tuple(grads)))
+    for i, expert in enumerate(experts):
+        grad = expert.recv()
+        assert isinstance(grad, Grad) and (grad.seq, grad.expert_id) == (0, i)
+        assert [bytes(t.buffer) for t in grad.tensors] == [bytes(grads[i].buffer)]
+        expert.quiet(0.05)
+    wait_for(lambda: broker.sample("traci_broker_queue_latency_seconds_count") == 1)
+    assert broker.sample("traci_broker_join_wait_seconds_count") == 1
+    assert broker.sample("traci_broker_steps_released_total") == 1
+    assert broker.sample("traci_broker_messages_total", {"kind": "EMB", "direction": "in"}) == 3
+
+
+def test_steps_leave_in_seq_order_whatever_the_arrival_order(net, broker) -> None:
+    experts, reducer = cluster(net, broker)
+    for seq, expert_id in [(2, 0), (1, 2), (2, 1), (1, 0), (2, 2), (0, 1), (0, 2), (1, 1)]:
+        experts[expert_id].send(Emb(seq, expert_id, "train", tensor(seq)))
+    time.sleep(0.1)
+    experts[0].send(Emb(0, 0, "train", tensor(0)))  # completes 0, and with it 1 and 2
+    seqs = [reducer.recv().seq for _ in range(3)]  # type: ignore[attr-defined]
+    assert seqs == [0, 1, 2]
+
+
+def test_silent_expert_is_dropped_and_steps_release_masked(net) -> None:
+    running = RunningBroker(make_config(**{"network.liveness": "0.3"}))
+    try:
+        experts, reducer = cluster(net, running)
+        alive = experts[:2]
+        for i, expert in enumerate(experts):
+            expert.send(Emb(0, i, "train", tensor(i)))
+        assert reducer.recv(keep_alive=alive).present == (True, True, True)  # type: ignore[attr-defined]
+        for i, expert in enumerate(alive):  # expert 2 says nothing from now on
+            expert.send(Emb(1, i, "train", tensor(i)))
+        batch = reducer.recv(keep_alive=alive)
+        assert isinstance(batch, Batch) and (batch.seq, batch.present) == (1, (True, True, False))
+        assert len(batch.tensors) == 2
+        wait_for(lambda: running.sample("traci_broker_live_experts") == 2)
+        assert running.sample("traci_broker_expert_up", {"expert": "2"}) == 0
+        # Back again: told to register, then joins at the next step nobody has sent.
+        experts[2].send(Heartbeat())
+        assert experts[2].recv(beat=False) == Goodbye("unregistered")
+        experts[2].send(Hello("expert", RUN_ID, D, "float32", expert_id=2))
+        assert experts[2].recv(beat=False) == Welcome(ok=True, start_seq=2)
+    finally:
+        running.stop()
+
+
+def test_garbage_is_rejected_and_counted_while_good_traffic_flows(net, broker) -> None:
+    experts, reducer = cluster(net, broker)
+    good = encode(Emb(0, 0, "train", tensor(1.0)))
+    nan = np.full((B, D), np.nan, dtype=np.float32)
+    experts[0].sock.send_multipart([b"\xc1 not msgpack"])
+    experts[0].sock.send_multipart([msgpack.packb({"v": 99, "k": "EMB"})])
+    experts[0].sock.send_multipart([good[0], bytes(good[1])[:-4]])  # truncated tensor
+    experts[0].send(Emb(0, 0, "train", Tensor.from_numpy(nan)))
+    experts[0].send(Batch(0, "train", (True,), (tensor(1.0),)))  # a reducer's kind
+    reducer.sock.send_multipart([b"\xc1"])
+    stranger = net.peer(broker.broker.expert_endpoint)
+    stranger.send(Emb(0, 0, "train", tensor(1.0)))
+    assert stranger.recv(beat=False) == Goodbye("unregistered")
+    for i, expert in enumerate(experts):
+        expert.send(Emb(0, i, "train", tensor(i)))
+    batch = reducer.recv()
+    assert isinstance(batch, Batch) and batch.present == (True, True, True)
+    expected = {"bad_header": 2, "version": 1, "size_mismatch": 1, "non_finite": 1,
+                "unexpected_kind": 1, "unregistered": 1}  # fmt: skip
+    wait_for(lambda: all(broker.rejections(r) == n for r, n in expected.items()))
+    assert broker.sample("traci_broker_messages_total", {"kind": "invalid", "direction": "in"}) == 5
+    assert broker.thread.is_alive()
+
+
+def test_a_bug_on_one_message_is_counted_and_the_loop_goes_on(net, broker, monkeypatch) -> None:
+    experts, reducer = cluster(net, broker)
+    book = broker.broker.book
+    real_emb, calls = book.emb, []
+
+    def flaky_emb(*args: object) -> object:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_emb(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(book, "emb", flaky_emb)
+    for i, expert in enumerate(experts):
+        expert.send(Emb(0, i, "train", tensor(i)))
+    wait_for(lambda: broker.rejections("internal") == 1)
+    experts[calls[0][1].expert_id].send(calls[0][1])  # the EMB that hit the bug, again
+    batch = reducer.recv()
+    assert isinstance(batch, Batch) and batch.present == (True, True, True)
+
+
+def test_reducer_loss_drops_dispatched_steps(net) -> None:
+    running = RunningBroker(make_config(2))
+    try:
+        experts, reducer = cluster(net, running, 2)
+        for i, expert in enumerate(experts):
+            expert.send(Emb(0, i, "train", tensor(i)))
+        assert isinstance(reducer.recv(), Batch)
+        reducer.send(Goodbye("shutdown"))
+        for expert in experts:
+            assert expert.recv() == Drop(0, "reducer_lost")
+    finally:
+        running.stop()
+
+
+# ---- the end --------------------------------------------------------------------------------
+
+
+def test_goodbye_done_ends_run_with_0(net, broker) -> None:
+    experts, reducer = cluster(net, broker)
+    reducer.send(Goodbye("done"))
+    for expert in experts:
+        assert expert.recv() == Goodbye("done")
+    broker.thread.join(5)
+    assert broker.exit_codes == [0]
+
+
+def test_stop_tells_peers_and_returns_0(net, broker) -> None:
+    experts, reducer = cluster(net, broker)
+    broker.stop()
+    for peer in (*experts, reducer):
+        assert peer.recv() == Goodbye("shutdown")
+    assert broker.exit_codes == [0]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_main_run_serves_until_done(net) -> None:
+    expert_port, reducer_port = _free_port(), _free_port()
+    config = make_config(2, **{"network.expert_port": str(expert_port),
+                               "network.reducer_port": str(reducer_port)})  # fmt: skip
+    assert n_experts_of(config) == 2
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(broker_main.run(config)))
+    thread.start()
+    reducer = net.peer(f"tcp://127.0.0.1:{reducer_port}")
+    reducer.send(Hello("reducer", RUN_ID, D, "float32", n_experts=2))
+    assert reducer.recv() == Welcome(ok=True, start_seq=0)
+    reducer.send(Goodbye("done"))
+    thread.join(5)
+    assert codes == [0]
+
+
+def test_broker_imports_no_torch() -> None:
+    code = "import sys, traci_ml.services.broker.main; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_digits_presets_count_experts() -> None:
+    quadrants = load_config(overrides={"data.views": "quadrants"}, env={})
+    halves = load_config(overrides={"data.views": "halves"}, env={})
+    assert (n_experts_of(quadrants), n_experts_of(halves)) == (4, 2)
