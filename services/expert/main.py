@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from traci_ml.services.expert.metrics import ExpertMetrics
-from traci_ml.services.expert.worker import Expert
-
 from traci_ml.config import Config
 from traci_ml.observe import serve_metrics
+from traci_ml.services.expert.metrics import ExpertMetrics
+from traci_ml.services.expert.worker import Expert
 from traci_ml.signals import stop_on_signals
 from traci_ml.tensors import set_threads
 

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import torch
 import zmq
-from traci_ml.services.expert.metrics import ExpertMetrics
-from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
 
 from traci_ml import checkpoint, proto
 from traci_ml.config import Config
@@ -26,6 +24,8 @@ from traci_ml.data import load_dataset
 from traci_ml.errors import PeerTimeout, TraciError
 from traci_ml.link import BrokerLink
 from traci_ml.schedule import Step, schedule_for
+from traci_ml.services.expert.metrics import ExpertMetrics
+from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
 from traci_ml.tensors import derive_seed, from_wire, resolve_device, to_wire
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,6 @@ from typing import Any
 
 import torch
 import zmq
-from traci_ml.services.reducer.metrics import ReducerMetrics
-from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
-from traci_ml.services.reducer.records import EvalRound, MetricsLog, metric_name, write_json_atomic
 
 from traci_ml import checkpoint, proto
 from traci_ml.config import Config
@@ -24,6 +21,9 @@ from traci_ml.data import load_dataset
 from traci_ml.errors import PeerTimeout
 from traci_ml.link import BrokerLink
 from traci_ml.schedule import schedule_for
+from traci_ml.services.reducer.metrics import ReducerMetrics
+from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
+from traci_ml.services.reducer.records import EvalRound, MetricsLog, metric_name, write_json_atomic
 from traci_ml.tensors import (
     TORCH_DTYPES,
     copy_into,
