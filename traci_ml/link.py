@@ -8,6 +8,7 @@ validation is counted through ``on_reject`` and logged, never raised to the call
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -30,25 +31,28 @@ class BrokerLink:
         liveness: float,
         on_reject: Callable[[str], None] = lambda reason: None,
         name: str = "peer",
+        stop: threading.Event | None = None,
     ) -> None:
         self.context, self.endpoint, self.hello = context, endpoint, hello
         self.heartbeat_interval, self.liveness = heartbeat_interval, liveness
         self.on_reject, self.name = on_reject, name
+        self.stop = stop or threading.Event()  # set: give up waiting for the broker
         self.socket: zmq.Socket | None = None
         self.last_heard = self.last_sent = time.monotonic()
 
     # -- connection -------------------------------------------------------------------
 
-    def connect(self, *, timeout: float) -> proto.Welcome:
-        """(Re)connect and register. Returns the broker's WELCOME; raises ``TraciError`` if
-        the broker refuses (with its reason) or ``PeerTimeout`` if it never answers."""
+    def connect(self, *, timeout: float) -> proto.Welcome | None:
+        """(Re)connect and register. Returns the broker's WELCOME, or None if ``stop`` was set
+        while waiting; raises ``TraciError`` if the broker refuses (with its reason) or
+        ``PeerTimeout`` if it never answers."""
         self.close()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(self.endpoint)
         self.send(self.hello)
         deadline = time.monotonic() + timeout
-        while True:
+        while not self.stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerTimeout(
@@ -70,6 +74,7 @@ class BrokerLink:
                 return msg
             if msg is not None and not isinstance(msg, proto.Heartbeat):
                 log.debug("%s ignores %s before WELCOME", self.name, msg.KIND)
+        return None
 
     def close(self) -> None:
         if self.socket is not None:

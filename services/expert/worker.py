@@ -107,6 +107,7 @@ class Expert:
             liveness=net.liveness,
             on_reject=self._reject,
             name=self.name,
+            stop=self.stop_event,
         )
 
     # -- main loop --------------------------------------------------------------------
@@ -129,7 +130,8 @@ class Expert:
     def _register(self) -> None:
         welcome = self.link.connect(timeout=self.config.network.connect_timeout)
         self._drop_all("broker_lost")
-        self.seq_next = welcome.start_seq
+        if welcome is not None:  # None: stopped while waiting
+            self.seq_next = welcome.start_seq
 
     def _can_send(self) -> bool:
         return (

@@ -97,6 +97,7 @@ class ReducerService:
             liveness=net.liveness,
             on_reject=self.metrics.reject,
             name="reducer",
+            stop=self.stop_event,
         )
 
     # -- main loop --------------------------------------------------------------------
