@@ -51,7 +51,7 @@ def test_services_started_by_hand(run_config, tmp_path):
     path, cfg = run_config({"train": {"steps": 400, "eval_every": 200}})
     logs = tmp_path / "logs"
     logs.mkdir()
-    procs = {}
+    procs, outs = {}, []
     commands = {
         "reducer": ["reducer"],
         **{f"expert-{i}": ["expert", "--id", str(i)] for i in (3, 1, 0, 2)},
@@ -59,6 +59,7 @@ def test_services_started_by_hand(run_config, tmp_path):
     }
     for name, args in commands.items():  # the broker last: peers wait for it on their own
         out = (logs / f"{name}.log").open("w")
+        outs.append(out)
         procs[name] = subprocess.Popen(
             [*TRACI, *args, "--config", str(path)], stdout=out, stderr=subprocess.STDOUT
         )
@@ -68,6 +69,9 @@ def test_services_started_by_hand(run_config, tmp_path):
     finally:
         for proc in procs.values():
             proc.kill()
+            proc.wait()
+        for out in outs:
+            out.close()
     summary = read_summary(Path(cfg["run_dir"]))
     assert summary["steps"] == 400
     assert summary["test_accuracy"] >= 0.9
