@@ -130,6 +130,7 @@ class Hello:
         "embed_dim": int,
         "dtype": str,
         "window": int,
+        "next_seq": int,
     }
     role: str
     run_id: str
@@ -138,11 +139,15 @@ class Hello:
     expert_id: int = -1  # -1 for the reducer
     n_experts: int = 0
     window: int = 1
+    next_seq: int = 0  # the peer's own position; a restarted broker resumes at the highest
 
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
-    """Broker -> peer: accepted (``ok``) with the step to start at, or refused with a reason."""
+    """Broker -> peer: accepted (``ok``) with the step to start at, or refused with a reason.
+
+    Sent unsolicited to a registered expert it means *resync*: drop every step in flight
+    (count them dropped) and continue at ``start_seq``."""
 
     KIND: ClassVar[str] = "WELCOME"
     FIELDS: ClassVar[dict[str, type]] = {"ok": bool, "reason": str, "start_seq": int}
@@ -385,8 +390,10 @@ def _build(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...]) -> Me
     if cls is Batch:
         present = fields["present"]
         _expect(
-            0 < len(present) <= MAX_EXPERTS and all(isinstance(p, bool) for p in present),
-            "BATCH.present is a non-empty list of booleans",
+            0 < len(present) <= MAX_EXPERTS
+            and all(isinstance(p, bool) for p in present)
+            and any(present),
+            "BATCH.present is a list of booleans with at least one expert present",
             "bad_field",
         )
         _expect(len(tensors) == sum(present), "BATCH carries one tensor per present expert")

@@ -25,7 +25,7 @@ class BrokerLink:
         self,
         context: zmq.Context,
         endpoint: str,
-        hello: proto.Hello,
+        hello: Callable[[], proto.Hello],
         *,
         heartbeat_interval: float,
         liveness: float,
@@ -50,7 +50,7 @@ class BrokerLink:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(self.endpoint)
-        self.send(self.hello)
+        self.send(self.hello())  # built now: it carries the peer's current position
         deadline = time.monotonic() + timeout
         while not self.stop.is_set():
             left = deadline - time.monotonic()

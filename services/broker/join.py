@@ -62,6 +62,7 @@ class JoinBook:
         self._generation = 0
         self._registered_once: set[int] = set()
         self.started = False  # start gate: every expert registered once
+        self._resume_seq = 0  # before the gate: the highest position a HELLO reported
         self._gate_opened = 0.0
         self.next_seq = 0  # head: the next step to release
         self._head_since = 0.0
@@ -132,7 +133,7 @@ class JoinBook:
         if problem is None and socket == EXPERT:
             return self._hello_expert(routing_id, msg, now, out)
         if problem is None:
-            return self._hello_reducer(routing_id, now, out)
+            return self._hello_reducer(routing_id, msg, now, out)
         out.sends.append(Send(socket, routing_id, Welcome(ok=False, reason=problem)))
         return out.reject("refused", problem)
 
@@ -162,20 +163,38 @@ class JoinBook:
         previous = self._by_routing.get(routing_id)
         if previous is not None:  # a rejoin from the same peer (or it changed its id)
             self._retire(previous, out, f"expert {previous} re-registered")
-        join_seq = max(self.next_seq, self.highest_seq + 1) if self.started else 0
+        if self.started:
+            join_seq = max(self.next_seq, self.highest_seq + 1)
+        else:  # a fresh broker (or a restarted one) resumes where the peers are
+            self._resume_seq = join_seq = max(self._resume_seq, msg.next_seq)
         self._generation += 1
         self._experts[eid] = ExpertPeer(eid, routing_id, self._generation, join_seq, now)
         self._by_routing[routing_id] = eid
         self._registered_once.add(eid)
         out.notes.append(f"expert {eid} registered, join_seq {join_seq}")
-        if not self.started and len(self._registered_once) == self.n_experts:
-            self.started, self._gate_opened, self._head_since = True, now, now
-            out.notes.append(f"all {self.n_experts} experts registered: start gate open")
         out.sends.append(Send(EXPERT, routing_id, Welcome(ok=True, start_seq=join_seq)))
+        if not self.started and len(self._registered_once) == self.n_experts:
+            self._open_gate(now, out)
         self._advance(now, out)
         return out
 
-    def _hello_reducer(self, routing_id: bytes, now: float, out: Outcome) -> Outcome:
+    def _open_gate(self, now: float, out: Outcome) -> None:
+        """Every expert registered once: start at the highest position any peer reported.
+        Experts told an earlier start are resynced (an unsolicited WELCOME); what they sent
+        before it is discarded -- they count it dropped themselves."""
+        start = self._resume_seq
+        self.started, self._gate_opened, self._head_since = True, now, now
+        self.next_seq, self.highest_seq = start, max(self.highest_seq, start - 1)
+        for seq in [s for s in self._pending if s < start]:
+            del self._pending[seq]
+        for peer in self._experts.values():
+            peer.in_flight = {s for s in peer.in_flight if s >= start}
+            if peer.live and peer.join_seq < start:
+                peer.join_seq = start
+                out.sends.append(Send(EXPERT, peer.routing_id, Welcome(ok=True, start_seq=start)))
+        out.notes.append(f"all {self.n_experts} experts registered: start gate open at {start}")
+
+    def _hello_reducer(self, routing_id: bytes, msg: Hello, now: float, out: Outcome) -> Outcome:
         if self._reducer is not None and self._reducer.routing_id != routing_id:
             reason = "another reducer is registered"
             out.sends.append(Send(REDUCER, routing_id, Welcome(ok=False, reason=reason)))
@@ -183,6 +202,8 @@ class JoinBook:
         if self._reducer is not None:
             self._lose_reducer(out, "reducer re-registered")
         self._reducer = ReducerPeer(routing_id, now)
+        if not self.started:
+            self._resume_seq = max(self._resume_seq, msg.next_seq)
         start_seq = self._ready[0].seq if self._ready else self.next_seq
         out.notes.append(f"reducer registered, start_seq {start_seq}")
         out.sends.append(Send(REDUCER, routing_id, Welcome(ok=True, start_seq=start_seq)))

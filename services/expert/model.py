@@ -65,7 +65,7 @@ def build_expert_net(cfg: ExpertModelConfig, *, in_dim: int, out_dim: int) -> nn
     module_name, _, class_name = cfg.module.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as exc:
+    except Exception as exc:  # ImportError, AttributeError, or the module's own failure
         raise ConfigError(f"expert.model.module: cannot import {cfg.module!r}: {exc}") from None
     try:
         net = cls(in_dim=in_dim, out_dim=out_dim, **cfg.kwargs)

@@ -95,19 +95,23 @@ class Expert:
         self.link = BrokerLink(
             self.context,
             f"tcp://{net.broker_host}:{net.expert_port}",
-            proto.Hello(
-                role="expert",
-                run_id=config.run_id,
-                embed_dim=config.embed_dim,
-                dtype=self.wire_dtype,
-                expert_id=expert_id,
-                window=config.expert.window,
-            ),
+            self._hello,
             heartbeat_interval=net.heartbeat_interval,
             liveness=net.liveness,
             on_reject=self._reject,
             name=self.name,
             stop=self.stop_event,
+        )
+
+    def _hello(self) -> proto.Hello:
+        return proto.Hello(
+            role="expert",
+            run_id=self.config.run_id,
+            embed_dim=self.config.embed_dim,
+            dtype=self.wire_dtype,
+            expert_id=self.id,
+            window=self.config.expert.window,
+            next_seq=self.seq_next,
         )
 
     # -- main loop --------------------------------------------------------------------
@@ -121,7 +125,7 @@ class Expert:
                 wait = 0.0 if self._can_send() else self.config.network.heartbeat_interval / 2
                 msg = self.link.recv(wait)
                 if msg is not None:
-                    finished = self._dispatch(msg)
+                    finished = self._guarded(msg)
                 finished = finished or self._tick()
         finally:
             self._close()
@@ -153,6 +157,15 @@ class Expert:
         self.metrics.inflight.set(len(self.inflight))
         self.metrics.seq.set(self.seq_next)
 
+    def _guarded(self, msg: proto.Message) -> bool:
+        """``_dispatch``, but a bug triggered by one message never ends the run."""
+        try:
+            return self._dispatch(msg)
+        except Exception:
+            log.exception("%s: internal error on %s", self.name, msg.KIND)
+            self._reject("internal")
+            return False
+
     def _dispatch(self, msg: proto.Message) -> bool:
         """Handle one message; True when the run is over."""
         if isinstance(msg, proto.Grad):
@@ -163,6 +176,8 @@ class Expert:
             self.on_drop(msg)
         elif isinstance(msg, proto.Goodbye):
             return self.on_goodbye(msg)
+        elif isinstance(msg, proto.Welcome):
+            self.on_welcome(msg)
         elif not isinstance(msg, proto.Heartbeat):
             self._reject("unexpected_kind", f"{msg.KIND} is not for experts")
         return self.seq_next >= self.schedule.total and not self.inflight
@@ -207,6 +222,16 @@ class Expert:
             return self._reject("unknown_step", "DROP for a step not in flight", msg.seq)
         log.warning("%s step %d dropped by the broker: %s", self.name, msg.seq, msg.reason)
         self._count_drop(msg.reason)
+
+    def on_welcome(self, msg: proto.Welcome) -> None:
+        """An unsolicited WELCOME is a resync: the broker starts the run elsewhere."""
+        if not msg.ok:
+            log.error("%s: broker withdrew registration: %s", self.name, msg.reason)
+            self._register()
+            return
+        log.info("%s: resync to seq %d", self.name, msg.start_seq)
+        self._drop_all("resync")
+        self.seq_next = msg.start_seq
 
     def on_goodbye(self, msg: proto.Goodbye) -> bool:
         if msg.reason == "done":

@@ -86,18 +86,22 @@ class ReducerService:
         self.link = BrokerLink(
             self.context,
             f"tcp://{net.broker_host}:{net.reducer_port}",
-            proto.Hello(
-                role="reducer",
-                run_id=config.run_id,
-                embed_dim=config.embed_dim,
-                dtype=self.wire_dtype,
-                n_experts=self.n,
-            ),
+            self._hello,
             heartbeat_interval=net.heartbeat_interval,
             liveness=net.liveness,
             on_reject=self.metrics.reject,
             name="reducer",
             stop=self.stop_event,
+        )
+
+    def _hello(self) -> proto.Hello:
+        return proto.Hello(
+            role="reducer",
+            run_id=self.config.run_id,
+            embed_dim=self.config.embed_dim,
+            dtype=self.wire_dtype,
+            n_experts=self.n,
+            next_seq=self.last_seq + 1,
         )
 
     # -- main loop --------------------------------------------------------------------
@@ -110,7 +114,7 @@ class ReducerService:
             while not finished and not self.stop_event.is_set():
                 msg = self.link.recv(self.config.network.heartbeat_interval / 2)
                 if isinstance(msg, proto.Batch):
-                    finished = self.on_batch(msg)
+                    finished = self._guarded(msg)
                 elif isinstance(msg, proto.Goodbye):
                     log.warning("reducer: broker says goodbye (%s); registering again", msg.reason)
                     self.link.connect(timeout=self.config.network.connect_timeout)
@@ -129,6 +133,15 @@ class ReducerService:
             self.link.connect(timeout=self.config.network.connect_timeout)
 
     # -- one step ---------------------------------------------------------------------
+
+    def _guarded(self, msg: proto.Batch) -> bool:
+        """``on_batch``, but a bug triggered by one message never ends the run."""
+        try:
+            return self.on_batch(msg)
+        except Exception:
+            log.exception("reducer: internal error on BATCH seq %d", msg.seq)
+            self._reject("internal", "see the traceback above", msg)
+            return False
 
     def on_batch(self, msg: proto.Batch) -> bool:
         """Process one BATCH; True when it was the last step of the run."""

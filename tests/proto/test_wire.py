@@ -302,6 +302,11 @@ BAD_MESSAGES = [
         "bad_field",
     ),
     case(
+        "bad_field/batch_nobody_present",
+        [header("BATCH", seq=1, phase="train", present=[False, False])],
+        "bad_field",
+    ),
+    case(
         "bad_field/batch_present_ints",
         [header("BATCH", seq=1, phase="train", present=[1, 0], t=[["float32", [2, 3]]]), F32_2x3],
         "bad_field",

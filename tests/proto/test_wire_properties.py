@@ -114,7 +114,7 @@ def tensor_messages(draw: st.DrawFn) -> proto.Emb | proto.Batch | proto.Grad:
         (tensor,) = draw(tensor_lists(1))
         return proto.Emb(seq, draw(EXPERT_IDS), draw(PHASES), tensor)
     if kind == "BATCH":
-        present = tuple(draw(st.lists(st.booleans(), min_size=1, max_size=8)))
+        present = tuple(draw(st.lists(st.booleans(), min_size=1, max_size=8).filter(any)))
         return proto.Batch(seq, draw(PHASES), present, draw(tensor_lists(sum(present))))
     if kind == "GRAD_UP":  # reducer -> broker: one tensor per present expert
         return proto.Grad(seq, -1, draw(tensor_lists(draw(st.integers(1, 6)))))

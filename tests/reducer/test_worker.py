@@ -1,0 +1,347 @@
+"""The ReducerService loop in-process, against a fake broker: a ROUTER socket in the test
+thread that speaks ``traci_ml.proto`` over loopback TCP and sends BATCHes of random tokens
+laid out by the schedule."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zmq
+from conftest import free_ports
+
+from traci_ml import checkpoint, proto
+from traci_ml.config import Config, load_config
+from traci_ml.data import load_dataset
+from traci_ml.schedule import Schedule, schedule_for
+from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
+from traci_ml.services.reducer.worker import ReducerService
+from traci_ml.tensors import derive_seed
+
+pytestmark = pytest.mark.timeout(60)
+
+RUN_ID, D, BATCH, N_EXPERTS, N_TEST = "reducer-test", 8, 16, 4, 359
+TOTAL = 8  # 6 train steps, eval after every 3: train 0-2, eval 3, train 4-6, eval 7
+ALL = (True,) * N_EXPERTS
+
+
+def make_config(tmp_path: Path, **extra: str) -> Config:
+    expert_port, reducer_port = free_ports(2)
+    settings = {
+        "run_id": RUN_ID, "seed": "5", "run_dir": str(tmp_path / "run"), "embed_dim": str(D),
+        "reducer.layers": "1", "reducer.heads": "2", "reducer.ff": "16",
+        "reducer.device": "cpu", "reducer.eval_batch_size": "512",
+        "expert.torch_threads": "1", "train.steps": "6", "train.eval_every": "3",
+        "train.batch_size": str(BATCH), "train.log_every": "1", "train.checkpoint_every": "0",
+        "network.expert_port": str(expert_port), "network.reducer_port": str(reducer_port),
+        "network.heartbeat_interval": "0.05", "network.liveness": "2.0",
+        "network.connect_timeout": "10", "metrics.broker_port": "0",
+        "metrics.reducer_port": "0", "metrics.expert_base_port": "0",
+    }  # fmt: skip
+    settings.update(extra)
+    return load_config(overrides=settings, env={})
+
+
+class FakeBroker:
+    """The broker's reducer-facing ROUTER socket, driven by the test thread."""
+
+    def __init__(self, port: int) -> None:
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(f"tcp://127.0.0.1:{port}")
+        self.peer: bytes | None = None  # routing id of the last sender
+        self.last_beat = 0.0
+
+    def send(self, msg: proto.Message) -> None:
+        assert self.peer is not None, "nobody connected yet"
+        self.sock.send_multipart([self.peer, *proto.encode(msg)], copy=False)
+
+    def next(self, timeout: float = 5.0) -> proto.Message | None:
+        """The next message that is not a HEARTBEAT, or None after ``timeout`` seconds.
+        While waiting, heartbeats keep the reducer from declaring the broker lost."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if self.peer is not None and time.monotonic() - self.last_beat > 0.1:
+                self.send(proto.Heartbeat())
+                self.last_beat = time.monotonic()
+            if self.sock.poll(int(min(left, 0.05) * 1000) + 1):
+                routing_id, *frames = self.sock.recv_multipart(copy=False)
+                self.peer = routing_id.bytes
+                msg = proto.decode(frames)
+                if not isinstance(msg, proto.Heartbeat):
+                    return msg
+        return None
+
+    def expect(self, kind: type, timeout: float = 5.0):  # noqa: ANN201 - returns a `kind`
+        msg = self.next(timeout)
+        assert isinstance(msg, kind), f"expected {kind.__name__}, got {msg!r}"
+        return msg
+
+    def close(self, *, term: bool) -> None:
+        self.sock.close(linger=0)
+        if term:
+            self.context.term()
+
+
+class Rig:
+    """A ReducerService whose run() is in a background thread, and its fake broker."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.dataset = load_dataset(config)
+        self.schedule: Schedule = schedule_for(config, self.dataset)
+        self.broker = FakeBroker(config.network.reducer_port)
+        self.stop = threading.Event()
+        self.service = ReducerService(config, context=self.broker.context, stop=self.stop)
+        self.result: int | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self.service.run()
+        except BaseException as exc:  # re-raised in the test thread by join()
+            self.error = exc
+
+    def welcome(self) -> proto.Hello:
+        hello = self.broker.expect(proto.Hello)
+        self.broker.send(proto.Welcome(ok=True, start_seq=0))
+        return hello
+
+    def rows(self, seq: int) -> np.ndarray:
+        return self.schedule.rows(self.schedule.step(seq))
+
+    def tokens(self, seq: int, present: tuple[bool, ...] = ALL) -> list[np.ndarray]:
+        """Random float32 tokens [B, d] for each present expert of ``seq`` (reproducible)."""
+        rng = np.random.default_rng([seq, *present])
+        b = len(self.rows(seq))
+        return [rng.normal(0, 1, (b, D)).astype(np.float32) for p in present if p]
+
+    def batch(
+        self,
+        seq: int,
+        present: tuple[bool, ...] = ALL,
+        *,
+        tokens: list[np.ndarray] | None = None,
+        phase: str | None = None,
+    ) -> proto.Batch:
+        tokens = self.tokens(seq, present) if tokens is None else tokens
+        phase = phase or self.schedule.step(seq).phase
+        wire = tuple(proto.Tensor.from_numpy(t) for t in tokens)
+        return proto.Batch(seq, phase, present, wire)
+
+    def rejections(self, reason: str) -> float:
+        value = self.service.metrics.registry.get_sample_value(
+            "traci_reducer_rejections_total", {"reason": reason}
+        )
+        return value or 0.0
+
+    def join(self, timeout: float = 10.0) -> int | None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "ReducerService.run() did not return"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(15)
+        self.broker.close(term=not self.thread.is_alive())
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    running = Rig(make_config(tmp_path))
+    yield running
+    running.close()
+
+
+def replay_first_step(rig: Rig, seq: int, present: tuple[bool, ...]) -> list[torch.Tensor]:
+    """dL/dtoken of the reducer's first train step, recomputed as the worker does it."""
+    config = rig.config
+    torch.manual_seed(derive_seed(config.seed, "reducer"))
+    model = Reducer(
+        n_experts=N_EXPERTS, d=D, out_dim=rig.dataset.out_dim, cfg=config.reducer
+    ).train()
+    tokens = torch.zeros(N_EXPERTS, len(rig.rows(seq)), D)  # (N, B, d); absent stay zero
+    present_ids = [i for i, p in enumerate(present) if p]
+    for i, t in zip(present_ids, rig.tokens(seq, present), strict=True):
+        tokens[i] = torch.from_numpy(t)
+    tokens.requires_grad_(True)
+    absent = (~torch.tensor(present)).expand(tokens.shape[1], N_EXPERTS)
+    gen = torch.Generator().manual_seed(derive_seed(config.seed, "dropout", seq))
+    masked = expert_dropout_mask(absent, config.reducer.expert_dropout, gen)
+    logits, _ = model(tokens.transpose(0, 1), masked)
+    y = torch.from_numpy(rig.dataset.y_train[rig.rows(seq)])
+    loss, _ = loss_and_metric("classification", logits, y)
+    loss.backward()
+    return [tokens.grad[i] for i in present_ids]
+
+
+# ---- registration -----------------------------------------------------------------------
+
+
+def test_hello_describes_the_reducer_and_config_is_written(rig: Rig) -> None:
+    hello = rig.welcome()
+    assert hello == proto.Hello(
+        role="reducer", run_id=RUN_ID, embed_dim=D, dtype="float32", n_experts=N_EXPERTS
+    )
+    written = json.loads((rig.config.run_path / "config.json").read_text())
+    assert written == rig.config.to_dict()
+
+
+# ---- one step ---------------------------------------------------------------------------
+
+
+def test_train_batch_is_answered_with_a_gradient_per_present_expert(rig: Rig) -> None:
+    rig.welcome()
+    rig.broker.send(rig.batch(0))
+    grad = rig.broker.expect(proto.Grad)
+    assert (grad.seq, grad.expert_id, len(grad.tensors)) == (0, -1, N_EXPERTS)
+    expected = replay_first_step(rig, 0, ALL)
+    for got, want in zip(grad.tensors, expected, strict=True):
+        assert (got.dtype, got.shape) == ("float32", (BATCH, D))
+        torch.testing.assert_close(torch.from_numpy(got.numpy().copy()), want)
+    assert any(np.abs(t.numpy()).sum() > 0 for t in grad.tensors)
+
+
+def test_absent_expert_gets_no_gradient_tensor(rig: Rig) -> None:
+    rig.welcome()
+    present = (True, False, True, True)
+    rig.broker.send(rig.batch(0, present))
+    grad = rig.broker.expect(proto.Grad)
+    assert grad.seq == 0 and len(grad.tensors) == 3
+    expected = replay_first_step(rig, 0, present)
+    for got, want in zip(grad.tensors, expected, strict=True):
+        assert got.shape == (BATCH, D)
+        torch.testing.assert_close(torch.from_numpy(got.numpy().copy()), want)
+    sample = rig.service.metrics.registry.get_sample_value("traci_reducer_experts_present")
+    assert sample == 3
+
+
+def test_eval_batch_is_answered_with_ack(rig: Rig) -> None:
+    rig.welcome()
+    assert rig.schedule.step(3).phase == "eval"
+    rig.broker.send(rig.batch(3))  # seqs 0-2 never arrived: skipped, not fatal
+    assert rig.broker.expect(proto.Ack) == proto.Ack(3)
+    assert rig.service.skipped == 3
+    assert rig.service.train_steps == 0
+
+
+def test_replayed_seq_is_rejected_and_dropped(rig: Rig) -> None:
+    rig.welcome()
+    rig.broker.send(rig.batch(0))
+    rig.broker.expect(proto.Grad)
+    rig.broker.send(rig.batch(1))
+    rig.broker.expect(proto.Grad)
+    for seq in (1, 0):  # the last seq again, and an older one
+        rig.broker.send(rig.batch(seq))
+        assert rig.broker.expect(proto.Drop) == proto.Drop(seq, "replay")
+    assert rig.rejections("replay") == 2
+    assert rig.service.train_steps == 2
+    rig.broker.send(rig.batch(2))  # and it carries on
+    assert rig.broker.expect(proto.Grad).seq == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["more_rows", "wider", "wrong_phase", "more_experts", "float16"],
+)
+def test_batch_not_matching_the_schedule_is_rejected_conflict(rig: Rig, bad: str) -> None:
+    rig.welcome()
+    good = rig.tokens(0)
+    if bad == "more_rows":
+        msg = rig.batch(0, tokens=[np.zeros((BATCH + 1, D), np.float32)] * N_EXPERTS)
+    elif bad == "wider":
+        msg = rig.batch(0, tokens=[np.zeros((BATCH, D + 1), np.float32)] * N_EXPERTS)
+    elif bad == "wrong_phase":
+        msg = rig.batch(0, phase="eval")
+    elif bad == "more_experts":
+        msg = rig.batch(0, (*ALL, True), tokens=[*good, good[0]])
+    else:
+        msg = rig.batch(0, tokens=[t.astype(np.float16) for t in good])
+    rig.broker.send(msg)
+    assert rig.broker.expect(proto.Drop) == proto.Drop(0, "conflict")
+    assert rig.rejections("conflict") == 1
+    rig.broker.send(rig.batch(0))  # a rejected BATCH does not use up its seq
+    assert rig.broker.expect(proto.Grad).seq == 0
+
+
+def test_batch_beyond_the_schedule_is_rejected_unknown_step(rig: Rig) -> None:
+    rig.welcome()
+    rig.broker.send(rig.batch(TOTAL, tokens=rig.tokens(0), phase="train"))
+    assert rig.broker.expect(proto.Drop) == proto.Drop(TOTAL, "unknown_step")
+    assert rig.rejections("unknown_step") == 1
+
+
+def test_batch_with_no_present_expert_is_rejected_and_the_run_goes_on(rig: Rig) -> None:
+    rig.welcome()
+    rig.broker.send(proto.Batch(0, "train", (False,) * N_EXPERTS, ()))  # decode refuses it
+    rig.broker.send(rig.batch(0))
+    assert rig.broker.expect(proto.Grad).seq == 0
+    rejected = rig.service.metrics.rejections.labels(reason="bad_field")._value.get()
+    assert rejected == 1
+
+
+# ---- the whole run ----------------------------------------------------------------------
+
+
+def test_full_run_writes_summary_metrics_checkpoint_then_says_goodbye(rig: Rig) -> None:
+    rig.welcome()
+    assert rig.schedule.total == TOTAL
+    for seq in range(TOTAL):
+        rig.broker.send(rig.batch(seq))
+        if rig.schedule.step(seq).phase == "train":
+            grad = rig.broker.expect(proto.Grad)
+            assert grad.seq == seq and [t.shape for t in grad.tensors] == [(BATCH, D)] * 4
+        else:
+            assert len(rig.rows(seq)) == N_TEST
+            assert rig.broker.expect(proto.Ack) == proto.Ack(seq)
+    assert rig.broker.expect(proto.Goodbye) == proto.Goodbye("done")
+    assert rig.join() == 0
+
+    run = rig.config.run_path
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["run_id"] == RUN_ID and summary["task"] == "classification"
+    assert summary["steps"] == 6 and summary["steps_skipped"] == 0
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["test_loss"] > 0
+    assert summary["wall_seconds"] > 0
+    assert summary["samples_per_sec"] == pytest.approx(6 * BATCH / summary["wall_seconds"])
+    assert len(summary["eval_history"]) == 2
+    assert len(summary["attention_eval"]) == N_EXPERTS
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert len(records) == len(train) + len(evals)
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["seq"] for r in train] == [0, 1, 2, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["train_accuracy"] <= 1 for r in train)
+    assert [(r["step"], r["seq"], r["samples"]) for r in evals] == [(3, 3, N_TEST), (6, 7, N_TEST)]
+    assert evals[-1]["accuracy"] == summary["test_accuracy"]
+
+    ckpt = run / "checkpoints" / "reducer.pt"
+    state = checkpoint.load(ckpt, run_id=RUN_ID)
+    assert (state["train_steps"], state["last_seq"], state["skipped"]) == (6, TOTAL - 1, 0)
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["reducer.pt"]  # no temp files
+    for name, value in rig.service.model.state_dict().items():
+        assert torch.equal(state["model"][name], value), name
+
+
+def test_stop_event_ends_the_run_without_a_summary(rig: Rig) -> None:
+    rig.welcome()
+    rig.broker.send(rig.batch(0))
+    rig.broker.expect(proto.Grad)
+    rig.stop.set()
+    assert rig.join() == 0
+    assert rig.broker.expect(proto.Goodbye) == proto.Goodbye("shutdown")
+    run = rig.config.run_path
+    assert not (run / "summary.json").exists()
+    assert checkpoint.load(run / "checkpoints" / "reducer.pt", run_id=RUN_ID)["last_seq"] == 0
