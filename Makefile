@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= examples/digits.yaml
 
-.PHONY: install run test test-fast test-integration lint format clean
+.PHONY: install run test test-fast test-integration chaos lint format clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test-fast: $(STAMP)
 
 test-integration: $(STAMP)
 	$(BIN)/pytest -q -m integration
+
+# ~2 minutes of SIGKILLs against a training run, plus its fault-free twin; prints a report.
+chaos: $(STAMP)
+	$(BIN)/pytest -q -s -m chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

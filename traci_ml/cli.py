@@ -4,6 +4,8 @@
     traci broker  [--config CONFIG]            one service, as a container runs it
     traci reducer [--config CONFIG] [--resume]
     traci expert  [--config CONFIG] --id I [--resume]
+    traci keys generate DIR [--experts N | --config CONFIG] [--force]
+                                               CurveZMQ keys (docs/security.md)
 
 Every command takes ``--set KEY=VALUE`` (repeatable) and reads ``TRACI_<SECTION>__<KEY>``
 environment variables; see docs/config.md.
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="spread experts over this many GPUs (CUDA_VISIBLE_DEVICES = id %% N)",
     )
     common(up)
+    insecure(up)
 
     for name in SERVICES:
         p = sub.add_parser(name, help=f"run the {name} service alone")
@@ -64,8 +67,53 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "broker":
             p.add_argument("--resume", action="store_true", help="resume from the checkpoint")
             p.add_argument("--device", help="torch device: auto, cpu, cuda, cuda:N")
+        else:
+            insecure(p)
         common(p)
+
+    keys = sub.add_parser("keys", help="CurveZMQ keys for the broker and its peers")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    gen = keys_sub.add_parser(
+        "generate", help="write a broker key pair, one per peer, and authorized/"
+    )
+    gen.add_argument("dir", help="directory for the keys (security.curve_dir)")
+    count = gen.add_mutually_exclusive_group()
+    count.add_argument("--experts", type=int, help="number of experts (default: 4)")
+    count.add_argument("--config", help="take the number of experts from this run config")
+    gen.add_argument("--force", action="store_true", help="replace keys already in DIR")
     return parser
+
+
+def insecure(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="let the broker bind a non-loopback address without CURVE (security.insecure)",
+    )
+
+
+def generate_keys(args: argparse.Namespace) -> int:
+    """``traci keys generate``: the user-facing output of security.generate."""
+    from pathlib import Path
+
+    from traci_ml.security import AUTHORIZED, generate
+
+    n_experts = args.experts if args.experts is not None else 4
+    if args.config:
+        from traci_ml.config import load_config
+        from traci_ml.services.broker.server import n_experts_of
+
+        n_experts = n_experts_of(load_config(args.config))
+    generate(args.dir, n_experts, force=args.force)
+    where = Path(args.dir).resolve()
+    experts = "expert-0" if n_experts == 1 else f"expert-0 .. expert-{n_experts - 1}"
+    print(f"wrote CurveZMQ key pairs to {where}: broker, reducer, {experts}")
+    print(f"  the broker needs broker.key_secret and {AUTHORIZED}/ (the peer keys it admits)")
+    print("  each peer needs its own <name>.key_secret and broker.key")
+    print("add to the run config:")
+    print(f"  security:\n    curve_dir: {where}")
+    print(f"or pass --set security.curve_dir={where}")
+    return 0
 
 
 def config_from_args(args: argparse.Namespace):  # noqa: ANN201
@@ -78,12 +126,33 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
         overrides["network.broker_host"] = args.broker_host
     if getattr(args, "device", None):
         overrides[f"{args.command}.device"] = args.device
+    if getattr(args, "insecure", False):
+        overrides["security.insecure"] = "true"
     path = args.config
     return load_config(path, overrides=overrides)
 
 
+def check_cluster_security(config) -> None:  # noqa: ANN001
+    """Before ``traci up`` starts anything: the broker may bind, every key is readable."""
+    from traci_ml import security
+    from traci_ml.services.broker.server import n_experts_of
+
+    net = config.network
+    curve = security.broker_keys(config) is not None
+    endpoint = f"tcp://{net.bind_host}:{net.expert_port}"  # both sockets share bind_host
+    security.check_bind(endpoint, curve=curve, insecure=config.security.insecure)
+    for name in security.peer_names(n_experts_of(config)):
+        security.peer_keys(config, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "keys":
+        try:
+            return generate_keys(args)
+        except TraciError as exc:
+            print(f"traci keys: error: {exc}", file=sys.stderr)
+            return 2
     from traci_ml.observe import setup_logging
 
     name = args.command if args.command != "expert" else f"expert-{args.expert_id}"
@@ -92,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         if args.command == "up":
             from traci_ml.launcher import up
+
+            check_cluster_security(config)  # fail here, not in every child
 
             return up(config, argv=list(sys.argv[1:] if argv is None else argv), args=args)
         if args.command == "broker":

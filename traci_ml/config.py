@@ -140,6 +140,21 @@ class MetricsConfig(_Section):
     expert_base_port: int = Field(9110, ge=0, le=65535)  # expert i listens on base + i
 
 
+class LauncherConfig(_Section):
+    """How ``traci up`` supervises its children (like a container restart policy)."""
+
+    restart: Literal["on-failure", "never"] = "on-failure"
+    max_restarts: int = Field(5, ge=0)  # per service, over the whole run
+    restart_delay: float = Field(1.0, ge=0.0)  # seconds; doubles while a service keeps failing
+
+
+class SecurityConfig(_Section):
+    """CurveZMQ between the broker and its peers (docs/security.md)."""
+
+    curve_dir: str | None = Field(None, min_length=1)  # from `traci keys generate DIR`
+    insecure: bool = False  # broker: allow a non-loopback bind without CURVE
+
+
 class Config(_Section):
     run_id: str = Field("traci", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     seed: int = 0
@@ -151,6 +166,8 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     network: NetworkConfig = NetworkConfig()
     metrics: MetricsConfig = MetricsConfig()
+    security: SecurityConfig = SecurityConfig()
+    launcher: LauncherConfig = LauncherConfig()
 
     @model_validator(mode="after")
     def _heads_divide(self) -> Config:

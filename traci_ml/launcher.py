@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,30 +28,43 @@ from traci_ml.errors import ConfigError
 log = logging.getLogger(__name__)
 POLL = 0.2
 GRACE = 15.0  # seconds the others get to finish after the reducer is done
+STABLE = 30.0  # a service up this long has its restart back-off reset
 
 
 @dataclass
 class Child:
+    """One supervised service process. Restarts run ``restart_argv`` (with ``--resume``)."""
+
     name: str
     argv: list[str]
+    restart_argv: list[str]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     log_file: TextIO | None = None
+    restarts: int = 0
+    streak: int = 0  # restarts since the service last ran for STABLE seconds (back-off)
+    started_at: float = 0.0
+    restart_at: float | None = None  # monotonic time of a scheduled restart
 
-    def start(self, env: dict[str, str]) -> None:
-        self.log_file = self.log_path.open("ab")  # type: ignore[assignment]
+    def start(self) -> None:
+        if self.log_file is None:
+            self.log_file = self.log_path.open("ab")  # type: ignore[assignment]
+        argv = self.restart_argv if self.restarts else self.argv
         self.proc = subprocess.Popen(
-            self.argv,
-            stdout=self.log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches us alone
-        )
+            argv, stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env,
+            stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C reaches us alone
+        )  # fmt: skip
+        self.restart_at = None
+        self.started_at = time.monotonic()
 
     @property
     def code(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -76,19 +89,17 @@ def up(config: Config, *, argv: list[str], args: Any) -> int:
     (run_path / "logs").mkdir(parents=True, exist_ok=True)
     launch = run_path / "launch.yaml"
     launch.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    children = _children(config, launch, resume=args.resume)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    children = _children(config, launch, resume=args.resume, gpus=args.gpus)
     progress = Progress(config, sys.stdout)
+    _write_pids(run_path, children)
     interrupted = False
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for child in children:
-            child_env = dict(env)
-            if args.gpus and child.name.startswith("expert-"):
-                child_env["CUDA_VISIBLE_DEVICES"] = str(int(child.name[7:]) % args.gpus)
-            child.start(child_env)
+            child.start()
+        _write_pids(run_path, children)
         progress.line(f"started {', '.join(c.name for c in children)}; logs in {run_path}/logs")
-        code = _watch(children, progress)
+        code = _watch(children, progress, config)
     except KeyboardInterrupt:
         interrupted = True
         progress.line("interrupted: stopping every service")
@@ -106,40 +117,65 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _children(config: Config, launch: Path, *, resume: bool) -> list[Child]:
+def _children(config: Config, launch: Path, *, resume: bool, gpus: int) -> list[Child]:
     from traci_ml.data import load_dataset
 
     n = load_dataset(config).n_experts
     base = [sys.executable, "-m", "traci_ml.cli"]
     logs = config.run_path / "logs"
-    extra = ["--resume"] if resume else []
-    children = [
-        Child("broker", [*base, "broker", "--config", str(launch)], logs / "broker.log"),
-        Child("reducer", [*base, "reducer", "--config", str(launch), *extra], logs / "reducer.log"),
-    ]
-    for i in range(n):
-        children.append(
-            Child(
-                f"expert-{i}",
-                [*base, "expert", "--config", str(launch), "--id", str(i), *extra],
-                logs / f"expert-{i}.log",
-            )
-        )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = ["--resume"] if resume else []
+    specs = [("broker", ["broker"], False), ("reducer", ["reducer"], True)]
+    specs += [(f"expert-{i}", ["expert", "--id", str(i)], True) for i in range(n)]
+    children = []
+    for name, command, resumable in specs:
+        argv = [*base, *command, "--config", str(launch)]
+        child_env = dict(env)
+        if gpus and name.startswith("expert-"):
+            child_env["CUDA_VISIBLE_DEVICES"] = str(int(name.split("-")[1]) % gpus)
+        children.append(Child(
+            name, argv + (first if resumable else []),
+            argv + (["--resume"] if resumable else []), logs / f"{name}.log", child_env,
+        ))  # fmt: skip
     return children
 
 
-def _watch(children: list[Child], progress: Progress) -> int:
-    """Wait until the reducer finishes (0) or any service fails (1)."""
-    by_name = {c.name: c for c in children}
+def _write_pids(run_path: Path, children: list[Child]) -> None:
+    """RUN_DIR/pids.json: the live pid of every service (for operators and fault tests)."""
+    pids = {c.name: c.pid for c in children if c.pid is not None}
+    tmp = run_path / ".pids.json.tmp"
+    tmp.write_text(json.dumps(pids))
+    tmp.replace(run_path / "pids.json")
+
+
+def _watch(children: list[Child], progress: Progress, config: Config) -> int:
+    """Supervise until the reducer finishes (0) or a service fails for good (1)."""
+    policy = config.launcher
+    reducer = next(c for c in children if c.name == "reducer")
     while True:
+        now = time.monotonic()
         for child in children:
             code = child.code
-            if code not in (None, 0):  # exiting 0 is a service's normal end of the run
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    child.start()
+                    _write_pids(config.run_path, children)
+                continue
+            if code in (None, 0):  # exiting 0 is a service's normal end of the run
+                continue
+            if policy.restart == "never" or child.restarts >= policy.max_restarts:
                 progress.line(
-                    f"{child.name} exited with code {code}; last log lines:\n{child.tail()}"
+                    f"{child.name} exited with code {code}"
+                    + (f" after {child.restarts} restarts" if child.restarts else "")
+                    + f"; last log lines:\n{child.tail()}"
                 )
                 return 1
-        if by_name["reducer"].code == 0:
+            child.restarts += 1
+            child.streak = 1 if now - child.started_at >= STABLE else child.streak + 1
+            delay = policy.restart_delay * 2 ** (child.streak - 1)
+            child.restart_at = now + delay
+            progress.restarted(child.name, code, child.restarts, policy.max_restarts, delay)
+        if reducer.code == 0:
             deadline = time.monotonic() + GRACE
             while time.monotonic() < deadline and any(c.code is None for c in children):
                 time.sleep(POLL)
@@ -179,6 +215,10 @@ class Progress:
     def line(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
+    def restarted(self, name: str, code: int, n: int, limit: int, delay: float) -> None:
+        how = f"signal {-code}" if code < 0 else f"code {code}"
+        self.line(f"{name} exited with {how}: restart {n}/{limit} in {delay:.1f}s")
+
     def update(self, children: list[Child]) -> None:
         self._follow()
         now = time.monotonic()
@@ -194,12 +234,14 @@ class Progress:
             parts.append(f"{t['samples_per_sec']:,.0f} samples/s")
         if e:
             parts.append(f"eval {metric} {e[metric]:.4f}")
-        alive = sum(c.code is None for c in children if c.name.startswith("expert-"))
         experts = [c for c in children if c.name.startswith("expert-")]
+        alive = sum(c.code is None for c in experts)
+        restarts = sum(c.restarts for c in children)
         live = self._broker_live()
         parts.append(
             f"experts {alive}/{len(experts)} running"
             + (f", {live} live at broker" if live is not None else "")
+            + (f" | {restarts} restarts" if restarts else "")
         )
         self.line(" | ".join(parts))
 

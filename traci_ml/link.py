@@ -16,6 +16,7 @@ import zmq
 
 from traci_ml import proto
 from traci_ml.errors import PeerTimeout, ProtocolError, TraciError
+from traci_ml.security import ClientKeys, apply_client
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ class BrokerLink:
         on_reject: Callable[[str], None] = lambda reason: None,
         name: str = "peer",
         stop: threading.Event | None = None,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.context, self.endpoint, self.hello = context, endpoint, hello
+        self.curve = curve  # None: plaintext (the broker must be on loopback or --insecure)
         self.heartbeat_interval, self.liveness = heartbeat_interval, liveness
         self.on_reject, self.name = on_reject, name
         self.stop = stop or threading.Event()  # set: give up waiting for the broker
@@ -49,16 +52,27 @@ class BrokerLink:
         self.close()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            apply_client(self.socket, self.curve)
         self.socket.connect(self.endpoint)
         self.send(self.hello())  # built now: it carries the peer's current position
         deadline = time.monotonic() + timeout
         while not self.stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
+                # A broker that refuses our CURVE key sends nothing at all: say so.
+                hint = (
+                    f" (CURVE on: is {self.name}.key in the broker's authorized/ folder, and "
+                    "broker.key the broker's current public key?)"
+                    if self.curve is not None
+                    else ""
+                )
                 raise PeerTimeout(
-                    f"broker at {self.endpoint} did not answer HELLO in {timeout:.0f}s",
+                    f"broker at {self.endpoint} did not answer HELLO in {timeout:.0f}s{hint}",
                     service=self.name,
                 )
+            if time.monotonic() - self.last_sent >= self.heartbeat_interval:
+                self.send(proto.Heartbeat())  # the broker may hold WELCOME for the start gate
             msg = self.recv(min(left, self.heartbeat_interval))
             if isinstance(msg, proto.Welcome):
                 if not msg.ok:
@@ -84,8 +98,16 @@ class BrokerLink:
     # -- traffic ----------------------------------------------------------------------
 
     def send(self, msg: proto.Message) -> None:
+        """Queue ``msg`` for the broker without ever blocking. A refused CURVE handshake (or
+        a CURVE/plaintext mismatch) ends the connection for good, and a blocking send on a
+        DEALER with no connection would hang forever; instead the message is dropped and
+        the broker's silence surfaces as ``PeerTimeout`` (connect timeout or liveness)."""
         assert self.socket is not None, "send before connect"  # programming error, not input
-        self.socket.send_multipart(proto.encode(msg), copy=False)
+        try:
+            self.socket.send_multipart(proto.encode(msg), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.debug("%s: no connection to the broker, %s not sent", self.name, msg.KIND)
+            return
         self.last_sent = time.monotonic()
 
     def recv(self, timeout: float) -> proto.Message | None:

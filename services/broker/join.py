@@ -171,28 +171,30 @@ class JoinBook:
         self._experts[eid] = ExpertPeer(eid, routing_id, self._generation, join_seq, now)
         self._by_routing[routing_id] = eid
         self._registered_once.add(eid)
+        if not self.started:
+            # WELCOME waits for the start gate, so nobody sends a step before the run's
+            # start is known (the peer keeps heartbeating meanwhile).
+            out.notes.append(f"expert {eid} registered, waiting for the start gate")
+            if len(self._registered_once) == self.n_experts:
+                self._open_gate(now, out)
+            return out
         out.notes.append(f"expert {eid} registered, join_seq {join_seq}")
         out.sends.append(Send(EXPERT, routing_id, Welcome(ok=True, start_seq=join_seq)))
-        if not self.started and len(self._registered_once) == self.n_experts:
-            self._open_gate(now, out)
         self._advance(now, out)
         return out
 
     def _open_gate(self, now: float, out: Outcome) -> None:
-        """Every expert registered once: start at the highest position any peer reported.
-        Experts told an earlier start are resynced (an unsolicited WELCOME); what they sent
-        before it is discarded -- they count it dropped themselves."""
+        """Every expert registered once: start at the highest position any peer reported,
+        and welcome every live expert with it."""
         start = self._resume_seq
         self.started, self._gate_opened, self._head_since = True, now, now
         self.next_seq, self.highest_seq = start, max(self.highest_seq, start - 1)
-        for seq in [s for s in self._pending if s < start]:
-            del self._pending[seq]
         for peer in self._experts.values():
-            peer.in_flight = {s for s in peer.in_flight if s >= start}
-            if peer.live and peer.join_seq < start:
+            if peer.live:
                 peer.join_seq = start
                 out.sends.append(Send(EXPERT, peer.routing_id, Welcome(ok=True, start_seq=start)))
         out.notes.append(f"all {self.n_experts} experts registered: start gate open at {start}")
+        self._advance(now, out)
 
     def _hello_reducer(self, routing_id: bytes, msg: Hello, now: float, out: Outcome) -> Outcome:
         if self._reducer is not None and self._reducer.routing_id != routing_id:
@@ -221,6 +223,8 @@ class JoinBook:
         if msg.expert_id != eid:
             return out.reject("impersonation", f"expert {eid} sent EMB as {msg.expert_id}")
         expert, seq = self._experts[eid], msg.seq
+        if not self.started:  # it has no WELCOME yet: this is not a well-behaved peer
+            return self._refuse_emb(out, expert, seq, "not_started", "the start gate is closed")
         step = self._pending.get(seq)
         if seq in expert.in_flight or (step is not None and eid in step.forfeited):
             return out.reject("duplicate", f"second EMB from expert {eid}")

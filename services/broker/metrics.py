@@ -22,6 +22,7 @@ BROKER_REASONS = (
     "too_far_ahead",  # EMB beyond max_pending_steps (DROP)
     "conflict",  # EMB phase/shape/dtype differs from the step's or the config's (DROP)
     "window",  # expert already holds expert.window steps in flight (DROP)
+    "not_started",  # EMB before the start gate opened (the peer has no WELCOME yet) (DROP)
     "unknown_step",  # GRAD/ACK for a seq that awaits no reply
     "grad_mismatch",  # GRAD whose tensors do not match the BATCH (step DROPped)
     "unexpected_kind",  # a valid kind on the wrong socket (e.g. BATCH from an expert)

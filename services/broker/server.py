@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from traci_ml.config import Config
 from traci_ml.data import digits_views
@@ -36,6 +37,7 @@ from traci_ml.proto import (
     decode,
     encode,
 )
+from traci_ml.security import apply_server, broker_keys, check_bind, start_authenticator
 from traci_ml.services.broker.join import JoinBook
 from traci_ml.services.broker.metrics import BrokerMetrics
 from traci_ml.services.broker.records import EXPERT, REDUCER, Outcome
@@ -58,6 +60,10 @@ class Broker:
     ``expert_endpoint``/``reducer_endpoint`` override the bind addresses from
     ``config.network`` (tests pass ``tcp://127.0.0.1:*``); the bound ones are exposed as
     ``expert_endpoint``/``reducer_endpoint`` after construction.
+
+    With ``security.curve_dir`` set, both sockets are CURVE servers and a ZAP authenticator on
+    the broker's context admits only the peer keys in ``authorized/``. Without it, binding a
+    non-loopback address is a ``ConfigError`` unless ``security.insecure``.
     """
 
     def __init__(
@@ -76,18 +82,23 @@ class Broker:
         self.metrics = metrics if metrics is not None else BrokerMetrics(self.n_experts)
         self.book = JoinBook.from_config(config, n_experts=self.n_experts)
         self.heartbeat_interval = net.heartbeat_interval
+        self._curve = broker_keys(config)  # None: plaintext
+        self._insecure = config.security.insecure
         self._stop = stop if stop is not None else threading.Event()
         self._own_context = context is None
         self._context = context if context is not None else zmq.Context()
         self._sockets: dict[str, zmq.Socket] = {}
+        self._auth: ThreadAuthenticator | None = None
         try:
+            if self._curve is not None:  # before any bind: with no ZAP handler, any key passes
+                self._auth = start_authenticator(self._context, self._curve.authorized)
             self.expert_endpoint = self._bind(
                 EXPERT, expert_endpoint or f"tcp://{net.bind_host}:{net.expert_port}"
             )
             self.reducer_endpoint = self._bind(
                 REDUCER, reducer_endpoint or f"tcp://{net.bind_host}:{net.reducer_port}"
             )
-        except ConfigError:
+        except Exception:  # e.g. a ConfigError from check_bind: release what was opened
             self.close()
             raise
         self._handlers: dict[str, dict[type, Handler]] = {
@@ -101,10 +112,13 @@ class Broker:
         self._done = False
 
     def _bind(self, name: str, endpoint: str) -> str:
+        check_bind(endpoint, curve=self._curve is not None, insecure=self._insecure)
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting with its id takes over
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_TENSOR_BYTES)  # per frame; larger: peer cut off
+        if self._curve is not None:
+            apply_server(sock, self._curve)
         self._sockets[name] = sock
         try:
             sock.bind(endpoint)
@@ -148,10 +162,14 @@ class Broker:
         self._stop.set()
 
     def close(self, *, linger_ms: int = 0) -> None:
-        """Close the sockets. A short linger lets the final GOODBYEs leave."""
+        """Close the sockets, then the authenticator. A short linger lets the final GOODBYEs
+        leave."""
         for sock in self._sockets.values():
             if not sock.closed:
                 sock.close(linger=linger_ms)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         if self._own_context and not self._context.closed:
             self._context.term()
 

@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import zmq
@@ -24,6 +25,7 @@ from traci_ml.data import load_dataset
 from traci_ml.errors import PeerTimeout, TraciError
 from traci_ml.link import BrokerLink
 from traci_ml.schedule import Step, schedule_for
+from traci_ml.security import peer_keys
 from traci_ml.services.expert.metrics import ExpertMetrics
 from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
 from traci_ml.tensors import derive_seed, from_wire, resolve_device, to_wire
@@ -88,6 +90,10 @@ class Expert:
         self.accounts = Accounts()
         self.seq_next = 0
         self.ckpt_path = config.run_path / "checkpoints" / f"expert-{expert_id}.pt"
+        # The applied ledger: one line per gradient applied, across restarts (append-only,
+        # line-buffered so a SIGKILL loses nothing written). It proves "at most once".
+        self.ledger_path = config.run_path / "experts" / f"expert-{expert_id}.applied"
+        self.ledger: TextIO | None = None  # opened by run()
         if resume and self.ckpt_path.exists():
             self._restore()
         self.context = context or zmq.Context.instance()
@@ -101,6 +107,7 @@ class Expert:
             on_reject=self._reject,
             name=self.name,
             stop=self.stop_event,
+            curve=peer_keys(config, self.name),  # None unless security.curve_dir is set
         )
 
     def _hello(self) -> proto.Hello:
@@ -117,6 +124,8 @@ class Expert:
     # -- main loop --------------------------------------------------------------------
 
     def run(self) -> int:
+        self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+        self.ledger = self.ledger_path.open("a", buffering=1)
         self._register()
         finished = False
         try:
@@ -149,11 +158,12 @@ class Expert:
             rows = torch.tensor(self.schedule.rows(step), device=self.device)
             with torch.no_grad():
                 emb = self.target(self.views[step.phase][rows])  # (B, d)
-            self.link.send(proto.Emb(step.seq, self.id, step.phase, to_wire(emb, self.wire_dtype)))
+            # Account first, then send: the books balance at every instant.
             self.inflight[step.seq] = InFlight(step, rows, time.monotonic(), self.accounts.applied)
             self.accounts.sent += 1
             self.metrics.sent.labels(expert=str(self.id), phase=step.phase).inc()
             self.seq_next += 1
+            self.link.send(proto.Emb(step.seq, self.id, step.phase, to_wire(emb, self.wire_dtype)))
         self.metrics.inflight.set(len(self.inflight))
         self.metrics.seq.set(self.seq_next)
 
@@ -205,6 +215,8 @@ class Expert:
         out.backward(g)
         self.optimizer.step()
         polyak_update(self.target, self.online, self.config.expert.tau)
+        if self.ledger is not None:
+            self.ledger.write(f"{msg.seq}\n")
         self._answered(pending, "applied")
         self.metrics.staleness.observe(self.accounts.applied - 1 - pending.applied_at_send)
         every = self.config.train.checkpoint_every
@@ -324,6 +336,8 @@ class Expert:
         except (zmq.ZMQError, AssertionError):
             pass
         self.link.close()
+        if self.ledger is not None:
+            self.ledger.close()
         log.info("%s stopped: %s", self.name, self.accounts)
 
     def _write_accounts(self) -> None:

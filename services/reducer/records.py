@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ class MetricsLog:
         self._fh = path.open("a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record, sort_keys=True) + "\n")
+        """One record, stamped with the wall-clock ``time`` (Unix seconds)."""
+        self._fh.write(json.dumps({**record, "time": time.time()}, sort_keys=True) + "\n")
 
     def close(self) -> None:
         self._fh.close()

@@ -21,6 +21,7 @@ from traci_ml.data import load_dataset
 from traci_ml.errors import PeerTimeout
 from traci_ml.link import BrokerLink
 from traci_ml.schedule import schedule_for
+from traci_ml.security import peer_keys
 from traci_ml.services.reducer.metrics import ReducerMetrics
 from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
 from traci_ml.services.reducer.records import EvalRound, MetricsLog, metric_name, write_json_atomic
@@ -76,6 +77,7 @@ class ReducerService:
         self.ema: dict[str, float] = {}
         self.att_train = torch.zeros(self.n)
         self.eval_round: EvalRound | None = None
+        self.missing_rounds: dict[int, EvalRound] = {}  # final round: one per masked expert
         self.started_at: float | None = None
         self.window_start = (time.monotonic(), 0)  # for samples/s between log records
         if resume and self.ckpt_path.exists():
@@ -92,6 +94,7 @@ class ReducerService:
             on_reject=self.metrics.reject,
             name="reducer",
             stop=self.stop_event,
+            curve=peer_keys(config, "reducer"),  # None unless security.curve_dir is set
         )
 
     def _hello(self) -> proto.Hello:
@@ -162,7 +165,8 @@ class ReducerService:
         if step.phase == "train":
             self._train_step(msg, tokens, absent, y)
         else:
-            self._eval_step(msg, step.last_in_round, tokens, absent, y)
+            final = step.round == self.schedule.eval_rounds - 1
+            self._eval_step(msg, step.last_in_round, tokens, absent, y, final=final)
         self.metrics.steps.labels(phase=step.phase).inc()
         self.metrics.step_time.labels(phase=step.phase).observe(time.monotonic() - t0)
         self.metrics.present.set(sum(msg.present))
@@ -220,14 +224,28 @@ class ReducerService:
         tokens: torch.Tensor,
         absent: torch.Tensor,
         y: torch.Tensor,
+        *,
+        final: bool,
     ) -> None:
         self.model.eval()
+        x = tokens.transpose(0, 1)  # (B, N, d)
         with torch.no_grad():
-            logits, att = self.model(tokens.transpose(0, 1), absent)
+            logits, att = self.model(x, absent)
         self.link.send(proto.Ack(msg.seq))
         if self.eval_round is None:
             self.eval_round = EvalRound(self.dataset.task, self.n, self.dataset.y_std)
+            self.missing_rounds = {}
         self.eval_round.add(logits, y, att, absent)
+        if final:  # graceful degradation: the same rows with each single expert masked
+            for i in range(self.n):
+                without = absent.clone()
+                without[:, i] = True
+                with torch.no_grad():
+                    logits_i, att_i = self.model(x, without)
+                round_i = self.missing_rounds.setdefault(
+                    i, EvalRound(self.dataset.task, self.n, self.dataset.y_std)
+                )
+                round_i.add(logits_i, y, att_i, without)
         if last:
             self._finish_eval_round()
 
@@ -271,8 +289,13 @@ class ReducerService:
     def _finish_eval_round(self) -> None:
         assert self.eval_round is not None
         result = self.eval_round.result()
-        self.eval_round = None
         name = metric_name(self.dataset.task)
+        if self.missing_rounds:
+            views = [v.name for v in self.dataset.views]
+            result["missing_expert"] = {
+                views[i]: r.result()[name] for i, r in sorted(self.missing_rounds.items())
+            }
+        self.eval_round, self.missing_rounds = None, {}
         record = {
             "kind": "eval",
             "step": self.train_steps,
@@ -317,6 +340,11 @@ class ReducerService:
         for key in ("accuracy", "loss", "rmse", "r2"):
             if key in final:
                 out[f"test_{key}"] = final[key]
+        name = metric_name(self.dataset.task)
+        if "missing_expert" in final:
+            out[f"test_{name}_missing_expert"] = final["missing_expert"]
+            pick = min if self.dataset.task == "classification" else max
+            out[f"test_{name}_worst_missing"] = pick(final["missing_expert"].values())
         return out
 
     # -- checkpoints and exit ---------------------------------------------------------

@@ -56,8 +56,10 @@ def sent(out: Outcome, kind: type, socket: str | None = None) -> list[tuple[byte
 def started(n_experts: int = 2, *, reducer: bool = True, now: float = 0.0, **kw: float) -> JoinBook:
     """A book with every expert registered (gate open) and, by default, a reducer."""
     book = make_book(n_experts, **kw)
+    welcomed = []
     for i in range(n_experts):
-        assert book.hello(EXPERT, rid(i), hello(i), now).sends[0].message.ok  # type: ignore[union-attr]
+        welcomed += sent(book.hello(EXPERT, rid(i), hello(i), now), Welcome)
+    assert welcomed == [(rid(i), Welcome(ok=True, start_seq=0)) for i in range(n_experts)]
     if reducer:
         book.hello(REDUCER, RED, reducer_hello(n_experts), now)
     return book
@@ -75,21 +77,31 @@ def batches(out: Outcome) -> list[Batch]:
 # ---- registration and the start gate --------------------------------------------------------
 
 
-def test_start_gate_holds_steps_until_every_expert_registered() -> None:
+def test_start_gate_holds_welcome_until_every_expert_registered() -> None:
     book = make_book(2)
     book.hello(REDUCER, RED, reducer_hello(), 0.0)
     out = book.hello(EXPERT, rid(0), hello(0), 0.0)
-    assert sent(out, Welcome) == [(rid(0), Welcome(ok=True, start_seq=0))]
-    assert not batches(book.emb(rid(0), emb(0, 0), 0.1))
-    assert not batches(book.emb(rid(0), emb(1, 0), 0.1))
-    assert not book.started and book.pending_steps == 2
-    # The last expert still starts at 0, although steps 0 and 1 have EMBs already.
+    assert sent(out, Welcome) == []  # held: nobody may send a step before the start is known
+    out = book.emb(rid(0), emb(0, 0), 0.1)  # a peer that sends anyway is refused
+    assert out.rejected == "not_started" and sent(out, Drop) == [(rid(0), Drop(0, "not_started"))]
+    assert not book.started and book.pending_steps == 0
     out = book.hello(EXPERT, rid(1), hello(1), 0.2)
-    assert sent(out, Welcome) == [(rid(1), Welcome(ok=True, start_seq=0))]
+    assert sent(out, Welcome) == both(Welcome(ok=True, start_seq=0))
     assert book.started
+    book.emb(rid(0), emb(0, 0), 0.3)
     out = book.emb(rid(1), emb(0, 1), 0.3)
     assert [b.seq for b in batches(out)] == [0]
     assert batches(out)[0].present == (True, True)
+
+
+def test_a_restarted_broker_starts_at_the_highest_position_its_peers_report() -> None:
+    book = make_book(2)
+    book.hello(REDUCER, RED, reducer_hello(next_seq=700), 0.0)
+    book.hello(EXPERT, rid(0), hello(0, next_seq=702), 0.0)
+    out = book.hello(EXPERT, rid(1), hello(1, next_seq=703), 0.1)
+    assert sent(out, Welcome) == both(Welcome(ok=True, start_seq=703))
+    assert book.next_seq == 703
+    assert book.emb(rid(0), emb(702, 0), 0.2).rejected == "late"
 
 
 @pytest.mark.parametrize(
@@ -115,7 +127,7 @@ def test_hello_refused_with_reason(socket: str, message: Hello, words: str) -> N
 
 
 def test_id_held_by_live_peer_is_refused_but_free_after_it_leaves() -> None:
-    book = make_book(2)
+    book = make_book(1)
     book.hello(EXPERT, b"a", hello(0), 0.0)
     out = book.hello(EXPERT, b"b", hello(0), 0.1)
     assert out.rejected == "refused" and "held" in sent(out, Welcome)[0][1].reason  # type: ignore[attr-defined]

@@ -181,8 +181,8 @@ def cluster(net: Net, broker: RunningBroker, n: int = 3) -> tuple[list[Peer], Pe
 
 
 def test_registration_accepted_and_refused_with_reasons(net, broker) -> None:
-    first = join_expert(net, broker, 0)
-    assert first.recv() == Welcome(ok=True, start_seq=0)
+    first, *others = (join_expert(net, broker, i) for i in range(3))
+    assert first.recv(keep_alive=others) == Welcome(ok=True, start_seq=0)  # all 3 registered
     for fields, words in (({}, "held by another live peer"), ({"run_id": "other"}, "run_id"),
                           ({"embed_dim": D * 2}, "embed_dim")):  # fmt: skip
         welcome = join_expert(net, broker, 0, **fields).recv()

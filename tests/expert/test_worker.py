@@ -405,7 +405,13 @@ def test_run_ends_after_the_last_reply_and_writes_accounts_and_checkpoint(
     ckpt = run / "checkpoints" / "expert-0.pt"
     assert saved == [ckpt]  # written through the atomic writer ...
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["expert-0.pt"]  # ... no leftovers
-    assert sorted(p.name for p in (run / "experts").iterdir()) == ["expert-0.json"]
+    assert sorted(p.name for p in (run / "experts").iterdir()) == [
+        "expert-0.applied",  # the ledger: one applied seq per line
+        "expert-0.json",
+    ]
+    assert (run / "experts" / "expert-0.applied").read_text().split() == [
+        str(s) for s in range(8) if rig.expert.schedule.step(s).phase == "train"
+    ]
     state = checkpoint.load(ckpt, run_id=RUN_ID, expert_id=0)
     assert state["accounts"] == asdict(accounts) and state["seq_next"] == TOTAL
 

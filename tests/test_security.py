@@ -1,0 +1,311 @@
+"""CurveZMQ: key generation and loading, the bind guard, and an in-process broker that admits
+only listed peer keys (fake DEALER peers over tcp loopback)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+from conftest import free_ports
+
+from traci_ml.config import Config, load_config
+from traci_ml.errors import ConfigError, PeerTimeout
+from traci_ml.link import BrokerLink
+from traci_ml.proto import Heartbeat, Hello, Message, Welcome, decode, encode
+from traci_ml.security import (
+    ClientKeys,
+    apply_client,
+    broker_keys,
+    check_bind,
+    endpoint_host,
+    generate,
+    is_loopback,
+    peer_keys,
+)
+from traci_ml.services.broker.server import Broker
+
+pytestmark = pytest.mark.timeout(30)
+
+RUN_ID = "curve-test"
+D = 8
+N_EXPERTS = 1  # one fake expert opens the broker's start gate on its own
+REFUSAL = "refusing to bind 0.0.0.0 without CURVE keys"
+
+
+def make_config(**overrides: str) -> Config:
+    expert_port, reducer_port = free_ports(2)
+    views = ", ".join(f"{{name: v{i}, columns: [c{i}]}}" for i in range(N_EXPERTS))
+    settings = {
+        "run_id": RUN_ID, "embed_dim": str(D), "reducer.heads": "1", "data.views": f"[{views}]",
+        "network.expert_port": str(expert_port), "network.reducer_port": str(reducer_port),
+        "network.heartbeat_interval": "0.05", "network.liveness": "2.0",
+        "metrics.broker_port": "0",
+    }  # fmt: skip
+    settings.update(overrides)
+    return load_config(overrides=settings, env={})
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    directory = tmp_path / "keys"
+    generate(directory, 2)
+    return directory
+
+
+# ---- generating and loading -------------------------------------------------------------
+
+
+def test_generate_writes_the_layout_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    directory = tmp_path / "keys"
+    written = generate(directory, 3)
+    peers = ["reducer", "expert-0", "expert-1", "expert-2"]
+    expected = {f"{name}.key{suffix}" for name in ["broker", *peers] for suffix in ("", "_secret")}
+    assert {p.name for p in directory.iterdir() if p.is_file()} == expected
+    assert sorted(p.name for p in (directory / "authorized").iterdir()) == sorted(
+        f"{name}.key" for name in peers
+    )  # the broker's own key is not a peer's
+    assert len(written) == len(expected) + len(peers)
+    for name in peers:
+        public, secret = zmq.auth.load_certificate(directory / "authorized" / f"{name}.key")
+        assert secret is None  # authorized/ holds public keys only
+        assert public == zmq.auth.load_certificate(directory / f"{name}.key_secret")[0]
+        assert (directory / f"{name}.key_secret").stat().st_mode & 0o077 == 0
+
+    before = (directory / "broker.key_secret").read_bytes()
+    with pytest.raises(ConfigError, match="already holds keys.*--force"):
+        generate(directory, 3)
+    assert (directory / "broker.key_secret").read_bytes() == before
+
+    generate(directory, 1, force=True)  # fewer experts: the old ones are gone
+    assert sorted(p.name for p in (directory / "authorized").iterdir()) == [
+        "expert-0.key",
+        "reducer.key",
+    ]
+    assert (directory / "broker.key_secret").read_bytes() != before
+
+
+def test_loaded_keys_and_curve_off(keys: Path) -> None:
+    assert broker_keys(make_config()) is None
+    assert peer_keys(make_config(), "reducer") is None
+    config = make_config(**{"security.curve_dir": str(keys)})
+    server = broker_keys(config)
+    client = peer_keys(config, "expert-1")
+    assert server is not None and client is not None
+    assert client.server_public == server.public
+    assert server.authorized == keys / "authorized"
+    assert client.public == zmq.auth.load_certificate(keys / "expert-1.key")[0]
+
+
+@pytest.mark.parametrize("missing", ["broker.key_secret", "broker.key", "expert-0.key_secret"])
+def test_missing_key_file_is_named(keys: Path, missing: str) -> None:
+    (keys / missing).unlink()
+    config = make_config(**{"security.curve_dir": str(keys)})
+    load = (lambda: broker_keys(config)) if missing == "broker.key_secret" else None
+    load = load or (lambda: peer_keys(config, "expert-0"))
+    with pytest.raises(ConfigError, match=f"{keys / missing} is missing"):
+        load()
+
+
+def test_unreadable_or_empty_key_files_are_config_errors(keys: Path) -> None:
+    config = make_config(**{"security.curve_dir": str(keys)})
+    (keys / "reducer.key_secret").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="reducer.key_secret"):
+        peer_keys(config, "reducer")
+    (keys / "broker.key_secret").write_bytes((keys / "broker.key").read_bytes())
+    with pytest.raises(ConfigError, match="broker.key_secret holds no secret key"):
+        broker_keys(config)
+
+
+def test_missing_authorized_folder_is_named(keys: Path) -> None:
+    for path in (keys / "authorized").iterdir():
+        path.unlink()
+    (keys / "authorized").rmdir()
+    with pytest.raises(ConfigError, match="authorized is missing"):
+        broker_keys(make_config(**{"security.curve_dir": str(keys)}))
+
+
+# ---- the bind guard ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.3.2.1", True), ("::1", True), ("[::1]", True),
+     ("localhost", True), ("0.0.0.0", False), ("10.1.2.3", False), ("*", False),
+     ("broker", False), ("::", False)],
+)  # fmt: skip
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_endpoint_host() -> None:
+    assert endpoint_host("tcp://0.0.0.0:5555") == "0.0.0.0"
+    assert endpoint_host("tcp://[::1]:5555") == "[::1]"
+    assert endpoint_host("tcp://eth0;10.0.0.1:5555") == "10.0.0.1"
+    assert endpoint_host("ipc:///tmp/broker") is None
+    assert endpoint_host("inproc://broker") is None
+    check_bind("inproc://broker", curve=False, insecure=False)  # never leaves the process
+
+
+def test_broker_refuses_a_public_bind_without_keys() -> None:
+    config = make_config(**{"network.bind_host": "0.0.0.0"})
+    with pytest.raises(ConfigError) as info:
+        Broker(config)
+    message = str(info.value)
+    assert message.startswith(REFUSAL)
+    assert "inject embeddings or read gradients" in message
+    assert "traci keys generate DIR" in message and "--insecure" in message
+
+
+def test_broker_binds_a_public_address_when_insecure(caplog) -> None:
+    config = make_config(**{"network.bind_host": "0.0.0.0", "security.insecure": "true"})
+    broker = Broker(config)
+    try:
+        assert broker.expert_endpoint.startswith("tcp://0.0.0.0:")
+        assert "without CURVE (--insecure)" in caplog.text
+    finally:
+        broker.close()
+
+
+def test_broker_binds_a_public_address_with_keys(keys: Path) -> None:
+    config = make_config(**{"network.bind_host": "0.0.0.0", "security.curve_dir": str(keys)})
+    broker = Broker(config)
+    broker.close()
+
+
+# ---- an in-process CURVE broker and fake peers ------------------------------------------
+
+
+class RunningBroker:
+    def __init__(self, config: Config) -> None:
+        self.broker = Broker(config)
+        self.thread = threading.Thread(target=self.broker.run)
+        self.thread.start()
+
+    def hellos_in(self) -> float:
+        labels = {"kind": "HELLO", "direction": "in"}
+        value = self.broker.metrics.registry.get_sample_value("traci_broker_messages_total", labels)
+        return 0.0 if value is None else value
+
+    def stop(self) -> None:
+        self.broker.stop()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def curve_broker(keys: Path) -> Iterator[RunningBroker]:
+    running = RunningBroker(make_config(**{"security.curve_dir": str(keys)}))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context]:
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def say_hello(context: zmq.Context, endpoint: str, curve: ClientKeys | None) -> zmq.Socket:
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        apply_client(sock, curve)
+    sock.connect(endpoint)
+    hello = Hello("expert", RUN_ID, D, "float32", expert_id=0, window=2)
+    sock.send_multipart(encode(hello), copy=False)
+    return sock
+
+
+def first_reply(sock: zmq.Socket, timeout: float) -> Message | None:
+    """The first message that is not a HEARTBEAT within ``timeout`` seconds, or None."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if sock.poll(int(left * 1000) + 1):
+            msg = decode(sock.recv_multipart())
+            if not isinstance(msg, Heartbeat):
+                return msg
+    return None
+
+
+def welcomed(msg: Message | None) -> bool:
+    return isinstance(msg, Welcome) and msg.ok
+
+
+def test_listed_key_is_welcomed(curve_broker: RunningBroker, context, keys: Path) -> None:
+    config = make_config(**{"security.curve_dir": str(keys)})
+    sock = say_hello(context, curve_broker.broker.expert_endpoint, peer_keys(config, "expert-0"))
+    try:
+        assert welcomed(first_reply(sock, 5.0))
+        assert curve_broker.hellos_in() == 1
+    finally:
+        sock.close(linger=0)
+
+
+def test_unknown_key_and_plaintext_get_nothing_through(
+    curve_broker: RunningBroker, context, keys: Path
+) -> None:
+    endpoint = curve_broker.broker.expert_endpoint
+    config = make_config(**{"security.curve_dir": str(keys)})
+    listed = peer_keys(config, "expert-0")
+    assert listed is not None
+    public, secret = zmq.curve_keypair()  # a fresh pair that is not in authorized/
+    unknown = ClientKeys(public=public, secret=secret, server_public=listed.server_public)
+    for curve in (unknown, None):  # an unlisted key, then no CURVE at all
+        sock = say_hello(context, endpoint, curve)
+        try:
+            assert first_reply(sock, 2.0) is None
+            assert curve_broker.hellos_in() == 0
+        finally:
+            sock.close(linger=0)
+    # The broker is still serving: a listed key gets in afterwards.
+    sock = say_hello(context, endpoint, listed)
+    try:
+        assert welcomed(first_reply(sock, 5.0))
+    finally:
+        sock.close(linger=0)
+
+
+def test_revoked_key_is_refused_after_a_broker_restart(keys: Path, context) -> None:
+    config = make_config(**{"security.curve_dir": str(keys)})
+    (keys / "authorized" / "expert-0.key").unlink()  # the operator revokes expert-0
+    running = RunningBroker(config)
+    try:
+        sock = say_hello(context, running.broker.expert_endpoint, peer_keys(config, "expert-0"))
+        try:
+            assert first_reply(sock, 2.0) is None
+            assert running.hellos_in() == 0
+        finally:
+            sock.close(linger=0)
+    finally:
+        running.stop()
+
+
+def test_broker_link_registers_with_its_key_and_explains_a_refusal(
+    curve_broker: RunningBroker, context, keys: Path
+) -> None:
+    config = make_config(**{"security.curve_dir": str(keys)})
+    listed = peer_keys(config, "expert-0")
+    assert listed is not None
+    hello = lambda: Hello("expert", RUN_ID, D, "float32", expert_id=0, window=2)  # noqa: E731
+    endpoint = curve_broker.broker.expert_endpoint
+    link = BrokerLink(context, endpoint, hello, heartbeat_interval=0.05, liveness=2.0,
+                      name="expert-0", curve=listed)  # fmt: skip
+    try:
+        welcome = link.connect(timeout=5.0)
+        assert welcome is not None and welcome.ok
+    finally:
+        link.close()
+    public, secret = zmq.curve_keypair()
+    unknown = ClientKeys(public=public, secret=secret, server_public=listed.server_public)
+    link = BrokerLink(context, endpoint, hello, heartbeat_interval=0.05, liveness=2.0,
+                      name="expert-0", curve=unknown)  # fmt: skip
+    try:
+        with pytest.raises(PeerTimeout, match="expert-0.key in the broker's authorized/"):
+            link.connect(timeout=1.0)
+    finally:
+        link.close()
