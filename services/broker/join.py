@@ -320,10 +320,11 @@ class JoinBook:
         if (
             len(msg.tensors) != len(step.holders)
             or step.phase != "train"
-            or any(t.shape != step.shape for t in msg.tensors)
+            or any(t.shape != step.shape or t.dtype != self.dtype for t in msg.tensors)
         ):
             detail = (
-                f"{len(msg.tensors)} tensors of {msg.tensors[0].shape} for a {step.phase} "
+                f"{len(msg.tensors)} {msg.tensors[0].dtype} tensors of {msg.tensors[0].shape} "
+                f"for a {step.phase} "
                 f"step with {len(step.holders)} present of {step.shape}"
             )
             self._drop_step(self._dispatched.pop(step.seq), "grad_mismatch", out)
@@ -336,6 +337,9 @@ class JoinBook:
     def ack(self, routing_id: bytes, msg: Ack, now: float) -> Outcome:
         out = Outcome()
         step = self._answerable(routing_id, msg.seq, out)
+        if step is not None and step.phase != "eval":  # a train step needs its GRAD
+            self._drop_step(self._dispatched.pop(step.seq), "grad_mismatch", out)
+            return out.reject("grad_mismatch", f"ACK for train step {step.seq}")
         if step is not None:
             del self._dispatched[step.seq]
             for holder in step.holders:

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from traci_ml import proto
 from traci_ml.observe import LATENCY_BUCKETS
 
-EXPERT_REASONS = ("unknown_step", "misrouted", "conflict", "unexpected_kind")
+EXPERT_REASONS = ("unknown_step", "misrouted", "conflict", "unexpected_kind", "internal")
 DROP_REASONS = ("timeout", "late", "too_far_ahead", "conflict", "reducer_lost", "broker_lost")
 
 

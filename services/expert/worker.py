@@ -203,8 +203,11 @@ class Expert:
         if pending.step.phase != "train":
             return self._reject("unexpected_kind", "GRAD for an eval step", msg.seq)
         grad = msg.tensors[0]
-        if grad.shape != (len(pending.rows), self.config.embed_dim):
-            return self._reject("conflict", f"GRAD shape {grad.shape}", msg.seq)
+        if (
+            grad.shape != (len(pending.rows), self.config.embed_dim)
+            or grad.dtype != self.wire_dtype
+        ):
+            return self._reject("conflict", f"GRAD {grad.dtype}{list(grad.shape)}", msg.seq)
         del self.inflight[msg.seq]
         # Recompute the online output with the current weights (with window > 1 the weights
         # have moved since the send; a cached graph would be stale), then backprop the slice.
@@ -224,9 +227,12 @@ class Expert:
             self.save()
 
     def on_ack(self, msg: proto.Ack) -> None:
-        pending = self.inflight.pop(msg.seq, None)
+        pending = self.inflight.get(msg.seq)
         if pending is None:
             return self._reject("unknown_step", "ACK for a step not in flight", msg.seq)
+        if pending.step.phase != "eval":  # a train step is answered by its GRAD only
+            return self._reject("unexpected_kind", "ACK for a train step", msg.seq)
+        del self.inflight[msg.seq]
         self._answered(pending, "acked")
 
     def on_drop(self, msg: proto.Drop) -> None:

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from traci_ml import proto
 from traci_ml.observe import LATENCY_BUCKETS
 
-REDUCER_REASONS = ("replay", "unknown_step", "conflict", "unexpected_kind")
+REDUCER_REASONS = ("replay", "unknown_step", "conflict", "unexpected_kind", "internal")
 
 
 class ReducerMetrics:

@@ -116,13 +116,8 @@ class ReducerService:
         try:
             while not finished and not self.stop_event.is_set():
                 msg = self.link.recv(self.config.network.heartbeat_interval / 2)
-                if isinstance(msg, proto.Batch):
+                if msg is not None:
                     finished = self._guarded(msg)
-                elif isinstance(msg, proto.Goodbye):
-                    log.warning("reducer: broker says goodbye (%s); registering again", msg.reason)
-                    self.link.connect(timeout=self.config.network.connect_timeout)
-                elif msg is not None and not isinstance(msg, proto.Heartbeat):
-                    self._reject("unexpected_kind", f"{msg.KIND} is not for the reducer")
                 self._tick()
         finally:
             self._close(finished)
@@ -137,14 +132,20 @@ class ReducerService:
 
     # -- one step ---------------------------------------------------------------------
 
-    def _guarded(self, msg: proto.Batch) -> bool:
-        """``on_batch``, but a bug triggered by one message never ends the run."""
+    def _guarded(self, msg: proto.Message) -> bool:
+        """Dispatch one message; a bug it triggers is counted and logged, never fatal."""
         try:
-            return self.on_batch(msg)
+            if isinstance(msg, proto.Batch):
+                return self.on_batch(msg)
+            if isinstance(msg, proto.Goodbye):
+                log.warning("reducer: broker says goodbye (%s); registering again", msg.reason)
+                self.link.connect(timeout=self.config.network.connect_timeout)
+            elif not isinstance(msg, proto.Heartbeat):
+                self._reject("unexpected_kind", f"{msg.KIND} is not for the reducer")
         except Exception:
-            log.exception("reducer: internal error on BATCH seq %d", msg.seq)
+            log.exception("reducer: internal error on %s", msg.KIND)
             self._reject("internal", "see the traceback above", msg)
-            return False
+        return False
 
     def on_batch(self, msg: proto.Batch) -> bool:
         """Process one BATCH; True when it was the last step of the run."""
@@ -385,8 +386,12 @@ class ReducerService:
         self.records.close()
         log.info("reducer stopped after %d train steps (finished=%s)", self.train_steps, finished)
 
-    def _reject(self, reason: str, what: str, msg: proto.Batch) -> None:
+    def _reject(self, reason: str, what: str, msg: proto.Message | None = None) -> None:
+        """Count and log; a refused BATCH is answered DROP so the broker frees the experts."""
         self.metrics.reject(reason)
-        log.warning("reducer rejected BATCH seq %d (%s): %s", msg.seq, reason, what)
-        self.link.send(proto.Drop(msg.seq, reason))  # the broker frees the experts' windows
+        if isinstance(msg, proto.Batch):
+            log.warning("reducer rejected BATCH seq %d (%s): %s", msg.seq, reason, what)
+            self.link.send(proto.Drop(msg.seq, reason))
+        else:
+            log.warning("reducer rejected a message (%s): %s", reason, what)
         return None

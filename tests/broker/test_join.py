@@ -361,11 +361,20 @@ def test_ack_goes_to_present_experts_only() -> None:
 
 def test_reply_never_reaches_a_newer_registration() -> None:
     book = started(2)
-    book.emb(rid(0), emb(0, 0), 0.0)
-    book.emb(rid(1), emb(0, 1), 0.0)
+    book.emb(rid(0), emb(0, 0, phase="eval"), 0.0)
+    book.emb(rid(1), emb(0, 1, phase="eval"), 0.0)
     book.hello(EXPERT, rid(1), hello(1), 0.1)  # expert 1 restarted with the same routing id
     out = book.ack(RED, Ack(0), 0.2)
     assert sent(out, Ack) == [(rid(0), Ack(0))]
+
+
+def test_ack_for_a_train_step_is_refused_and_the_step_dropped() -> None:
+    book = started(2)
+    book.emb(rid(0), emb(0, 0), 0.0)
+    book.emb(rid(1), emb(0, 1), 0.0)
+    out = book.ack(RED, Ack(0), 0.1)
+    assert out.rejected == "grad_mismatch" and sent(out, Ack) == []
+    assert sent(out, Drop) == both(Drop(0, "grad_mismatch"))
 
 
 def test_reducer_loss_drops_dispatched_steps_and_ready_ones_wait() -> None:
