@@ -34,15 +34,27 @@ class ViewConfig(_Section):
     columns: list[str] = Field(min_length=1)
 
 
+class SyntheticConfig(_Section):
+    """A generated classification table (benchmarks, smoke tests): Gaussian features, labels
+    from a fixed random two-layer teacher, so every feature group carries some signal."""
+
+    rows: int = Field(20000, ge=4)
+    features: int = Field(256, ge=1)
+    classes: int = Field(10, ge=2)
+    experts: int = Field(4, ge=1)  # views: the features split into this many equal groups
+
+
 class DataConfig(_Section):
-    source: Literal["digits", "csv"] = "digits"
+    source: Literal["digits", "csv", "synthetic"] = "digits"
     path: str | None = None  # csv: file path
     label: str | None = None  # csv: label column
     task: Literal["classification", "regression"] = "classification"
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     # digits: a preset ("quadrants": 4 experts, one 4x4 quadrant each; "halves": 2 experts).
     # csv: a list of views, one per expert. The number of experts is the number of views.
-    views: Literal["quadrants", "halves"] | list[ViewConfig] = "quadrants"
+    # synthetic: "even" (the features split into synthetic.experts contiguous groups).
+    views: Literal["quadrants", "halves", "even"] | list[ViewConfig] = "quadrants"
+    synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")
     def _csv_needs_path(self) -> DataConfig:
@@ -52,6 +64,10 @@ class DataConfig(_Section):
                     raise ValueError(f"data.{key} is required when data.source is 'csv'")
             if isinstance(self.views, str):
                 raise ValueError("data.views must list each expert's columns for a csv source")
+        if self.source == "synthetic" and self.synthetic.experts > self.synthetic.features:
+            raise ValueError("data.synthetic.experts exceeds data.synthetic.features")
+        if isinstance(self.views, str) and (self.views == "even") != (self.source == "synthetic"):
+            raise ValueError(f"data.views {self.views!r} does not fit data.source {self.source!r}")
         return self
 
 

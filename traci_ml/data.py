@@ -50,16 +50,31 @@ class Dataset:
         return np.ascontiguousarray(x[:, self.view_columns(expert_id)])
 
 
+def view_specs(cfg: DataConfig) -> tuple[ViewConfig, ...]:
+    """Every expert's view, from the config alone (no data is read): one per expert."""
+    if not isinstance(cfg.views, str):
+        return tuple(cfg.views)
+    if cfg.views == "even":
+        groups = np.array_split(np.arange(cfg.synthetic.features), cfg.synthetic.experts)
+        return tuple(
+            ViewConfig(name=f"part_{i}", columns=[f"x{j}" for j in group])
+            for i, group in enumerate(groups)
+        )
+    return digits_views(cfg.views)
+
+
 def load_dataset(config: Config) -> Dataset:
     cfg = config.data
+    views = view_specs(cfg)
+    task = cfg.task
     if cfg.source == "digits":
         x, y, columns, classes = _digits()
-        views = digits_views(cfg.views) if isinstance(cfg.views, str) else tuple(cfg.views)
+        task = "classification"
+    elif cfg.source == "synthetic":
+        x, y, columns, classes = _synthetic(cfg, config.seed)
         task = "classification"
     else:
         x, y, columns, classes = _read_csv(cfg)
-        views = tuple(cfg.views)  # type: ignore[arg-type]
-        task = cfg.task
     _check_views(views, columns, source=cfg.path or cfg.source)
     return _split(x, y, columns, views, classes, task, cfg.test_fraction, config.seed)
 
@@ -95,6 +110,19 @@ def _digits() -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]
     columns = tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8))
     classes = tuple(str(i) for i in range(10))
     return bunch.data.astype(np.float32), bunch.target.astype(np.int64), columns, classes
+
+
+def _synthetic(
+    cfg: DataConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]:
+    spec = cfg.synthetic
+    rng = np.random.default_rng([seed, 0x5A7])
+    x = rng.standard_normal((spec.rows, spec.features), dtype=np.float32)
+    hidden = np.tanh(x @ rng.standard_normal((spec.features, 64)).astype(np.float32) / 8)
+    logits = hidden @ rng.standard_normal((64, spec.classes)).astype(np.float32)
+    y = logits.argmax(axis=1).astype(np.int64)
+    columns = tuple(f"x{j}" for j in range(spec.features))
+    return x, y, columns, tuple(str(c) for c in range(spec.classes))
 
 
 def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]:

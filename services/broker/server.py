@@ -22,7 +22,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from traci_ml.config import Config
-from traci_ml.data import digits_views
+from traci_ml.data import view_specs
 from traci_ml.errors import ConfigError, ProtocolError
 from traci_ml.proto import (
     MAX_TENSOR_BYTES,
@@ -50,8 +50,7 @@ Handler = Callable[[str, bytes, Message, float], Outcome]
 
 def n_experts_of(config: Config) -> int:
     """The number of experts is the number of data views."""
-    views = config.data.views
-    return len(views) if isinstance(views, list) else len(digits_views(views))
+    return len(view_specs(config.data))
 
 
 class Broker:
