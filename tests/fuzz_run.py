@@ -281,7 +281,7 @@ def _service_order(name: str) -> tuple[int, str]:
 
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import deep_update, free_ports
+    from support import deep_update, free_ports
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=10_500)

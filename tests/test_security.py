@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.auth
-from conftest import free_ports
+from support import free_ports
 
 from traci_ml.config import Config, load_config
 from traci_ml.errors import ConfigError, PeerTimeout

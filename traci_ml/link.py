@@ -3,6 +3,10 @@
 One DEALER socket, the HELLO/WELCOME handshake, heartbeats and broker liveness on
 ``time.monotonic()``. Every received message is decoded here; a message that fails
 validation is counted through ``on_reject`` and logged, never raised to the caller.
+
+Heartbeats go out from a small thread, so a long step (a big evaluation, a slow device) does
+not make the broker think the peer is gone; a stopped or dead process still falls silent. The
+socket is shared with that thread under a lock, held only for single socket calls.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ class BrokerLink:
         self.stop = stop or threading.Event()  # set: give up waiting for the broker
         self.socket: zmq.Socket | None = None
         self.last_heard = self.last_sent = time.monotonic()
+        self._lock = threading.Lock()  # guards self.socket between the loop and the beater
+        self._beat_stop = threading.Event()
+        self._beater: threading.Thread | None = None
 
     # -- connection -------------------------------------------------------------------
 
@@ -50,12 +57,20 @@ class BrokerLink:
         while waiting; raises ``TraciError`` if the broker refuses (with its reason) or
         ``PeerTimeout`` if it never answers."""
         self.close()
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
         if self.curve is not None:
-            apply_client(self.socket, self.curve)
-        self.socket.connect(self.endpoint)
+            apply_client(sock, self.curve)
+        sock.connect(self.endpoint)
+        with self._lock:
+            self.socket = sock
         self.send(self.hello())  # built now: it carries the peer's current position
+        self.last_heard = time.monotonic()
+        self._beat_stop = threading.Event()
+        self._beater = threading.Thread(
+            target=self._beat, args=(self._beat_stop,), name=f"{self.name}-heartbeat", daemon=True
+        )
+        self._beater.start()
         deadline = time.monotonic() + timeout
         while not self.stop.is_set():
             left = deadline - time.monotonic()
@@ -71,8 +86,6 @@ class BrokerLink:
                     f"broker at {self.endpoint} did not answer HELLO in {timeout:.0f}s{hint}",
                     service=self.name,
                 )
-            if time.monotonic() - self.last_sent >= self.heartbeat_interval:
-                self.send(proto.Heartbeat())  # the broker may hold WELCOME for the start gate
             msg = self.recv(min(left, self.heartbeat_interval))
             if isinstance(msg, proto.Welcome):
                 if not msg.ok:
@@ -91,9 +104,21 @@ class BrokerLink:
         return None
 
     def close(self) -> None:
-        if self.socket is not None:
-            self.socket.close(linger=0)
-            self.socket = None
+        self._beat_stop.set()
+        if self._beater is not None:
+            self._beater.join()
+            self._beater = None
+        with self._lock:
+            if self.socket is not None:
+                self.socket.close(linger=0)
+                self.socket = None
+
+    def _beat(self, stop: threading.Event) -> None:
+        """Heartbeat whenever nothing else went out for a heartbeat interval (while waiting
+        for WELCOME too: the broker holds it until every expert has registered)."""
+        while not stop.wait(self.heartbeat_interval / 4):
+            if time.monotonic() - self.last_sent >= self.heartbeat_interval:
+                self.send(proto.Heartbeat())
 
     # -- traffic ----------------------------------------------------------------------
 
@@ -102,20 +127,30 @@ class BrokerLink:
         a CURVE/plaintext mismatch) ends the connection for good, and a blocking send on a
         DEALER with no connection would hang forever; instead the message is dropped and
         the broker's silence surfaces as ``PeerTimeout`` (connect timeout or liveness)."""
-        assert self.socket is not None, "send before connect"  # programming error, not input
-        try:
-            self.socket.send_multipart(proto.encode(msg), flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            log.debug("%s: no connection to the broker, %s not sent", self.name, msg.KIND)
-            return
-        self.last_sent = time.monotonic()
+        frames = proto.encode(msg)
+        with self._lock:
+            if self.socket is None:
+                raise zmq.ZMQError(zmq.ENOTSOCK, "send before connect or after close")
+            try:
+                self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                log.debug("%s: no connection to the broker, %s not sent", self.name, msg.KIND)
+                return
+            self.last_sent = time.monotonic()
 
     def recv(self, timeout: float) -> proto.Message | None:
         """The next valid message within ``timeout`` seconds, or None."""
-        assert self.socket is not None, "recv before connect"
-        if not self.socket.poll(max(0, int(timeout * 1000))):
-            return None
-        frames = self.socket.recv_multipart(copy=False)
+        deadline = time.monotonic() + timeout
+        while True:  # poll in short slices: the heartbeat thread needs the lock too
+            with self._lock:
+                if self.socket is None:
+                    raise zmq.ZMQError(zmq.ENOTSOCK, "recv before connect or after close")
+                left = min(deadline - time.monotonic(), self.heartbeat_interval / 4)
+                if self.socket.poll(max(0, int(left * 1000))):
+                    frames = self.socket.recv_multipart(copy=False)
+                    break
+            if time.monotonic() >= deadline:
+                return None
         self.last_heard = time.monotonic()
         try:
             return proto.decode(frames)
@@ -125,9 +160,12 @@ class BrokerLink:
             return None
 
     def tick(self) -> None:
-        """Send a heartbeat when due; raise ``PeerTimeout`` if the broker went silent."""
+        """Raise ``PeerTimeout`` if the broker went silent. Messages still waiting in the
+        socket (we were busy computing, not the broker silent) do not count as silence."""
         now = time.monotonic()
-        if now - self.last_sent >= self.heartbeat_interval:
-            self.send(proto.Heartbeat())
-        if now - self.last_heard > self.liveness:
+        if now - self.last_heard <= self.liveness:
+            return
+        with self._lock:
+            waiting = self.socket is not None and bool(self.socket.poll(0))
+        if not waiting:
             raise PeerTimeout(f"broker silent for {now - self.last_heard:.1f}s", service=self.name)

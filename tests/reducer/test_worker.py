@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from conftest import free_ports
+from support import free_ports
 
 from traci_ml import checkpoint, proto
 from traci_ml.config import Config, load_config

@@ -1,0 +1,1 @@
+"""TRACI's benchmark suite (``make bench``): measured against baselines in one invocation."""
