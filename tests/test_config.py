@@ -74,6 +74,7 @@ def test_env_overrides_parse_as_yaml_scalars() -> None:
             "TRACI_SEED": "7",
             "HOME": "/root",  # not ours: ignored
             "TRACI_": "x",  # the bare prefix: ignored
+            "TRACI_IMAGE": "traci:cpu",  # another tool's (compose's) variable: ignored
         }
     )
     assert config.network.broker_host == "broker"

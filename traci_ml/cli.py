@@ -3,9 +3,12 @@
     traci up CONFIG [--fresh | --resume]       a local cluster: broker, reducer, experts
     traci broker  [--config CONFIG]            one service, as a container runs it
     traci reducer [--config CONFIG] [--resume]
-    traci expert  [--config CONFIG] --id I [--resume]
+    traci expert  [--config CONFIG] (--id I | --id-from-hostname) [--metrics-port P] [--resume]
     traci keys generate DIR [--experts N | --config CONFIG] [--force]
                                                CurveZMQ keys (docs/security.md)
+    traci health SERVICE [--id I] [--config CONFIG]
+                                               exit 0 if that service's metrics answer
+                                               (container health checks)
 
 Every command takes ``--set KEY=VALUE`` (repeatable) and reads ``TRACI_<SECTION>__<KEY>``
 environment variables; see docs/config.md.
@@ -17,7 +20,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from traci_ml.errors import TraciError
+from traci_ml.errors import ConfigError, TraciError
 
 SERVICES = ("broker", "reducer", "expert")
 
@@ -57,12 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run the {name} service alone")
         p.add_argument("--config", help="YAML run config (default: built-in digits)")
         if name == "expert":
+            who = p.add_mutually_exclusive_group(required=True)
+            who.add_argument(
+                "--id", dest="expert_id", type=int, help="expert id, 0 <= id < number of views"
+            )
+            who.add_argument(
+                "--id-from-hostname",
+                action="store_true",
+                help="take the id from the host name's ordinal suffix: a Kubernetes StatefulSet "
+                "pod expert-3 is expert 3",
+            )
             p.add_argument(
-                "--id",
-                dest="expert_id",
+                "--metrics-port",
                 type=int,
-                required=True,
-                help="expert id, 0 <= id < number of views",
+                help="serve metrics on this port instead of metrics.expert_base_port + id "
+                "(one port for every pod of a StatefulSet; 0 disables)",
             )
         if name != "broker":
             p.add_argument("--resume", action="store_true", help="resume from the checkpoint")
@@ -81,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     count.add_argument("--experts", type=int, help="number of experts (default: 4)")
     count.add_argument("--config", help="take the number of experts from this run config")
     gen.add_argument("--force", action="store_true", help="replace keys already in DIR")
+
+    health = sub.add_parser(
+        "health", help="exit 0 if SERVICE's metrics endpoint answers as that service"
+    )
+    health.add_argument("service", choices=SERVICES)
+    health.add_argument("--id", dest="expert_id", type=int, default=0, help="expert id")
+    health.add_argument("--config", help="YAML run config the service runs with")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for it")
+    common(health)
     return parser
 
 
@@ -116,10 +137,74 @@ def generate_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def expert_id_from_hostname(hostname: str) -> int:
+    """``expert-3`` (or ``expert-3.expert.traci.svc``) -> 3: a StatefulSet pod's ordinal."""
+    _, sep, ordinal = hostname.split(".")[0].rpartition("-")
+    if not sep or not ordinal.isdigit():
+        raise ConfigError(
+            f"--id-from-hostname: host name {hostname!r} does not end in -<ordinal> "
+            "(as a StatefulSet pod's does); pass --id instead"
+        )
+    return int(ordinal)
+
+
+# A metric each service registers up front: its presence says the endpoint is that service.
+HEALTH_METRIC = {
+    "broker": "traci_broker_live_experts",
+    "reducer": "traci_reducer_experts_present",
+    "expert": "traci_expert_seq",
+}
+
+
+def check_health(config, args: argparse.Namespace) -> int:  # noqa: ANN001
+    """``traci health``: ask the service's own metrics endpoint (from the same config and
+    ``TRACI_*`` environment the service reads) whether it is that service, and up."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = config.metrics
+    ports = {"broker": m.broker_port, "reducer": m.reducer_port}
+    port = ports.get(args.service, m.expert_base_port + args.expert_id if m.expert_base_port else 0)
+    if not port:
+        print(f"traci health: metrics of {args.service} are disabled (port 0)", file=sys.stderr)
+        return 1
+    host = "127.0.0.1" if m.bind in ("0.0.0.0", "::", "") else m.bind  # a wildcard bind
+    url = f"http://{host}:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            text = resp.read().decode()
+        samples = [
+            s
+            for family in text_string_to_metric_families(text)
+            if family.name == HEALTH_METRIC[args.service]
+            for s in family.samples
+        ]
+    except (OSError, ValueError) as exc:
+        print(f"traci health: {args.service} at {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.service == "expert":  # the right expert, not just any
+        samples = [s for s in samples if s.labels.get("expert") == str(args.expert_id)]
+    if not samples:
+        want = HEALTH_METRIC[args.service]
+        print(f"traci health: {url} serves no {want}: not {args.service}", file=sys.stderr)
+        return 1
+    print(f"traci health: {args.service} up at {url}")
+    return 0
+
+
 def config_from_args(args: argparse.Namespace):  # noqa: ANN201
     from traci_ml.config import load_config, parse_set
 
     overrides = parse_set(args.overrides)
+    port = getattr(args, "metrics_port", None)
+    if port:
+        # Expert i serves on metrics.expert_base_port + i: pick the base that lands on `port`.
+        if not args.expert_id < port <= 65535:
+            raise ConfigError(f"--metrics-port {port}: must exceed the expert id and be <= 65535")
+        overrides["metrics.expert_base_port"] = str(port - args.expert_id)
+    elif port == 0:
+        overrides["metrics.expert_base_port"] = "0"
     if args.run_dir:
         overrides["run_dir"] = args.run_dir
     if args.broker_host:
@@ -155,10 +240,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     from traci_ml.observe import setup_logging
 
+    if getattr(args, "id_from_hostname", False):
+        import socket
+
+        try:
+            args.expert_id = expert_id_from_hostname(socket.gethostname())
+        except TraciError as exc:
+            print(f"traci expert: error: {exc}", file=sys.stderr)
+            return 2
     name = args.command if args.command != "expert" else f"expert-{args.expert_id}"
     setup_logging(name, args.log_level)
     try:
         config = config_from_args(args)
+        if args.command == "health":
+            return check_health(config, args)
         if args.command == "up":
             from traci_ml.launcher import up
 

@@ -213,12 +213,28 @@ def load_config(
         raw = _read_yaml(Path(path))
     environ = os.environ if env is None else env
     for name, value in sorted(environ.items()):
-        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
-            key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        key = env_key(name)
+        if key is not None:
             _set(raw, key, _scalar(value), source=f"environment variable {name}")
     for key, value in (overrides or {}).items():
         _set(raw, key, _scalar(value), source=f"--set {key}")
     return validate(raw)
+
+
+def env_key(name: str) -> str | None:
+    """The config key an environment variable sets, or None if it is not a config variable.
+
+    ``TRACI_<SECTION>__<KEY>`` (any name with ``__``) must name a real key: a typo is an
+    error, raised by ``load_config``. Without ``__`` only the top-level keys count
+    (``TRACI_RUN_ID``, ``TRACI_SEED``, ...); other ``TRACI_*`` names, such as the compose
+    files' ``TRACI_IMAGE``, belong to other tools and are left alone.
+    """
+    if not name.startswith(ENV_PREFIX) or len(name) == len(ENV_PREFIX):
+        return None
+    rest = name[len(ENV_PREFIX) :].lower()
+    if "__" in rest:
+        return rest.replace("__", ".")
+    return rest if rest in Config.model_fields else None
 
 
 def validate(raw: Mapping[str, Any]) -> Config:

@@ -1,0 +1,44 @@
+"""Fixtures of the deployment tests: the rendered Kubernetes variants, with and without CURVE."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploytools import K8S, OVERLAYS, render
+
+CURVE_LINE = "# - ../../components/curve"
+
+
+def curve_copy(root: Path) -> Path:
+    """A copy of deploy/k8s with CurveZMQ keys generated and the curve component switched on
+    in every overlay, the way deploy/README.md tells a user to."""
+    from traci_ml.config import load_config
+    from traci_ml.security import generate
+    from traci_ml.services.broker.server import n_experts_of
+
+    copy = root / "k8s"
+    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("*.key", "*.key_secret"))
+    n_experts = n_experts_of(load_config(copy / "base" / "run-config.yaml", env={}))
+    generate(copy / "components" / "curve" / "keys", n_experts)
+    for overlay in OVERLAYS:
+        path = copy / "overlays" / overlay / "kustomization.yaml"
+        text = path.read_text()
+        assert CURVE_LINE in text, f"overlays/{overlay} lost its commented curve component line"
+        path.write_text(text.replace(CURVE_LINE, CURVE_LINE.replace("# ", ""), 1))
+    return copy
+
+
+@pytest.fixture(scope="session")
+def curve_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return curve_copy(tmp_path_factory.mktemp("curve"))
+
+
+@pytest.fixture(scope="session")
+def k8s_variants(curve_tree: Path) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(label, rendered objects) for every overlay as shipped and with CURVE on."""
+    plain = [(f"overlays/{o}", render(K8S / "overlays" / o)) for o in OVERLAYS]
+    curve = [(f"overlays/{o}+curve", render(curve_tree / "overlays" / o)) for o in OVERLAYS]
+    return plain + curve

@@ -1,0 +1,253 @@
+"""deploy/k8s: every overlay renders with `kubectl kustomize`, passes kubernetes-validate's
+strict schemas, and holds what the deployment promises (one broker and one reducer, experts
+with volumes and GPUs where asked, probes and resources everywhere, CURVE from a Secret)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from deploytools import (
+    K8S,
+    OVERLAYS,
+    PROMETHEUS,
+    binary,
+    find,
+    kubectl,
+    render,
+    run,
+    workloads,
+)
+from kubernetes_validate.utils import SchemaNotFoundError
+
+# Kinds kubernetes-validate has no schema for that these manifests may use: the Prometheus
+# Operator's CRDs (their content is checked by the tests below and by promtool instead).
+KNOWN_CRDS = {
+    ("monitoring.coreos.com/v1", kind)
+    for kind in ("PodMonitor", "ServiceMonitor", "PrometheusRule")
+}
+K8S_VERSIONS = ("1.28.0", kubernetes_validate.utils.latest_version())
+
+Doc = dict[str, Any]
+
+
+def validate_strict(docs: list[Doc], versions: tuple[str, ...] = K8S_VERSIONS) -> list[str]:
+    """kubernetes-validate --strict over every object; a kind without a schema is an error
+    unless it is a known Prometheus Operator CRD. Returns the errors."""
+    errors = []
+    for doc in docs:
+        kind, api = doc.get("kind"), doc.get("apiVersion")
+        name = f"{kind}/{doc.get('metadata', {}).get('name')}"
+        for version in versions:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                path = ".".join(str(p) for p in exc.path)
+                errors.append(f"{name} (Kubernetes {version}): {path}: {exc.message}")
+            except SchemaNotFoundError:
+                if (api, kind) not in KNOWN_CRDS:
+                    errors.append(f"{name}: no schema for {api} {kind}")
+                break
+    return errors
+
+
+def containers(docs: list[Doc]) -> list[tuple[str, Doc]]:
+    return [
+        (f"{w['kind']}/{w['metadata']['name']}", c)
+        for w in workloads(docs)
+        for c in w["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def pod_selector(doc: Doc) -> dict[str, str] | None:
+    """The pod labels a Service, PodMonitor or NetworkPolicy selects on (None: not one)."""
+    if doc["kind"] == "Service":
+        return doc["spec"]["selector"]
+    if doc["kind"] == "PodMonitor":
+        return doc["spec"]["selector"]["matchLabels"]
+    if doc["kind"] == "NetworkPolicy":
+        return doc["spec"]["podSelector"]["matchLabels"]
+    return None
+
+
+EXPECTED = [
+    ("Namespace", "traci"),
+    ("Deployment", "broker"),
+    ("Service", "broker"),
+    ("StatefulSet", "reducer"),
+    ("Service", "reducer"),
+    ("StatefulSet", "expert"),
+    ("Service", "expert"),
+    ("PodMonitor", "traci"),
+    ("PrometheusRule", "traci"),
+    ("NetworkPolicy", "broker-zmq"),
+]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_every_part_in_one_namespace(overlay: str) -> None:
+    docs = render(K8S / "overlays" / overlay)
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for kind, name in EXPECTED:
+        assert (kind, name) in kinds, f"overlays/{overlay} renders no {kind}/{name}"
+    configs = [d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"]
+    assert [c.rsplit("-", 1)[0] for c in configs] == ["traci-config"], configs
+    for d in docs:
+        if d["kind"] != "Namespace":
+            assert d["metadata"].get("namespace") == "traci", f"{d['kind']}/{d['metadata']['name']}"
+
+
+def test_every_variant_passes_strict_schema_validation(k8s_variants) -> None:
+    for label, docs in k8s_variants:
+        errors = validate_strict(docs)
+        assert not errors, f"{label}:\n" + "\n".join(errors)
+
+
+def test_the_validation_wrapper_rejects_unknown_kinds_and_fields() -> None:
+    unknown = {"apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": {"name": "x"}}
+    assert validate_strict([unknown]) == [
+        "Certificate/x: no schema for cert-manager.io/v1 Certificate"
+    ]
+    typo = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "s"},
+        "spec": {"ports": [{"port": 1, "targetport": 1}]},
+    }
+    assert validate_strict([typo], ("1.28.0",)), "a misspelt field passed strict validation"
+    crd = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {"name": "p"},
+    }
+    assert validate_strict([crd]) == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_has_resources_probes_and_no_privileges(overlay: str) -> None:
+    docs = render(K8S / "overlays" / overlay)
+    for where, c in containers(docs):
+        requests, limits = c["resources"].get("requests", {}), c["resources"].get("limits", {})
+        assert {"cpu", "memory"} <= requests.keys(), f"{where}: requests {requests}"
+        assert "memory" in limits, f"{where}: no memory limit"
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"]["path"] == "/metrics", f"{where}: {probe}"
+        ctx = c["securityContext"]
+        assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"]["drop"] == ["ALL"]
+        assert c["imagePullPolicy"] == "IfNotPresent", f"{where}: pulls {c['image']} every start"
+    for w in workloads(docs):
+        pod = w["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["enableServiceLinks"] is False, "service links inject variables into every pod"
+
+
+def test_one_broker_one_reducer_and_experts_with_their_own_volumes() -> None:
+    docs = render(K8S / "overlays" / OVERLAYS[0])
+    broker = find(docs, "Deployment", "broker")
+    assert broker["spec"]["replicas"] == 1 and broker["spec"]["strategy"]["type"] == "Recreate"
+    assert find(docs, "StatefulSet", "reducer")["spec"]["replicas"] == 1
+    for name in ("reducer", "expert"):
+        sts = find(docs, "StatefulSet", name)
+        claims = [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]]
+        container = sts["spec"]["template"]["spec"]["containers"][0]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert claims == ["runs"] and mounts["runs"] == "/var/lib/traci/runs", name
+        assert container["workingDir"] == "/var/lib/traci", "run_dir runs/{run_id} is relative"
+
+
+def test_gpu_overlay_gives_each_expert_one_gpu_and_cpu_overlay_none() -> None:
+    gpu = render(K8S / "overlays" / "gpu")
+    expert = find(gpu, "StatefulSet", "expert")["spec"]["template"]["spec"]
+    assert expert["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    assert toleration in expert["tolerations"]
+    for where, c in containers(gpu):
+        assert c["image"] == "traci:latest", where
+        if where != "StatefulSet/expert":
+            assert "nvidia.com/gpu" not in c["resources"].get("limits", {}), where
+    for where, c in containers(render(K8S / "overlays" / "cpu")):
+        assert c["image"] == "traci:cpu", where
+        assert "nvidia.com/gpu" not in c["resources"].get("limits", {}), where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_selectors_select_the_pods_they_are_meant_for(overlay: str) -> None:
+    docs = render(K8S / "overlays" / overlay)
+    pods = {
+        w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"] for w in workloads(docs)
+    }
+    for w in workloads(docs):
+        selector = w["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= pods[w["metadata"]["name"]].items(), w["metadata"]["name"]
+        if w["kind"] == "StatefulSet":
+            assert find(docs, "Service", w["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
+    for d in docs:
+        selector = pod_selector(d)
+        if selector is None:
+            continue
+        where = f"{d['kind']}/{d['metadata']['name']}"
+        chosen = [name for name, labels in pods.items() if selector.items() <= labels.items()]
+        assert chosen, f"{where} selects no pod"
+        if d["kind"] == "Service":
+            assert chosen == [d["metadata"]["name"]], f"{where} selects {chosen}"
+
+
+def test_prometheus_rule_is_the_rules_file(tmp_path: Path) -> None:
+    """The PrometheusRule carries exactly deploy/prometheus/rules/traci.rules.yml, and promtool
+    accepts it as a rules file."""
+    rule = find(render(K8S / "overlays" / OVERLAYS[0]), "PrometheusRule", "traci")
+    rules_file = yaml.safe_load((PROMETHEUS / "rules" / "traci.rules.yml").read_text())
+    assert rule["spec"] == rules_file, "PrometheusRule and rules/traci.rules.yml differ"
+    path = tmp_path / "from-k8s.rules.yml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    run([binary("promtool"), "check", "rules", str(path)])
+
+
+def test_pod_monitor_scrapes_the_named_metrics_port_with_the_component_label() -> None:
+    monitor = find(render(K8S / "overlays" / OVERLAYS[0]), "PodMonitor", "traci")
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    assert [e["port"] for e in endpoints] == ["metrics"]
+    targets = {r["targetLabel"] for r in endpoints[0]["relabelings"]}
+    assert "component" in targets, "alerts and dashboard select on component=..."
+
+
+def test_curve_variant_drops_insecure_and_mounts_the_secret(k8s_variants) -> None:
+    for label, docs in k8s_variants:
+        curve = label.endswith("+curve")
+        broker = find(docs, "Deployment", "broker")["spec"]["template"]["spec"]["containers"][0]
+        assert ("--insecure" in broker["args"]) != curve, label
+        assert len([d for d in docs if d["kind"] == "Secret"]) == (1 if curve else 0), label
+        for where, c in containers(docs):
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            curve_dir = env.get("TRACI_SECURITY__CURVE_DIR")
+            assert (curve_dir == "/run/secrets/traci-curve") == curve, where
+
+
+def test_curve_component_without_keys_fails_loudly(tmp_path: Path, curve_tree: Path) -> None:
+    """Turning CURVE on without generating keys is an error, not pods without keys."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(curve_tree, copy)
+    (copy / "components" / "curve" / "keys" / "broker.key_secret").unlink()
+    argv = [kubectl(), "kustomize", str(copy / "overlays" / "gpu")]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode != 0 and "broker.key_secret" in proc.stderr, proc.stderr
+
+
+def test_curve_keys_stay_out_of_git() -> None:
+    ignore = (K8S / "components" / "curve" / "keys" / ".gitignore").read_text().splitlines()
+    assert "*" in ignore and "!.gitignore" in ignore
+
+
+def test_no_volume_is_mounted_inside_another(k8s_variants) -> None:
+    """ConfigMap and Secret volumes are read-only: the runtime cannot create a mount point
+    inside one, so a pod with nested mounts never starts."""
+    for label, docs in k8s_variants:
+        for where, c in containers(docs):
+            paths = [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts", [])]
+            nested = [(a, b) for a in paths for b in paths if a != b and b.startswith(a)]
+            assert not nested, f"{label} {where}: {nested}"
