@@ -112,21 +112,33 @@ class BrokerMetrics:
             ["reason"],
             registry=reg,
         )
-        for reason in (*REJECT_REASONS, *BROKER_REASONS):
-            self.rejections.labels(reason=reason)
+        # Every labelled child is made once here and kept: labels() per message costs more
+        # than the increment itself on the broker's hot path.
+        self._rejections = {
+            reason: self.rejections.labels(reason=reason)
+            for reason in (*REJECT_REASONS, *BROKER_REASONS)
+        }
         for reason in DROP_REASONS:
             self.steps_dropped.labels(reason=reason)
         for expert_id in range(n_experts):
             self.expert_up.labels(expert=str(expert_id))
-        for kind in (*KINDS, "invalid"):
-            for direction in DIRECTIONS:
-                self.messages.labels(kind=kind, direction=direction)
+        self._messages = {
+            (kind, direction): self.messages.labels(kind=kind, direction=direction)
+            for kind in (*KINDS, "invalid")
+            for direction in DIRECTIONS
+        }
 
     def message(self, kind: str, direction: str) -> None:
-        self.messages.labels(kind=kind, direction=direction).inc()
+        child = self._messages.get((kind, direction))
+        if child is None:
+            child = self._messages[kind, direction] = self.messages.labels(kind, direction)
+        child.inc()
 
     def reject(self, reason: str) -> None:
-        self.rejections.labels(reason=reason).inc()
+        child = self._rejections.get(reason)
+        if child is None:
+            child = self._rejections[reason] = self.rejections.labels(reason=reason)
+        child.inc()
 
     def set_state(
         self,

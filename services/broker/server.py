@@ -45,6 +45,9 @@ from traci_ml.services.broker.records import EXPERT, REDUCER, Outcome
 log = logging.getLogger(__name__)
 
 LOG_EVERY = 1.0  # seconds between warnings of one rejection reason (the rest are counted)
+DRAIN = 64  # messages handled per socket per poll: fewer polls under load, still fair
+_SNDMORE = int(zmq.SNDMORE)  # plain ints: pyzmq's enum arithmetic shows in the profile
+_NOBLOCK = int(zmq.NOBLOCK)
 Handler = Callable[[str, bytes, Message, float], Outcome]
 
 
@@ -142,8 +145,8 @@ class Broker:
                 timeout_ms = max(0.0, next_tick - time.monotonic()) * 1000
                 ready = dict(poller.poll(timeout_ms))
                 for name, sock in self._sockets.items():
-                    if ready.get(sock, 0) & zmq.POLLIN:
-                        self._receive(name, sock.recv_multipart(copy=False))
+                    if sock in ready:
+                        self._drain(name, sock)
                 now = time.monotonic()
                 if now >= next_tick:
                     self._tick(now)
@@ -171,6 +174,17 @@ class Broker:
             self._auth = None
         if self._own_context and not self._context.closed:
             self._context.term()
+
+    def _drain(self, name: str, sock: zmq.Socket) -> None:
+        """Handle up to DRAIN messages waiting on ``sock`` without polling between them."""
+        for _ in range(DRAIN):
+            try:
+                frames = [sock.recv(_NOBLOCK, copy=False)]
+            except zmq.Again:
+                return
+            while frames[-1].more:  # the rest of a multipart message is already here
+                frames.append(sock.recv(copy=False))
+            self._receive(name, frames)
 
     def _receive(self, socket: str, frames: list[zmq.Frame]) -> None:
         routing_id = frames[0].bytes
@@ -264,7 +278,12 @@ class Broker:
 
     def _send(self, socket: str, routing_id: bytes, msg: Message) -> None:
         # Tensor frames are the received zmq.Frame objects: zero-copy forwarding.
-        self._sockets[socket].send_multipart([routing_id, *encode(msg)], copy=False)
+        sock = self._sockets[socket]
+        frames = encode(msg)
+        sock.send(routing_id, _SNDMORE, copy=False)
+        for frame in frames[:-1]:
+            sock.send(frame, _SNDMORE, copy=False)
+        sock.send(frames[-1], 0, copy=False)
         self.metrics.message(msg.KIND, "out")
 
     def _say_goodbye(self, reason: str) -> None:
