@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= examples/digits.yaml
 
-.PHONY: install run test test-fast test-integration chaos lint format clean
+.PHONY: install run test test-fast test-integration chaos bench lint format clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test-integration: $(STAMP)
 # ~2 minutes of SIGKILLs against a training run, plus its fault-free twin; prints a report.
 chaos: $(STAMP)
 	$(BIN)/pytest -q -s -m chaos
+
+# The benchmark suite: TRACI against its baselines in one invocation (bench/results/latest.json).
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,76 @@
+"""The benchmark's baselines compute what TRACI computes: the fused loop and the torch-rpc split
+follow tests/fused.py's one-process reference (window-1 semantics) step for step."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
+
+from fused import train_fused  # noqa: E402
+
+from bench.baselines import build_expert, run_fused, run_rpc  # noqa: E402
+from bench.reference import reference_config  # noqa: E402
+from traci_ml.config import validate  # noqa: E402
+
+STEPS = 30
+
+
+def tiny_config(tmp_path: Path) -> dict:
+    """The reference model's shape, shrunk: 2 experts, hidden 32, tokens of 32, 2000 rows."""
+    raw = reference_config(batch_size=32, steps=STEPS, run_dir=tmp_path, n_experts=2, hidden=32)
+    raw["data"]["synthetic"]["rows"] = 2000
+    raw["embed_dim"] = 32
+    raw["reducer"]["ff"] = 64
+    return raw
+
+
+def assert_same_run(result, reference) -> None:
+    """Same losses and the same online and target weights at the end."""
+    torch.testing.assert_close(
+        torch.tensor(result.losses), torch.tensor(reference.losses), rtol=1e-4, atol=1e-5
+    )
+    for got, online, target in zip(
+        result.experts, reference.experts, reference.targets, strict=True
+    ):
+        torch.testing.assert_close(got["online"], online.state_dict(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got["target"], target.state_dict(), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_baseline_is_the_reference_computation(tmp_path):
+    raw = tiny_config(tmp_path)
+    result = run_fused(raw, warmup=5, threads=1, keep_state=True)
+    assert len(result.losses) == STEPS and result.timed_steps == STEPS - 5
+    assert_same_run(result, train_fused(validate(raw), max_seq=STEPS))
+
+
+def test_fused_baseline_rejects_warmup_without_timed_steps(tmp_path):
+    with pytest.raises(ValueError, match="warmup"):
+        run_fused(tiny_config(tmp_path), warmup=STEPS, threads=1)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_rpc_baseline_trains_the_split_like_the_reference(tmp_path):
+    """Three processes over torch rpc: every expert's online net gets the reducer's gradient
+    (distributed autograd through the straight-through token), its target moves toward it,
+    and the losses are the reference's."""
+    raw = tiny_config(tmp_path)
+    result = run_rpc(raw, warmup=5, keep_state=True, timeout=100)
+    reference = train_fused(validate(raw), max_seq=STEPS)
+    assert_same_run(result, reference)
+    # The same claims, in words (they follow from the equivalence, but fail more readably).
+    first, last = result.losses[:5], result.losses[-5:]
+    assert sum(last) < sum(first)
+    config = validate(raw)
+    for i, state in enumerate(result.experts):
+        start = build_expert(config, i, in_dim=64)[0].state_dict()  # both nets began here
+        for k, w0 in start.items():
+            online, target = state["online"][k], state["target"][k]
+            assert (online - w0).abs().max() > 0  # the gradient reached the online net
+            assert (target - w0).abs().max() > 0  # Polyak pulled the target along
+            assert (online - target).abs().max() > 0  # ... lagging, not a copy
