@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zmq
-from support import free_ports
+from support import FakeBroker, free_ports
 
 from traci_ml import checkpoint, proto
 from traci_ml.config import Config, load_config
@@ -47,52 +46,6 @@ def make_config(tmp_path: Path, **extra: str) -> Config:
     }  # fmt: skip
     settings.update(extra)
     return load_config(overrides=settings, env={})
-
-
-class FakeBroker:
-    """The broker's expert-facing ROUTER socket, driven by the test thread."""
-
-    def __init__(self, port: int) -> None:
-        self.context = zmq.Context()
-        self.sock = self.context.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(f"tcp://127.0.0.1:{port}")
-        self.peer: bytes | None = None  # routing id of the last sender
-        self.last_beat = 0.0
-
-    def send(self, msg: proto.Message) -> None:
-        assert self.peer is not None, "nobody connected yet"
-        self.sock.send_multipart([self.peer, *proto.encode(msg)], copy=False)
-
-    def next(self, timeout: float = 5.0) -> proto.Message | None:
-        """The next message that is not a HEARTBEAT, or None after ``timeout`` seconds.
-        While waiting, heartbeats keep the expert from declaring the broker lost."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if self.peer is not None and time.monotonic() - self.last_beat > 0.1:
-                self.send(proto.Heartbeat())
-                self.last_beat = time.monotonic()
-            if self.sock.poll(int(min(left, 0.05) * 1000) + 1):
-                routing_id, *frames = self.sock.recv_multipart(copy=False)
-                self.peer = routing_id.bytes
-                msg = proto.decode(frames)
-                if not isinstance(msg, proto.Heartbeat):
-                    return msg
-        return None
-
-    def expect(self, kind: type, timeout: float = 5.0):  # noqa: ANN201 - returns a `kind`
-        msg = self.next(timeout)
-        assert isinstance(msg, kind), f"expected {kind.__name__}, got {msg!r}"
-        return msg
-
-    def quiet(self, wait: float = 0.3) -> None:
-        msg = self.next(wait)
-        assert msg is None, f"expected silence, got {msg!r}"
-
-    def close(self, *, term: bool) -> None:
-        self.sock.close(linger=0)
-        if term:
-            self.context.term()
 
 
 class Rig:
