@@ -53,7 +53,7 @@ BATCH_SIZES = (64, 256, 1024)
 # TRACI's services run one torch thread each (expert/reducer ``torch_threads: 1``): several
 # processes share few cores, and more threads per process only oversubscribe them.
 SERVICE_THREADS = 1
-RPC_WORKER_THREADS = 4  # TensorPipe's default is 16: pointless (and slower) on 2 cores
+RPC_WORKER_THREADS = 4  # TensorPipe's default is 16; a few suffice for 4 peers on few cores
 RPC_TIMEOUT_S = 60.0  # one rpc; a run whose peer died fails after this, not never
 REDUCER, EXPERT = "reducer", "expert{}"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -328,7 +328,7 @@ def run_rpc(
     world_size = len(view_specs(config.data)) + 1  # experts + the reducer
     env = {
         **os.environ,
-        "OMP_NUM_THREADS": str(threads),  # rpc worker threads run the nets, not the main one
+        "OMP_NUM_THREADS": str(threads),  # also for the rpc worker threads, where the nets run
         "TP_SOCKET_IFNAME": "lo",  # TensorPipe: listen on loopback, whatever the host has
         "GLOO_SOCKET_IFNAME": "lo",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -378,16 +378,16 @@ def _run_processes(
                         preexec_fn=_die_with_parent,
                     )
                 )
-        while any(p.poll() is None for p in procs):
-            failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+        while True:
+            codes = [p.poll() for p in procs]  # every one: a failure may hide behind a runner
+            failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
             if failed:
                 raise RuntimeError(f"rpc rank {failed[0]} failed:\n{_tail(logs[failed[0]])}")
+            if None not in codes:
+                return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rpc run exceeded {timeout:.0f}s:\n{_tail(logs[0])}")
             time.sleep(0.05)
-        failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-        if failed:
-            raise RuntimeError(f"rpc rank {failed[0]} failed:\n{_tail(logs[failed[0]])}")
     finally:
         for p in procs:
             if p.poll() is None:

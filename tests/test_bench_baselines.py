@@ -3,7 +3,9 @@ follow tests/fused.py's one-process reference (window-1 semantics) step for step
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an
 
 from fused import train_fused  # noqa: E402
 
-from bench.baselines import build_expert, run_fused, run_rpc  # noqa: E402
+from bench.baselines import _run_processes, build_expert, run_fused, run_rpc  # noqa: E402
 from bench.reference import reference_config  # noqa: E402
 from traci_ml.config import validate  # noqa: E402
 
@@ -74,3 +76,36 @@ def test_rpc_baseline_trains_the_split_like_the_reference(tmp_path):
             assert (online - w0).abs().max() > 0  # the gradient reached the online net
             assert (target - w0).abs().max() > 0  # Polyak pulled the target along
             assert (online - target).abs().max() > 0  # ... lagging, not a copy
+
+
+SLEEPER = """
+import os, sys, time
+tmp = sys.argv[1] + ".tmp"
+with open(tmp, "w") as f:
+    f.write(str(os.getpid()))
+os.replace(tmp, sys.argv[1])  # appears whole
+time.sleep(60)
+"""
+FAILER = """
+import os, sys, time
+while not os.path.exists(sys.argv[1]):  # fail once the other one is up
+    time.sleep(0.01)
+print("boom")
+sys.exit(3)
+"""
+
+
+def test_a_failing_process_takes_the_others_down(tmp_path):
+    """One rank fails: the call raises with its log, and the rank still running is killed."""
+    pid_file = str(tmp_path / "sleeper.pid")
+    commands = [
+        [sys.executable, "-c", SLEEPER, pid_file],
+        [sys.executable, "-c", FAILER, pid_file],
+    ]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 failed:\nboom"):
+        _run_processes(commands, logs=logs, env=dict(os.environ), timeout=30)
+    assert time.monotonic() - started < 10
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(int(Path(pid_file).read_text()), 0)
