@@ -7,15 +7,8 @@ registration and the final evaluation are not counted -- the same window the bas
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from bench.reference import reference_config
 
@@ -40,26 +33,14 @@ def traci_samples_per_sec(
     timeout: float = 600,
 ) -> dict[str, Any]:
     """One `traci up` run of the reference model; returns samples/s and the run's summary."""
-    with tempfile.TemporaryDirectory(prefix="traci-bench-") as tmp:
-        run_dir = Path(tmp) / "run"
-        cfg = reference_config(batch_size=batch_size, steps=steps, run_dir=run_dir,
-                               ports=free_ports(2), window=window)  # fmt: skip
-        for section, values in (extra or {}).items():
-            cfg.setdefault(section, {}).update(values)
-        path = Path(tmp) / "bench.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        proc = subprocess.run([sys.executable, "-m", "traci_ml.cli", "up", str(path)],
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
-        if proc.returncode != 0:
-            raise RuntimeError(f"traci up failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-        train = [r for r in records if r["kind"] == "train"]
-        start = next(r for r in train if r["step"] >= warmup)
-        end = train[-1]
-        sps = (end["step"] - start["step"]) * batch_size / (end["time"] - start["time"])
-        summary = json.loads((run_dir / "summary.json").read_text())
-    return {"samples_per_sec": sps, "steps": summary["steps"],
-            "test_accuracy": summary.get("test_accuracy")}  # fmt: skip
+    from bench.cluster import run_cluster, train_rate
+
+    cfg = reference_config(batch_size=batch_size, steps=steps, window=window)
+    for section, values in (extra or {}).items():
+        cfg.setdefault(section, {}).update(values)
+    records, summary = run_cluster(cfg, timeout=timeout)
+    return {"samples_per_sec": train_rate(records, batch_size, warmup),
+            "steps": summary["steps"], "test_accuracy": summary.get("test_accuracy")}  # fmt: skip
 
 
 if __name__ == "__main__":
