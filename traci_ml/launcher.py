@@ -24,11 +24,14 @@ import yaml
 
 from traci_ml.config import Config
 from traci_ml.errors import ConfigError
+from traci_ml.plot import bucket_deltas, histogram_quantile
 
 log = logging.getLogger(__name__)
 POLL = 0.2
 GRACE = 15.0  # seconds the others get to finish after the reducer is done
 STABLE = 30.0  # a service up this long has its restart back-off reset
+QUEUE_LATENCY = "traci_broker_queue_latency_seconds"
+LIVE_EXPERTS = "traci_broker_live_experts"
 
 
 @dataclass
@@ -110,7 +113,20 @@ def up(config: Config, *, argv: list[str], args: Any) -> int:
         _stop_all(children)
     if interrupted or code:
         return code
-    return progress.final(run_path)
+    code = progress.final(run_path)
+    if code == 0:
+        _plot(run_path, progress)
+    return code
+
+
+def _plot(run_path: Path, progress: Progress) -> None:
+    """The run's PNGs (``traci_ml.plot``): a failure to plot is a warning, never a failed run."""
+    try:
+        from traci_ml.plot import describe, plot_run
+
+        progress.line(describe(plot_run(run_path)))
+    except (Exception, KeyboardInterrupt) as exc:  # any failure at all: the run succeeded
+        log.warning("plots of %s not written: %s", run_path, exc or type(exc).__name__)
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -176,6 +192,7 @@ def _watch(children: list[Child], progress: Progress, config: Config) -> int:
             child.restart_at = now + delay
             progress.restarted(child.name, code, child.restarts, policy.max_restarts, delay)
         if reducer.code == 0:
+            progress._broker_live()  # a last queue-latency sample, with the run's final steps
             deadline = time.monotonic() + GRACE
             while time.monotonic() < deadline and any(c.code is None for c in children):
                 time.sleep(POLL)
@@ -211,6 +228,8 @@ class Progress:
         self.last_train: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
         self.printed = 0.0
+        self.broker_log = config.run_path / "broker.jsonl"
+        self.latency_prev: dict[float, float] | None = None  # the last scrape's buckets
 
     def line(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -262,18 +281,41 @@ class Progress:
             pass
 
     def _broker_live(self) -> int | None:
+        """One scrape of the broker's metrics per tick: live experts for the status line, and a
+        queue-latency sample appended to RUN_DIR/broker.jsonl. Never raises, never blocks long."""
         port = self.config.metrics.broker_port
         if not port:
             return None
-        host = self.config.metrics.bind if self.config.metrics.bind != "0.0.0.0" else "127.0.0.1"
-        try:
+        bind = self.config.metrics.bind
+        host = "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind  # a wildcard bind
+        try:  # any failure (refused, timeout, torn response, odd text) skips this tick
             with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=0.2) as resp:
-                for line in resp.read().decode().splitlines():
-                    if line.startswith("traci_broker_live_experts "):
-                        return int(float(line.split()[1]))
-        except (OSError, ValueError):
+                scrape = parse_broker_scrape(resp.read().decode())
+        except Exception:
             return None
-        return None
+        try:
+            self._sample_latency(scrape)
+        except Exception:  # a full disk must not stop the supervisor
+            pass
+        return scrape["live_experts"]
+
+    def _sample_latency(self, scrape: dict[str, Any]) -> None:
+        buckets = scrape["buckets"]
+        if not buckets or scrape["count"] is None:
+            return
+        interval = bucket_deltas(self.latency_prev, buckets)
+        self.latency_prev = dict(buckets)
+        record = {
+            "time": time.time(),
+            "count": scrape["count"],
+            "sum": scrape["sum"],
+            "interval_count": interval[-1][1],
+            "p50_seconds": histogram_quantile(0.5, interval),
+            "p99_seconds": histogram_quantile(0.99, interval),
+            "live_experts": scrape["live_experts"],
+        }
+        with self.broker_log.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     def final(self, run_path: Path) -> int:
         try:
@@ -289,3 +331,20 @@ class Progress:
             f"{run_path}/summary.json"
         )
         return 0
+
+
+def parse_broker_scrape(text: str) -> dict[str, Any]:
+    """From the broker's Prometheus text: the queue-latency histogram's buckets (``le``,
+    cumulative count; sorted, +Inf last), its count and sum, and the live-experts gauge."""
+    out: dict[str, Any] = {"buckets": [], "count": None, "sum": None, "live_experts": None}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith(f"{QUEUE_LATENCY}_bucket{{"):
+            le = name.split('le="', 1)[1].split('"', 1)[0]
+            out["buckets"].append((float(le), float(value)))
+        elif name in (f"{QUEUE_LATENCY}_count", f"{QUEUE_LATENCY}_sum"):
+            out[name.rsplit("_", 1)[1]] = float(value)
+        elif name == LIVE_EXPERTS:
+            out["live_experts"] = int(float(value))
+    out["buckets"].sort()
+    return out

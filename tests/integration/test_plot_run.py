@@ -1,0 +1,54 @@
+"""`traci up` ends by plotting the run, and samples the broker's queue latency while it runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+
+pytestmark = pytest.mark.integration
+TRACI = [sys.executable, "-m", "traci_ml.cli"]
+
+
+@pytest.mark.timeout(300)
+def test_traci_up_leaves_plots_and_broker_samples(run_config):
+    path, cfg = run_config({"train": {"steps": 400, "eval_every": 200}}, metrics=True)
+    proc = subprocess.run([*TRACI, "up", str(path)], capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = Path(cfg["run_dir"])
+    plots = run_dir / "plots"
+    assert f"plots in {plots}: loss.png, throughput.png, attention.png, queue_latency.png" in (
+        proc.stdout
+    )
+    for name in ("loss.png", "throughput.png", "attention.png", "queue_latency.png"):
+        png = plots / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        height, width = imread(png).shape[:2]
+        assert width >= 700 and height >= 400, (name, width, height)
+    samples = [json.loads(x) for x in (run_dir / "broker.jsonl").read_text().splitlines()]
+    counts = [s["count"] for s in samples]
+    assert len(samples) >= 2 and counts[-1] > counts[0] >= 0, counts
+    assert counts == sorted(counts)  # one broker life: the cumulative count only grows
+    assert [s["time"] for s in samples] == sorted(s["time"] for s in samples)
+    assert sum(s["interval_count"] for s in samples) == counts[-1]
+    assert any(s["p50_seconds"] and s["p99_seconds"] >= s["p50_seconds"] > 0 for s in samples)
+    assert samples[-1]["live_experts"] == 4
+
+
+@pytest.mark.timeout(300)
+def test_without_broker_metrics_there_is_no_broker_jsonl(run_config):
+    path, cfg = run_config({"train": {"steps": 100, "eval_every": 100}})
+    proc = subprocess.run([*TRACI, "up", str(path)], capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = Path(cfg["run_dir"])
+    assert not (run_dir / "broker.jsonl").exists()
+    assert "(no broker.jsonl: queue latency not plotted)" in proc.stdout
+    assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == [
+        "attention.png",
+        "loss.png",
+        "throughput.png",
+    ]
