@@ -5,54 +5,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-TRACI = [sys.executable, "-m", "traci_ml.cli"]
+from traci_ml.api import TRACI, LocalCluster
+
+__all__ = ["TRACI", "Cluster", "assert_at_most_once"]
 
 
-class Cluster:
+class Cluster(LocalCluster):
+    """``traci_ml.LocalCluster`` plus what fault tests need: pids, kills, ledgers, stalls."""
+
     def __init__(self, config_path: Path, config: dict[str, Any]) -> None:
-        self.config_path, self.config = config_path, config
+        super().__init__(config_path)
         self.run_dir = Path(config["run_dir"])
-        self.proc: subprocess.Popen | None = None
-        self.output = ""
-
-    def __enter__(self) -> Cluster:
-        self.proc = subprocess.Popen(
-            [*TRACI, "up", str(self.config_path)], stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.communicate()
-
-    # -- observing ----------------------------------------------------------------------
-
-    def records(self, kind: str = "train") -> list[dict[str, Any]]:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return []
-        out = []
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line being written
-            if rec.get("kind") == kind:
-                out.append(rec)
-        return out
 
     def train_step(self) -> int:
         recs = self.records()
@@ -80,8 +48,11 @@ class Cluster:
             pid = self.pids().get(service)
             if pid is not None and pid != old_pid:
                 return pid
+            self._check_alive()
             time.sleep(0.1)
-        raise TimeoutError(f"{service} was not restarted in {timeout}s")
+        raise TimeoutError(
+            f"{service} was not restarted in {timeout}s; traci up printed:\n{self.output[-3000:]}"
+        )
 
     def metric(self, port: int, name: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
@@ -92,12 +63,9 @@ class Cluster:
 
     def finish(self, timeout: float = 300) -> tuple[int, str]:
         assert self.proc is not None
-        out, _ = self.proc.communicate(timeout=timeout)
-        self.output = out
-        return self.proc.returncode, out
-
-    def summary(self) -> dict[str, Any]:
-        return json.loads((self.run_dir / "summary.json").read_text())
+        self.proc.wait(timeout=timeout)
+        self._join_reader()
+        return self.proc.returncode, self.output
 
     def ledger(self, expert_id: int) -> list[int]:
         path = self.run_dir / "experts" / f"expert-{expert_id}.applied"
@@ -110,8 +78,10 @@ class Cluster:
 
     def _check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            out = self.proc.communicate()[0]
-            raise RuntimeError(f"traci up exited with {self.proc.returncode}:\n{out[-3000:]}")
+            self._join_reader()
+            raise RuntimeError(
+                f"traci up exited with {self.proc.returncode}:\n{self.output[-3000:]}"
+            )
 
 
 def assert_at_most_once(ledger: list[int]) -> None:

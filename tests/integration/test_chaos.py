@@ -1,8 +1,9 @@
-"""Chaos: about two minutes of training while experts are SIGKILLed every ~20 s and the broker
-and the reducer are each killed once. `traci up` restarts them all. The run must finish with
-its held-out accuracy within one point of the same run without faults, no stall longer than
-the liveness timeout plus a restart, and no gradient applied twice. `make chaos` runs it
-alone and prints the figures."""
+"""Chaos: 5000 steps of training while experts are SIGKILLed every ~600 steps and the broker
+and the reducer are each killed once; `traci up` restarts them all. Faults are placed by
+training step, not wall clock, so a fast machine cannot finish the run before the schedule
+does. The run must finish with its held-out accuracy within one point of the same run without
+faults, no stall longer than the liveness timeout plus a restart, and no gradient applied
+twice. `make chaos` runs it alone and prints the figures."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ RUN = {
     "train": {"steps": STEPS, "eval_every": 1000, "checkpoint_every": 200},
     "launcher": {"restart_delay": 0.5, "max_restarts": 20},
 }
-# (seconds after training starts, what to kill)
-FAULTS = [(15, "expert"), (30, "broker"), (45, "expert"), (60, "reducer"), (75, "expert"),
-          (95, "expert"), (110, "expert")]  # fmt: skip
+# (training step at which to kill, what to kill)
+FAULTS = [(500, "expert"), (1000, "broker"), (1500, "expert"), (2000, "reducer"),
+          (2600, "expert"), (3300, "expert"), (4000, "expert")]  # fmt: skip
 LIVENESS = 2.0  # network.liveness in the test config (tests/conftest.py)
+RESTART = 20.0  # seconds a restarted service may take to train again on a loaded machine
 
 
 def run_reference(run_config) -> dict:
@@ -39,20 +41,15 @@ def test_chaos_run_matches_the_fault_free_run(run_config, tmp_path):
     rng = random.Random(7)
     reference = run_reference(run_config)
     path, cfg = run_config({**RUN, "run_dir": str(tmp_path / "chaos")})
-    kills: list[tuple[float, str]] = []
+    kills: list[tuple[float, int, str]] = []  # (seconds into training, step, service)
     with Cluster(path, cfg) as cluster:
         cluster.wait_for_step(1)
         t0 = time.monotonic()
         for at, what in FAULTS:
-            while time.monotonic() - t0 < at:
-                if cluster.proc.poll() is not None:
-                    break
-                time.sleep(0.2)
-            if cluster.proc.poll() is not None:
-                break  # training already finished
+            cluster.wait_for_step(at)
             service = f"expert-{rng.randrange(4)}" if what == "expert" else what
             old = cluster.kill(service, signal.SIGKILL)
-            kills.append((round(time.monotonic() - t0, 1), service))
+            kills.append((round(time.monotonic() - t0, 1), cluster.train_step(), service))
             cluster.wait_restarted(service, old)
         code, out = cluster.finish(timeout=600)
         assert code == 0, out[-4000:]
@@ -72,8 +69,12 @@ def test_chaos_run_matches_the_fault_free_run(run_config, tmp_path):
     }
     print("\nCHAOS REPORT " + json.dumps(report, indent=2))
     (tmp_path / "chaos-report.json").write_text(json.dumps(report, indent=2))
-    assert len(kills) >= 6 and {"broker", "reducer"} <= {s for _, s in kills}
+    assert len(kills) >= 6 and {"broker", "reducer"} <= {s for _, _, s in kills}
     for ledger in ledgers.values():
         assert_at_most_once(ledger)
     assert abs(summary["test_accuracy"] - reference["test_accuracy"]) <= 0.01
-    assert stall < LIVENESS + 10  # liveness + restart (python start-up, resume, register)
+    # liveness + one restart: python and torch start-up, resume, register. On a quiet 2-core
+    # machine the worst stall is ~8.5 s; with other jobs sharing the cores a restart alone has
+    # taken 10 s, so the bound leaves room for that. A hung join would stall until
+    # network.connect_timeout (60 s in the test config) or forever.
+    assert stall < LIVENESS + RESTART, f"training stalled {stall:.1f}s"
