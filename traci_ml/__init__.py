@@ -5,3 +5,13 @@ Polyak targets), a broker that joins and orders their embeddings, and a reducer 
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["LocalCluster"]
+
+
+def __getattr__(name: str):  # lazy: services importing traci_ml.* do not pay for the API
+    if name == "LocalCluster":
+        from traci_ml.api import LocalCluster
+
+        return LocalCluster
+    raise AttributeError(f"module 'traci_ml' has no attribute {name!r}")
