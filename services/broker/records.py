@@ -10,7 +10,11 @@ EXPERT = "expert"  # the two sockets, as named in Send.socket
 REDUCER = "reducer"
 
 
-@dataclass(frozen=True, slots=True)
+# Send, Outcome and ReleasedStep are made for every message or step: plain (not frozen)
+# slotted classes, whose constructors are a few stores, keep that cheap.
+
+
+@dataclass(slots=True)
 class Send:
     """One message for the server to encode and send to ``routing_id`` on ``socket``."""
 
@@ -19,23 +23,31 @@ class Send:
     message: Message
 
 
-@dataclass(slots=True)
 class Outcome:
     """What one call decided: messages to send, and facts for metrics and logs."""
 
-    sends: list[Send] = field(default_factory=list)
-    rejected: str | None = None  # a metrics.BROKER_REASONS label when the input was refused
-    detail: str = ""  # why, for the log line
-    join_waits: list[float] = field(default_factory=list)  # one per released step
-    queue_latencies: list[float] = field(default_factory=list)  # one per dispatched step
-    skipped: int = 0
-    dropped: list[str] = field(default_factory=list)  # one DROP_REASONS label per dropped step
-    notes: list[str] = field(default_factory=list)  # state changes worth an INFO line
-    done: bool = False  # the reducer said GOODBYE("done")
+    __slots__ = ("sends", "rejected", "detail", "join_waits", "queue_latencies", "skipped",
+                 "dropped", "notes", "done")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.sends: list[Send] = []
+        self.rejected: str | None = None  # a metrics.BROKER_REASONS label: input refused
+        self.detail = ""  # why, for the log line
+        self.join_waits: list[float] = []  # one per released step
+        self.queue_latencies: list[float] = []  # one per dispatched step
+        self.skipped = 0
+        self.dropped: list[str] = []  # one DROP_REASONS label per dropped step
+        self.notes: list[str] = []  # state changes worth an INFO line
+        self.done = False  # the reducer said GOODBYE("done")
 
     def reject(self, reason: str, detail: str) -> Outcome:
         self.rejected, self.detail = reason, detail
         return self
+
+
+NOTHING = Outcome()  # shared by calls that decide nothing: read-only (tuples, not lists)
+NOTHING.sends = NOTHING.join_waits = NOTHING.queue_latencies = ()  # type: ignore[assignment]
+NOTHING.dropped = NOTHING.notes = ()  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +68,10 @@ class ExpertPeer:
     last_seen: float
     live: bool = True
     in_flight: set[int] = field(default_factory=set)  # accepted, not yet answered (<= window)
+    holder: Holder = field(init=False)  # this registration, as its tokens record it
+
+    def __post_init__(self) -> None:
+        self.holder = Holder(self.expert_id, self.routing_id, self.generation)
 
 
 @dataclass(slots=True)
@@ -74,7 +90,7 @@ class PendingStep:
     forfeited: set[int] = field(default_factory=set)  # told DROP: will not send this seq
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReleasedStep:
     """A released step: in the ready queue, then dispatched until the reducer answers."""
 

@@ -277,7 +277,7 @@ def test_garbage_is_rejected_and_counted_while_good_traffic_flows(net, broker) -
 def test_a_bug_on_one_message_is_counted_and_the_loop_goes_on(net, broker, monkeypatch) -> None:
     experts, reducer = cluster(net, broker)
     book = broker.broker.book
-    real_emb, calls = book.emb, []
+    real_emb, calls = book.emb_fields, []  # the server's EMB path: decoded fields, no Emb
 
     def flaky_emb(*args: object) -> object:
         calls.append(args)
@@ -285,11 +285,12 @@ def test_a_bug_on_one_message_is_counted_and_the_loop_goes_on(net, broker, monke
             raise RuntimeError("boom")
         return real_emb(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(book, "emb", flaky_emb)
+    monkeypatch.setattr(book, "emb_fields", flaky_emb)
     for i, expert in enumerate(experts):
         expert.send(Emb(0, i, "train", tensor(i)))
     wait_for(lambda: broker.rejections("internal") == 1)
-    experts[calls[0][1].expert_id].send(calls[0][1])  # the EMB that hit the bug, again
+    _, seq, eid, phase, data, _ = calls[0]
+    experts[eid].send(Emb(seq, eid, phase, data))  # the EMB that hit the bug, again
     batch = reducer.recv()
     assert isinstance(batch, Batch) and batch.present == (True, True, True)
 

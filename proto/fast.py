@@ -1,0 +1,322 @@
+"""Fast paths of ``wire.decode`` and ``wire.encode`` for the kinds on the hot path.
+
+``wire`` is the reference: it checks everything and names the reason of every rejection.
+The functions here accept only messages that ``wire.decode`` would accept *and* that have
+the exact shape the services send (EMB, BATCH, GRAD, ACK, HEARTBEAT with no extra or
+missing field, every tensor ``[B, d]``), and build the very same message. Anything else --
+any doubt at all -- goes to ``wire.decode``, which then accepts it or raises the precise
+``ProtocolError``. So the two can never disagree on a verdict or a reason; the tests in
+``tests/proto/test_fast.py`` compare them on valid, corrupted and random input.
+
+What makes these cheap: one ``msgpack`` unpack straight from the frame (no copy), type
+checks with ``type(x) is int`` instead of ``isinstance`` loops over a schema, the frame
+size from ``len`` (``bytes`` and ``zmq.Frame``), and the finiteness check as one numpy
+reduction over a zero-copy view of the frame (``finite``).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from traci_ml.proto import wire
+from traci_ml.proto.wire import (
+    MAX_DIM,
+    MAX_EXPERTS,
+    MAX_HEADER_BYTES,
+    MAX_SEQ,
+    MAX_TENSOR_BYTES,
+    MAX_TENSORS,
+    PHASES,
+    VERSION,
+    Ack,
+    Batch,
+    Emb,
+    FrameLike,
+    Grad,
+    Heartbeat,
+    Message,
+    Tensor,
+)
+
+_unpackb = msgpack.unpackb
+_packb = msgpack.packb
+_isfinite = np.isfinite
+_frombuffer = np.frombuffer
+_SIZED = frozenset({bytes, bytearray})  # len() is the byte count; zmq.Frame is added lazily
+_ITEMSIZE = {name: size for name, (size, _) in wire.DTYPES.items()}
+_F4 = np.dtype("<f4")
+_U16 = np.dtype("<u2")
+_EXPONENT = {"float16": 0x7C00, "bfloat16": 0x7F80}  # all ones: Inf or NaN
+_HEARTBEAT = Heartbeat()
+# float32 up to this many values: one BLAS dot (OpenBLAS runs sdot on one thread up to 10000
+# values); beyond it, isfinite + all, which costs about the same per byte there. np.vdot, unlike
+# ndarray.dot, does not turn the FPU's overflow/invalid flags into RuntimeWarnings.
+_DOT_MAX = 8192
+_vdot = np.vdot
+_all = np.logical_and.reduce
+_max = np.maximum.reduce
+_isfinite_scalar = math.isfinite
+
+
+def nbytes(frame: FrameLike) -> int:
+    """Byte length of a frame (``bytes``, ``bytearray``, ``zmq.Frame`` or any buffer)."""
+    if type(frame) in _SIZED:
+        return len(frame)
+    return memoryview(frame).nbytes
+
+
+def finite(dtype: str, frame: FrameLike) -> bool:
+    """True when no element of ``frame`` (raw ``dtype`` values) is NaN or Inf; the same
+    verdict as ``wire.is_finite``, from one pass over a zero-copy view of the frame.
+
+    float32: the sum of squares is NaN or Inf if any value is (squares are never negative,
+    so nothing cancels), and finite values give a finite sum unless it overflows (|x| above
+    about 1e19): a finite sum proves every value finite; otherwise the exact check decides.
+    One BLAS dot reads the frame once and allocates nothing. float16 and bfloat16: no
+    element has its exponent bits all ones."""
+    if dtype == "float32":
+        values = _frombuffer(frame, _F4)
+        if values.size <= _DOT_MAX and _isfinite_scalar(_vdot(values, values)):
+            return True
+        return bool(_all(_isfinite(values)))
+    mask = _EXPONENT[dtype]
+    bits = _frombuffer(frame, _U16)
+    return not bits.size or int(_max(bits & mask)) != mask
+
+
+def _tensor(spec: Any, frame: FrameLike, check_finite: bool) -> Tensor | None:
+    """The ``[B, d]`` tensor ``spec`` describes, or None if anything is off."""
+    if type(spec) is not list or len(spec) != 2:
+        return None
+    dtype, shape = spec
+    itemsize = _ITEMSIZE.get(dtype) if type(dtype) is str else None
+    if itemsize is None or type(shape) is not list or len(shape) != 2:
+        return None
+    rows, cols = shape
+    if type(rows) is not int or type(cols) is not int:
+        return None
+    if not (0 <= rows <= MAX_DIM and 0 <= cols <= MAX_DIM):
+        return None
+    size = rows * cols * itemsize
+    got = len(frame) if type(frame) in _SIZED else memoryview(frame).nbytes
+    if size > MAX_TENSOR_BYTES or got != size:
+        return None
+    if check_finite and not finite(dtype, frame):
+        return None
+    return Tensor(dtype, (rows, cols), frame)
+
+
+def _same_tensors(specs: Any, frames: Sequence[FrameLike], check_finite: bool) -> tuple | None:
+    """One ``[B, d]`` tensor per frame, all of one spec; None if anything is off."""
+    if type(specs) is not list or len(specs) != len(frames) or not specs:
+        return None
+    first = _tensor(specs[0], frames[0], check_finite)
+    if first is None:
+        return None
+    tensors = [first]
+    for spec, frame in zip(specs[1:], frames[1:], strict=True):
+        tensor = _tensor(spec, frame, check_finite)
+        if tensor is None or tensor.shape != first.shape or tensor.dtype != first.dtype:
+            return None
+        tensors.append(tensor)
+    return tuple(tensors)
+
+
+def _seq(header: dict, key: str = "seq") -> int | None:
+    value = header.get(key)
+    return value if type(value) is int and 0 <= value <= MAX_SEQ else None
+
+
+def emb_fields(
+    frames: Sequence[FrameLike], check_finite: bool = True
+) -> tuple[int, int, str, Tensor] | None:
+    """``(seq, expert_id, phase, tensor)`` of a well-formed EMB, without building the
+    ``Emb`` (the broker's hot path); None for anything else, which ``decode`` then accepts
+    or rejects with its reason. Never raises."""
+    if len(frames) != 2:
+        return None
+    head = frames[0]
+    try:
+        if (len(head) if type(head) in _SIZED else memoryview(head).nbytes) > MAX_HEADER_BYTES:
+            return None
+        header = _unpackb(head, raw=False, strict_map_key=True)
+        if type(header) is not dict or header.get("k") != "EMB":
+            return None
+        return _emb(header, frames[1], check_finite)
+    except Exception:  # e.g. not msgpack
+        return None
+
+
+def _emb(header: dict, frame: FrameLike, check_finite: bool) -> tuple | None:
+    version, seq, eid = header.get("v"), header.get("seq"), header.get("expert_id")
+    if len(header) != 6 or type(version) is not int or type(seq) is not int:
+        return None
+    phase, specs = header.get("phase"), header.get("t")
+    if type(eid) is not int or version != VERSION or not 0 <= seq <= MAX_SEQ:
+        return None
+    if not -1 <= eid <= MAX_SEQ or type(phase) is not str or phase not in PHASES:
+        return None
+    if type(specs) is not list or len(specs) != 1:
+        return None
+    tensor = _tensor(specs[0], frame, check_finite)
+    return None if tensor is None else (seq, eid, phase, tensor)
+
+
+def _fast(frames: Sequence[FrameLike], check_finite: bool) -> Message | None:
+    count = len(frames)
+    if not 0 < count <= MAX_TENSORS + 1 or nbytes(frames[0]) > MAX_HEADER_BYTES:
+        return None
+    header = _unpackb(frames[0], raw=False, strict_map_key=True)
+    if type(header) is not dict or header.get("v") != VERSION or type(header["v"]) is not int:
+        return None
+    kind, size = header.get("k"), len(header)
+    if kind == "EMB":
+        fields = _emb(header, frames[1], check_finite) if count == 2 else None
+        return None if fields is None else Emb(*fields)
+    if kind == "ACK":
+        seq = _seq(header)
+        return Ack(seq) if size == 3 and count == 1 and seq is not None else None
+    if kind == "HEARTBEAT":
+        return _HEARTBEAT if size == 2 and count == 1 else None
+    if kind == "GRAD":
+        seq, eid = _seq(header), header.get("expert_id")
+        if size != 5 or seq is None or type(eid) is not int or not -1 <= eid <= MAX_SEQ:
+            return None
+        tensors = _same_tensors(header.get("t"), frames[1:], check_finite)
+        if tensors is None or (eid != -1 and len(tensors) != 1):
+            return None
+        return Grad(seq, eid, tensors)
+    if kind == "BATCH":
+        seq, phase, present = _seq(header), header.get("phase"), header.get("present")
+        if size != 6 or seq is None or type(phase) is not str or phase not in PHASES:
+            return None
+        if type(present) is not list or not 0 < len(present) <= MAX_EXPERTS:
+            return None
+        n_present = 0
+        for flag in present:
+            if type(flag) is not bool:
+                return None
+            n_present += flag
+        tensors = _same_tensors(header.get("t"), frames[1:], check_finite)
+        if tensors is None or len(tensors) != n_present:
+            return None
+        return Batch(seq, phase, tuple(present), tensors)
+    return None
+
+
+def decode(frames: Sequence[FrameLike], *, check_finite: bool = True) -> Message:
+    """``wire.decode``, faster for well-formed hot-path messages: same result, same errors."""
+    try:
+        msg = _fast(frames, check_finite)
+    except Exception:  # e.g. not msgpack: wire.decode names the reason
+        msg = None
+    return msg if msg is not None else wire.decode(frames, check_finite=check_finite)
+
+
+# ---- encode -------------------------------------------------------------------------------
+# A header is packed from cached pieces: msgpack packs a map as its length then each key and
+# value in turn, so {"v", "k", "seq", *rest} is (map head + "v", "k", "seq" keys and values)
+# + seq + (rest). Only seq changes from step to step; the rest is cached by its values,
+# checked to have the exact types packb would see (True == 1 and 1.0 == 1 in a dict key).
+
+_FIXINT = [bytes((i,)) for i in range(128)]
+_PACK_U8, _PACK_U16, _PACK_U32, _PACK_U64 = (
+    struct.Struct(f).pack for f in (">BB", ">BH", ">BI", ">BQ")
+)
+_PIECES: dict[tuple, tuple[bytes, bytes]] = {}
+
+
+def _uint(n: int) -> bytes:
+    """``msgpack.packb(n)`` for ``0 <= n < 2**64``."""
+    if n < 0x80:
+        return _FIXINT[n]
+    if n < 0x100:
+        return _PACK_U8(0xCC, n)
+    if n < 0x10000:
+        return _PACK_U16(0xCD, n)
+    if n < 0x100000000:
+        return _PACK_U32(0xCE, n)
+    return _PACK_U64(0xCF, n)
+
+
+def _header(kind: str, seq: int, rest: tuple) -> bytes:
+    """``packb({"v": VERSION, "k": kind, "seq": seq, **dict(rest)})``."""
+    if type(seq) is not int or not 0 <= seq < 1 << 64:
+        return _packb({"v": VERSION, "k": kind, "seq": seq, **dict(rest)})
+    key = (kind, rest)
+    pieces = _PIECES.get(key)
+    if pieces is None:
+        if len(_PIECES) >= 4096:
+            _PIECES.clear()
+        head = bytes((0x80 | (3 + len(rest)),))
+        head += b"".join(_packb(x) for x in ("v", VERSION, "k", kind, "seq"))
+        pieces = _PIECES[key] = (head, b"".join(_packb(k) + _packb(v) for k, v in rest))
+    return pieces[0] + _uint(seq) + pieces[1]
+
+
+def _specs(tensors: tuple[Tensor, ...]) -> tuple | None:
+    """The ``t`` field as a (hashable) tuple; None when a dtype or dim has an odd type."""
+    first = tensors[0]
+    dtype, shape = first.dtype, first.shape
+    if type(dtype) is not str or type(shape) is not tuple:
+        return None
+    for dim in shape:
+        if type(dim) is not int:
+            return None
+    for tensor in tensors:
+        if tensor.dtype != dtype or tensor.shape != shape:
+            return None  # mixed tensors (wire.decode refuses them): the plain way
+    return ((dtype, shape),) * len(tensors)
+
+
+def _ints(*values: Any) -> bool:
+    for value in values:
+        if type(value) is not int:
+            return False
+    return True
+
+
+def encode(msg: Message) -> list[FrameLike]:
+    """``wire.encode`` (byte for byte the same frames), faster for the hot kinds."""
+    cls = type(msg)
+    if cls is Batch:
+        tensors, present, phase = msg.tensors, msg.present, msg.phase
+        specs = _specs(tensors) if tensors else ()
+        if specs is not None and type(present) is tuple and type(phase) is str:
+            for flag in present:
+                if type(flag) is not bool:
+                    break
+            else:
+                rest = (("phase", phase), ("present", present))
+                if specs:
+                    rest += (("t", specs),)
+                return [_header("BATCH", msg.seq, rest), *(t.data for t in tensors)]
+    elif cls is Grad:
+        tensors = msg.tensors
+        specs = _specs(tensors) if tensors else ()
+        if specs is not None and _ints(msg.expert_id):
+            rest = (("expert_id", msg.expert_id), ("t", specs)) if specs else (
+                ("expert_id", msg.expert_id),)  # fmt: skip
+            return [_header("GRAD", msg.seq, rest), *(t.data for t in tensors)]
+    elif cls is Emb:
+        tensor = msg.tensor
+        specs = _specs((tensor,))
+        if specs is not None and _ints(msg.expert_id) and type(msg.phase) is str:
+            rest = (("expert_id", msg.expert_id), ("phase", msg.phase), ("t", specs))
+            return [_header("EMB", msg.seq, rest), tensor.data]
+    elif cls is Ack:
+        return [_header("ACK", msg.seq, ())]
+    return wire.encode(msg)
+
+
+def register_frame_type(frame_type: type) -> None:
+    """Let ``nbytes`` use ``len`` for ``frame_type`` (e.g. ``zmq.Frame``, whose ``len`` is
+    its byte count). proto imports no zmq; services that do call this once."""
+    global _SIZED
+    _SIZED = _SIZED | {frame_type}

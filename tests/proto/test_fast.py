@@ -1,0 +1,257 @@
+"""The fast paths (``proto/fast.py``) against the reference (``wire``): the same messages, the
+same frames byte for byte, the same rejections with the same reasons, on valid, corrupted and
+random input; and the finiteness check's edge cases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from traci_ml import proto
+from traci_ml.errors import ProtocolError
+from traci_ml.proto import fast, wire
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DTYPES = sorted(proto.DTYPES)
+
+
+def raw_values(dtype: str, values: np.ndarray) -> bytes:
+    """float32 ``values`` as raw bytes of ``dtype`` (bfloat16: the top half of a float32)."""
+    values = values.astype(np.float32)
+    if dtype == "bfloat16":
+        return (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+    return values.astype(proto.DTYPES[dtype][1]).tobytes()
+
+
+def verdict(decoder: Any, frames: list[Any]) -> tuple[str, Any]:
+    try:
+        return "ok", decoder(frames)
+    except ProtocolError as exc:
+        return "rejected", exc.reason
+
+
+def same_verdict(frames: list[Any]) -> None:
+    """The property: fast.decode and wire.decode agree on the message or the reason."""
+    assert verdict(fast.decode, frames) == verdict(wire.decode, frames)
+    fields = fast.emb_fields(frames)  # never raises; a result only for a valid EMB
+    if fields is not None:
+        assert wire.decode(frames) == proto.Emb(*fields)
+
+
+# ---- encode: byte for byte what wire.encode makes ------------------------------------------
+
+
+@st.composite
+def tensor_messages(draw: st.DrawFn) -> Any:
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = (draw(st.integers(0, 4)), draw(st.integers(1, 5)))
+    values = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).standard_normal(shape)
+
+    def tensors(n: int) -> tuple[proto.Tensor, ...]:
+        return tuple(proto.Tensor(dtype, shape, raw_values(dtype, values)) for _ in range(n))
+
+    seq = draw(st.integers(0, wire.MAX_SEQ))
+    kind = draw(st.sampled_from(["EMB", "BATCH", "GRAD_UP", "GRAD_DOWN", "ACK"]))
+    if kind == "EMB":
+        return proto.Emb(seq, draw(st.integers(-1, 1023)), draw(st.sampled_from(proto.PHASES)),
+                         tensors(1)[0])  # fmt: skip
+    if kind == "BATCH":
+        present = tuple(draw(st.lists(st.booleans(), min_size=1, max_size=6).filter(any)))
+        return proto.Batch(seq, draw(st.sampled_from(proto.PHASES)), present,
+                           tensors(sum(present)))  # fmt: skip
+    if kind == "GRAD_UP":
+        return proto.Grad(seq, -1, tensors(draw(st.integers(1, 5))))
+    if kind == "GRAD_DOWN":
+        return proto.Grad(seq, draw(st.integers(0, 1023)), tensors(1))
+    return proto.Ack(seq)
+
+
+def frames_bytes(frames: list[Any]) -> list[bytes]:
+    return [bytes(memoryview(f).cast("B")) for f in frames]
+
+
+@FAST
+@given(tensor_messages())
+def test_encode_matches_wire_byte_for_byte(msg: Any) -> None:
+    assert frames_bytes(fast.encode(msg)) == frames_bytes(wire.encode(msg))
+    assert fast.decode(fast.encode(msg)) == msg
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        # odd field types (not what the services build): the plain packer decides
+        proto.Batch(3, "eval", (1, 0), (proto.Tensor("float32", (1, 1), bytes(4)),)),  # type: ignore[arg-type]
+        proto.Grad(9, True, (proto.Tensor("float32", (1, 1), bytes(4)),)),
+        proto.Emb(1, 2, "train", proto.Tensor("float32", [1, 1], bytes(4))),  # type: ignore[arg-type]
+        proto.Emb(1, 2, "train", proto.Tensor("float32", (1.0, 1), bytes(4))),  # type: ignore[arg-type]
+        proto.Grad(
+            4,
+            -1,
+            (proto.Tensor("float32", (1, 1), bytes(4)), proto.Tensor("float16", (1, 1), bytes(2))),
+        ),  # fmt: skip
+        proto.Grad(4, 2, ()),
+        proto.Ack(-1),
+        proto.Ack(True),  # type: ignore[arg-type]
+        proto.Batch(-2, "eval", (True,), (proto.Tensor("float32", (1, 1), bytes(4)),)),
+        proto.Heartbeat(),
+        proto.Drop(3, "late"),
+        proto.Goodbye("done"),
+    ],
+    ids=repr,
+)
+def test_encode_of_odd_messages_matches_wire(msg: Any) -> None:
+    assert frames_bytes(fast.encode(msg)) == frames_bytes(wire.encode(msg))
+
+
+@pytest.mark.parametrize("n", [*range(0, 300), 2**16 - 1, 2**16, 2**32 - 1, 2**32, wire.MAX_SEQ,
+                               2**64 - 1])  # fmt: skip
+def test_uint_packs_like_msgpack(n: int) -> None:
+    assert fast._uint(n) == msgpack.packb(n)
+
+
+# ---- decode: the same verdict as wire.decode -------------------------------------------------
+
+
+@FAST
+@given(tensor_messages(), st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)),
+                                   min_size=1, max_size=4))  # fmt: skip
+def test_header_byte_flips_get_the_same_verdict(msg: Any, flips: list[tuple[int, int]]) -> None:
+    frames = wire.encode(msg)
+    header = bytearray(frames[0])
+    for at, byte in flips:
+        header[at % len(header)] = byte
+    same_verdict([bytes(header), *frames[1:]])
+
+
+@FAST
+@given(tensor_messages(), st.data())
+def test_truncated_headers_and_frames_get_the_same_verdict(msg: Any, data: st.DataObject) -> None:
+    frames = frames_bytes(wire.encode(msg))
+    k = data.draw(st.integers(0, len(frames) - 1))
+    frames[k] = frames[k][: data.draw(st.integers(0, max(0, len(frames[k]) - 1)))]
+    same_verdict(frames)
+    same_verdict(frames[:-1])  # a frame missing
+    same_verdict([*frames, b"\x00" * 4])  # one too many
+
+
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=6) | st.binary(max_size=6)
+    | st.sampled_from(["EMB", "ACK", "GRAD", "BATCH", "train", "eval", "float32", 1, -1, 0]),
+    lambda inner: st.lists(inner, max_size=3),
+    max_leaves=8,
+)  # fmt: skip
+KEYS = st.sampled_from(["v", "k", "seq", "expert_id", "phase", "present", "t", "zzz"])
+
+
+@FAST
+@given(st.dictionaries(KEYS, VALUES, max_size=7), st.lists(st.binary(max_size=40), max_size=3))
+def test_random_headers_get_the_same_verdict(header: dict[str, Any], frames: list[bytes]) -> None:
+    same_verdict([msgpack.packb(header), *frames])
+
+
+@FAST
+@given(st.sampled_from(["EMB", "ACK", "GRAD", "BATCH", "HEARTBEAT"]), st.data())
+def test_near_valid_headers_get_the_same_verdict(kind: str, data: st.DataObject) -> None:
+    """A valid header of ``kind`` with one field replaced, dropped or added."""
+    spec = ["float32", [2, 3]]
+    header: dict[str, Any] = {
+        "EMB": {"seq": 4, "expert_id": 1, "phase": "train", "t": [spec]},
+        "ACK": {"seq": 4},
+        "GRAD": {"seq": 4, "expert_id": -1, "t": [spec, spec]},
+        "BATCH": {"seq": 4, "phase": "eval", "present": [True, False, True], "t": [spec, spec]},
+        "HEARTBEAT": {},
+    }[kind]
+    header = {"v": 1, "k": kind, **header}
+    key = data.draw(KEYS)
+    action = data.draw(st.sampled_from(["replace", "drop"]))
+    if action == "drop":
+        header.pop(key, None)
+    else:
+        header[key] = data.draw(VALUES)
+    n = len(header.get("t", [])) if isinstance(header.get("t"), list) else 0
+    frames = [bytes(24)] * data.draw(st.sampled_from([n, max(0, n - 1), n + 1]))
+    same_verdict([msgpack.packb(header), *frames])
+
+
+def test_zmq_frames_decode_like_bytes() -> None:
+    fast.register_frame_type(zmq.Frame)  # what the broker does
+    tensor = proto.Tensor("float32", (2, 3), np.arange(6, dtype=np.float32).tobytes())
+    msg = proto.Batch(7, "train", (True, True), (tensor, tensor))
+    frames = [zmq.Frame(bytes(f)) for f in frames_bytes(wire.encode(msg))]
+    decoded = fast.decode(frames)
+    assert decoded == wire.decode(frames)
+    assert all(t.data is f for t, f in zip(decoded.tensors, frames[1:], strict=True))
+    short = [frames[0], frames[1], zmq.Frame(bytes(20))]
+    assert verdict(fast.decode, short) == ("rejected", "size_mismatch")
+
+
+def test_emb_fields_of_an_emb_and_of_anything_else() -> None:
+    tensor = proto.Tensor("float32", (2, 3), np.ones(6, np.float32).tobytes())
+    frames = wire.encode(proto.Emb(9, 2, "eval", tensor))
+    assert fast.emb_fields(frames) == (9, 2, "eval", tensor)
+    assert fast.emb_fields(wire.encode(proto.Ack(9))) is None
+    assert fast.emb_fields([b"\xc1", bytes(24)]) is None  # not msgpack: no exception
+    assert fast.emb_fields([frames[0]]) is None
+    nan = np.ones(6, np.float32)
+    nan[4] = np.nan
+    assert fast.emb_fields([frames[0], nan.tobytes()]) is None
+    assert fast.emb_fields([frames[0], nan.tobytes()], check_finite=False) is not None
+
+
+# ---- finite: the same verdict as wire.is_finite ----------------------------------------------
+
+SIZES = [0, 1, 2, 7, 8, 9, 31, 33, 1000, 8191, 8192, 8193, 20000]
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_finite_catches_every_non_finite_anywhere(dtype: str, n: int) -> None:
+    good = raw_values(dtype, np.linspace(-3, 3, n))
+    assert fast.finite(dtype, good) and wire.is_finite(proto.Tensor(dtype, (n,), good))
+    for at in sorted({0, n // 2, n - 1}) if n else ():
+        for bad in (np.nan, np.inf, -np.inf):
+            values = np.linspace(-3, 3, n)
+            values[at] = bad
+            raw = raw_values(dtype, values)
+            assert not fast.finite(dtype, raw), (at, bad)
+            assert not wire.is_finite(proto.Tensor(dtype, (n,), raw))
+
+
+@pytest.mark.parametrize("n", SIZES[1:])
+@pytest.mark.parametrize("bits", [0x7FA00000, 0xFFC00001, 0x7F800001, 0xFF800000])
+def test_finite_catches_float32_nan_payloads_and_signalling_nans(n: int, bits: int) -> None:
+    words = np.ones(n, np.float32).view(np.uint32)
+    words[n // 2] = bits
+    assert not fast.finite("float32", words.tobytes())
+
+
+@pytest.mark.parametrize("value", [3.4e38, -3.4e38, 1e30, 2e19, 1e-45, -0.0, 65504.0])
+@pytest.mark.parametrize("n", [1, 8192, 8193])
+def test_finite_accepts_huge_and_tiny_float32_without_warnings(value: float, n: int) -> None:
+    # The sum of squares overflows to Inf here: the exact check must decide (and, as
+    # pytest turns warnings into errors, nothing may warn).
+    assert fast.finite("float32", np.full(n, value, np.float32).tobytes())
+
+
+def test_finite_float16_and_bfloat16_extremes() -> None:
+    assert fast.finite("float16", np.array([65504, -65504, 6e-8], np.float16).tobytes())
+    assert fast.finite("bfloat16", np.array([0x7F7F, 0xFF7F, 0x0001], "<u2").tobytes())
+    assert not fast.finite("bfloat16", np.array([0x3F80, 0x7F81], "<u2").tobytes())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_embeddings_are_rejected_non_finite(dtype: str) -> None:
+    values = np.ones((2, 3))
+    values[1, 2] = np.nan
+    frames = [msgpack.packb({"v": 1, "k": "EMB", "seq": 0, "expert_id": 0, "phase": "train",
+                             "t": [[dtype, [2, 3]]]}), raw_values(dtype, values)]  # fmt: skip
+    assert verdict(fast.decode, frames) == ("rejected", "non_finite")
+    assert fast.decode(frames, check_finite=False).tensor.shape == (2, 3)
