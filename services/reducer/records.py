@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+EVAL_PREDICTIONS = "eval_predictions.csv"  # the final evaluation round, row by row
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,10 +50,22 @@ class EvalRound:
     targets: list[torch.Tensor] = field(default_factory=list)
     att_sum: torch.Tensor | None = None
     att_count: torch.Tensor | None = None
+    rows: list[torch.Tensor] = field(default_factory=list)  # test-split row of each prediction
+    absent: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, logits: torch.Tensor, y: torch.Tensor, att: torch.Tensor, absent: torch.Tensor):
+    def add(
+        self,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        att: torch.Tensor,
+        absent: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ):
         self.logits.append(logits.detach().cpu())
         self.targets.append(y.detach().cpu())
+        if rows is not None:
+            self.rows.append(rows.detach().cpu())
+            self.absent.append(absent.detach().cpu())
         present = (~absent).float().cpu()
         s, c = (att.detach().cpu() * present).sum(0), present.sum(0)
         self.att_sum = s if self.att_sum is None else self.att_sum + s
@@ -76,6 +90,39 @@ class EvalRound:
         if self.att_sum is None or self.att_count is None:
             return [0.0] * self.n_experts
         return (self.att_sum / self.att_count.clamp(min=1)).tolist()
+
+
+def write_eval_predictions(path: Path, rnd: EvalRound, dataset: Any) -> None:
+    """One evaluation round's predictions, one line per test-split row, atomically: ``row``,
+    ``label``, ``prediction``, one ``prob_<class>`` per class (classification; the label and
+    prediction in the label's units for regression), and ``absent``: the experts masked
+    ("" when all were present). The columns of ``traci predict --split test``."""
+    classes = dataset.classes if dataset.task == "classification" else ()
+    y_mean, y_std = dataset.y_mean, dataset.y_std
+    logits, y = torch.cat(rnd.logits), torch.cat(rnd.targets)
+    rows, absent = torch.cat(rnd.rows), torch.cat(rnd.absent)
+    if classes:
+        probs = logits.softmax(dim=-1)
+        header = ["row", "label", "prediction", *(f"prob_{c}" for c in classes), "absent"]
+        body = [
+            [classes[int(t)], classes[int(p.argmax())], *(f"{float(v):.9g}" for v in p)]
+            for t, p in zip(y, probs, strict=True)
+        ]
+    else:
+        header = ["row", "label", "prediction", "absent"]
+        pred = logits[:, 0] * y_std + y_mean
+        body = [
+            [f"{float(t) * y_std + y_mean:.9g}", f"{float(p):.9g}"]
+            for t, p in zip(y, pred, strict=True)
+        ]
+    lines = [",".join(header)]
+    for r, cells, a in zip(rows.tolist(), body, absent, strict=True):
+        gone = " ".join(str(i) for i in a.nonzero().flatten().tolist())
+        lines.append(",".join([str(r), *cells, gone]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
 
 
 def metric_name(task: str) -> str:
