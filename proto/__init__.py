@@ -1,5 +1,6 @@
 """The TRACI wire protocol (``traci_ml.proto``): see ``wire.py`` and docs/protocol.md."""
 
+from traci_ml.proto.fast import decode, encode  # wire's checks, fast for the hot kinds
 from traci_ml.proto.wire import (
     DTYPES,
     KINDS,
@@ -8,6 +9,7 @@ from traci_ml.proto.wire import (
     MAX_TENSOR_BYTES,
     PHASES,
     REJECT_REASONS,
+    SERVE_OK,
     VERSION,
     Ack,
     Batch,
@@ -18,10 +20,13 @@ from traci_ml.proto.wire import (
     Heartbeat,
     Hello,
     Message,
+    QBatch,
+    QEmb,
+    QOut,
+    Query,
+    Reply,
     Tensor,
     Welcome,
-    decode,
-    encode,
     is_finite,
 )
 
@@ -33,6 +38,7 @@ __all__ = [
     "MAX_TENSOR_BYTES",
     "PHASES",
     "REJECT_REASONS",
+    "SERVE_OK",
     "VERSION",
     "Ack",
     "Batch",
@@ -43,6 +49,11 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Message",
+    "QBatch",
+    "QEmb",
+    "QOut",
+    "Query",
+    "Reply",
     "Tensor",
     "Welcome",
     "decode",

@@ -227,9 +227,102 @@ class Goodbye:
     reason: str = ""
 
 
-Message = Hello | Welcome | Emb | Batch | Grad | Ack | Drop | Heartbeat | Goodbye
+# ---- served prediction (docs/serving.md): a client's QUERY at the broker's front door is
+# fanned out to the experts (QUERY), joined (QEMB -> QBATCH), answered by the reducer (QOUT)
+# and split back per request (REPLY). ``status`` is SERVE_OK or names the cause of an error.
+
+SERVE_OK = "ok"
+MAX_COLUMNS = 16384  # column names in a QUERY (the header limit bounds them as well)
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Client -> broker: predict raw (unstandardised) feature rows ``[R, F]`` float32 whose
+    columns ``columns`` names; ``qid`` is the client's, echoed in its REPLY. Broker ->
+    expert: one (batched) query under the broker's ``qid``; the expert picks its view's
+    columns by name."""
+
+    KIND: ClassVar[str] = "QUERY"
+    FIELDS: ClassVar[dict[str, type]] = {"qid": int, "columns": list}
+    qid: int
+    columns: tuple[str, ...]
+    tensors: tuple[Tensor, ...]  # one [R, F] float32
+
+
+@dataclass(frozen=True, slots=True)
+class QEmb:
+    """Expert -> broker: the target embedding ``[R, d]`` of query ``qid`` (status "ok"), or
+    no tensor, the cause (e.g. "missing_columns") and a detail."""
+
+    KIND: ClassVar[str] = "QEMB"
+    FIELDS: ClassVar[dict[str, type]] = {"qid": int, "expert_id": int, "status": str,
+                                         "detail": str}  # fmt: skip
+    qid: int
+    expert_id: int
+    status: str
+    detail: str
+    tensors: tuple[Tensor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class QBatch:
+    """Broker -> reducer: query ``qid`` joined, one ``[R, d]`` per present expert in
+    ascending id (``present[i]``: expert ``i`` took part), as in BATCH."""
+
+    KIND: ClassVar[str] = "QBATCH"
+    FIELDS: ClassVar[dict[str, type]] = {"qid": int, "present": list}
+    qid: int
+    present: tuple[bool, ...]
+    tensors: tuple[Tensor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class QOut:
+    """Reducer -> broker: the outputs ``[R, C]`` float32 of query ``qid``: class
+    probabilities (task "classification", ``classes`` their names) or values in the label's
+    units (``[R, 1]``, task "regression"); or no tensor, the cause and a detail."""
+
+    KIND: ClassVar[str] = "QOUT"
+    FIELDS: ClassVar[dict[str, type]] = {"qid": int, "status": str, "detail": str,
+                                         "task": str, "classes": list}  # fmt: skip
+    qid: int
+    status: str
+    detail: str
+    task: str
+    classes: tuple[str, ...]
+    tensors: tuple[Tensor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Broker -> client: the answer to the client's QUERY ``qid`` (-1: a request too broken
+    to have one): its rows' outputs as in QOUT, the experts that took part (ids and names),
+    and ``batch_rows``, the rows of the batched query it travelled in; or no tensor, the
+    cause and a detail."""
+
+    KIND: ClassVar[str] = "REPLY"
+    FIELDS: ClassVar[dict[str, type]] = {"qid": int, "status": str, "detail": str,
+                                         "task": str, "classes": list, "experts": list,
+                                         "expert_names": list, "batch_rows": int}  # fmt: skip
+    qid: int
+    status: str
+    detail: str = ""
+    task: str = ""
+    classes: tuple[str, ...] = ()
+    experts: tuple[int, ...] = ()
+    expert_names: tuple[str, ...] = ()
+    batch_rows: int = 0
+    tensors: tuple[Tensor, ...] = ()
+
+
+SERVE_KINDS = (Query, QEmb, QBatch, QOut, Reply)
+Message = (
+    Hello | Welcome | Emb | Batch | Grad | Ack | Drop | Heartbeat | Goodbye
+    | Query | QEmb | QBatch | QOut | Reply
+)  # fmt: skip
 KINDS: dict[str, type] = {
-    cls.KIND: cls for cls in (Hello, Welcome, Emb, Batch, Grad, Ack, Drop, Heartbeat, Goodbye)
+    cls.KIND: cls
+    for cls in (Hello, Welcome, Emb, Batch, Grad, Ack, Drop, Heartbeat, Goodbye, *SERVE_KINDS)
 }
 _REQUIRED: dict[str, frozenset[str]] = {
     "HELLO": frozenset({"role", "run_id", "embed_dim", "dtype"}),
@@ -256,7 +349,7 @@ def encode(msg: Message) -> list[FrameLike]:
 def _tensors_of(msg: Message) -> tuple[Tensor, ...]:
     if isinstance(msg, Emb):
         return (msg.tensor,)
-    if isinstance(msg, (Batch, Grad)):
+    if isinstance(msg, (Batch, Grad, *SERVE_KINDS)):
         return msg.tensors
     return ()
 
@@ -404,6 +497,8 @@ def _build(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...]) -> Me
         _expect(_same_2d(tensors), "GRAD tensors are [B, d] of one shape and dtype", "bad_shape")
         _expect(fields["expert_id"] == -1 or len(tensors) == 1, "GRAD to an expert has one")
         return Grad(fields["seq"], fields["expert_id"], tensors)
+    if cls in SERVE_KINDS:
+        return _build_serve(cls, fields, tensors)
     _expect(not tensors, f"{cls.KIND} carries no tensors")
     return cls(**fields)
 
@@ -418,3 +513,60 @@ def _same_2d(tensors: tuple[Tensor, ...]) -> bool:
 def _expect(condition: bool, what: str, reason: str = "frame_count") -> None:
     if not condition:
         raise ProtocolError(reason, what)
+
+
+def _build_serve(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...]) -> Message:
+    """The served-prediction kinds: lists of names, qid, status and the tensor per kind."""
+    kind, out = cls.KIND, dict(fields)
+    for name in ("columns", "classes", "expert_names"):
+        if name in out:
+            names = out[name]
+            _expect(
+                len(names) <= MAX_COLUMNS
+                and all(isinstance(c, str) and 0 < len(c) <= MAX_STR for c in names),
+                f"{kind}.{name} is a list of at most {MAX_COLUMNS} non-empty names",
+                "bad_field",
+            )
+            out[name] = tuple(names)
+    _expect(out["qid"] >= 0 or cls is Reply, f"{kind}.qid is negative", "bad_field")
+    if cls is Query:
+        columns = out["columns"]
+        _expect(len(set(columns)) == len(columns), "QUERY.columns repeat a name", "bad_field")
+        _expect(len(tensors) == 1, "QUERY carries one tensor")
+        _expect(tensors[0].dtype == "float32", "QUERY rows are float32", "dtype")
+        shape = tensors[0].shape
+        _expect(
+            len(shape) == 2 and shape[0] >= 1 and shape[1] == len(columns),
+            "QUERY rows are [R >= 1, len(columns)]",
+            "bad_shape",
+        )
+    elif cls is QBatch:
+        present = out["present"]
+        _expect(
+            0 < len(present) <= MAX_EXPERTS and all(isinstance(p, bool) for p in present),
+            "QBATCH.present is a list of booleans, one per expert",
+            "bad_field",
+        )
+        _expect(len(tensors) == sum(present) >= 1, "QBATCH carries one tensor per present expert")
+        _expect(_same_2d(tensors), "QBATCH tensors are [R, d] of one shape and dtype", "bad_shape")
+        out["present"] = tuple(present)
+    else:
+        ok = out["status"] == SERVE_OK
+        _expect(len(tensors) == (1 if ok else 0), f"{kind} carries one tensor if and only if ok")
+        _expect(not tensors or len(tensors[0].shape) == 2, f"{kind} tensor is 2-D", "bad_shape")
+        _expect(
+            cls is QEmb or not tensors or tensors[0].dtype == "float32",
+            f"{kind} outputs are float32",
+            "dtype",
+        )
+        _expect(out.get("expert_id", 0) >= 0, f"{kind}.expert_id is negative", "bad_field")
+        if cls is Reply:
+            experts = out["experts"]
+            _expect(
+                all(type(e) is int and 0 <= e < MAX_EXPERTS for e in experts)
+                and len(experts) == len(out["expert_names"]),
+                "REPLY.experts are expert ids, one per name",
+                "bad_field",
+            )
+            out["experts"] = tuple(experts)
+    return cls(**out, tensors=tensors)

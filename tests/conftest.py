@@ -18,9 +18,14 @@ from support import deep_update, free_ports  # noqa: E402
 def run_config(tmp_path: Path):
     """Write a config for a run on fresh loopback ports; returns (path, dict)."""
 
-    def make(extra: dict[str, Any] | None = None, *, metrics: bool = False):
-        expert_port, reducer_port, broker_m, reducer_m, expert_m = free_ports(5)
-        base = yaml.safe_load(Path("examples/digits.yaml").read_text())
+    def make(
+        extra: dict[str, Any] | None = None,
+        *,
+        metrics: bool = False,
+        example: str = "examples/digits.yaml",
+    ):
+        expert_port, reducer_port, broker_m, reducer_m, expert_m, serve_port = free_ports(6)
+        base = yaml.safe_load(Path(example).read_text())
         base = deep_update(
             base,
             {
@@ -28,6 +33,7 @@ def run_config(tmp_path: Path):
                 "network": {
                     "expert_port": expert_port,
                     "reducer_port": reducer_port,
+                    "serve_port": serve_port,  # the front door (docs/serving.md)
                     "heartbeat_interval": 0.2,
                     "liveness": 2.0,
                     "connect_timeout": 60,

@@ -264,3 +264,33 @@ def test_top_level_must_be_a_mapping(tmp_path: Path, text: str) -> None:
     message = config_error(path=path)
     assert str(path) in message
     assert "mapping at the top level" in message
+
+
+def test_a_view_may_carry_its_own_expert_model() -> None:
+    cfg = load_config("examples/heterogeneous.yaml", env={})
+    assert cfg.expert_model(0).hidden == [64]
+    assert cfg.expert_model(1).module == "examples.experts:GatedExpert"
+    assert cfg.expert_model(2).norm == "layernorm"
+    assert cfg.expert_model_key(1) == "data.views[1].model"
+    plain = load_config(env={})  # digits presets: every expert shares expert.model
+    assert plain.expert_model(3) is plain.expert.model
+    assert plain.expert_model_key(3) == "expert.model"
+
+
+def test_a_views_bad_model_names_its_key(tmp_path: Path) -> None:
+    from traci_ml.services.expert.model import build_expert_net
+
+    raw = tmp_path / "c.yaml"
+    raw.write_text(
+        "data: {source: csv, path: x.csv, label: y, views: [{name: a, columns: [c],"
+        " model: {module: 'no_such_pkg.mod:Net'}}]}\n"
+    )
+    cfg = load_config(raw, env={})
+    with pytest.raises(ConfigError, match=r"data\.views\[0\]\.model\.module"):
+        build_expert_net(cfg.expert_model(0), in_dim=1, out_dim=4, key=cfg.expert_model_key(0))
+    raw.write_text(
+        "data: {source: csv, path: x.csv, label: y, views: [{name: a, columns: [c],"
+        " model: {hidden: [0]}}]}\n"
+    )
+    with pytest.raises(ConfigError, match=r"data\.views.*model\.hidden"):
+        load_config(raw, env={})

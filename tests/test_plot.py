@@ -316,3 +316,15 @@ def test_a_failure_to_plot_is_a_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.undo()
     launcher._plot(write_run(tmp_path / "run"), progress)
     assert f"plots in {tmp_path / 'run' / 'plots'}: loss.png" in progress.out.getvalue()
+
+
+def test_traci_plot_command(tmp_path, capsys):
+    from traci_ml.cli import main as cli
+
+    run = write_run(tmp_path / "run")
+    assert cli(["plot", str(run)]) == 0
+    assert "plots in" in capsys.readouterr().out
+    for name in ("loss", "throughput", "attention", "queue_latency"):
+        assert_png(run / "plots" / f"{name}.png")
+    assert cli(["plot", str(tmp_path / "nowhere")]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err

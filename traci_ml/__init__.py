@@ -6,7 +6,7 @@ Polyak targets), a broker that joins and orders their embeddings, and a reducer 
 
 __version__ = "0.1.0"
 
-__all__ = ["LocalCluster"]
+__all__ = ["Client", "LocalCluster"]
 
 
 def __getattr__(name: str):  # lazy: services importing traci_ml.* do not pay for the API
@@ -14,4 +14,8 @@ def __getattr__(name: str):  # lazy: services importing traci_ml.* do not pay fo
         from traci_ml.api import LocalCluster
 
         return LocalCluster
+    if name == "Client":  # served prediction (docs/serving.md)
+        from traci_ml.client import Client
+
+        return Client
     raise AttributeError(f"module 'traci_ml' has no attribute {name!r}")

@@ -9,6 +9,15 @@
     traci health SERVICE [--id I] [--config CONFIG]
                                                exit 0 if that service's metrics answer
                                                (container health checks)
+    traci predict --run RUN_DIR (--input CSV | --split test|train) [--output CSV]
+                                               a trained run in one process (docs/predict.md)
+    traci export --run RUN_DIR --format torchscript|onnx [--output FILE]
+                                               the whole model in one file (docs/predict.md)
+    traci plot RUN_DIR                         loss, throughput, attention, queue latency
+                                               PNGs in RUN_DIR/plots (traci up draws them)
+    traci serve --run RUN_DIR                  serve a trained run until Ctrl-C (docs/serving.md)
+    traci request --input CSV [--config CONFIG | --endpoint URL] [--output CSV]
+                                               ask a running cluster's front door
 
 Every command takes ``--set KEY=VALUE`` (repeatable) and reads ``TRACI_<SECTION>__<KEY>``
 environment variables; see docs/config.md.
@@ -17,8 +26,9 @@ environment variables; see docs/config.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from traci_ml.errors import ConfigError, TraciError
 
@@ -76,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help="serve metrics on this port instead of metrics.expert_base_port + id "
                 "(one port for every pod of a StatefulSet; 0 disables)",
             )
+        p.add_argument(
+            "--serve",
+            action="store_true",
+            help="serve: load the latest checkpoint, answer queries, train nothing (traci serve)",
+        )
         if name != "broker":
             p.add_argument("--resume", action="store_true", help="resume from the checkpoint")
             p.add_argument("--device", help="torch device: auto, cpu, cuda, cuda:N")
@@ -102,7 +117,44 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--config", help="YAML run config the service runs with")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for it")
     common(health)
+
+    predict = sub.add_parser("predict", help="predict with a trained run, in this process")
+    predict.add_argument("--run", required=True, metavar="RUN_DIR", help="the run directory")
+    rows = predict.add_mutually_exclusive_group(required=True)
+    rows.add_argument("--input", metavar="CSV", help="rows to predict: a CSV with a header")
+    rows.add_argument(
+        "--split", choices=["test", "train"], help="predict the run's own held-out (or train) rows"
+    )
+    predict.add_argument("--output", metavar="CSV", help="write here (default: stdout)")
+    predict.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
+    export = sub.add_parser("export", help="write a trained run's whole model to one file")
+    export.add_argument("--run", required=True, metavar="RUN_DIR", help="the run directory")
+    export.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    export.add_argument("--output", metavar="FILE", help="default: RUN_DIR/model.<format>")
+    plot = sub.add_parser("plot", help="draw a run's PNGs (loss, throughput, attention, ...)")
+    plot.add_argument("run", metavar="RUN_DIR", help="the run directory")
+    for p in (predict, export, plot):
+        p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING"])
+    serve_parsers(sub, common)
     return parser
+
+
+def serve_parsers(sub: argparse._SubParsersAction, common: Callable) -> None:
+    """``traci serve`` and ``traci request`` (traci_ml/serving.py, docs/serving.md)."""
+    serve = sub.add_parser("serve", help="serve a trained run's predictions until Ctrl-C")
+    serve.add_argument("--run", required=True, metavar="RUN_DIR", help="the run directory")
+    serve.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="override a key of the run's config")  # fmt: skip
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    insecure(serve)
+    req = sub.add_parser("request", help="send CSV rows to a cluster's front door")
+    req.add_argument("--config", help="run config naming the broker (network.serve_port)")
+    req.add_argument("--endpoint", help="front door address, e.g. tcp://127.0.0.1:5557")
+    req.add_argument("--input", required=True, metavar="CSV", help="rows, with a header")
+    req.add_argument("--columns", help="comma-separated feature columns (default: numeric)")
+    req.add_argument("--output", metavar="CSV", help="write here (default: stdout)")
+    req.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
+    common(req)
 
 
 def insecure(p: argparse.ArgumentParser) -> None:
@@ -232,6 +284,10 @@ def check_cluster_security(config) -> None:  # noqa: ANN001
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # User expert modules ("package.module:Class") resolve from the current directory, as
+    # they do for `python -m traci_ml.cli` and the services `traci up` starts.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if args.command == "keys":
         try:
             return generate_keys(args)
@@ -240,6 +296,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     from traci_ml.observe import setup_logging
 
+    if args.command == "serve":
+        from traci_ml import serving
+
+        setup_logging("serve", args.log_level)
+        try:
+            config = serving.serve_config(args.run, args.overrides, insecure=args.insecure)
+            return serving.serve(config)
+        except TraciError as exc:
+            print(f"traci serve: error: {exc}", file=sys.stderr)
+            return 2
+    if args.command == "plot":
+        from traci_ml import plot
+
+        setup_logging("plot", args.log_level)
+        return plot.main(args.run)
+    if args.command in ("predict", "export"):
+        setup_logging(args.command, args.log_level)
+        try:
+            from traci_ml import offline
+
+            return offline.run(args)
+        except TraciError as exc:
+            print(f"traci {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     if getattr(args, "id_from_hostname", False):
         import socket
 
@@ -254,6 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         if args.command == "health":
             return check_health(config, args)
+        if args.command == "request":
+            from traci_ml.serving import request
+
+            return request(args, config)
         if args.command == "up":
             from traci_ml.launcher import up
 
@@ -263,14 +347,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "broker":
             from traci_ml.services.broker.main import run as run_broker
 
-            return run_broker(config)
+            return run_broker(config, serve=args.serve)
         if args.command == "reducer":
             from traci_ml.services.reducer.main import run as run_reducer
 
-            return run_reducer(config, resume=args.resume)
+            return run_reducer(config, resume=args.resume, serve=args.serve)
         from traci_ml.services.expert.main import run as run_expert
 
-        return run_expert(config, expert_id=args.expert_id, resume=args.resume)
+        return run_expert(config, expert_id=args.expert_id, resume=args.resume, serve=args.serve)
     except TraciError as exc:
         print(f"traci {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -27,11 +27,39 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ExpertModelConfig(_Section):
+    """The embedding network: a feed-forward net, or any nn.Module by import path."""
+
+    hidden: list[int] = Field(default_factory=lambda: [256])
+    activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    norm: Literal["none", "layernorm", "batchnorm"] = "none"
+    # "package.module:Class", built as Class(in_dim=..., out_dim=..., **kwargs).
+    module: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(w < 1 for w in v):
+            raise ValueError("every hidden width must be >= 1")
+        return v
+
+    @field_validator("module")
+    @classmethod
+    def _module_path(cls, v: str | None) -> str | None:
+        if v is not None and not _MODULE_PATH.match(v):
+            raise ValueError(f"{v!r} is not of the form 'package.module:Class'")
+        return v
+
+
 class ViewConfig(_Section):
     """One expert's view of the data: a name and the feature columns it reads."""
 
     name: str = Field(min_length=1)
     columns: list[str] = Field(min_length=1)
+    # This expert's own embedding network; absent: expert.model (shared by every expert).
+    model: ExpertModelConfig | None = None
 
 
 class SyntheticConfig(_Section):
@@ -69,32 +97,6 @@ class DataConfig(_Section):
         if isinstance(self.views, str) and (self.views == "even") != (self.source == "synthetic"):
             raise ValueError(f"data.views {self.views!r} does not fit data.source {self.source!r}")
         return self
-
-
-class ExpertModelConfig(_Section):
-    """The embedding network: a feed-forward net, or any nn.Module by import path."""
-
-    hidden: list[int] = Field(default_factory=lambda: [256])
-    activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    norm: Literal["none", "layernorm", "batchnorm"] = "none"
-    # "package.module:Class", built as Class(in_dim=..., out_dim=..., **kwargs).
-    module: str | None = None
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("hidden")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if any(w < 1 for w in v):
-            raise ValueError("every hidden width must be >= 1")
-        return v
-
-    @field_validator("module")
-    @classmethod
-    def _module_path(cls, v: str | None) -> str | None:
-        if v is not None and not _MODULE_PATH.match(v):
-            raise ValueError(f"{v!r} is not of the form 'package.module:Class'")
-        return v
 
 
 class ExpertConfig(_Section):
@@ -139,6 +141,7 @@ class NetworkConfig(_Section):
     liveness: float = Field(3.0, gt=0.0)  # silence after which a peer counts as gone
     max_pending_steps: int = Field(256, ge=1)  # broker: steps joined but not yet answered
     connect_timeout: float = Field(120.0, gt=0.0)  # peers: give up if the broker never answers
+    serve_port: int = Field(5557, ge=0, le=65535)  # the broker's front door for clients; 0: off
 
     @model_validator(mode="after")
     def _liveness(self) -> NetworkConfig:
@@ -146,7 +149,20 @@ class NetworkConfig(_Section):
             raise ValueError("network.liveness must exceed network.heartbeat_interval")
         if self.expert_port == self.reducer_port:
             raise ValueError("network.expert_port and network.reducer_port must differ")
+        if self.serve_port in (self.expert_port, self.reducer_port):
+            raise ValueError("network.serve_port must differ from expert_port and reducer_port")
         return self
+
+
+class ServeConfig(_Section):
+    """Served prediction through the broker's front door (docs/serving.md)."""
+
+    max_batch_rows: int = Field(256, ge=1)  # rows of concurrent requests grouped in one query
+    max_wait_ms: float = Field(2.0, ge=0.0, le=10000.0)  # a group waits this long; 0: none
+    max_request_rows: int = Field(4096, ge=1)  # a larger request is refused (oversize)
+    timeout: float = Field(2.0, gt=0.0)  # seconds the experts, then the reducer, may take
+    max_inflight: int = Field(32, ge=1)  # queries at the experts or reducer at once
+    max_queued: int = Field(1024, ge=1)  # requests waiting beyond that; more are refused (busy)
 
 
 class MetricsConfig(_Section):
@@ -181,6 +197,7 @@ class Config(_Section):
     reducer: ReducerConfig = ReducerConfig()
     train: TrainConfig = TrainConfig()
     network: NetworkConfig = NetworkConfig()
+    serve: ServeConfig = ServeConfig()
     metrics: MetricsConfig = MetricsConfig()
     security: SecurityConfig = SecurityConfig()
     launcher: LauncherConfig = LauncherConfig()
@@ -192,6 +209,20 @@ class Config(_Section):
                 f"reducer.heads ({self.reducer.heads}) must divide embed_dim ({self.embed_dim})"
             )
         return self
+
+    def expert_model(self, expert_id: int) -> ExpertModelConfig:
+        """Expert ``expert_id``'s network: its view's own ``model``, else ``expert.model``."""
+        views = self.data.views
+        if not isinstance(views, str) and 0 <= expert_id < len(views):
+            return views[expert_id].model or self.expert.model
+        return self.expert.model
+
+    def expert_model_key(self, expert_id: int) -> str:
+        """Where ``expert_model(expert_id)`` comes from, for error messages."""
+        views = self.data.views
+        if not isinstance(views, str) and 0 <= expert_id < len(views) and views[expert_id].model:
+            return f"data.views[{expert_id}].model"
+        return "expert.model"
 
     @property
     def run_path(self) -> Path:

@@ -21,9 +21,10 @@ from __future__ import annotations
 from collections import deque
 
 from traci_ml.config import Config
-from traci_ml.proto import Ack, Batch, Drop, Emb, Goodbye, Grad, Hello, Welcome
+from traci_ml.proto import Ack, Batch, Drop, Emb, Goodbye, Grad, Hello, Tensor, Welcome
 from traci_ml.services.broker.records import (
     EXPERT,
+    NOTHING,
     REDUCER,
     ExpertPeer,
     Holder,
@@ -70,6 +71,9 @@ class JoinBook:
         self._pending: dict[int, PendingStep] = {}
         self._ready: deque[ReleasedStep] = deque()
         self._dispatched: dict[int, ReleasedStep] = {}  # insertion order is seq order
+        self._all_present = (True,) * n_experts
+        # (first seq every live expert is expected in, their ids); None: recompute
+        self._roster: tuple[int, frozenset[int]] | None = None
 
     @classmethod
     def from_config(cls, config: Config, *, n_experts: int) -> JoinBook:
@@ -116,6 +120,12 @@ class JoinBook:
         if self._reducer is not None:
             peers.append((REDUCER, self._reducer.routing_id))
         return peers
+
+    def serve_targets(self) -> tuple[dict[int, bytes], bytes | None]:
+        """For served queries (serve.py): the live experts, id -> routing id, once the start
+        gate is open (before it they wait for WELCOME), and the reducer's routing id."""
+        experts = {eid: rid for rid, eid in self._by_routing.items()} if self.started else {}
+        return experts, None if self._reducer is None else self._reducer.routing_id
 
     def touch(self, socket: str, routing_id: bytes, now: float) -> None:
         """Any message from a registered peer proves it alive."""
@@ -170,6 +180,7 @@ class JoinBook:
         self._generation += 1
         self._experts[eid] = ExpertPeer(eid, routing_id, self._generation, join_seq, now)
         self._by_routing[routing_id] = eid
+        self._roster = None
         self._registered_once.add(eid)
         if not self.started:
             # WELCOME waits for the start gate, so nobody sends a step before the run's
@@ -192,6 +203,7 @@ class JoinBook:
         for peer in self._experts.values():
             if peer.live:
                 peer.join_seq = start
+                self._roster = None
                 out.sends.append(Send(EXPERT, peer.routing_id, Welcome(ok=True, start_seq=start)))
         out.notes.append(f"all {self.n_experts} experts registered: start gate open at {start}")
         self._advance(now, out)
@@ -215,51 +227,70 @@ class JoinBook:
     # ---- expert traffic ------------------------------------------------------------------
 
     def emb(self, routing_id: bytes, msg: Emb, now: float) -> Outcome:
-        out = Outcome()
+        return self.emb_fields(routing_id, msg.seq, msg.expert_id, msg.phase, msg.tensor, now)
+
+    def emb_fields(
+        self, routing_id: bytes, seq: int, expert_id: int, phase: str, tensor: Tensor, now: float
+    ) -> Outcome:
+        """``emb`` from the decoded fields (the server's hot path builds no ``Emb``)."""
         eid = self._by_routing.get(routing_id)
         if eid is None:
+            out = Outcome()
             out.sends.append(Send(EXPERT, routing_id, Goodbye("unregistered")))
             return out.reject("unregistered", "EMB from a peer that has not said HELLO")
-        if msg.expert_id != eid:
-            return out.reject("impersonation", f"expert {eid} sent EMB as {msg.expert_id}")
-        expert, seq = self._experts[eid], msg.seq
+        if expert_id != eid:
+            return Outcome().reject("impersonation", f"expert {eid} sent EMB as {expert_id}")
+        expert = self._experts[eid]
         if not self.started:  # it has no WELCOME yet: this is not a well-behaved peer
-            return self._refuse_emb(out, expert, seq, "not_started", "the start gate is closed")
+            return self._refuse_emb(
+                Outcome(), expert, seq, "not_started", "the start gate is closed"
+            )
         step = self._pending.get(seq)
-        if seq in expert.in_flight or (step is not None and eid in step.forfeited):
-            return out.reject("duplicate", f"second EMB from expert {eid}")
+        in_flight = expert.in_flight
+        if seq in in_flight or (step is not None and eid in step.forfeited):
+            return Outcome().reject("duplicate", f"second EMB from expert {eid}")
         first_ok = max(self.next_seq, expert.join_seq)
         if seq < first_ok:
-            return self._refuse_emb(out, expert, seq, "late", f"first open step is {first_ok}")
+            return self._refuse_emb(
+                Outcome(), expert, seq, "late", f"first open step is {first_ok}"
+            )
         limit = self._oldest_open() + self.max_pending_steps
         if seq >= limit:
-            return self._refuse_emb(out, expert, seq, "too_far_ahead", f"limit is {limit - 1}")
-        conflict = self._conflict(msg, step)
-        if conflict:
-            return self._refuse_emb(out, expert, seq, "conflict", conflict, forfeit_at=now)
-        if len(expert.in_flight) >= self.window:
-            detail = f"{len(expert.in_flight)} steps in flight, window {self.window}"
-            return self._refuse_emb(out, expert, seq, "window", detail, forfeit_at=now)
+            return self._refuse_emb(
+                Outcome(), expert, seq, "too_far_ahead", f"limit is {limit - 1}"
+            )
+        spec = (phase, tensor.shape, tensor.dtype)
+        if (
+            tensor.dtype != self.dtype
+            or tensor.shape[1] != self.embed_dim
+            or (step is not None and step.spec is not None and step.spec != spec)
+        ):
+            conflict = self._conflict(spec, step)
+            return self._refuse_emb(Outcome(), expert, seq, "conflict", conflict, forfeit_at=now)
+        if len(in_flight) >= self.window:
+            detail = f"{len(in_flight)} steps in flight, window {self.window}"
+            return self._refuse_emb(Outcome(), expert, seq, "window", detail, forfeit_at=now)
         if step is None:
-            step = self._pending[seq] = PendingStep(seq, opened=now)
-        if step.spec is None:
-            step.spec, step.first_arrival = (msg.phase, msg.tensor.shape, msg.tensor.dtype), now
-        holder = Holder(eid, routing_id, expert.generation)
-        step.tokens[eid] = (holder, msg.tensor)
-        expert.in_flight.add(seq)
-        self.highest_seq = max(self.highest_seq, seq)
-        self._advance(now, out)
-        return out
+            step = self._pending[seq] = PendingStep(seq, now, spec, now)
+        elif step.spec is None:
+            step.spec, step.first_arrival = spec, now
+        step.tokens[eid] = (expert.holder, tensor)
+        in_flight.add(seq)
+        if seq > self.highest_seq:
+            self.highest_seq = seq
+        if seq == self.next_seq or self.next_seq not in self._pending:
+            out = Outcome()
+            self._advance(now, out)
+            return out
+        return NOTHING  # the head is an incomplete step this EMB left alone: nothing to do
 
-    def _conflict(self, msg: Emb, step: PendingStep | None) -> str:
-        tensor = msg.tensor
-        if tensor.dtype != self.dtype or tensor.shape[1] != self.embed_dim:
+    def _conflict(self, spec: tuple[str, tuple[int, ...], str], step: PendingStep | None) -> str:
+        """Why an EMB of ``spec`` (phase, shape, dtype) does not fit (the log's detail)."""
+        _, shape, dtype = spec
+        if dtype != self.dtype or shape[1] != self.embed_dim:
             want = f"{self.dtype}[B, {self.embed_dim}]"
-            return f"{tensor.dtype}{list(tensor.shape)}, registered {want}"
-        if step is not None and step.spec is not None:
-            if step.spec != (msg.phase, tensor.shape, tensor.dtype):
-                return f"{(msg.phase, tensor.shape, tensor.dtype)} differs from first {step.spec}"
-        return ""
+            return f"{dtype}{list(shape)}, registered {want}"
+        return f"{spec} differs from first {step.spec if step is not None else None}"
 
     def _refuse_emb(
         self,
@@ -342,8 +373,8 @@ class JoinBook:
             return out.reject("grad_mismatch", f"ACK for train step {step.seq}")
         if step is not None:
             del self._dispatched[step.seq]
-            for holder in step.holders:
-                self._reply(holder, Ack(step.seq), out)
+            for holder in step.holders:  # the reducer's ACK itself: encoded once for all
+                self._reply(holder, msg, out)
         return out
 
     def reducer_drop(self, routing_id: bytes, msg: Drop, now: float) -> Outcome:
@@ -352,8 +383,9 @@ class JoinBook:
         step = self._answerable(routing_id, msg.seq, out)
         if step is not None:
             del self._dispatched[step.seq]
+            drop = Drop(step.seq, msg.reason)
             for holder in step.holders:
-                self._reply(holder, Drop(step.seq, msg.reason), out)
+                self._reply(holder, drop, out)
             out.dropped.append("reducer_rejected")
             out.notes.append(f"reducer dropped step {step.seq}: {msg.reason}")
         return out
@@ -425,7 +457,14 @@ class JoinBook:
             oldest = min(oldest, next(iter(self._dispatched)))
         return oldest
 
-    def _expected(self, seq: int) -> set[int]:
+    def _expected(self, seq: int) -> frozenset[int] | set[int]:
+        roster = self._roster
+        if roster is None:
+            live = [e for e in self._experts.values() if e.live]
+            first = max((e.join_seq for e in live), default=0)
+            roster = self._roster = (first, frozenset(e.expert_id for e in live))
+        if seq >= roster[0]:  # the usual case: every live expert is expected
+            return roster[1]
         return {e.expert_id for e in self._experts.values() if e.live and e.join_seq <= seq}
 
     def _advance(self, now: float, out: Outcome) -> None:
@@ -438,7 +477,9 @@ class JoinBook:
                 if expected or seq > self.highest_seq:
                     break
                 out.skipped += 1
-            elif not expected <= step.tokens.keys() | step.forfeited:
+            elif len(step.tokens) + len(step.forfeited) < len(expected) or not (
+                expected <= step.tokens.keys() | step.forfeited
+            ):
                 break
             elif step.tokens:
                 self._release(self._pending.pop(seq), now, out)
@@ -449,18 +490,17 @@ class JoinBook:
         self._dispatch(now, out)
 
     def _release(self, step: PendingStep, now: float, out: Outcome) -> None:
-        ids = sorted(step.tokens)
+        tokens = step.tokens
         phase, shape, _ = step.spec  # type: ignore[misc]  # set with the first token
+        if len(tokens) == self.n_experts:  # everyone took part: ids 0..n-1
+            present = self._all_present
+            joined = [tokens[i] for i in range(self.n_experts)]
+        else:
+            present = tuple(i in tokens for i in range(self.n_experts))
+            joined = [tokens[i] for i in sorted(tokens)]
+        holders, tensors = zip(*joined, strict=True)
         self._ready.append(
-            ReleasedStep(
-                seq=step.seq,
-                phase=phase,
-                shape=shape,
-                present=tuple(i in step.tokens for i in range(self.n_experts)),
-                tensors=tuple(step.tokens[i][1] for i in ids),
-                holders=tuple(step.tokens[i][0] for i in ids),
-                first_arrival=step.first_arrival,
-            )
+            ReleasedStep(step.seq, phase, shape, present, tensors, holders, step.first_arrival)
         )
         out.join_waits.append(now - step.first_arrival)
 
@@ -480,8 +520,9 @@ class JoinBook:
             out.sends.append(Send(EXPERT, holder.routing_id, msg))
 
     def _drop_step(self, step: ReleasedStep, reason: str, out: Outcome) -> None:
+        drop = Drop(step.seq, reason)
         for holder in step.holders:
-            self._reply(holder, Drop(step.seq, reason), out)
+            self._reply(holder, drop, out)
         out.dropped.append(reason)
 
     def _lose_reducer(self, out: Outcome, why: str) -> None:
@@ -496,6 +537,7 @@ class JoinBook:
         """The holder of ``eid`` is gone: stop expecting it and mask its unreleased tokens."""
         expert = self._experts[eid]
         expert.live = False
+        self._roster = None
         expert.in_flight.clear()
         self._by_routing.pop(expert.routing_id, None)
         for seq in [s for s, step in self._pending.items() if eid in step.tokens]:

@@ -14,8 +14,9 @@ from traci_ml.signals import stop_on_signals
 log = logging.getLogger(__name__)
 
 
-def run(config: Config) -> int:
-    """Run the broker for ``config``; returns the process exit code (0: done or stopped)."""
+def run(config: Config, *, serve: bool = False) -> int:
+    """Run the broker for ``config``; returns the process exit code (0: done or stopped).
+    ``serve`` (``traci serve``): the front door for served prediction must bind."""
     n_experts = n_experts_of(config)
     metrics = BrokerMetrics(n_experts)
     bind = config.metrics.bind
@@ -25,5 +26,5 @@ def run(config: Config) -> int:
     # Signal handlers can only be installed from the main thread (tests run us elsewhere).
     in_main = threading.current_thread() is threading.main_thread()
     stop = stop_on_signals("broker") if in_main else threading.Event()
-    broker = Broker(config, metrics=metrics, n_experts=n_experts, stop=stop)
+    broker = Broker(config, metrics=metrics, n_experts=n_experts, stop=stop, serve=serve)
     return broker.run()

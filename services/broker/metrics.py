@@ -2,11 +2,20 @@
 
 Every labelled series that can appear is created up front (each rejection and drop reason,
 each expert id), so dashboards and alerts read 0 rather than "no data" before the first event.
+
+The per-message figures (messages by kind, steps released, join wait and queue latency per
+step) are counted in plain ints and deques on the broker's hot path -- a prometheus-client
+``inc``/``observe`` takes a lock and costs more than the rest of forwarding a message -- and
+``flush`` moves them into the real metrics. A collector registered ahead of every metric
+flushes on each scrape (so a scrape always sees every message and every step), and the
+broker's tick flushes too, so nothing piles up when nobody scrapes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections import deque
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -28,6 +37,7 @@ BROKER_REASONS = (
     "unexpected_kind",  # a valid kind on the wrong socket (e.g. BATCH from an expert)
     "refused",  # HELLO refused (WELCOME ok=false)
     "internal",  # a bug handling one message; logged with traceback
+    "unknown_query",  # QEMB/QOUT for a served query not awaiting it (late, or not asked)
 )
 # Reasons a step is dropped (DROP to its experts): traci_broker_steps_dropped_total{reason}.
 DROP_REASONS = (
@@ -49,6 +59,13 @@ class BrokerMetrics:
     def __init__(self, n_experts: int, *, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
+        # Buffered by the loop thread, moved into the metrics below by flush().
+        self._counts: dict[tuple[str, str], int] = {}  # only ever grows, never reset
+        self._flushed: dict[tuple[str, str], int] = {}
+        self._join_waits: deque[float] = deque()  # one per released step
+        self._queue_latencies: deque[float] = deque()  # one per dispatched step
+        self._flush_lock = threading.Lock()
+        reg.register(_Flush(self))  # first: a scrape flushes before reading the metrics
         self.queue_latency = Histogram(
             "traci_broker_queue_latency_seconds",
             "Time from a step's first EMB to its BATCH dispatch to the reducer.",
@@ -127,12 +144,44 @@ class BrokerMetrics:
             for kind in (*KINDS, "invalid")
             for direction in DIRECTIONS
         }
+        self.serve = ServeMetrics(n_experts, reg)  # the front door (docs/serving.md)
 
     def message(self, kind: str, direction: str) -> None:
-        child = self._messages.get((kind, direction))
-        if child is None:
-            child = self._messages[kind, direction] = self.messages.labels(kind, direction)
-        child.inc()
+        """Count one message (buffered: see ``flush``)."""
+        counts, key = self._counts, (kind, direction)
+        counts[key] = counts.get(key, 0) + 1
+
+    def released(self, join_wait: float) -> None:
+        """A step was released after ``join_wait`` seconds (buffered: see ``flush``)."""
+        self._join_waits.append(join_wait)
+
+    def dispatched(self, queue_latency: float) -> None:
+        """A step went to the reducer ``queue_latency`` s after its first EMB (buffered)."""
+        self._queue_latencies.append(queue_latency)
+
+    def flush(self) -> None:
+        """Move the buffered counts and observations into the Prometheus metrics.
+
+        Safe against the loop thread buffering meanwhile: counts only grow (the delta since
+        the last flush is added) and deque append/popleft are atomic."""
+        with self._flush_lock:
+            for key, count in list(self._counts.items()):
+                delta = count - self._flushed.get(key, 0)
+                if delta:
+                    self._flushed[key] = count
+                    child = self._messages.get(key)
+                    if child is None:
+                        child = self._messages[key] = self.messages.labels(*key)
+                    child.inc(delta)
+            waits, latencies = self._join_waits, self._queue_latencies
+            released = 0
+            while waits:
+                self.join_wait.observe(waits.popleft())
+                released += 1
+            if released:
+                self.steps_released.inc(released)
+            while latencies:
+                self.queue_latency.observe(latencies.popleft())
 
     def reject(self, reason: str) -> None:
         child = self._rejections.get(reason)
@@ -150,7 +199,8 @@ class BrokerMetrics:
         expert_up: Mapping[int, bool],
         reducer_up: bool,
     ) -> None:
-        """Refresh the gauges from the join book (called on every tick)."""
+        """Refresh the gauges from the join book and flush (called on every tick)."""
+        self.flush()
         self.pending_steps.set(pending)
         self.dispatched_steps.set(dispatched)
         self.registered_experts.set(registered)
@@ -158,3 +208,92 @@ class BrokerMetrics:
         for expert_id, up in expert_up.items():
             self.expert_up.labels(expert=str(expert_id)).set(1 if up else 0)
         self.reducer_up.set(1 if reducer_up else 0)
+
+
+class _Flush:
+    """A collector with no metrics of its own: collected first, it flushes the buffers."""
+
+    def __init__(self, metrics: BrokerMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[object]:
+        return ()
+
+    def collect(self) -> Iterable[object]:
+        self._metrics.flush()
+        return ()
+
+
+# Rows per batched served query: powers of two up to serve.max_request_rows' default.
+BATCH_ROWS_BUCKETS = tuple(float(1 << k) for k in range(13))
+
+
+class ServeMetrics:
+    """Served prediction at the broker's front door (services/broker/serve.py). Not on the
+    training hot path: observed directly."""
+
+    def __init__(self, n_experts: int, reg: CollectorRegistry) -> None:
+        from traci_ml.services.broker.serve import OUTCOMES
+
+        self.latency = Histogram(
+            "traci_broker_serve_latency_seconds",
+            "Served requests answered ok: arrival at the front door to REPLY.",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.requests = Counter(
+            "traci_broker_serve_requests_total",
+            "Served requests by outcome (ok, or the cause of the error reply).",
+            ["outcome"],
+            registry=reg,
+        )
+        self.batch_rows = Histogram(
+            "traci_broker_serve_batch_rows",
+            "Rows per batched query sent to the experts (requests grouped together).",
+            buckets=BATCH_ROWS_BUCKETS,
+            registry=reg,
+        )
+        self.batch_requests = Histogram(
+            "traci_broker_serve_batch_requests",
+            "Requests per batched query.",
+            buckets=BATCH_ROWS_BUCKETS[:11],
+            registry=reg,
+        )
+        self.masked = Counter(
+            "traci_broker_serve_masked_total",
+            "Expert tokens masked in served queries (expert gone, late, or refused).",
+            ["expert"],
+            registry=reg,
+        )
+        self.queued = Gauge(
+            "traci_broker_serve_queued", "Requests waiting to be batched or sent.", registry=reg
+        )
+        self.inflight = Gauge(
+            "traci_broker_serve_inflight",
+            "Batched queries at the experts or reducer.",
+            registry=reg,
+        )
+        self._outcomes = {o: self.requests.labels(outcome=o) for o in OUTCOMES}
+        self._masked = {i: self.masked.labels(expert=str(i)) for i in range(n_experts)}
+
+    def answered(self, outcome: str, latency: float | None) -> None:
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self.requests.labels(outcome=outcome)
+        child.inc()
+        if latency is not None:
+            self.latency.observe(latency)
+
+    def batched(self, rows: int, requests: int) -> None:
+        self.batch_rows.observe(rows)
+        self.batch_requests.observe(requests)
+
+    def masked_expert(self, expert_id: int) -> None:
+        child = self._masked.get(expert_id)
+        if child is None:
+            child = self._masked[expert_id] = self.masked.labels(expert=str(expert_id))
+        child.inc()
+
+    def state(self, *, queued: int, inflight: int) -> None:
+        self.queued.set(queued)
+        self.inflight.set(inflight)

@@ -6,9 +6,11 @@ One loop in the Majordomo shape::
         -> send what the book decided -> tick (expiries, heartbeats, gauges)
 
 All decisions live in ``join.JoinBook``; this module only moves frames. Tensor frames are
-forwarded as the very ``zmq.Frame`` objects that arrived (``copy=False`` both ways). A bad
-message -- undecodable, the wrong kind for its socket, or one that trips a bug -- is counted,
-logged and dropped; the loop keeps running.
+forwarded as the very ``zmq.Frame`` objects that arrived (received with ``copy=False``; a
+Frame is always sent by reference). A well-formed EMB -- the bulk of the traffic -- takes a
+short path: ``proto.fast.emb_fields`` straight into ``JoinBook.emb_fields``, no ``Emb`` made;
+anything else goes through ``decode``. A bad message -- undecodable, the wrong kind for its
+socket, or one that trips a bug -- is counted, logged and dropped; the loop keeps running.
 """
 
 from __future__ import annotations
@@ -34,13 +36,16 @@ from traci_ml.proto import (
     Heartbeat,
     Hello,
     Message,
-    decode,
-    encode,
+    QEmb,
+    QOut,
+    Query,
 )
+from traci_ml.proto.fast import decode, emb_fields, encode, register_frame_type
 from traci_ml.security import apply_server, broker_keys, check_bind, start_authenticator
 from traci_ml.services.broker.join import JoinBook
 from traci_ml.services.broker.metrics import BrokerMetrics
 from traci_ml.services.broker.records import EXPERT, REDUCER, Outcome
+from traci_ml.services.broker.serve import CLIENT, ServeDesk
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,13 @@ LOG_EVERY = 1.0  # seconds between warnings of one rejection reason (the rest ar
 DRAIN = 64  # messages handled per socket per poll: fewer polls under load, still fair
 _SNDMORE = int(zmq.SNDMORE)  # plain ints: pyzmq's enum arithmetic shows in the profile
 _NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_zmq_poll = zmq.zmq_poll  # the poll itself, without zmq.Poller's bookkeeping
+# The Cython send, without the sugar layer's Python wrapper (routing_id/group handling we
+# never use). Positional copy=True: small header frames are copied (cheaper than wrapping
+# them in a Frame); a received zmq.Frame is always forwarded by reference, whatever copy says.
+_socket_send = zmq.backend.Socket.send
+register_frame_type(zmq.Frame)  # proto may take len(frame) as its byte count
 Handler = Callable[[str, bytes, Message, float], Outcome]
 
 
@@ -78,6 +90,8 @@ class Broker:
         reducer_endpoint: str | None = None,
         context: zmq.Context | None = None,
         stop: threading.Event | None = None,
+        client_endpoint: str | None = None,
+        serve: bool = False,
     ) -> None:
         net = config.network
         self.n_experts = n_experts if n_experts is not None else n_experts_of(config)
@@ -100,6 +114,8 @@ class Broker:
             self.reducer_endpoint = self._bind(
                 REDUCER, reducer_endpoint or f"tcp://{net.bind_host}:{net.reducer_port}"
             )
+            self.serve = ServeDesk.from_config(config, metrics=self.metrics.serve)
+            self.client_endpoint = self._bind_front_door(config, client_endpoint, strict=serve)
         except Exception:  # e.g. a ConfigError from check_bind: release what was opened
             self.close()
             raise
@@ -108,7 +124,11 @@ class Broker:
                      Goodbye: self.on_goodbye},
             REDUCER: {Hello: self.on_hello, Grad: self.on_grad, Ack: self.on_ack,
                       Drop: self.on_drop, Heartbeat: self.on_heartbeat, Goodbye: self.on_goodbye},
+            CLIENT: {Query: self.on_query},
         }  # fmt: skip
+        self._handlers[EXPERT][QEmb] = self.on_qemb  # served queries (serve.py)
+        self._handlers[REDUCER][QOut] = self.on_qout
+        self._encoded: tuple[Message | None, list] = (None, [])  # one ACK to N experts
         self._last_warned: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         self._done = False
@@ -134,23 +154,24 @@ class Broker:
 
     def run(self) -> int:
         """Serve until the reducer says GOODBYE("done") or ``stop()``; returns 0 either way."""
-        poller = zmq.Poller()
-        for sock in self._sockets.values():
-            poller.register(sock, zmq.POLLIN)
+        polled = [(sock, _POLLIN) for sock in self._sockets.values()]
+        names = {sock: name for name, sock in self._sockets.items()}
         log.info("broker: experts on %s, reducer on %s, %d experts",
                  self.expert_endpoint, self.reducer_endpoint, self.n_experts)  # fmt: skip
         next_tick = time.monotonic()
         try:
             while not self._stop.is_set() and not self._done:
-                timeout_ms = max(0.0, next_tick - time.monotonic()) * 1000
-                ready = dict(poller.poll(timeout_ms))
-                for name, sock in self._sockets.items():
-                    if sock in ready:
-                        self._drain(name, sock)
+                wake = min(next_tick, self.serve.next_deadline())
+                timeout_ms = max(0.0, wake - time.monotonic()) * 1000
+                for sock, _ in _zmq_poll(polled, int(timeout_ms + 0.999)):  # ready ones
+                    self._drain(names[sock], sock)
                 now = time.monotonic()
+                if now >= self.serve.next_deadline():
+                    self._serve_tick(now)
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + self.heartbeat_interval
+            self._apply(self.serve.close(time.monotonic()))  # waiting clients: "shutdown"
             if not self._done:
                 log.info("broker: stopping; telling peers")
                 self._say_goodbye("shutdown")
@@ -176,15 +197,21 @@ class Broker:
             self._context.term()
 
     def _drain(self, name: str, sock: zmq.Socket) -> None:
-        """Handle up to DRAIN messages waiting on ``sock`` without polling between them."""
-        for _ in range(DRAIN):
+        """Handle up to DRAIN messages waiting on ``sock`` (the poll said one is there).
+
+        Whether another one waits is asked with a zero-timeout zmq_poll: far cheaper than
+        the ``zmq.Again`` a non-blocking recv on an empty socket raises."""
+        recv, receive, check = sock.recv, self._receive, [(sock, _POLLIN)]
+        for n in range(DRAIN):
+            if n and not _zmq_poll(check, 0):
+                return
             try:
-                frames = [sock.recv(_NOBLOCK, copy=False)]
+                frames = [recv(_NOBLOCK, False)]  # copy=False: zmq.Frame, forwarded as is
             except zmq.Again:
                 return
             while frames[-1].more:  # the rest of a multipart message is already here
-                frames.append(sock.recv(copy=False))
-            self._receive(name, frames)
+                frames.append(recv(0, False))
+            receive(name, frames)
 
     def _receive(self, socket: str, frames: list[zmq.Frame]) -> None:
         routing_id = frames[0].bytes
@@ -198,12 +225,21 @@ class Broker:
     def _handle(self, socket: str, routing_id: bytes, frames: list[zmq.Frame], now: float) -> None:
         """Decode one message (routing id stripped) and hand it to its ``on_<kind>``."""
         self.book.touch(socket, routing_id, now)
+        if socket == EXPERT:  # the hot path: a well-formed EMB, no Emb object made
+            fields = emb_fields(frames)
+            if fields is not None:
+                self.metrics.message("EMB", "in")
+                self._apply(self.book.emb_fields(routing_id, *fields, now), socket, routing_id,
+                            fields[0])  # fmt: skip
+                return
         try:
             msg = decode(frames)
         except ProtocolError as exc:
             self.metrics.message("invalid", "in")
             detail = exc.message.removeprefix(f"{exc.reason}: ")
             self._rejected(exc.reason, socket, routing_id, None, detail)
+            if socket == CLIENT:  # a client gets an answer naming the cause
+                self._apply(self.serve.malformed(routing_id, exc.reason, detail, now))
             return
         self.metrics.message(msg.KIND, "in")
         seq = getattr(msg, "seq", None)
@@ -211,6 +247,8 @@ class Broker:
         if handler is None:
             detail = f"{msg.KIND} is not expected on the {socket} socket"
             self._rejected("unexpected_kind", socket, routing_id, seq, detail)
+            if socket == CLIENT:
+                self._apply(self.serve.malformed(routing_id, "unexpected_kind", detail, now))
             return
         self._apply(handler(socket, routing_id, msg, now), socket, routing_id, seq)
 
@@ -222,6 +260,7 @@ class Broker:
         except Exception:
             self.metrics.reject("internal")
             log.exception("broker: internal error in tick")
+        self._serve_tick(now)
         book = self.book
         self.metrics.set_state(
             pending=book.pending_steps, dispatched=book.dispatched_steps,
@@ -254,6 +293,45 @@ class Broker:
         self._done = self._done or outcome.done
         return outcome
 
+    # ---- served prediction: the front door (serve.py decides, this only moves frames) ----
+
+    def _bind_front_door(self, config: Config, endpoint: str | None, *, strict: bool) -> str | None:
+        """Bind the client socket. Training (not ``strict``) goes on without it when the
+        port is taken; ``traci serve`` (``strict``) fails instead."""
+        net = config.network
+        if endpoint is None and not net.serve_port:
+            if strict:
+                raise ConfigError("traci serve needs network.serve_port (it is 0)")
+            return None
+        try:
+            bound = self._bind(CLIENT, endpoint or f"tcp://{net.bind_host}:{net.serve_port}")
+        except ConfigError as exc:
+            if strict:
+                raise
+            sock = self._sockets.pop(CLIENT, None)
+            if sock is not None:
+                sock.close(linger=0)
+            log.error("broker: %s; serving is off, training goes on", exc)
+            return None
+        log.info("broker: front door for served prediction on %s", bound)
+        return bound
+
+    def on_query(self, socket: str, routing_id: bytes, msg: Query, now: float) -> Outcome:
+        return self.serve.request(routing_id, msg, now, self.book.serve_targets())
+
+    def on_qemb(self, socket: str, routing_id: bytes, msg: QEmb, now: float) -> Outcome:
+        return self.serve.qemb(routing_id, msg, now, self.book.serve_targets())
+
+    def on_qout(self, socket: str, routing_id: bytes, msg: QOut, now: float) -> Outcome:
+        return self.serve.qout(routing_id, msg, now, self.book.serve_targets())
+
+    def _serve_tick(self, now: float) -> None:
+        try:
+            self._apply(self.serve.tick(now, self.book.serve_targets()))
+        except Exception:
+            self.metrics.reject("internal")
+            log.exception("broker: internal error in the serve tick")
+
     # ---- output --------------------------------------------------------------------------
 
     def _apply(
@@ -267,10 +345,9 @@ class Broker:
         for note in outcome.notes:
             log.info("broker: %s", note)
         for wait in outcome.join_waits:
-            self.metrics.join_wait.observe(wait)
-            self.metrics.steps_released.inc()
+            self.metrics.released(wait)
         for latency in outcome.queue_latencies:
-            self.metrics.queue_latency.observe(latency)
+            self.metrics.dispatched(latency)
         if outcome.skipped:
             self.metrics.steps_skipped.inc(outcome.skipped)
         for reason in outcome.dropped:
@@ -279,11 +356,14 @@ class Broker:
     def _send(self, socket: str, routing_id: bytes, msg: Message) -> None:
         # Tensor frames are the received zmq.Frame objects: zero-copy forwarding.
         sock = self._sockets[socket]
-        frames = encode(msg)
-        sock.send(routing_id, _SNDMORE, copy=False)
+        last, frames = self._encoded
+        if msg is not last:  # the book sends one reply object to every expert of a step
+            frames = encode(msg)
+            self._encoded = (msg, frames)
+        _socket_send(sock, routing_id, _SNDMORE)
         for frame in frames[:-1]:
-            sock.send(frame, _SNDMORE, copy=False)
-        sock.send(frames[-1], 0, copy=False)
+            _socket_send(sock, frame, _SNDMORE)
+        _socket_send(sock, frames[-1], 0)
         self.metrics.message(msg.KIND, "out")
 
     def _say_goodbye(self, reason: str) -> None:

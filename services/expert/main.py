@@ -10,10 +10,11 @@ from traci_ml.signals import stop_on_signals
 from traci_ml.tensors import set_threads
 
 
-def run(config: Config, *, expert_id: int, resume: bool = False) -> int:
+def run(config: Config, *, expert_id: int, resume: bool = False, serve: bool = False) -> int:
     set_threads(config.expert.torch_threads)
     metrics = ExpertMetrics(expert_id)
     base = config.metrics.expert_base_port
     serve_metrics(metrics.registry, bind=config.metrics.bind, port=base + expert_id if base else 0)
     stop = stop_on_signals(f"expert-{expert_id}")
-    return Expert(config, expert_id, resume=resume, metrics=metrics, stop=stop).run()
+    expert = Expert(config, expert_id, resume=resume, metrics=metrics, stop=stop, serve=serve)
+    return expert.run()

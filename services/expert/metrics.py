@@ -57,6 +57,21 @@ class ExpertMetrics:
             ["expert", "reason"],
             registry=r,
         )
+        self.queries = Counter(
+            "traci_expert_queries",
+            "served QUERYs answered, by status (ok, missing_columns, internal)",
+            ["expert", "status"],
+            registry=r,
+        )
+        self.query_time = Histogram(
+            "traci_expert_query_seconds",
+            "QUERY received -> QEMB sent",
+            ["expert"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        for status in ("ok", "missing_columns", "internal"):
+            self.queries.labels(status=status, **labels)
         for phase in proto.PHASES:
             self.sent.labels(phase=phase, **labels)
         for reason in DROP_REASONS:
@@ -67,6 +82,10 @@ class ExpertMetrics:
 
     def reject(self, reason: str) -> None:
         self.rejections.labels(reason=reason, **self._labels).inc()
+
+    def served(self, status: str, seconds: float) -> None:
+        self.queries.labels(status=status, **self._labels).inc()
+        self.query_time.observe(seconds)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped.labels(reason=reason, **self._labels).inc(n)

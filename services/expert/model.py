@@ -51,8 +51,11 @@ class EmbeddingMLP(nn.Module):
         return self.net(x)
 
 
-def build_expert_net(cfg: ExpertModelConfig, *, in_dim: int, out_dim: int) -> nn.Module:
-    """The configured feed-forward net, or ``package.module:Class(in_dim, out_dim, **kwargs)``."""
+def build_expert_net(
+    cfg: ExpertModelConfig, *, in_dim: int, out_dim: int, key: str = "expert.model"
+) -> nn.Module:
+    """The configured feed-forward net, or ``package.module:Class(in_dim, out_dim, **kwargs)``.
+    ``key`` names the config section in errors."""
     if cfg.module is None:
         return EmbeddingMLP(
             in_dim,
@@ -66,13 +69,13 @@ def build_expert_net(cfg: ExpertModelConfig, *, in_dim: int, out_dim: int) -> nn
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except Exception as exc:  # ImportError, AttributeError, or the module's own failure
-        raise ConfigError(f"expert.model.module: cannot import {cfg.module!r}: {exc}") from None
+        raise ConfigError(f"{key}.module: cannot import {cfg.module!r}: {exc}") from None
     try:
         net = cls(in_dim=in_dim, out_dim=out_dim, **cfg.kwargs)
     except TypeError as exc:
-        raise ConfigError(f"expert.model.kwargs: {cfg.module} rejected them: {exc}") from None
+        raise ConfigError(f"{key}.kwargs: {cfg.module} rejected them: {exc}") from None
     if not isinstance(net, nn.Module):
-        raise ConfigError(f"expert.model.module: {cfg.module} did not build an nn.Module")
+        raise ConfigError(f"{key}.module: {cfg.module} did not build an nn.Module")
     return net
 
 

@@ -22,12 +22,13 @@ import zmq
 from traci_ml import checkpoint, proto
 from traci_ml.config import Config
 from traci_ml.data import load_dataset
-from traci_ml.errors import PeerTimeout, TraciError
+from traci_ml.errors import CheckpointError, PeerTimeout, TraciError
 from traci_ml.link import BrokerLink
 from traci_ml.schedule import Step, schedule_for
 from traci_ml.security import peer_keys
 from traci_ml.services.expert.metrics import ExpertMetrics
 from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
+from traci_ml.services.expert.serving import QueryView
 from traci_ml.tensors import derive_seed, from_wire, resolve_device, to_wire
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Expert:
         context: zmq.Context | None = None,
         metrics: ExpertMetrics | None = None,
         stop: threading.Event | None = None,
+        serve: bool = False,
     ) -> None:
         dataset = load_dataset(config)
         if not 0 <= expert_id < dataset.n_experts:
@@ -80,7 +82,10 @@ class Expert:
         }
         torch.manual_seed(derive_seed(config.seed, "expert", expert_id))
         self.online = build_expert_net(
-            config.expert.model, in_dim=self.views["train"].shape[1], out_dim=config.embed_dim
+            config.expert_model(expert_id),
+            in_dim=self.views["train"].shape[1],
+            out_dim=config.embed_dim,
+            key=config.expert_model_key(expert_id),
         ).to(self.device)
         self.target = make_target(self.online)
         self.optimizer = torch.optim.Adam(
@@ -94,8 +99,15 @@ class Expert:
         # line-buffered so a SIGKILL loses nothing written). It proves "at most once".
         self.ledger_path = config.run_path / "experts" / f"expert-{expert_id}.applied"
         self.ledger: TextIO | None = None  # opened by run()
-        if resume and self.ckpt_path.exists():
+        # serve: `traci serve` -- the latest checkpoint answers QUERYs, nothing is trained
+        self.serving = serve
+        self.query_view: QueryView | None = None  # built for the first QUERY
+        if serve and not self.ckpt_path.exists():
+            raise CheckpointError(f"{self.ckpt_path} is missing: train the run before serving")
+        if (resume or serve) and self.ckpt_path.exists():
             self._restore()
+        if serve:  # now, not on the first query
+            self.query_view = QueryView.for_expert(config, config.run_path, expert_id)
         self.context = context or zmq.Context.instance()
         net = config.network
         self.link = BrokerLink(
@@ -124,8 +136,9 @@ class Expert:
     # -- main loop --------------------------------------------------------------------
 
     def run(self) -> int:
-        self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
-        self.ledger = self.ledger_path.open("a", buffering=1)
+        if not self.serving:
+            self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+            self.ledger = self.ledger_path.open("a", buffering=1)
         self._register()
         finished = False
         try:
@@ -147,9 +160,19 @@ class Expert:
             self.seq_next = welcome.start_seq
 
     def _can_send(self) -> bool:
-        return (
-            len(self.inflight) < self.config.expert.window and self.seq_next < self.schedule.total
-        )
+        if (
+            len(self.inflight) >= self.config.expert.window
+            or self.seq_next >= self.schedule.total
+            or self.serving
+        ):
+            return False
+        # An eval batch waits until every train step in flight is applied, so an evaluation
+        # round (and the final one) sees the target after all training before it: the same
+        # weights the final checkpoint holds (docs/predict.md, "Exactness"). The window only
+        # drains at eval boundaries, so this costs almost nothing.
+        if self.schedule.step(self.seq_next).phase == "eval":
+            return all(p.step.phase == "eval" for p in self.inflight.values())
+        return True
 
     def _produce(self) -> None:
         """Fill the window: target embeddings for the next steps, in seq order."""
@@ -188,8 +211,12 @@ class Expert:
             return self.on_goodbye(msg)
         elif isinstance(msg, proto.Welcome):
             self.on_welcome(msg)
+        elif isinstance(msg, proto.Query):
+            self.on_query(msg)
         elif not isinstance(msg, proto.Heartbeat):
             self._reject("unexpected_kind", f"{msg.KIND} is not for experts")
+        if self.serving:  # serves until stopped
+            return False
         return self.seq_next >= self.schedule.total and not self.inflight
 
     # -- handlers ---------------------------------------------------------------------
@@ -250,6 +277,31 @@ class Expert:
         log.info("%s: resync to seq %d", self.name, msg.start_seq)
         self._drop_all("resync")
         self.seq_next = msg.start_seq
+
+    def on_query(self, msg: proto.Query) -> None:
+        """A served query (docs/serving.md): this view's columns of the raw rows, standardised
+        as in training, through the target net. Touches no training state."""
+        t0 = time.monotonic()
+        if self.query_view is None:
+            self.query_view = QueryView.for_expert(self.config, self.config.run_path, self.id)
+        view = self.query_view
+        pick = view.pick(msg.columns)
+        if isinstance(pick, list):
+            shown = ", ".join(pick[:10]) + (f" (+{len(pick) - 10} more)" if len(pick) > 10 else "")
+            answer = proto.QEmb(msg.qid, self.id, "missing_columns",
+                                f"{self.name} lacks column(s) {shown}", ())  # fmt: skip
+        else:
+            try:
+                x = torch.from_numpy(view.inputs(msg.tensors[0].numpy(), pick)).to(self.device)
+                with torch.no_grad():
+                    emb = self.target(x)  # (R, d); the target is always in eval mode
+                answer = proto.QEmb(msg.qid, self.id, proto.SERVE_OK, "",
+                                    (to_wire(emb, self.wire_dtype),))  # fmt: skip
+            except Exception as exc:  # the broker masks this expert for the query
+                log.exception("%s: internal error on QUERY %d", self.name, msg.qid)
+                answer = proto.QEmb(msg.qid, self.id, "internal", repr(exc)[:200], ())
+        self.link.send(answer)
+        self.metrics.served(answer.status, time.monotonic() - t0)
 
     def on_goodbye(self, msg: proto.Goodbye) -> bool:
         if msg.reason == "done":
@@ -333,12 +385,12 @@ class Expert:
 
     def _close(self) -> None:
         self._drop_all("shutdown")
-        self.save()
-        self._write_accounts()
+        if not self.serving:  # serving leaves the run's checkpoints and accounts alone
+            self.save()
+            self._write_accounts()
+        done = self.seq_next >= self.schedule.total and not self.serving
         try:
-            self.link.send(
-                proto.Goodbye("done" if self.seq_next >= self.schedule.total else "shutdown")
-            )
+            self.link.send(proto.Goodbye("done" if done else "shutdown"))
         except zmq.ZMQError:
             pass
         self.link.close()

@@ -9,9 +9,10 @@ from traci_ml.signals import stop_on_signals
 from traci_ml.tensors import set_threads
 
 
-def run(config: Config, *, resume: bool = False) -> int:
+def run(config: Config, *, resume: bool = False, serve: bool = False) -> int:
     set_threads(config.reducer.torch_threads)
-    service = ReducerService(config, resume=resume, stop=stop_on_signals("reducer"))
+    stop = stop_on_signals("reducer")
+    service = ReducerService(config, resume=resume, stop=stop, serve=serve)
     serve_metrics(
         service.metrics.registry, bind=config.metrics.bind, port=config.metrics.reducer_port
     )

@@ -49,6 +49,17 @@ class ReducerMetrics:
         self.rejections = Counter(
             "traci_reducer_rejections", "messages rejected, by reason", ["reason"], registry=r
         )
+        self.queries = Counter(
+            "traci_reducer_queries", "served QBATCHes answered, by status", ["status"], registry=r
+        )
+        self.query_time = Histogram(
+            "traci_reducer_query_seconds",
+            "QBATCH received -> QOUT sent",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        for status in ("ok", "conflict", "internal"):
+            self.queries.labels(status=status)
         for phase in proto.PHASES:
             self.steps.labels(phase=phase)
             self.step_time.labels(phase=phase)
@@ -56,6 +67,10 @@ class ReducerMetrics:
                 self.attention.labels(expert=str(i), phase=phase)
         for reason in (*proto.REJECT_REASONS, *REDUCER_REASONS):
             self.rejections.labels(reason=reason)
+
+    def served(self, status: str, seconds: float) -> None:
+        self.queries.labels(status=status).inc()
+        self.query_time.observe(seconds)
 
     def reject(self, reason: str) -> None:
         self.rejections.labels(reason=reason).inc()

@@ -18,13 +18,21 @@ import zmq
 from traci_ml import checkpoint, proto
 from traci_ml.config import Config
 from traci_ml.data import load_dataset
-from traci_ml.errors import PeerTimeout
+from traci_ml.errors import CheckpointError, PeerTimeout
 from traci_ml.link import BrokerLink
 from traci_ml.schedule import schedule_for
 from traci_ml.security import peer_keys
 from traci_ml.services.reducer.metrics import ReducerMetrics
 from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
-from traci_ml.services.reducer.records import EvalRound, MetricsLog, metric_name, write_json_atomic
+from traci_ml.services.reducer.records import (
+    EVAL_PREDICTIONS,
+    EvalRound,
+    MetricsLog,
+    metric_name,
+    write_eval_predictions,
+    write_json_atomic,
+)
+from traci_ml.services.reducer.serving import ServeSpec, answer
 from traci_ml.tensors import (
     TORCH_DTYPES,
     copy_into,
@@ -47,8 +55,10 @@ class ReducerService:
         context: zmq.Context | None = None,
         metrics: ReducerMetrics | None = None,
         stop: threading.Event | None = None,
+        serve: bool = False,
     ) -> None:
         self.config = config
+        self.serving = serve  # `traci serve`: the checkpoint answers QBATCHes, no training
         self.dataset = ds = load_dataset(config)
         self.schedule = schedule_for(config, ds)
         self.n = ds.n_experts
@@ -80,8 +90,15 @@ class ReducerService:
         self.missing_rounds: dict[int, EvalRound] = {}  # final round: one per masked expert
         self.started_at: float | None = None
         self.window_start = (time.monotonic(), 0)  # for samples/s between log records
-        if resume and self.ckpt_path.exists():
+        if serve and not self.ckpt_path.exists():
+            raise CheckpointError(f"{self.ckpt_path} is missing: train the run before serving")
+        if (resume or serve) and self.ckpt_path.exists():
             self._restore()
+        self.serve_spec = ServeSpec(
+            n_experts=self.n, embed_dim=config.embed_dim, wire_dtype=self.wire_dtype,
+            task=ds.task, classes=tuple(ds.classes) if ds.task == "classification" else (),
+            y_mean=ds.y_mean, y_std=ds.y_std,
+        )  # fmt: skip
         self.records = MetricsLog(self.run_path / "metrics.jsonl")
         self.context = context or zmq.Context.instance()
         net = config.network
@@ -110,7 +127,11 @@ class ReducerService:
     # -- main loop --------------------------------------------------------------------
 
     def run(self) -> int:
-        write_json_atomic(self.run_path / "config.json", self.config.to_dict())
+        if not self.serving:  # serving leaves the run's files as training wrote them
+            write_json_atomic(self.run_path / "config.json", self.config.to_dict())
+            from traci_ml.predict import write_preprocess  # for `traci predict` (predict.md)
+
+            write_preprocess(self.config, self.run_path)
         self.link.connect(timeout=self.config.network.connect_timeout)
         finished = False
         try:
@@ -135,9 +156,13 @@ class ReducerService:
     def _guarded(self, msg: proto.Message) -> bool:
         """Dispatch one message; a bug it triggers is counted and logged, never fatal."""
         try:
-            if isinstance(msg, proto.Batch):
+            if isinstance(msg, proto.QBatch):
+                self.on_qbatch(msg)
+            elif isinstance(msg, proto.Batch) and self.serving:
+                self._reject("unexpected_kind", "serving: no training steps", msg)
+            elif isinstance(msg, proto.Batch):
                 return self.on_batch(msg)
-            if isinstance(msg, proto.Goodbye):
+            elif isinstance(msg, proto.Goodbye):
                 log.warning("reducer: broker says goodbye (%s); registering again", msg.reason)
                 self.link.connect(timeout=self.config.network.connect_timeout)
             elif not isinstance(msg, proto.Heartbeat):
@@ -146,6 +171,18 @@ class ReducerService:
             log.exception("reducer: internal error on %s", msg.KIND)
             self._reject("internal", "see the traceback above", msg)
         return False
+
+    def on_qbatch(self, msg: proto.QBatch) -> None:
+        """A served query (docs/serving.md): eval mode, no grad, outputs back; the training
+        state (mode, optimizer, seq, records) is left as it was."""
+        t0 = time.monotonic()
+        try:
+            out = answer(self.model, msg, self.serve_spec, self.device)
+        except Exception as exc:  # the client gets reducer_error, never silence
+            log.exception("reducer: internal error on QBATCH %d", msg.qid)
+            out = proto.QOut(msg.qid, "internal", repr(exc)[:200], self.serve_spec.task, (), ())
+        self.link.send(out)
+        self.metrics.served(out.status, time.monotonic() - t0)
 
     def on_batch(self, msg: proto.Batch) -> bool:
         """Process one BATCH; True when it was the last step of the run."""
@@ -236,7 +273,8 @@ class ReducerService:
         if self.eval_round is None:
             self.eval_round = EvalRound(self.dataset.task, self.n, self.dataset.y_std)
             self.missing_rounds = {}
-        self.eval_round.add(logits, y, att, absent)
+        rows = torch.as_tensor(self.schedule.rows(self.schedule.step(msg.seq)))
+        self.eval_round.add(logits, y, att, absent, rows=rows)
         if final:  # graceful degradation: the same rows with each single expert masked
             for i in range(self.n):
                 without = absent.clone()
@@ -248,7 +286,7 @@ class ReducerService:
                 )
                 round_i.add(logits_i, y, att_i, without)
         if last:
-            self._finish_eval_round()
+            self._finish_eval_round(final=final)
 
     # -- records ----------------------------------------------------------------------
 
@@ -284,12 +322,15 @@ class ReducerService:
                     "samples_per_sec": sps,
                     "wall_seconds": self.wall_seconds(),
                     "skipped": self.skipped,
+                    "attention": [round(a, 6) for a in self.att_train.tolist()],
                 }
             )
 
-    def _finish_eval_round(self) -> None:
+    def _finish_eval_round(self, *, final: bool = False) -> None:
         assert self.eval_round is not None
         result = self.eval_round.result()
+        if final:  # the rows behind summary.json's test_* figures (docs/predict.md)
+            write_eval_predictions(self.run_path / EVAL_PREDICTIONS, self.eval_round, self.dataset)
         name = metric_name(self.dataset.task)
         if self.missing_rounds:
             views = [v.name for v in self.dataset.views]
@@ -375,8 +416,9 @@ class ReducerService:
         log.info("reducer resumed from %s at seq %d", self.ckpt_path, self.last_seq)
 
     def _close(self, finished: bool) -> None:
-        self.save()
-        if finished:
+        if not self.serving:
+            self.save()
+        if finished and not self.serving:
             write_json_atomic(self.run_path / "summary.json", self.summary())
         try:
             self.link.send(proto.Goodbye("done" if finished else "shutdown"))

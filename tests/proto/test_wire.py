@@ -52,7 +52,20 @@ def sample_messages(dtype: str) -> dict[str, Any]:
         "drop": proto.Drop(seq=9, reason="late"),
         "heartbeat": proto.Heartbeat(),
         "goodbye": proto.Goodbye(reason="done"),
-    }
+        # served prediction (docs/serving.md): rows and outputs are float32 whatever dtype
+        "query": proto.Query(qid=4, columns=tuple(f"c{i}" for i in range(8)),
+                             tensors=(make_tensor("float32", (3, 8), seed=7),)),
+        "qemb": proto.QEmb(qid=4, expert_id=1, status="ok", detail="", tensors=(t(8),)),
+        "qemb_refused": proto.QEmb(qid=4, expert_id=0, status="missing_columns",
+                                   detail="lacks c9", tensors=()),
+        "qbatch": proto.QBatch(qid=4, present=(True, False, True), tensors=(t(9), t(10))),
+        "qout": proto.QOut(qid=4, status="ok", detail="", task="classification",
+                           classes=("a", "b"), tensors=(make_tensor("float32", (3, 2)),)),
+        "reply": proto.Reply(qid=11, status="ok", task="regression", experts=(0, 2),
+                             expert_names=("left", "right"), batch_rows=7,
+                             tensors=(make_tensor("float32", (3, 1)),)),
+        "reply_error": proto.Reply(qid=-1, status="bad_request", detail="not msgpack"),
+    }  # fmt: skip
 
 
 def tensors_of(msg: Any) -> tuple[proto.Tensor, ...]:

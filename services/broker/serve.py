@@ -1,0 +1,389 @@
+"""The broker's front door: served prediction requests, dynamic batching and the serve join.
+
+No sockets here (like ``join.py``): the server hands in every decoded message on the client
+socket (QUERY), every QEMB from an expert and every QOUT from the reducer, with the live peers
+the ``JoinBook`` knows, and sends what the returned ``Outcome`` says. The flow::
+
+    QUERY (client) -> group by column list (<= max_batch_rows rows, <= max_wait_ms)
+        -> one batched QUERY to every live expert -> QEMB per expert (or timeout: masked)
+        -> QBATCH to the reducer -> QOUT -> one REPLY per request, its own rows
+
+Serving is a stream of its own: nothing here touches training steps, their ``seq``, windows
+or accounting. Every request gets exactly one REPLY (ok, or a status naming the cause); the
+state is bounded by ``serve.max_inflight`` queries and ``serve.max_queued`` requests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from traci_ml.config import Config
+from traci_ml.data import view_specs
+from traci_ml.proto import SERVE_OK, QBatch, QEmb, QOut, Query, Reply, Tensor
+from traci_ml.services.broker.records import EXPERT, REDUCER, Outcome, Send
+
+CLIENT = "client"  # the front door socket, as named in Send.socket
+# How a request ended: traci_broker_serve_requests_total{outcome}.
+OUTCOMES = (
+    SERVE_OK,
+    "bad_request",  # malformed message on the front door, or not a QUERY
+    "oversize",  # more rows than serve.max_request_rows
+    "missing_columns",  # the request lacks a column some expert's view reads
+    "no_reducer",  # no reducer registered (or it went away before answering)
+    "no_expert",  # no live expert (or the run has not started)
+    "busy",  # serve.max_queued requests already waiting
+    "timeout",  # no expert, or the reducer, answered within serve.timeout
+    "expert_error",  # every expert that answered refused the query
+    "reducer_error",  # the reducer refused the query or answered with the wrong shape
+    "shutdown",  # the broker stopped before answering
+)
+DETAIL_MAX = 400  # characters of a reply's detail
+
+
+@dataclass(slots=True)
+class Request:
+    routing_id: bytes  # the client's
+    qid: int  # the client's id, echoed in the REPLY
+    tensor: Tensor  # [R, F] float32 raw feature rows
+    arrival: float
+
+
+@dataclass(slots=True)
+class Group:
+    """Requests with one column list, waiting to travel together as one query."""
+
+    columns: tuple[str, ...]
+    opened: float
+    requests: list[Request] = field(default_factory=list)
+    rows: int = 0
+
+
+@dataclass(slots=True)
+class InQuery:
+    """A batched query at the experts (``stage`` "experts"), then at the reducer."""
+
+    qid: int
+    requests: list[Request]
+    rows: int
+    expected: dict[int, bytes]  # experts asked and not yet answered: id -> routing id
+    deadline: float
+    tokens: dict[int, Tensor] = field(default_factory=dict)  # answers, by expert id
+    failures: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (status, detail)
+    stage: str = "experts"
+    reducer: bytes | None = None
+    present: tuple[int, ...] = ()  # expert ids whose tokens went to the reducer
+
+
+Peers = tuple[dict[int, bytes], "bytes | None"]  # live experts (id -> routing id), reducer
+
+
+class ServeDesk:
+    """All front-door state: waiting groups, queries in flight, and their replies."""
+
+    def __init__(
+        self,
+        *,
+        view_names: list[str],
+        view_columns: list[tuple[str, ...]],
+        embed_dim: int,
+        dtype: str,
+        max_batch_rows: int = 256,
+        max_wait: float = 0.002,
+        max_request_rows: int = 4096,
+        timeout: float = 2.0,
+        max_inflight: int = 32,
+        max_queued: int = 1024,
+        metrics: Any = None,  # metrics.ServeMetrics, or None
+    ) -> None:
+        self.n_experts = len(view_names)
+        self.view_names, self.view_columns = view_names, view_columns
+        self.embed_dim, self.dtype = embed_dim, dtype
+        self.max_batch_rows, self.max_wait = max_batch_rows, max_wait
+        self.max_request_rows, self.timeout = max_request_rows, timeout
+        self.max_inflight, self.max_queued = max_inflight, max_queued
+        self.metrics = metrics
+        self._groups: dict[tuple[str, ...], Group] = {}  # filling, by column list
+        self._ready: deque[Group] = deque()  # closed, waiting for an in-flight slot
+        self._queries: dict[int, InQuery] = {}
+        self._queued = 0  # requests in _groups and _ready
+        self._next_qid = 0
+        self._checked: dict[tuple[str, ...], str] = {}  # column list -> what it lacks ("")
+
+    @classmethod
+    def from_config(cls, config: Config, *, metrics: Any = None) -> ServeDesk:
+        views, serve = view_specs(config.data), config.serve
+        return cls(
+            view_names=[v.name for v in views],
+            view_columns=[tuple(v.columns) for v in views],
+            embed_dim=config.embed_dim,
+            dtype=config.expert.dtype,
+            max_batch_rows=serve.max_batch_rows,
+            max_wait=serve.max_wait_ms / 1000.0,
+            max_request_rows=serve.max_request_rows,
+            timeout=serve.timeout,
+            max_inflight=serve.max_inflight,
+            max_queued=serve.max_queued,
+            metrics=metrics,
+        )
+
+    # ---- views ---------------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def inflight(self) -> int:
+        return len(self._queries)
+
+    def next_deadline(self) -> float:
+        """When ``tick`` next has work: a group's wait ends or a query's timeout."""
+        soonest = math.inf
+        for group in self._groups.values():
+            soonest = min(soonest, group.opened + self.max_wait)
+        for query in self._queries.values():
+            soonest = min(soonest, query.deadline)
+        return soonest
+
+    # ---- the front door ------------------------------------------------------------------
+
+    def request(self, routing_id: bytes, msg: Query, now: float, peers: Peers) -> Outcome:
+        out = Outcome()
+        experts, reducer = peers
+        rows = msg.tensors[0].shape[0]
+        refusal = None
+        if rows > self.max_request_rows:
+            refusal = ("oversize", f"{rows} rows > serve.max_request_rows {self.max_request_rows}")
+        elif missing := self._missing(msg.columns):
+            refusal = ("missing_columns", missing)
+        elif reducer is None:
+            refusal = ("no_reducer", "no reducer is registered with the broker")
+        elif not experts:
+            refusal = ("no_expert", "no expert is live (has the run started?)")
+        elif self._queued >= self.max_queued:
+            refusal = ("busy", f"{self._queued} requests already waiting (serve.max_queued)")
+        if refusal is not None:
+            self._reply_error(out, routing_id, msg.qid, now, *refusal)
+            return out
+        request = Request(routing_id, msg.qid, msg.tensors[0], now)
+        group = self._groups.get(msg.columns)
+        if group is not None and group.rows + rows > self.max_batch_rows:
+            self._close_group(msg.columns)  # it is full: this request opens the next one
+            group = None
+        if group is None:
+            group = self._groups[msg.columns] = Group(msg.columns, now)
+        group.requests.append(request)
+        group.rows += rows
+        self._queued += 1
+        if group.rows >= self.max_batch_rows or self.max_wait <= 0:
+            self._close_group(msg.columns)
+        self._launch(now, peers, out)
+        return out
+
+    def malformed(self, routing_id: bytes, reason: str, detail: str, now: float) -> Outcome:
+        """A message on the front door that is not a valid QUERY: answered, never served."""
+        out = Outcome()
+        self._reply_error(out, routing_id, -1, now, "bad_request", f"{reason}: {detail}")
+        return out
+
+    def _missing(self, columns: tuple[str, ...]) -> str:
+        """What a column list lacks for some expert's view ("": nothing); remembered."""
+        found = self._checked.get(columns)
+        if found is None:
+            if len(self._checked) >= 64:
+                self._checked.pop(next(iter(self._checked)))
+            found = self._checked[columns] = self._lacking(columns)
+        return found
+
+    def _lacking(self, columns: tuple[str, ...]) -> str:
+        have = set(columns)
+        for i, view in enumerate(self.view_columns):
+            lacking = [c for c in view if c not in have]
+            if lacking:
+                more = f" (+{len(lacking) - 10} more)" if len(lacking) > 10 else ""
+                name = self.view_names[i]
+                return (
+                    f"expert {i} ({name}) reads column(s) the request lacks: "
+                    + ", ".join(lacking[:10])
+                    + more
+                )
+        return ""
+
+    # ---- batching ------------------------------------------------------------------------
+
+    def _close_group(self, columns: tuple[str, ...]) -> None:
+        self._ready.append(self._groups.pop(columns))
+
+    def _launch(self, now: float, peers: Peers, out: Outcome) -> None:
+        """Start ready groups as queries while fewer than ``max_inflight`` are out."""
+        experts, reducer = peers
+        while self._ready and len(self._queries) < self.max_inflight:
+            group = self._ready.popleft()
+            self._queued -= len(group.requests)
+            if reducer is None or not experts:
+                status = "no_reducer" if reducer is None else "no_expert"
+                for req in group.requests:
+                    self._reply_error(out, req.routing_id, req.qid, now, status, "peer lost")
+                continue
+            qid, self._next_qid = self._next_qid, self._next_qid + 1
+            query = InQuery(qid, group.requests, group.rows, dict(experts), now + self.timeout)
+            self._queries[qid] = query
+            rows = self._rows(group)
+            message = Query(qid, group.columns, (rows,))  # one object: encoded once for all
+            out.sends.extend(Send(EXPERT, rid, message) for rid in experts.values())
+            if self.metrics is not None:
+                self.metrics.batched(group.rows, len(group.requests))
+
+    @staticmethod
+    def _rows(group: Group) -> Tensor:
+        """The group's rows as one tensor: a lone request's own frame (zero-copy)."""
+        if len(group.requests) == 1:
+            return group.requests[0].tensor
+        return Tensor.from_numpy(np.concatenate([r.tensor.numpy() for r in group.requests]))
+
+    # ---- answers -------------------------------------------------------------------------
+
+    def qemb(self, routing_id: bytes, msg: QEmb, now: float, peers: Peers) -> Outcome:
+        out = Outcome()
+        query = self._queries.get(msg.qid)
+        if query is None or query.stage != "experts":
+            return out.reject("unknown_query", f"QEMB for query {msg.qid}, not at the experts")
+        if query.expected.get(msg.expert_id) != routing_id:
+            return out.reject("unknown_query", f"QEMB from expert {msg.expert_id}: not asked")
+        del query.expected[msg.expert_id]
+        if msg.status != SERVE_OK:
+            query.failures[msg.expert_id] = (msg.status, msg.detail)
+        else:
+            tensor = msg.tensors[0]
+            if tensor.shape != (query.rows, self.embed_dim) or tensor.dtype != self.dtype:
+                want = f"{self.dtype}[{query.rows}, {self.embed_dim}]"
+                query.failures[msg.expert_id] = ("conflict", f"{tensor.dtype}{tensor.shape}")
+                out.reject("conflict", f"QEMB {tensor.dtype}{list(tensor.shape)}, want {want}")
+            else:
+                query.tokens[msg.expert_id] = tensor
+        if not query.expected:
+            self._to_reducer(query, now, peers, out)
+            self._launch(now, peers, out)
+        return out
+
+    def qout(self, routing_id: bytes, msg: QOut, now: float, peers: Peers) -> Outcome:
+        out = Outcome()
+        query = self._queries.get(msg.qid)
+        if query is None or query.stage != "reducer" or query.reducer != routing_id:
+            return out.reject("unknown_query", f"QOUT for query {msg.qid}, not at the reducer")
+        del self._queries[msg.qid]
+        if msg.status != SERVE_OK:
+            self._fail(query, now, out, "reducer_error", f"reducer: {msg.status}: {msg.detail}")
+        elif msg.tensors[0].shape[0] != query.rows:
+            detail = f"reducer answered {msg.tensors[0].shape[0]} rows for {query.rows}"
+            self._fail(query, now, out, "reducer_error", detail)
+            out.reject("conflict", detail)
+        else:
+            self._answer(query, msg, now, out)
+        self._launch(now, peers, out)
+        return out
+
+    def _to_reducer(self, query: InQuery, now: float, peers: Peers, out: Outcome) -> None:
+        """Every asked expert answered or was given up: mask the rest, ask the reducer."""
+        missing = [e for e in query.failures if query.failures[e][0] == "missing_columns"]
+        if missing:
+            del self._queries[query.qid]
+            self._fail(query, now, out, "missing_columns", query.failures[missing[0]][1])
+            return
+        if not query.tokens:
+            del self._queries[query.qid]
+            if query.failures:
+                why = "; ".join(f"expert {e}: {s}: {d}" for e, (s, d) in query.failures.items())
+                self._fail(query, now, out, "expert_error", why)
+            else:
+                self._fail(query, now, out, "timeout", f"no expert answered in {self.timeout}s")
+            return
+        reducer = peers[1]
+        if reducer is None:
+            del self._queries[query.qid]
+            self._fail(query, now, out, "no_reducer", "the reducer went away")
+            return
+        ids = sorted(query.tokens)
+        if self.metrics is not None:
+            for eid in range(self.n_experts):
+                if eid not in query.tokens:
+                    self.metrics.masked_expert(eid)
+        present = tuple(i in query.tokens for i in range(self.n_experts))
+        batch = QBatch(query.qid, present, tuple(query.tokens[i] for i in ids))
+        out.sends.append(Send(REDUCER, reducer, batch))
+        query.stage, query.reducer, query.present = "reducer", reducer, tuple(ids)
+        query.deadline, query.tokens = now + self.timeout, {}
+
+    def _answer(self, query: InQuery, msg: QOut, now: float, out: Outcome) -> None:
+        """Split the reducer's outputs back into one REPLY per request."""
+        outputs = msg.tensors[0].numpy()
+        names = tuple(self.view_names[i] for i in query.present)
+        start = 0
+        for req in query.requests:
+            rows = req.tensor.shape[0]
+            mine = Tensor.from_numpy(outputs[start : start + rows])
+            start += rows
+            reply = Reply(req.qid, SERVE_OK, "", msg.task, msg.classes, query.present, names,
+                          query.rows, (mine,))  # fmt: skip
+            out.sends.append(Send(CLIENT, req.routing_id, reply))
+            self._count(SERVE_OK, now - req.arrival)
+
+    # ---- time ----------------------------------------------------------------------------
+
+    def tick(self, now: float, peers: Peers) -> Outcome:
+        """Close groups whose wait is over, mask experts that are gone or late, give up
+        queries the reducer did not answer in time, and launch what that frees."""
+        out = Outcome()
+        for columns in [c for c, g in self._groups.items() if now >= g.opened + self.max_wait]:
+            self._close_group(columns)
+        experts, reducer = peers
+        for query in list(self._queries.values()):
+            if query.stage == "experts":
+                late = now >= query.deadline
+                gone = [e for e, rid in query.expected.items() if late or experts.get(e) != rid]
+                for eid in gone:
+                    del query.expected[eid]
+                if not query.expected:
+                    self._to_reducer(query, now, peers, out)
+            elif now >= query.deadline or query.reducer != reducer:
+                del self._queries[query.qid]
+                gone = query.reducer != reducer
+                status = "no_reducer" if gone else "timeout"
+                why = "the reducer went away" if gone else f"reducer silent for {self.timeout}s"
+                self._fail(query, now, out, status, why)
+        self._launch(now, peers, out)
+        if self.metrics is not None:
+            self.metrics.state(queued=self._queued, inflight=len(self._queries))
+        return out
+
+    def close(self, now: float) -> Outcome:
+        """The broker is stopping: every request still waiting gets ``shutdown``."""
+        out = Outcome()
+        pending = [r for g in (*self._groups.values(), *self._ready) for r in g.requests]
+        pending += [r for q in self._queries.values() for r in q.requests]
+        for req in pending:
+            self._reply_error(out, req.routing_id, req.qid, now, "shutdown", "broker stopping")
+        self._groups, self._ready, self._queries, self._queued = {}, deque(), {}, 0
+        return out
+
+    # ---- replies -------------------------------------------------------------------------
+
+    def _fail(self, query: InQuery, now: float, out: Outcome, status: str, detail: str) -> None:
+        for req in query.requests:
+            self._reply_error(out, req.routing_id, req.qid, now, status, detail)
+
+    def _reply_error(
+        self, out: Outcome, routing_id: bytes, qid: int, now: float, status: str, detail: str
+    ) -> None:
+        reply = Reply(qid, status, detail[:DETAIL_MAX])
+        out.sends.append(Send(CLIENT, routing_id, reply))
+        self._count(status, None)
+
+    def _count(self, outcome: str, latency: float | None) -> None:
+        if self.metrics is not None:
+            self.metrics.answered(outcome, latency)

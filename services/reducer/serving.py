@@ -1,0 +1,68 @@
+"""The reducer's side of served prediction (docs/serving.md): a QBATCH of expert embeddings
+in, a QOUT of outputs back, through the model in eval mode and without gradients.
+
+Outputs are what a user wants to read: class probabilities (softmax) for classification,
+values in the label's own units (de-standardised) for regression -- the same numbers
+``traci predict`` computes offline. The model's train/eval mode is restored afterwards, so a
+query answered between two training steps leaves training exactly as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from traci_ml import proto
+from traci_ml.tensors import TORCH_DTYPES, copy_into, to_wire
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """What the reducer needs to know to answer a query."""
+
+    n_experts: int
+    embed_dim: int
+    wire_dtype: str
+    task: str  # "classification" | "regression"
+    classes: tuple[str, ...]  # classification: names in id order
+    y_mean: float = 0.0  # regression: the model predicts (y - y_mean) / y_std
+    y_std: float = 1.0
+
+
+def answer(
+    model: nn.Module, msg: proto.QBatch, spec: ServeSpec, device: torch.device
+) -> proto.QOut:
+    """The QOUT for ``msg``: outputs ``[R, C]`` float32, or a refusal naming the cause."""
+    first = msg.tensors[0]
+    want = (first.shape[0], spec.embed_dim)
+    if len(msg.present) != spec.n_experts:
+        return _refuse(msg, spec, "conflict", f"{len(msg.present)} experts, not {spec.n_experts}")
+    if first.shape != want or first.dtype != spec.wire_dtype:
+        got = f"{first.dtype}{list(first.shape)}"
+        return _refuse(msg, spec, "conflict", f"tokens {got}, want {spec.wire_dtype}{list(want)}")
+    rows = first.shape[0]
+    host = torch.zeros((spec.n_experts, *want), dtype=TORCH_DTYPES[spec.wire_dtype])
+    present = [i for i, p in enumerate(msg.present) if p]
+    for i, tensor in zip(present, msg.tensors, strict=True):
+        copy_into(host[i], tensor)
+    tokens = host.to(device).float().transpose(0, 1)  # (R, N, d)
+    absent = ~torch.tensor(msg.present, device=device).expand(rows, spec.n_experts)  # (R, N)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits, _ = model(tokens, absent)
+    finally:
+        model.train(was_training)
+    if spec.task == "classification":
+        out = logits.softmax(dim=-1)
+    else:
+        out = logits[:, :1] * spec.y_std + spec.y_mean
+    return proto.QOut(msg.qid, proto.SERVE_OK, "", spec.task, spec.classes,
+                      (to_wire(out, "float32"),))  # fmt: skip
+
+
+def _refuse(msg: proto.QBatch, spec: ServeSpec, status: str, detail: str) -> proto.QOut:
+    return proto.QOut(msg.qid, status, detail, spec.task, spec.classes, ())

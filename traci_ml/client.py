@@ -1,0 +1,186 @@
+"""Served prediction from Python: send feature rows to a running cluster's front door.
+
+    from traci_ml import Client
+
+    with Client("tcp://127.0.0.1:5557") as client:
+        pred = client.predict(rows, columns)     # rows: (R, F) raw feature values
+    pred.outputs        # (R, C) class probabilities, or (R, 1) values in the label's units
+    pred.labels         # classification: the most probable class name per row
+    pred.experts        # ids of the experts whose embeddings took part (others were masked)
+    pred.batch_rows     # rows of the batched query these rows travelled in
+
+The broker (``network.serve_port``) batches concurrent requests, fans them out to every live
+expert and the reducer, and answers each request with its own rows (docs/serving.md). A
+``Client`` holds one ZeroMQ DEALER socket: use one per thread. Errors come back as
+``ServeError`` whose ``status`` names the cause (``missing_columns``, ``no_expert``, ...).
+No torch here: a client needs only pyzmq, msgpack and numpy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from traci_ml import proto
+from traci_ml.errors import ProtocolError, TraciError
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
+
+
+class ServeError(TraciError):
+    """The cluster answered with an error (``status``: its cause), or did not answer."""
+
+    def __init__(self, status: str, detail: str) -> None:
+        self.status, self.detail = status, detail
+        super().__init__(f"{status}: {detail}" if detail else status)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One request's answer."""
+
+    outputs: np.ndarray  # (R, C) probabilities (classification) or (R, 1) values
+    task: str  # "classification" | "regression"
+    classes: tuple[str, ...]  # class names in output column order (classification)
+    experts: tuple[int, ...]  # experts that took part; the others were masked
+    expert_names: tuple[str, ...]  # their view names, same order
+    batch_rows: int  # rows of the batched query this request travelled in
+    latency: float  # seconds from send to reply, as the client saw it
+
+    @property
+    def labels(self) -> list[str]:
+        """Classification: the most probable class per row."""
+        return [self.classes[k] for k in self.outputs.argmax(axis=1)]
+
+    @property
+    def values(self) -> np.ndarray:
+        """Regression: (R,) predictions in the label's units."""
+        return self.outputs[:, 0]
+
+
+class Client:
+    """A connection to a broker's front door. ``curve``: a ``security.ClientKeys`` when the
+    broker runs CurveZMQ (its front door admits the keys in its ``authorized/``)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        timeout: float = 10.0,
+        curve: Any = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.endpoint, self.timeout, self.curve = endpoint, timeout, curve
+        self._context = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._qid = next(self._ids) << 32  # ids unique across clients of this process
+
+    @classmethod
+    def from_config(cls, config: Any, *, timeout: float = 10.0, key: str = "client") -> Client:
+        """A client for the cluster of a run config (``network.broker_host`` and
+        ``serve_port``); with ``security.curve_dir`` set, the key pair ``<key>.key_secret``
+        from that folder (its public key must be in ``authorized/``)."""
+        from traci_ml.security import peer_keys
+
+        net = config.network
+        if not net.serve_port:
+            raise TraciError("network.serve_port is 0: the broker has no front door")
+        endpoint = f"tcp://{net.broker_host}:{net.serve_port}"
+        return cls(endpoint, timeout=timeout, curve=peer_keys(config, key))
+
+    # -- requests ---------------------------------------------------------------------
+
+    def predict(
+        self,
+        rows: np.ndarray | Sequence[Sequence[float]] | Mapping[str, Sequence[float]],
+        columns: Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Prediction:
+        """Predict ``rows`` (R, F) of raw feature values named by ``columns``, or a mapping
+        column -> values (a dict of lists, a pandas DataFrame). Raises ``ServeError``."""
+        x, names = _as_rows(rows, columns)
+        self._qid += 1
+        qid = self._qid
+        query = proto.Query(qid, names, (proto.Tensor.from_numpy(x),))
+        sock = self._connect()
+        t0 = time.monotonic()
+        sock.send_multipart(proto.encode(query), copy=False)
+        deadline = t0 + (self.timeout if timeout is None else timeout)
+        while (left := deadline - time.monotonic()) > 0:
+            if not sock.poll(max(1, int(left * 1000))):
+                continue
+            try:
+                reply = proto.decode(sock.recv_multipart(copy=False))
+            except ProtocolError:
+                continue  # not ours to judge: wait for our reply
+            if not isinstance(reply, proto.Reply) or reply.qid not in (qid, -1):
+                continue  # the late answer to an earlier, timed-out request
+            if reply.status != proto.SERVE_OK:
+                raise ServeError(reply.status, reply.detail)
+            outputs = np.array(reply.tensors[0].numpy())  # own the memory, writable
+            return Prediction(outputs, reply.task, reply.classes, reply.experts,
+                              reply.expert_names, reply.batch_rows,
+                              time.monotonic() - t0)  # fmt: skip
+        self._reset()  # a fresh socket: nothing of this request lingers
+        raise ServeError("timeout", f"no reply from {self.endpoint} in {deadline - t0:.1f}s")
+
+    # -- the socket -------------------------------------------------------------------
+
+    def _connect(self) -> zmq.Socket:
+        if self._socket is None:
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                from traci_ml.security import apply_client
+
+                apply_client(sock, self.curve)
+            sock.connect(self.endpoint)
+            self._socket = sock
+        return self._socket
+
+    def _reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def close(self) -> None:
+        self._reset()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _as_rows(rows: Any, columns: Sequence[str] | None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(R, F) float32 C-contiguous rows and their column names, checked."""
+    if isinstance(rows, Mapping) or (hasattr(rows, "keys") and hasattr(rows, "columns")):
+        names = tuple(str(c) for c in (columns or list(rows.keys())))
+        try:
+            x = np.column_stack([np.asarray(rows[c], dtype=np.float64) for c in names])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ServeError("bad_request", f"rows are not numeric columns: {exc}") from None
+    else:
+        if columns is None:
+            raise ServeError("bad_request", "columns are needed to name the rows' features")
+        names = tuple(str(c) for c in columns)
+        try:
+            x = np.asarray(rows, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ServeError("bad_request", f"rows are not numbers: {exc}") from None
+    x = np.ascontiguousarray(x.reshape(1, -1) if x.ndim == 1 else x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] != len(names):
+        raise ServeError(
+            "bad_request", f"rows of shape {x.shape} do not match {len(names)} column names"
+        )
+    return x, names
