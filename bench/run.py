@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("transport", "e2e", "scaling", "staleness", "memory")
+SECTIONS = ("transport", "e2e", "scaling", "staleness", "memory", "serve")
 TARGETS = {"e2e_vs_fused": 0.8, "e2e_vs_rpc": 1.5, "broker_vs_null": 0.8, "scaling_64_vs_4": 0.7}
 
 
@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import memory
 
             results["memory"] = memory.run(quick=args.quick)
+        elif name == "serve":
+            from bench import serve
+
+            results["serve"] = serve.run(quick=args.quick)
         results.setdefault("seconds", {})[name] = round(time.monotonic() - t, 1)
     results["seconds"]["total"] = round(time.monotonic() - t0, 1)
     results.update(ratios(results))
@@ -135,6 +139,12 @@ def print_table(results: dict[str, Any]) -> None:
             f"  staleness window {row['window']} tau {row['tau']}: "
             f"{row['samples_per_sec']:,.0f} samples/s, accuracy {row['test_accuracy']:.4f}"
         )
+    if results.get("serve"):
+        from bench.serve import fmt
+
+        print("  served prediction, 1 row per request (rate max = 16 closed-loop clients):")
+        for cell in results["serve"]["cells"]:
+            print("    " + fmt(cell))
     for name, m in results.get("memory", {}).get("services", {}).items():
         print(
             f"  memory {name:<9} peak {m['peak_rss_mib']:7.1f} MiB, growth after warm-up "
