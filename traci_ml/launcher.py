@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 POLL = 0.2
 GRACE = 15.0  # seconds the others get to finish after the reducer is done
 STABLE = 30.0  # a service up this long has its restart back-off reset
+CONFIG_ERROR = 2  # the exit code of every TraciError (traci_ml/cli.py)
 QUEUE_LATENCY = "traci_broker_queue_latency_seconds"
 LIVE_EXPERTS = "traci_broker_live_experts"
 
@@ -57,6 +58,7 @@ class Child:
         self.proc = subprocess.Popen(
             argv, stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env,
             stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C reaches us alone
+            preexec_fn=_die_with_parent,
         )  # fmt: skip
         self.restart_at = None
         self.started_at = time.monotonic()
@@ -78,6 +80,15 @@ class Child:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the launcher dies, even by SIGKILL, so a
+    killed `traci up` leaves no orphans holding its ports (Linux prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def up(config: Config, *, argv: list[str], args: Any) -> int:
@@ -179,7 +190,12 @@ def _watch(children: list[Child], progress: Progress, config: Config) -> int:
                 continue
             if code in (None, 0):  # exiting 0 is a service's normal end of the run
                 continue
-            if policy.restart == "never" or child.restarts >= policy.max_restarts:
+            # Exit code 2 is a usage or config error (a bad key, a missing module, a port
+            # in use): on a first start that never got going, a restart fails the same way.
+            config_error = (
+                code == CONFIG_ERROR and not child.restarts and now - child.started_at < STABLE
+            )
+            if policy.restart == "never" or child.restarts >= policy.max_restarts or config_error:
                 progress.line(
                     f"{child.name} exited with code {code}"
                     + (f" after {child.restarts} restarts" if child.restarts else "")

@@ -83,3 +83,36 @@ def test_ctrl_c_stops_every_service_and_checkpoints(run_config):
     assert accounts["sent"] == (
         accounts["applied"] + accounts["acked"] + accounts["dropped"] + accounts["inflight"]
     )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_a_sigkilled_launcher_leaves_no_orphans(run_config):
+    path, cfg = run_config({"train": {"steps": 100000}})
+    proc = subprocess.Popen([*TRACI, "up", str(path)], stdout=subprocess.DEVNULL)
+    run_dir = Path(cfg["run_dir"])
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:  # wait until training is under way
+        records = run_dir / "metrics.jsonl"
+        if records.exists() and '"train"' in records.read_text():
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("training never started")
+    pids = json.loads((run_dir / "pids.json").read_text())
+    assert len(pids) == 6 and all(_alive(p) for p in pids.values())
+    proc.kill()  # SIGKILL: the launcher gets no chance to stop its services
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [n for n, p in pids.items() if _alive(p)], "services outlived traci up"
