@@ -344,6 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_cluster_security(config)  # fail here, not in every child
 
             return up(config, argv=list(sys.argv[1:] if argv is None else argv), args=args)
+        if args.command in SERVICES:
+            from traci_ml.signals import die_with_parent
+
+            die_with_parent()  # started by traci up / traci serve: do not outlive it
         if args.command == "broker":
             from traci_ml.services.broker.main import run as run_broker
 

@@ -25,6 +25,7 @@ import yaml
 from traci_ml.config import Config
 from traci_ml.errors import ConfigError
 from traci_ml.plot import bucket_deltas, histogram_quantile
+from traci_ml.signals import PARENT_ENV
 
 log = logging.getLogger(__name__)
 POLL = 0.2
@@ -58,7 +59,6 @@ class Child:
         self.proc = subprocess.Popen(
             argv, stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env,
             stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C reaches us alone
-            preexec_fn=_die_with_parent,
         )  # fmt: skip
         self.restart_at = None
         self.started_at = time.monotonic()
@@ -80,15 +80,6 @@ class Child:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it when the launcher dies, even by SIGKILL, so a
-    killed `traci up` leaves no orphans holding its ports (Linux prctl PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def up(config: Config, *, argv: list[str], args: Any) -> int:
@@ -150,7 +141,7 @@ def _children(config: Config, launch: Path, *, resume: bool, gpus: int) -> list[
     n = load_dataset(config).n_experts
     base = [sys.executable, "-m", "traci_ml.cli"]
     logs = config.run_path / "logs"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
     first = ["--resume"] if resume else []
     specs = [("broker", ["broker"], False), ("reducer", ["reducer"], True)]
     specs += [(f"expert-{i}", ["expert", "--id", str(i)], True) for i in range(n)]
