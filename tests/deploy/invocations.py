@@ -53,7 +53,7 @@ class Resolved:
     command: str  # broker | reducer | expert
     expert_id: int | None
     config: Config
-    listening: dict[str, int]  # what the process binds: zmq-experts, zmq-reducer, metrics
+    listening: dict[str, int]  # what it binds: zmq-experts, zmq-reducer, zmq-serve, metrics
 
     @property
     def metrics_port(self) -> int | None:
@@ -159,6 +159,7 @@ def listening(command: str, config: Config, expert_id: int | None) -> dict[str, 
     net, metrics = config.network, config.metrics
     if command == "broker":
         ports = {"zmq-experts": net.expert_port, "zmq-reducer": net.reducer_port}
+        ports["zmq-serve"] = net.serve_port  # 0: the front door is off
         ports["metrics"] = metrics.broker_port
     elif command == "reducer":
         ports = {"metrics": metrics.reducer_port}
