@@ -58,45 +58,50 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and repetitions")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument(
+        "--quick-sections", default="", help="comma-separated sections to run short (--quick: all)"
+    )
     parser.add_argument("--out", default="bench/results/latest.json")
     args = parser.parse_args(argv)
+    short = set(SECTIONS) if args.quick else {s for s in args.quick_sections.split(",") if s}
     sections = [s for s in args.only.split(",") if s]
-    unknown = set(sections) - set(SECTIONS)
+    unknown = (set(sections) | short) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},  # fmt: skip
-        "quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": sorted(short), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
     t0 = time.monotonic()
     for name in sections:
-        print(f"== {name}", flush=True)
+        quick = name in short
+        print(f"== {name}" + (" (short)" if quick else ""), flush=True)
         t = time.monotonic()
         if name == "e2e":
-            results["e2e"] = e2e(quick=args.quick)
+            results["e2e"] = e2e(quick=quick)
         elif name == "transport":
             from bench import transport
 
-            results["transport"] = transport.run(quick=args.quick)
+            results["transport"] = transport.run(quick=quick)
         elif name == "scaling":
             from bench import scaling
 
-            results["scaling"] = scaling.run(quick=args.quick)
+            results["scaling"] = scaling.run(quick=quick)
         elif name == "staleness":
             from bench import staleness
 
             results["staleness"] = staleness.run(
-                quick=args.quick, plot=Path(args.out).parent / "staleness.png"
+                quick=quick, plot=Path(args.out).parent / "staleness.png"
             )
         elif name == "memory":
             from bench import memory
 
-            results["memory"] = memory.run(quick=args.quick)
+            results["memory"] = memory.run(quick=quick)
         elif name == "serve":
             from bench import serve
 
-            results["serve"] = serve.run(quick=args.quick)
+            results["serve"] = serve.run(quick=quick)
         results.setdefault("seconds", {})[name] = round(time.monotonic() - t, 1)
     results["seconds"]["total"] = round(time.monotonic() - t0, 1)
     results.update(ratios(results))
