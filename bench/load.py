@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ import msgpack
 import numpy as np
 import yaml
 
+from bench.e2e import free_ports
 from traci_ml.proto import Ack, Emb, Grad, Hello, Tensor, encode
 
 RUN_ID = "bench"
@@ -53,17 +53,6 @@ _FORK = mp.get_context("fork")  # children inherit Shared and start in milliseco
 # --------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free on 127.0.0.1 right now."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def endpoints(n: int) -> list[str]:
