@@ -43,7 +43,7 @@ from torch import nn
 from bench.reference import reference_config
 from traci_ml.config import Config, validate
 from traci_ml.data import load_dataset, view_specs
-from traci_ml.schedule import schedule_for
+from traci_ml.schedule import schedule_for, set_lr
 from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
 from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
 from traci_ml.tensors import derive_seed
@@ -157,7 +157,8 @@ def _fused_loop(config: Config, *, warmup: int, keep_state: bool) -> RunResult:
     for seq in range(config.train.steps):
         if seq == warmup:
             started = time.perf_counter()
-        rows = torch.as_tensor(sched.rows(sched.step(seq)))  # (B,)
+        step = sched.step(seq)
+        rows = torch.as_tensor(sched.rows(step))  # (B,)
         # 1. experts: the target nets' embeddings are the tokens (no graph).
         with torch.no_grad():
             tokens = torch.stack([t(views[i][rows]) for i, (_, t, _) in enumerate(experts)])
@@ -167,12 +168,14 @@ def _fused_loop(config: Config, *, warmup: int, keep_state: bool) -> RunResult:
         loss, _ = loss_and_metric(ds.task, logits, labels[rows])
         r_opt.zero_grad(set_to_none=True)
         loss.backward()
+        set_lr(r_opt, config.reducer.lr, step.index, config.train)
         r_opt.step()
         # 3. experts: the gradient goes into the online net (recomputed), Adam, Polyak.
         for i, (online, target, opt) in enumerate(experts):
             out = online(views[i][rows])  # (B, d)
             opt.zero_grad(set_to_none=True)
             out.backward(tokens.grad[i])
+            set_lr(opt, config.expert.lr, step.index, config.train)
             opt.step()
             polyak_update(target, online, config.expert.tau)
         losses.append(loss.item())
@@ -219,6 +222,7 @@ class RpcExpert:
         self.x = torch.from_numpy(load_dataset(config).view(expert_id, "train"))  # (n, F_i)
         self.online, self.target, self.opt = build_expert(config, expert_id, self.x.shape[1])
         self.tau = config.expert.tau
+        self.lr, self.train = config.expert.lr, config.train
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, d)
         x = self.x[rows]
@@ -227,10 +231,11 @@ class RpcExpert:
         out = self.online(x)
         return value + (out - out.detach())  # target's value, online's gradient
 
-    def apply(self, context_id: int) -> None:
+    def apply(self, context_id: int, index: int) -> None:
         grads = dist_autograd.get_gradients(context_id)
         for p in self.online.parameters():
             p.grad = grads.get(p)
+        set_lr(self.opt, self.lr, index, self.train)
         self.opt.step()
         polyak_update(self.target, self.online, self.tau)
 
@@ -266,17 +271,19 @@ def _drive(spec: dict[str, Any]) -> RunResult:
     for seq in range(config.train.steps):
         if seq == warmup:
             started = time.perf_counter()
-        rows = torch.as_tensor(sched.rows(sched.step(seq)))  # (B,)
+        step = sched.step(seq)
+        rows = torch.as_tensor(sched.rows(step))  # (B,)
         with dist_autograd.context() as ctx:
             embedded = [_call(e, "forward", rows) for e in experts]
             tokens = torch.stack(torch.futures.wait_all(embedded), dim=1)  # (B, N, d)
             logits, _ = reducer(tokens, _masked(config, absent, seq))
             loss, _ = loss_and_metric(ds.task, logits, labels[rows])
             dist_autograd.backward(ctx, [loss])
-            applied = [_call(e, "apply", ctx) for e in experts]
+            applied = [_call(e, "apply", ctx, step.index) for e in experts]
             grads = dist_autograd.get_gradients(ctx)
             for p in reducer.parameters():
                 p.grad = grads.get(p)
+            set_lr(r_opt, config.reducer.lr, step.index, config.train)
             r_opt.step()
             torch.futures.wait_all(applied)
         losses.append(loss.item())

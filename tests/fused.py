@@ -10,7 +10,7 @@ import torch
 
 from traci_ml.config import Config
 from traci_ml.data import load_dataset
-from traci_ml.schedule import schedule_for
+from traci_ml.schedule import schedule_for, set_lr
 from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
 from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
 from traci_ml.tensors import derive_seed
@@ -85,11 +85,13 @@ def train_fused(config: Config, *, max_seq: int | None = None) -> FusedResult:
         loss, _ = loss_and_metric(ds.task, logits, y)
         r_opt.zero_grad(set_to_none=True)
         loss.backward()
+        set_lr(r_opt, config.reducer.lr, step.index, config.train)
         r_opt.step()
         for i in range(ds.n_experts):
             out = online[i](views[i]["train"][rows])
             opts[i].zero_grad(set_to_none=True)
             out.backward(tokens.grad[i])
+            set_lr(opts[i], config.expert.lr, step.index, config.train)
             opts[i].step()
             polyak_update(target[i], online[i], config.expert.tau)
         result.losses.append(loss.item())

@@ -7,10 +7,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from traci_ml import schedule as schedule_module
-from traci_ml.config import load_config
-from traci_ml.schedule import Schedule, Step, schedule_for
+from traci_ml.config import TrainConfig, load_config
+from traci_ml.schedule import Schedule, Step, lr_factor, schedule_for, set_lr
 
 
 def make(**kwargs: Any) -> Schedule:
@@ -179,3 +180,34 @@ def test_schedule_for_reads_config_and_dataset_sizes() -> None:
     assert (schedule.n_train, schedule.n_test, schedule.seed) == (40, 20, 5)
     assert (schedule.batch_size, schedule.steps, schedule.eval_every) == (4, 9, 3)
     assert (schedule.eval_batches, schedule.total) == (3, 9 + 3 * 3)
+
+
+# -- learning-rate schedule ------------------------------------------------------------------
+
+
+def _train(**kw):
+    return TrainConfig(**{"steps": 101, **kw})
+
+
+def test_cosine_decays_from_the_base_rate_to_the_floor_at_the_last_step():
+    train = _train(lr_schedule="cosine", min_lr_ratio=0.1)
+    factors = [lr_factor(i, train) for i in range(101)]
+    assert factors[0] == 1.0
+    assert factors[50] == pytest.approx(0.55)  # half way: the mean of 1 and the floor
+    assert factors[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors, factors[1:], strict=False))  # never rises
+    assert lr_factor(500, train) == pytest.approx(0.1)  # past the end (a resumed, longer run)
+
+
+def test_warmup_rises_linearly_then_the_schedule_starts_at_one():
+    train = _train(lr_schedule="constant", warmup_steps=4)
+    assert [lr_factor(i, train) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = _train(warmup_steps=4)
+    assert lr_factor(4, cosine) == 1.0 and lr_factor(100, cosine) == pytest.approx(0.0)
+
+
+def test_set_lr_sets_every_group():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam([{"params": a.parameters()}, {"params": b.parameters(), "lr": 5.0}])
+    set_lr(opt, 0.01, 50, _train(min_lr_ratio=0.0))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.005])

@@ -130,6 +130,11 @@ class TrainConfig(_Section):
     eval_every: int = Field(250, ge=0)  # 0: evaluate only at the end
     checkpoint_every: int = Field(500, ge=0)  # 0: only at exit
     log_every: int = Field(25, ge=1)  # train steps between metrics.jsonl records
+    # Learning rate over train steps, the same function in every process (traci_ml.schedule):
+    # linear warm-up, then constant or cosine decay to lr * min_lr_ratio at the last step.
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class NetworkConfig(_Section):

@@ -89,6 +89,29 @@ def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return perm
 
 
+def lr_factor(index: int, train) -> float:  # noqa: ANN001 - a TrainConfig
+    """Multiplier of the base learning rate at train step ``index``: linear warm-up over
+    ``train.warmup_steps``, then 1 (constant) or a cosine from 1 down to
+    ``train.min_lr_ratio`` at the last step. A pure function of the step, so an expert and
+    the reducer use the same rate for the same step, across restarts too."""
+    if index < train.warmup_steps:
+        return (index + 1) / train.warmup_steps
+    if train.lr_schedule == "constant":
+        return 1.0
+    span = max(train.steps - train.warmup_steps - 1, 1)
+    t = min(max(index - train.warmup_steps, 0) / span, 1.0)
+    lo = train.min_lr_ratio
+    return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def set_lr(optimizer, base: float, index: int, train) -> None:  # noqa: ANN001
+    """Sets every parameter group of ``optimizer`` to the scheduled rate for train step
+    ``index``."""
+    lr = base * lr_factor(index, train)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def schedule_for(config, dataset) -> Schedule:  # noqa: ANN001 - avoid import cycles
     return Schedule(
         n_train=len(dataset.y_train),

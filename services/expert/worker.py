@@ -24,7 +24,7 @@ from traci_ml.config import Config
 from traci_ml.data import load_dataset
 from traci_ml.errors import CheckpointError, PeerTimeout, TraciError
 from traci_ml.link import BrokerLink
-from traci_ml.schedule import Step, schedule_for
+from traci_ml.schedule import Step, schedule_for, set_lr
 from traci_ml.security import peer_keys
 from traci_ml.services.expert.metrics import ExpertMetrics
 from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
@@ -243,6 +243,7 @@ class Expert:
         g = from_wire(grad, self.device).to(out.dtype)
         self.optimizer.zero_grad(set_to_none=True)
         out.backward(g)
+        set_lr(self.optimizer, self.config.expert.lr, pending.step.index, self.config.train)
         self.optimizer.step()
         polyak_update(self.target, self.online, self.config.expert.tau)
         if self.ledger is not None:

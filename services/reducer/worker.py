@@ -20,7 +20,7 @@ from traci_ml.config import Config
 from traci_ml.data import load_dataset
 from traci_ml.errors import CheckpointError, PeerTimeout
 from traci_ml.link import BrokerLink
-from traci_ml.schedule import schedule_for
+from traci_ml.schedule import schedule_for, set_lr
 from traci_ml.security import peer_keys
 from traci_ml.services.reducer.metrics import ReducerMetrics
 from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
@@ -201,7 +201,7 @@ class ReducerService:
         y = self.labels[step.phase][rows]
         absent = (~present).expand(len(rows), self.n)  # (B, N)
         if step.phase == "train":
-            self._train_step(msg, tokens, absent, y)
+            self._train_step(msg, step.index, tokens, absent, y)
         else:
             final = step.round == self.schedule.eval_rounds - 1
             self._eval_step(msg, step.last_in_round, tokens, absent, y, final=final)
@@ -229,7 +229,12 @@ class ReducerService:
         return host.to(self.device, non_blocking=True).float()  # (N, B, d)
 
     def _train_step(
-        self, msg: proto.Batch, tokens: torch.Tensor, absent: torch.Tensor, y: torch.Tensor
+        self,
+        msg: proto.Batch,
+        index: int,
+        tokens: torch.Tensor,
+        absent: torch.Tensor,
+        y: torch.Tensor,
     ) -> None:
         self.model.train()
         gen = torch.Generator().manual_seed(derive_seed(self.config.seed, "dropout", msg.seq))
@@ -247,6 +252,7 @@ class ReducerService:
                 tuple(to_wire(grads[i], self.wire_dtype) for i, p in enumerate(msg.present) if p),
             )
         )
+        set_lr(self.optimizer, self.config.reducer.lr, index, self.config.train)
         self.optimizer.step()  # after the send: experts apply their slices meanwhile
         self.train_steps += 1
         self.metrics.samples.inc(len(y))

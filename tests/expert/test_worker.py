@@ -19,7 +19,7 @@ from support import FakeBroker, free_ports
 from traci_ml import checkpoint, proto
 from traci_ml.config import Config, load_config
 from traci_ml.data import load_dataset
-from traci_ml.schedule import schedule_for
+from traci_ml.schedule import schedule_for, set_lr
 from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
 from traci_ml.services.expert.worker import Accounts, Expert
 from traci_ml.tensors import derive_seed
@@ -251,6 +251,7 @@ def test_gradient_updates_online_then_target_by_the_polyak_rule(start) -> None:
     online.train()
     out = online(view[rows[0]])
     out.backward(torch.from_numpy(grad.tensors[0].numpy().copy()))
+    set_lr(adam, config.expert.lr, 0, config.train)  # the rate of train step 0
     adam.step()
     polyak_update(target, online, tau)
     for name, value in online.state_dict().items():
