@@ -1,16 +1,11 @@
-"""The TRACI wire protocol (``traci_ml.proto``): see ``wire.py`` and docs/protocol.md."""
+"""The TRACI wire protocol (``traci_ml.proto``): the messages are in ``messages.py``, their
+encoding and checks in ``wire.py``; docs/protocol.md explains both."""
 
 from traci_ml.proto.fast import decode, encode  # wire's checks, fast for the hot kinds
-from traci_ml.proto.wire import (
+from traci_ml.proto.messages import (
     DTYPES,
     KINDS,
-    MAX_EXPERTS,
-    MAX_HEADER_BYTES,
-    MAX_TENSOR_BYTES,
-    PHASES,
-    REJECT_REASONS,
     SERVE_OK,
-    VERSION,
     Ack,
     Batch,
     Drop,
@@ -27,6 +22,14 @@ from traci_ml.proto.wire import (
     Reply,
     Tensor,
     Welcome,
+)
+from traci_ml.proto.wire import (
+    MAX_EXPERTS,
+    MAX_HEADER_BYTES,
+    MAX_TENSOR_BYTES,
+    PHASES,
+    REJECT_REASONS,
+    VERSION,
     is_finite,
 )
 

@@ -25,15 +25,8 @@ import msgpack
 import numpy as np
 
 from traci_ml.proto import wire
-from traci_ml.proto.wire import (
-    MAX_DIM,
-    MAX_EXPERTS,
-    MAX_HEADER_BYTES,
-    MAX_SEQ,
-    MAX_TENSOR_BYTES,
-    MAX_TENSORS,
-    PHASES,
-    VERSION,
+from traci_ml.proto.messages import (
+    DTYPES,
     Ack,
     Batch,
     Emb,
@@ -43,13 +36,23 @@ from traci_ml.proto.wire import (
     Message,
     Tensor,
 )
+from traci_ml.proto.wire import (
+    MAX_DIM,
+    MAX_EXPERTS,
+    MAX_HEADER_BYTES,
+    MAX_SEQ,
+    MAX_TENSOR_BYTES,
+    MAX_TENSORS,
+    PHASES,
+    VERSION,
+)
 
 _unpackb = msgpack.unpackb
 _packb = msgpack.packb
 _isfinite = np.isfinite
 _frombuffer = np.frombuffer
 _SIZED = frozenset({bytes, bytearray})  # len() is the byte count; zmq.Frame is added lazily
-_ITEMSIZE = {name: size for name, (size, _) in wire.DTYPES.items()}
+_ITEMSIZE = {name: size for name, (size, _) in DTYPES.items()}
 _F4 = np.dtype("<f4")
 _U16 = np.dtype("<u2")
 _EXPONENT = {"float16": 0x7C00, "bfloat16": 0x7F80}  # all ones: Inf or NaN
