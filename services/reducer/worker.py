@@ -22,16 +22,10 @@ from traci_ml.errors import CheckpointError, PeerTimeout
 from traci_ml.link import BrokerLink
 from traci_ml.schedule import schedule_for, set_lr
 from traci_ml.security import peer_keys
+from traci_ml.services.reducer.evaluation import Evaluation
 from traci_ml.services.reducer.metrics import ReducerMetrics
 from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
-from traci_ml.services.reducer.records import (
-    EVAL_PREDICTIONS,
-    EvalRound,
-    MetricsLog,
-    metric_name,
-    write_eval_predictions,
-    write_json_atomic,
-)
+from traci_ml.services.reducer.records import MetricsLog, metric_name, write_json_atomic
 from traci_ml.services.reducer.serving import ServeSpec, answer
 from traci_ml.tensors import (
     TORCH_DTYPES,
@@ -83,11 +77,9 @@ class ReducerService:
         self.train_steps = 0
         self.skipped = 0
         self.wall_before = 0.0  # wall seconds of earlier lives (resume)
-        self.history: list[dict[str, Any]] = []
+        self.evaluation = Evaluation(ds, self.run_path, self.metrics)  # eval rounds, history
         self.ema: dict[str, float] = {}
         self.att_train = torch.zeros(self.n)
-        self.eval_round: EvalRound | None = None
-        self.missing_rounds: dict[int, EvalRound] = {}  # final round: one per masked expert
         self.started_at: float | None = None
         self.window_start = (time.monotonic(), 0)  # for samples/s between log records
         if serve and not self.ckpt_path.exists():
@@ -276,21 +268,10 @@ class ReducerService:
         with torch.no_grad():
             logits, att = self.model(x, absent)
         self.link.send(proto.Ack(msg.seq))
-        if self.eval_round is None:
-            self.eval_round = EvalRound(self.dataset.task, self.n, self.dataset.y_std)
-            self.missing_rounds = {}
         rows = torch.as_tensor(self.schedule.rows(self.schedule.step(msg.seq)))
-        self.eval_round.add(logits, y, att, absent, rows=rows)
+        self.evaluation.add(logits, y, att, absent, rows)
         if final:  # graceful degradation: the same rows with each single expert masked
-            for i in range(self.n):
-                without = absent.clone()
-                without[:, i] = True
-                with torch.no_grad():
-                    logits_i, att_i = self.model(x, without)
-                round_i = self.missing_rounds.setdefault(
-                    i, EvalRound(self.dataset.task, self.n, self.dataset.y_std)
-                )
-                round_i.add(logits_i, y, att_i, without)
+            self.evaluation.add_missing(self.model, x, absent, y)
         if last:
             self._finish_eval_round(final=final)
 
@@ -333,67 +314,24 @@ class ReducerService:
             )
 
     def _finish_eval_round(self, *, final: bool = False) -> None:
-        assert self.eval_round is not None
-        result = self.eval_round.result()
-        if final:  # the rows behind summary.json's test_* figures (docs/predict.md)
-            write_eval_predictions(self.run_path / EVAL_PREDICTIONS, self.eval_round, self.dataset)
+        record = self.evaluation.finish(
+            self.records, step=self.train_steps, seq=self.last_seq,
+            wall_seconds=self.wall_seconds, final=final,
+        )  # fmt: skip
         name = metric_name(self.dataset.task)
-        if self.missing_rounds:
-            views = [v.name for v in self.dataset.views]
-            result["missing_expert"] = {
-                views[i]: r.result()[name] for i, r in sorted(self.missing_rounds.items())
-            }
-        self.eval_round, self.missing_rounds = None, {}
-        record = {
-            "kind": "eval",
-            "step": self.train_steps,
-            "seq": self.last_seq,
-            **result,
-            "wall_seconds": self.wall_seconds(),
-        }
-        self.history.append(record)
-        self.records.write(record)
-        self.metrics.eval_loss.set(result["loss"])
-        self.metrics.eval_metric.set(result[name])
-        for i, a in enumerate(result["attention"]):
-            self.metrics.attention.labels(expert=str(i), phase="eval").set(a)
-        log.info(
-            "reducer eval after step %d: loss %.4f %s %.4f",
-            self.train_steps,
-            result["loss"],
-            name,
-            result[name],
-        )
+        log.info("reducer eval after step %d: loss %.4f %s %.4f",
+                 self.train_steps, record["loss"], name, record[name])  # fmt: skip
 
     def wall_seconds(self) -> float:
         since = 0.0 if self.started_at is None else time.monotonic() - self.started_at
         return self.wall_before + since
 
     def summary(self) -> dict[str, Any]:
-        final = self.history[-1] if self.history else {}
-        wall = self.wall_seconds()
-        out: dict[str, Any] = {
-            "run_id": self.config.run_id,
-            "task": self.dataset.task,
-            "steps": self.train_steps,
-            "steps_skipped": self.skipped,
-            "wall_seconds": wall,
-            "samples_per_sec": self.train_steps * self.config.train.batch_size / max(wall, 1e-9),
-            "n_experts": self.n,
-            "expert_names": [v.name for v in self.dataset.views],
-            "attention_train": self.att_train.tolist(),
-            "attention_eval": final.get("attention", []),
-            "eval_history": self.history,
-        }
-        for key in ("accuracy", "loss", "rmse", "r2"):
-            if key in final:
-                out[f"test_{key}"] = final[key]
-        name = metric_name(self.dataset.task)
-        if "missing_expert" in final:
-            out[f"test_{name}_missing_expert"] = final["missing_expert"]
-            pick = min if self.dataset.task == "classification" else max
-            out[f"test_{name}_worst_missing"] = pick(final["missing_expert"].values())
-        return out
+        return self.evaluation.summary(
+            run_id=self.config.run_id, steps=self.train_steps, skipped=self.skipped,
+            wall=self.wall_seconds(), batch_size=self.config.train.batch_size,
+            attention_train=self.att_train.tolist(),
+        )  # fmt: skip
 
     # -- checkpoints and exit ---------------------------------------------------------
 
@@ -407,7 +345,7 @@ class ReducerService:
                 "train_steps": self.train_steps,
                 "skipped": self.skipped,
                 "wall_seconds": self.wall_seconds(),
-                "history": self.history,
+                "history": self.evaluation.history,
             },
             self.ckpt_path,
         )
@@ -418,7 +356,7 @@ class ReducerService:
         self.optimizer.load_state_dict(state["optimizer"])
         self.last_seq, self.train_steps = state["last_seq"], state["train_steps"]
         self.skipped, self.wall_before = state["skipped"], state["wall_seconds"]
-        self.history = state["history"]
+        self.evaluation.history = state["history"]
         log.info("reducer resumed from %s at seq %d", self.ckpt_path, self.last_seq)
 
     def _close(self, finished: bool) -> None:

@@ -1,0 +1,137 @@
+"""The reducer's evaluation bookkeeping: the eval batches of a round accumulated (in the final
+round also the same rows with each single expert masked), the ``eval`` record of a finished
+round (and, after the final one, ``eval_predictions.csv``), the eval history, and the contents
+of ``summary.json`` built from it. The model runs in the reducer loop (``worker.py``); only the
+final round's per-missing-expert passes are run here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from traci_ml.data import Dataset
+from traci_ml.services.reducer.metrics import ReducerMetrics
+from traci_ml.services.reducer.records import (
+    EVAL_PREDICTIONS,
+    EvalRound,
+    MetricsLog,
+    metric_name,
+    write_eval_predictions,
+)
+
+
+class Evaluation:
+    """The evaluation round in progress and the ``eval`` records of the finished ones."""
+
+    def __init__(self, dataset: Dataset, run_path: Path, metrics: ReducerMetrics) -> None:
+        self.dataset = dataset
+        self.run_path = run_path
+        self.metrics = metrics
+        self.history: list[dict[str, Any]] = []  # one eval record per round (checkpointed)
+        self.round: EvalRound | None = None
+        self.missing_rounds: dict[int, EvalRound] = {}  # final round: one per masked expert
+
+    def _new_round(self) -> EvalRound:
+        return EvalRound(self.dataset.task, self.dataset.n_experts, self.dataset.y_std)
+
+    def add(
+        self,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        att: torch.Tensor,
+        absent: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> None:
+        """One eval batch's outputs; the first batch of a round starts it."""
+        if self.round is None:
+            self.round = self._new_round()
+            self.missing_rounds = {}
+        self.round.add(logits, y, att, absent, rows=rows)
+
+    def add_missing(
+        self, model: nn.Module, x: torch.Tensor, absent: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        """Graceful degradation: the same rows ``x`` (B, N, d) scored with each single expert
+        masked, one round per expert; ``model`` is already in eval mode."""
+        for i in range(self.dataset.n_experts):
+            without = absent.clone()
+            without[:, i] = True
+            with torch.no_grad():
+                logits_i, att_i = model(x, without)
+            self.missing_rounds.setdefault(i, self._new_round()).add(logits_i, y, att_i, without)
+
+    def finish(
+        self,
+        records: MetricsLog,
+        *,
+        step: int,
+        seq: int,
+        wall_seconds: Callable[[], float],
+        final: bool = False,
+    ) -> dict[str, Any]:
+        """Ends the round: its ``eval`` record, appended to the history, written to ``records``
+        and the eval gauges; returned."""
+        assert self.round is not None
+        result = self.round.result()
+        if final:  # the rows behind summary.json's test_* figures (docs/predict.md)
+            write_eval_predictions(self.run_path / EVAL_PREDICTIONS, self.round, self.dataset)
+        name = metric_name(self.dataset.task)
+        if self.missing_rounds:
+            views = [v.name for v in self.dataset.views]
+            result["missing_expert"] = {
+                views[i]: r.result()[name] for i, r in sorted(self.missing_rounds.items())
+            }
+        self.round, self.missing_rounds = None, {}
+        record = {
+            "kind": "eval",
+            "step": step,
+            "seq": seq,
+            **result,
+            "wall_seconds": wall_seconds(),
+        }
+        self.history.append(record)
+        records.write(record)
+        self.metrics.eval_loss.set(result["loss"])
+        self.metrics.eval_metric.set(result[name])
+        for i, a in enumerate(result["attention"]):
+            self.metrics.attention.labels(expert=str(i), phase="eval").set(a)
+        return record
+
+    def summary(
+        self,
+        *,
+        run_id: str,
+        steps: int,
+        skipped: int,
+        wall: float,
+        batch_size: int,
+        attention_train: list[float],
+    ) -> dict[str, Any]:
+        """The contents of ``summary.json``: the run's figures and its eval history."""
+        final = self.history[-1] if self.history else {}
+        out: dict[str, Any] = {
+            "run_id": run_id,
+            "task": self.dataset.task,
+            "steps": steps,
+            "steps_skipped": skipped,
+            "wall_seconds": wall,
+            "samples_per_sec": steps * batch_size / max(wall, 1e-9),
+            "n_experts": self.dataset.n_experts,
+            "expert_names": [v.name for v in self.dataset.views],
+            "attention_train": attention_train,
+            "attention_eval": final.get("attention", []),
+            "eval_history": self.history,
+        }
+        for key in ("accuracy", "loss", "rmse", "r2"):
+            if key in final:
+                out[f"test_{key}"] = final[key]
+        name = metric_name(self.dataset.task)
+        if "missing_expert" in final:
+            out[f"test_{name}_missing_expert"] = final["missing_expert"]
+            pick = min if self.dataset.task == "classification" else max
+            out[f"test_{name}_worst_missing"] = pick(final["missing_expert"].values())
+        return out
