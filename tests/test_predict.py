@@ -156,7 +156,7 @@ def test_predict_frame_takes_a_mapping_of_columns(digits: Built) -> None:
     out = P.predict_frame(digits.path, frame)
     want = digits.logits()[:5]
     assert out["prediction"] == [prep.classes[k] for k in want.argmax(-1)]
-    np.testing.assert_allclose(out["prob_3"], want.softmax(-1)[:, 3].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(out["prob_3"], want.softmax(-1)[:, 3].numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_float16_wire_rounding_is_reproduced(tmp_path: Path) -> None:
@@ -179,7 +179,9 @@ def test_cli_split_test_writes_classes_and_probabilities(digits: Built, tmp_path
     classes = tuple(str(k) for k in range(10))
     assert list(rows[0]) == ["row", "label", "prediction", *(f"prob_{c}" for c in classes)]
     want = digits.logits()
-    np.testing.assert_allclose(probs(rows, classes), want.softmax(-1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        probs(rows, classes), want.softmax(-1).numpy(), rtol=1e-6, atol=1e-7
+    )  # float32 rounding: the reference batches its rows differently
     assert [r["prediction"] for r in rows] == [str(int(k)) for k in want.argmax(-1)]
     hits = sum(r["prediction"] == r["label"] for r in rows)
     assert f"test accuracy {hits / len(rows):.4f} ({hits}/359)" in capsys.readouterr().err
@@ -196,7 +198,7 @@ def test_cli_input_csv_in_any_column_order_to_stdout(digits: Built, tmp_path, ca
     assert [r["row"] for r in rows] == [str(k) for k in range(20)]
     assert [r["label"] for r in rows] == labels[:20]
     want = digits.logits()[:20].softmax(-1).numpy()
-    np.testing.assert_allclose(probs(rows, prep.classes), want, rtol=1e-6)
+    np.testing.assert_allclose(probs(rows, prep.classes), want, rtol=1e-6, atol=1e-7)
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:

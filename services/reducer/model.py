@@ -4,7 +4,9 @@ Tokens (B, N, d) get a learned per-expert identity embedding; a learned [CLS] to
 prepended and never masked, so a sample whose experts are all absent still has a defined
 output. Absent (or dropped-out) experts are removed with a key-padding mask. The head reads
 the [CLS] output. Attention is written out explicitly so the [CLS] -> expert weights of the
-last layer can be reported. No sockets here.
+last layer can be reported. Only [CLS] is read from the last block, so that block computes
+the [CLS] row alone (its query, output projection and feed-forward; keys and values for every
+token): the same function with about a third fewer FLOPs in a 2-layer reducer. No sockets here.
 """
 
 from __future__ import annotations
@@ -26,14 +28,23 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d, d)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x: (B, T, d); mask: (B, T) True where the key is absent
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, first_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: (B, T, d); mask: (B, T) True where the key is absent. first_only: queries from
+        # token 0 alone (Q = 1 instead of T); the same weights, the same rows of the result.
         B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads)  # (B, H, T, T)
+        h = d // self.heads
+        if first_only:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, :1], w[:d], b[:d]).view(B, 1, self.heads, h).transpose(1, 2)
+            k, v = F.linear(x, w[d:], b[d:]).view(B, T, 2, self.heads, h).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = self.qkv(x).view(B, T, 3, self.heads, h).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(h)  # (B, H, Q, T)
         att = att.masked_fill(mask[:, None, None, :], float("-inf")).softmax(dim=-1)
-        y = self.drop(att) @ v  # (B, H, T, d/H)
-        return self.proj(y.transpose(1, 2).reshape(B, T, d)), att
+        y = self.drop(att) @ v  # (B, H, Q, h)
+        return self.proj(y.transpose(1, 2).reshape(B, q.shape[2], d)), att
 
 
 class Block(nn.Module):
@@ -45,9 +56,12 @@ class Block(nn.Module):
         self.attn = SelfAttention(d, heads, dropout)
         self.mlp = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y, att = self.attn(self.ln1(x), mask)
-        x = x + y
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, first_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, d) -> (B, T, d), or (B, 1, d) for token 0 alone with ``first_only``."""
+        y, att = self.attn(self.ln1(x), mask, first_only)
+        x = (x[:, :1] if first_only else x) + y
         return x + self.mlp(self.ln2(x)), att
 
 
@@ -73,8 +87,9 @@ class Reducer(nn.Module):
         x = torch.cat([self.cls.expand(B, -1, -1), x], dim=1)  # (B, 1+N, d)
         mask = F.pad(absent, (1, 0), value=False)  # [CLS] is always present
         att = x.new_zeros(0)
-        for block in self.blocks:
-            x, att = block(x, mask)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x, att = block(x, mask, i == last)  # the last block: the [CLS] row only
         cls_att = att[:, :, 0, 1:].mean(dim=1)  # (B, N): last layer, [CLS] query, mean heads
         return self.head(self.ln_out(x[:, 0])), cls_att
 

@@ -113,6 +113,38 @@ def test_identity_embedding_makes_the_model_order_sensitive() -> None:
     torch.testing.assert_close(att_perm, att[:, perm], rtol=1e-5, atol=1e-6)
 
 
+def full_forward(model: Reducer, tokens: torch.Tensor, absent: torch.Tensor):
+    """The reducer with every block computing every token (what the last block's [CLS]-only
+    shortcut must equal)."""
+    B = tokens.shape[0]
+    x = model.ln_in(tokens) + model.identity
+    x = torch.cat([model.cls.expand(B, -1, -1), x], dim=1)
+    mask = F.pad(absent, (1, 0), value=False)
+    for block in model.blocks:
+        x, att = block(x, mask)
+        assert x.shape[1] == N + 1 and att.shape[2] == N + 1  # every query row
+    return model.head(model.ln_out(x[:, 0])), att[:, :, 0, 1:].mean(dim=1)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_the_last_block_computing_cls_alone_is_the_full_computation(layers: int) -> None:
+    model = make_reducer(layers=layers).train()  # train mode: dropout 0, gradients on
+    tokens, absent = inputs()
+    a = tokens.clone().requires_grad_(True)
+    b = tokens.clone().requires_grad_(True)
+    logits, att = model(a, absent)
+    ref_logits, ref_att = full_forward(model, b, absent)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(att, ref_att, rtol=1e-5, atol=1e-6)
+    (logits**2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    (ref_logits**2).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)  # what experts receive
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ---- expert dropout ---------------------------------------------------------------------
 
 
