@@ -19,12 +19,12 @@ from bench.e2e import free_ports
 def run_cluster(
     cfg: dict[str, Any],
     *,
-    sample: Callable[[dict[str, int]], None] | None = None,
+    sample: Callable[[dict[str, int], Path], None] | None = None,
     every: float = 0.5,
     timeout: float = 900,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run ``cfg`` (run_dir and ports are filled in); returns (metrics records, summary).
-    ``sample(pids)`` is called every ``every`` seconds while the services run."""
+    ``sample(pids, run_dir)`` is called every ``every`` seconds while the services run."""
     with tempfile.TemporaryDirectory(prefix="traci-bench-") as tmp:
         run_dir = Path(tmp) / "run"
         cfg = {**cfg, "run_dir": str(run_dir)}
@@ -45,7 +45,7 @@ def run_cluster(
                     raise TimeoutError(f"traci up ran past {timeout}s")
                 if sample is not None and (run_dir / "pids.json").exists():
                     try:
-                        sample(json.loads((run_dir / "pids.json").read_text()))
+                        sample(json.loads((run_dir / "pids.json").read_text()), run_dir)
                     except (OSError, ValueError):
                         pass
                 time.sleep(every)

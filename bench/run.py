@@ -152,8 +152,10 @@ def print_table(results: dict[str, Any]) -> None:
             print("    " + fmt(cell))
     for name, m in results.get("memory", {}).get("services", {}).items():
         print(
-            f"  memory {name:<9} peak {m['peak_rss_mib']:7.1f} MiB, growth after warm-up "
-            f"{m['growth_after_warmup_mib']:+.2f} MiB"
+            f"  memory {name:<9} peak {m['peak_rss_mib']:7.1f} MiB, in training (quarter -> "
+            f"end) {m.get('growth_in_training_mib', float('nan')):+.2f} MiB, slope "
+            f"{m.get('slope_mib_per_1000_steps', float('nan')):+.3f} MiB/1000 steps, final "
+            f"eval +{m.get('final_eval_extra_mib', float('nan')):.1f} MiB"
         )
 
 
