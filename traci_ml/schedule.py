@@ -5,7 +5,8 @@ The global step sequence interleaves training and evaluation::
     seq:  0 .. E-1 train | eval batches | E .. 2E-1 train | eval batches | ... | final eval
 
 where E is ``train.eval_every``. Every process derives the same ``Step`` for a given ``seq``
-with no coordination, so experts and the reducer agree on rows without talking.
+with no coordination, so experts and the reducer agree on rows without talking; likewise the
+learning rate of a train step (``lr_factor``, ``train.lr_schedule``).
 """
 
 from __future__ import annotations
