@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 
 log = logging.getLogger(__name__)
@@ -29,9 +31,6 @@ def die_with_parent() -> None:
     so a killed launcher leaves no orphans holding its ports (Linux ``PR_SET_PDEATHSIG``).
     Set in the service itself rather than in a pre-exec hook, which is unsafe in a parent
     with threads. If the launcher is already gone, stop now."""
-    import os
-    import sys
-
     parent = os.environ.get(PARENT_ENV)
     if not parent or not sys.platform.startswith("linux"):
         return

@@ -6,7 +6,6 @@ final round's per-missing-expert passes are run here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +69,7 @@ class Evaluation:
         *,
         step: int,
         seq: int,
-        wall_seconds: Callable[[], float],
+        wall_seconds: float,
         final: bool = False,
     ) -> dict[str, Any]:
         """Ends the round: its ``eval`` record, appended to the history, written to ``records``
@@ -91,7 +90,7 @@ class Evaluation:
             "step": step,
             "seq": seq,
             **result,
-            "wall_seconds": wall_seconds(),
+            "wall_seconds": wall_seconds,
         }
         self.history.append(record)
         records.write(record)

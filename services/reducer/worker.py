@@ -196,7 +196,7 @@ class ReducerService:
             self._train_step(msg, step.index, tokens, absent, y)
         else:
             final = step.round == self.schedule.eval_rounds - 1
-            self._eval_step(msg, step.last_in_round, tokens, absent, y, final=final)
+            self._eval_step(msg, step.last_in_round, tokens, absent, y, rows, final=final)
         self.metrics.steps.labels(phase=step.phase).inc()
         self.metrics.step_time.labels(phase=step.phase).observe(time.monotonic() - t0)
         self.metrics.present.set(sum(msg.present))
@@ -260,6 +260,7 @@ class ReducerService:
         tokens: torch.Tensor,
         absent: torch.Tensor,
         y: torch.Tensor,
+        rows: torch.Tensor,
         *,
         final: bool,
     ) -> None:
@@ -268,7 +269,6 @@ class ReducerService:
         with torch.no_grad():
             logits, att = self.model(x, absent)
         self.link.send(proto.Ack(msg.seq))
-        rows = torch.as_tensor(self.schedule.rows(self.schedule.step(msg.seq)))
         self.evaluation.add(logits, y, att, absent, rows)
         if final:  # graceful degradation: the same rows with each single expert masked
             self.evaluation.add_missing(self.model, x, absent, y)
@@ -316,7 +316,7 @@ class ReducerService:
     def _finish_eval_round(self, *, final: bool = False) -> None:
         record = self.evaluation.finish(
             self.records, step=self.train_steps, seq=self.last_seq,
-            wall_seconds=self.wall_seconds, final=final,
+            wall_seconds=self.wall_seconds(), final=final,
         )  # fmt: skip
         name = metric_name(self.dataset.task)
         log.info("reducer eval after step %d: loss %.4f %s %.4f",
