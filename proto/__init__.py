@@ -24,16 +24,20 @@ from traci_ml.proto.messages import (
     Welcome,
 )
 from traci_ml.proto.wire import (
+    DEFAULT_MAX_ABS,
     MAX_EXPERTS,
     MAX_HEADER_BYTES,
     MAX_TENSOR_BYTES,
     PHASES,
     REJECT_REASONS,
+    VALUE_REASONS,
     VERSION,
     is_finite,
+    value_problem,
 )
 
 __all__ = [
+    "DEFAULT_MAX_ABS",
     "DTYPES",
     "KINDS",
     "MAX_EXPERTS",
@@ -42,6 +46,7 @@ __all__ = [
     "PHASES",
     "REJECT_REASONS",
     "SERVE_OK",
+    "VALUE_REASONS",
     "VERSION",
     "Ack",
     "Batch",
@@ -62,4 +67,5 @@ __all__ = [
     "decode",
     "encode",
     "is_finite",
+    "value_problem",
 ]

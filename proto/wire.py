@@ -80,6 +80,13 @@ REJECT_REASONS = (
     "frame_count",
     "non_finite",
 )
+# What ``value_problem`` can say of well-formed tensors (non_finite is decode's reason too).
+VALUE_REASONS = ("non_finite", "too_large")
+
+# The default bound on any value a peer sends (``security.max_abs_value`` overrides it):
+# finite values this large are no embedding or gradient a sane network makes, and one of
+# them is enough to turn a Transformer's loss into NaN (docs/security.md).
+DEFAULT_MAX_ABS = 1e6
 
 # Kinds that may omit some of their FIELDS: only these are required (others: every field).
 _REQUIRED: dict[str, frozenset[str]] = {
@@ -223,6 +230,35 @@ def _check_tensors(
             raise ProtocolError("non_finite", f"tensor {i} holds NaN or Inf")
         tensors.append(tensor)
     return tuple(tensors)
+
+
+def value_problem(tensors: Sequence[Tensor], max_abs: float) -> tuple[str, str] | None:
+    """``(reason, detail)`` when a tensor holds NaN/Inf (``non_finite``) or a finite value
+    with ``|x| > max_abs`` (``too_large``); None when every value is in bounds.
+
+    The protocol's structural checks (``decode``) cannot know a service's bound, so each
+    service calls this where values enter it: the broker on EMB/GRAD/QEMB/QOUT/QUERY, the
+    experts on GRAD, the reducer on BATCH."""
+    for i, tensor in enumerate(tensors):
+        values = _as_float(tensor)
+        if not values.size:
+            continue
+        hi, lo = float(np.max(values)), float(np.min(values))
+        if hi <= max_abs and -lo <= max_abs:  # False for NaN too
+            continue
+        if not (math.isfinite(hi) and math.isfinite(lo)) or not is_finite(tensor):
+            return "non_finite", f"tensor {i} holds NaN or Inf"
+        worst = hi if hi >= -lo else lo
+        return "too_large", f"tensor {i} holds {worst:.3g}, beyond the bound {max_abs:.3g}"
+    return None
+
+
+def _as_float(tensor: Tensor) -> np.ndarray:
+    """The tensor's values as a float numpy view (bfloat16: widened to float32)."""
+    if tensor.dtype == "bfloat16":
+        bits = np.frombuffer(tensor.buffer, dtype="<u2").astype(np.uint32) << 16
+        return bits.view("<f4")
+    return tensor.numpy()
 
 
 def is_finite(tensor: Tensor) -> bool:

@@ -190,6 +190,9 @@ class SecurityConfig(_Section):
 
     curve_dir: str | None = Field(None, min_length=1)  # from `traci keys generate DIR`
     insecure: bool = False  # broker: allow a non-loopback bind without CURVE
+    # The largest |value| any service accepts in a tensor from a peer (embeddings, gradients,
+    # served rows and outputs); larger finite values are refused ``too_large`` like NaN/Inf.
+    max_abs_value: float = Field(1e6, gt=0.0, allow_inf_nan=False)
 
 
 class Config(_Section):
