@@ -4,6 +4,7 @@ encoding and checks in ``wire.py``; docs/protocol.md explains both."""
 from traci_ml.proto.fast import decode, encode  # wire's checks, fast for the hot kinds
 from traci_ml.proto.messages import (
     DTYPES,
+    HELD,
     KINDS,
     SERVE_OK,
     Ack,
@@ -39,6 +40,7 @@ from traci_ml.proto.wire import (
 __all__ = [
     "DEFAULT_MAX_ABS",
     "DTYPES",
+    "HELD",
     "KINDS",
     "MAX_EXPERTS",
     "MAX_HEADER_BYTES",

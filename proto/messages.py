@@ -87,6 +87,7 @@ class Hello:
         "dtype": str,
         "window": int,
         "next_seq": int,
+        "token": str,
     }
     role: str
     run_id: str
@@ -96,6 +97,9 @@ class Hello:
     n_experts: int = 0
     window: int = 1
     next_seq: int = 0  # the peer's own position; a restarted broker resumes at the highest
+    # The secret of the peer's last registration (its WELCOME's ``token``), "" for none: a
+    # reconnecting peer proves it is the holder of a still-live registration with it.
+    token: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +110,21 @@ class Welcome:
     (count them dropped) and continue at ``start_seq``."""
 
     KIND: ClassVar[str] = "WELCOME"
-    FIELDS: ClassVar[dict[str, type]] = {"ok": bool, "reason": str, "start_seq": int}
+    FIELDS: ClassVar[dict[str, type]] = {
+        "ok": bool,
+        "reason": str,
+        "start_seq": int,
+        "token": str,
+    }
     ok: bool
     reason: str = ""
     start_seq: int = 0
+    token: str = ""  # this registration's secret, for the peer's next HELLO (never logged)
+
+
+# A refusal that passes: the id is held by a registration that has not yet timed out. The
+# peer says HELLO again until it is let in (at most ``network.liveness`` later).
+HELD = "held"
 
 
 @dataclass(frozen=True, slots=True)

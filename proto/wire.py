@@ -91,6 +91,7 @@ DEFAULT_MAX_ABS = 1e6
 # Kinds that may omit some of their FIELDS: only these are required (others: every field).
 _REQUIRED: dict[str, frozenset[str]] = {
     "HELLO": frozenset({"role", "run_id", "embed_dim", "dtype"}),
+    "WELCOME": frozenset({"ok", "reason", "start_seq"}),
 }
 
 
@@ -149,9 +150,15 @@ def decode(frames: Sequence[FrameLike], *, check_finite: bool = True) -> Message
     cls = KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError("unknown_kind", f"unknown message kind {kind!r}")
-    fields = _check_fields(cls, header)
-    tensors = _check_tensors(header.get("t", []), frames[1:], check_finite)
-    return _build(cls, fields, tensors)
+    try:
+        fields = _check_fields(cls, header)
+        tensors = _check_tensors(header.get("t", []), frames[1:], check_finite)
+        return _build(cls, fields, tensors)
+    except ProtocolError as exc:  # the kind (and step) are known: the receiver may answer
+        exc.kind = cls.KIND
+        seq = header.get("seq")
+        exc.seq = seq if type(seq) is int and 0 <= seq <= MAX_SEQ else None
+        raise
 
 
 def _check_fields(cls: type, header: dict[str, Any]) -> dict[str, Any]:
@@ -244,9 +251,9 @@ def value_problem(tensors: Sequence[Tensor], max_abs: float) -> tuple[str, str] 
         if not values.size:
             continue
         hi, lo = float(np.max(values)), float(np.min(values))
-        if hi <= max_abs and -lo <= max_abs:  # False for NaN too
+        if hi <= max_abs and -lo <= max_abs and math.isfinite(hi - lo):  # NaN: False
             continue
-        if not (math.isfinite(hi) and math.isfinite(lo)) or not is_finite(tensor):
+        if not math.isfinite(hi - lo) or not is_finite(tensor):
             return "non_finite", f"tensor {i} holds NaN or Inf"
         worst = hi if hi >= -lo else lo
         return "too_large", f"tensor {i} holds {worst:.3g}, beyond the bound {max_abs:.3g}"

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zmq
 import zmq.auth
@@ -16,7 +17,7 @@ from support import free_ports
 from traci_ml.config import Config, load_config
 from traci_ml.errors import ConfigError, PeerTimeout
 from traci_ml.link import BrokerLink
-from traci_ml.proto import Heartbeat, Hello, Message, Welcome, decode, encode
+from traci_ml.proto import Heartbeat, Hello, Message, Query, Reply, Tensor, Welcome, decode, encode
 from traci_ml.security import (
     ClientKeys,
     apply_client,
@@ -63,7 +64,7 @@ def keys(tmp_path: Path) -> Path:
 def test_generate_writes_the_layout_and_refuses_to_overwrite(tmp_path: Path) -> None:
     directory = tmp_path / "keys"
     written = generate(directory, 3)
-    peers = ["reducer", "expert-0", "expert-1", "expert-2"]
+    peers = ["reducer", "expert-0", "expert-1", "expert-2", "client"]
     expected = {f"{name}.key{suffix}" for name in ["broker", *peers] for suffix in ("", "_secret")}
     assert {p.name for p in directory.iterdir() if p.is_file()} == expected
     assert sorted(p.name for p in (directory / "authorized").iterdir()) == sorted(
@@ -83,6 +84,7 @@ def test_generate_writes_the_layout_and_refuses_to_overwrite(tmp_path: Path) -> 
 
     generate(directory, 1, force=True)  # fewer experts: the old ones are gone
     assert sorted(p.name for p in (directory / "authorized").iterdir()) == [
+        "client.key",
         "expert-0.key",
         "reducer.key",
     ]
@@ -309,3 +311,84 @@ def test_broker_link_registers_with_its_key_and_explains_a_refusal(
             link.connect(timeout=1.0)
     finally:
         link.close()
+
+
+# ---- keys bound to roles (docs/security.md, "Trust model") ----------------------------
+
+
+def send_hello(
+    context: zmq.Context, endpoint: str, curve: ClientKeys | None, hello: Message
+) -> zmq.Socket:
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        apply_client(sock, curve)
+    sock.connect(endpoint)
+    sock.send_multipart(encode(hello), copy=False)
+    return sock
+
+
+def rejections(running: RunningBroker, reason: str) -> float:
+    registry = running.broker.metrics.registry
+    value = registry.get_sample_value("traci_broker_rejections_total", {"reason": reason})
+    return 0.0 if value is None else value
+
+
+def test_a_listed_key_acts_only_in_its_own_role_and_id(tmp_path: Path, context) -> None:
+    """expert-1's key cannot register as expert 0 (refused, counted wrong_key); no peer key
+    gets through the handshake of another role's socket, nor of the front door; the client
+    key reaches the front door only."""
+    keys = tmp_path / "keys"
+    generate(keys, 2)  # expert-1 exists as a key, not in this 1-expert run
+    (serve_port,) = free_ports(1)
+    config = make_config(**{"security.curve_dir": str(keys), "network.serve_port": str(serve_port)})
+    running = RunningBroker(config)
+    broker = running.broker
+    as_expert_0 = Hello("expert", RUN_ID, D, "float32", expert_id=0, window=2)
+    as_reducer = Hello("reducer", RUN_ID, D, "float32", n_experts=N_EXPERTS)
+    socks = []
+    try:
+        # a listed key claiming another expert's id: refused with the reason, counted
+        sock = send_hello(context, broker.expert_endpoint, peer_keys(config, "expert-1"),
+                          as_expert_0)  # fmt: skip
+        socks.append(sock)
+        reply = first_reply(sock, 5.0)
+        assert isinstance(reply, Welcome) and not reply.ok
+        assert "'expert-1'" in reply.reason and "'expert-0'" in reply.reason
+        assert rejections(running, "wrong_key") == 1
+        # keys on sockets their role does not use: the handshake fails, nothing arrives
+        for name, endpoint, hello in (
+            ("expert-0", broker.reducer_endpoint, as_reducer),
+            ("client", broker.expert_endpoint, as_expert_0),
+            ("reducer", broker.expert_endpoint, as_expert_0),
+            ("client", broker.reducer_endpoint, as_reducer),
+        ):
+            sock = send_hello(context, endpoint, peer_keys(config, name), hello)
+            socks.append(sock)
+            assert first_reply(sock, 1.0) is None, f"{name}'s key got an answer on {endpoint}"
+        assert running.hellos_in() == 1  # only expert-1's HELLO ever reached the broker
+        # the front door: the client key gets an answer (no reducer yet), a peer's key not
+        query = Query(1, ("c0", "c1"), (Tensor.from_numpy(np.zeros((1, 2), np.float32)),))
+        for name, answered in (("expert-0", False), ("reducer", False), ("client", True)):
+            sock = send_hello(context, broker.client_endpoint, peer_keys(config, name), query)
+            socks.append(sock)
+            reply = first_reply(sock, 2.0 if answered else 1.0)
+            assert isinstance(reply, Reply) == answered, name
+        # the right key for the right role still registers
+        sock = send_hello(context, broker.expert_endpoint, peer_keys(config, "expert-0"),
+                          as_expert_0)  # fmt: skip
+        socks.append(sock)
+        assert welcomed(first_reply(sock, 5.0))
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+        running.stop()
+
+
+def test_a_key_listed_under_two_roles_is_refused(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    generate(keys, 2)  # expert-1 exists as a key, not in this 1-expert run
+    authorized = keys / "authorized"
+    (authorized / "expert-1.key").write_bytes((authorized / "expert-0.key").read_bytes())
+    with pytest.raises(ConfigError, match="one key may hold one role"):
+        RunningBroker(make_config(**{"security.curve_dir": str(keys)}))

@@ -52,6 +52,8 @@ class ProtocolError(TraciError):
 
     def __init__(self, reason: str, message: str, **context: object) -> None:
         self.reason = reason
+        self.kind: str | None = None  # the message kind, once the header named a valid one
+        self.seq: int | None = None  # and its step, when it had a valid one
         super().__init__(f"{reason}: {message}", **context)  # type: ignore[arg-type]
 
 

@@ -11,7 +11,9 @@ socket is shared with that thread under a lock, held only for single socket call
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -20,9 +22,17 @@ import zmq
 
 from traci_ml import proto
 from traci_ml.errors import PeerTimeout, ProtocolError, TraciError
-from traci_ml.security import ClientKeys, apply_client
+from traci_ml.security import ClientKeys, apply_client, is_ipv6
 
 log = logging.getLogger(__name__)
+
+
+def new_routing_id() -> bytes:
+    """16 random bytes for a DEALER's ROUTING_ID. libzmq's automatic ids are predictable
+    (the same sequence in every run), and a stranger who sends with a registered peer's id
+    must find nothing to take over; the first byte is never 0 (libzmq reserves those)."""
+    raw = secrets.token_bytes(16)
+    return bytes([raw[0] % 255 + 1]) + raw[1:]
 
 
 class BrokerLink:
@@ -49,6 +59,7 @@ class BrokerLink:
         self._lock = threading.Lock()  # guards self.socket between the loop and the beater
         self._beat_stop = threading.Event()
         self._beater: threading.Thread | None = None
+        self._token = ""  # the last WELCOME's secret: proves a rejoin is this same peer
 
     # -- connection -------------------------------------------------------------------
 
@@ -59,12 +70,14 @@ class BrokerLink:
         self.close()
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, new_routing_id())  # a new route per registration
+        sock.setsockopt(zmq.IPV6, int(is_ipv6(self.endpoint)))  # e.g. tcp://[::1]:5555
         if self.curve is not None:
             apply_client(sock, self.curve)
         sock.connect(self.endpoint)
         with self._lock:
             self.socket = sock
-        self.send(self.hello())  # built now: it carries the peer's current position
+        self.send(self._hello())  # built now: it carries the peer's current position
         self.last_heard = time.monotonic()
         self._beat_stop = threading.Event()
         self._beater = threading.Thread(
@@ -88,6 +101,13 @@ class BrokerLink:
                 )
             msg = self.recv(min(left, self.heartbeat_interval))
             if isinstance(msg, proto.Welcome):
+                if not msg.ok and msg.reason.startswith(proto.HELD):
+                    # our id is still held by a registration the broker has not yet timed
+                    # out (our own, before a restart): ask again until it expires
+                    log.warning("%s: %s; saying HELLO again", self.name, msg.reason)
+                    self.stop.wait(self.heartbeat_interval)
+                    self.send(self._hello())
+                    continue
                 if not msg.ok:
                     raise TraciError(
                         f"broker refused registration: {msg.reason}", service=self.name
@@ -98,10 +118,14 @@ class BrokerLink:
                     self.endpoint,
                     msg.start_seq,
                 )
+                self._token = msg.token
                 return msg
             if msg is not None and not isinstance(msg, proto.Heartbeat):
                 log.debug("%s ignores %s before WELCOME", self.name, msg.KIND)
         return None
+
+    def _hello(self) -> proto.Hello:
+        return dataclasses.replace(self.hello(), token=self._token)
 
     def close(self) -> None:
         self._beat_stop.set()

@@ -6,12 +6,19 @@ A key directory, as ``traci keys generate DIR`` writes it::
     DIR/broker.key, DIR/broker.key_secret        the broker's pair (public, secret)
     DIR/reducer.key, DIR/reducer.key_secret      one pair per peer ...
     DIR/expert-<i>.key, DIR/expert-<i>.key_secret
+    DIR/client.key, DIR/client.key_secret        the front door's client (traci request)
     DIR/authorized/<peer>.key                    the public keys the broker admits
 
 The broker reads ``broker.key_secret`` and ``authorized/``; a peer reads its own
 ``<name>.key_secret`` and ``broker.key``. Deleting a file from ``authorized/`` revokes that
 peer (the broker reads the folder when it starts). Every error is a ``ConfigError`` that names
 the file at fault.
+
+A key's file name in ``authorized/`` is its role: ``expert-<i>.key`` admits expert ``i`` on
+the expert socket and nothing else, ``reducer.key`` the reducer on the reducer socket,
+``client.key`` / ``client-<name>.key`` the front door only. The ZAP handler
+(``RoleAuthenticator``) refuses a key on a socket its role does not use, and gives the broker
+the role as the connection's User-Id, which the broker compares with every HELLO.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
 from traci_ml.config import Config
@@ -34,8 +42,15 @@ log = logging.getLogger(__name__)
 
 BROKER = "broker"
 REDUCER = "reducer"
+CLIENT = "client"
 AUTHORIZED = "authorized"
-_OURS = re.compile(r"^(broker|reducer|expert-\d+)\.key(_secret)?$")  # names generate() writes
+_OURS = re.compile(r"^(broker|reducer|client|expert-\d+)\.key(_secret)?$")  # generate()'s
+# The ZAP domain of each broker socket and the key names (roles) it admits.
+DOMAINS = {
+    "expert": re.compile(r"^expert-(0|[1-9]\d{0,5})$"),
+    "reducer": re.compile(r"^reducer$"),
+    "client": re.compile(r"^client(-[A-Za-z0-9_.-]{1,64})?$"),
+}
 _Z85_KEY_LEN = 40  # a 32-byte curve key in Z85
 
 
@@ -58,7 +73,7 @@ class ClientKeys:
 
 
 def peer_names(n_experts: int) -> list[str]:
-    return [REDUCER, *(f"expert-{i}" for i in range(n_experts))]
+    return [REDUCER, *(f"expert-{i}" for i in range(n_experts)), CLIENT]
 
 
 # ---- generating -------------------------------------------------------------------------
@@ -175,19 +190,83 @@ def apply_client(socket: zmq.Socket, keys: ClientKeys) -> None:
     socket.curve_serverkey = keys.server_public
 
 
-def start_authenticator(context: zmq.Context, authorized: Path) -> ThreadAuthenticator:
-    """Start a ZAP handler on ``context`` that admits exactly the public keys in
-    ``authorized/``. Start it *before* binding: without a handler, libzmq admits any key."""
+def apply_domain(socket: zmq.Socket, domain: str) -> None:
+    """Name the ZAP domain of a broker socket (``expert``, ``reducer`` or ``client``): the
+    authenticator admits only the keys whose role belongs there."""
+    socket.zap_domain = domain.encode()
+
+
+def load_roles(authorized: Path) -> dict[bytes, str]:
+    """Z85 public key -> role (the file's stem, e.g. ``expert-2``) for ``authorized/*.key``.
+    A file whose name is no role is admitted nowhere (warned); a key listed under two roles
+    is an error: it would let one party act as both."""
+    roles: dict[bytes, str] = {}
     try:
-        admitted = zmq.auth.load_certificates(authorized)
-    except (OSError, ValueError) as exc:  # pyzmq's configure_curve would only log this
+        files = sorted(p for p in authorized.iterdir() if p.suffix == ".key")
+    except OSError as exc:
         raise ConfigError(f"security.curve_dir: cannot read {authorized}: {exc}") from None
-    if not admitted:
+    for path in files:
+        public, _ = _load(path, secret=False)
+        role = path.stem
+        if not any(pattern.match(role) for pattern in DOMAINS.values()):
+            log.warning("%s: %r is not a role (expert-<i>, reducer, client[-name]): this key "
+                        "is admitted nowhere", path, role)  # fmt: skip
+            continue
+        if public in roles:
+            raise ConfigError(
+                f"security.curve_dir: {path} repeats the key of {roles[public]}.key: one key "
+                "may hold one role only"
+            )
+        roles[public] = role
+    return roles
+
+
+class RoleAuthenticator(ThreadAuthenticator):
+    """The broker's ZAP handler: a key is admitted on a socket only when its role (the name
+    of its file in ``authorized/``) belongs to that socket's domain, and the connection's
+    User-Id is that role, so the broker can hold every HELLO to it."""
+
+    def __init__(self, context: zmq.Context, roles: dict[bytes, str]) -> None:
+        super().__init__(context, log=logging.getLogger(f"{__name__}.zap"))
+        self.roles = roles
+
+    def admits(self, domain: str, key: bytes) -> bool:
+        role = self.roles.get(key)
+        pattern = DOMAINS.get(domain)
+        ok = role is not None and pattern is not None and bool(pattern.match(role))
+        if not ok:
+            shown = key[:8].decode(errors="replace")
+            log.warning("CURVE: refused key %s... (%s) on the %s socket", shown,
+                        role or "unlisted", domain or "?")  # fmt: skip
+        return ok
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.roles.get(zmq.utils.z85.encode(client_public_key), "")
+
+
+class _Domain:
+    """A pyzmq credentials provider for one domain."""
+
+    def __init__(self, auth: RoleAuthenticator) -> None:
+        self.auth = auth
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return self.auth.admits(domain, key)
+
+
+def start_authenticator(context: zmq.Context, authorized: Path) -> RoleAuthenticator:
+    """Start a ZAP handler on ``context`` that admits exactly the public keys in
+    ``authorized/``, each on its role's socket. Start it *before* binding: without a
+    handler, libzmq admits any key."""
+    roles = load_roles(authorized)
+    if not roles:
         log.warning("%s lists no public keys: every peer will be refused", authorized)
-    auth = ThreadAuthenticator(context, log=logging.getLogger(f"{__name__}.zap"))
+    auth = RoleAuthenticator(context, roles)
     auth.start()
-    auth.configure_curve(domain="*", location=str(authorized))
-    log.info("CURVE on: admitting the %d peer keys in %s", len(admitted), authorized)
+    for domain in DOMAINS:
+        auth.configure_curve_callback(domain=domain, credentials_provider=_Domain(auth))
+    log.info("CURVE on: admitting the %d peer keys in %s, each in its role", len(roles),
+             authorized)  # fmt: skip
     return auth
 
 
@@ -213,6 +292,22 @@ def endpoint_host(endpoint: str) -> str | None:
         return None
     host = address.rpartition(":")[0] or address
     return host.rpartition(";")[2]  # "tcp://eth0;10.0.0.1:5555" binds 10.0.0.1
+
+
+def is_ipv6(endpoint: str) -> bool:
+    """True when ``endpoint``'s host is an IPv6 literal (``tcp://[::1]:5555``): its socket
+    needs ``zmq.IPV6`` (off by default in libzmq). Left off for IPv4, whose endpoints it
+    would rewrite (``0.0.0.0`` binds as ``[::ffff:0.0.0.0]``)."""
+    host = endpoint_host(endpoint)
+    return host is not None and ":" in host
+
+
+def tcp_endpoint(host: str, port: int) -> str:
+    """``tcp://host:port``, with an IPv6 literal in brackets (``tcp://[::1]:5555``)."""
+    host = host.strip()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"tcp://{host}:{port}"
 
 
 def check_bind(endpoint: str, *, curve: bool, insecure: bool) -> None:

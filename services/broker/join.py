@@ -22,7 +22,17 @@ from __future__ import annotations
 from collections import deque
 
 from traci_ml.config import Config
-from traci_ml.proto import Ack, Batch, Drop, Emb, Goodbye, Grad, Tensor
+from traci_ml.proto import (
+    DEFAULT_MAX_ABS,
+    Ack,
+    Batch,
+    Drop,
+    Emb,
+    Goodbye,
+    Grad,
+    Tensor,
+    value_problem,
+)
 from traci_ml.services.broker.peers import PeerBook
 from traci_ml.services.broker.records import (
     EXPERT,
@@ -51,6 +61,8 @@ class JoinBook(PeerBook):
         max_pending_steps: int,
         liveness: float,
         step_timeout: float,
+        max_abs: float = DEFAULT_MAX_ABS,
+        keys_bound: bool = False,
     ) -> None:
         super().__init__(
             n_experts=n_experts,
@@ -58,7 +70,9 @@ class JoinBook(PeerBook):
             embed_dim=embed_dim,
             dtype=dtype,
             liveness=liveness,
+            keys_bound=keys_bound,
         )
+        self.max_abs = max_abs  # the bound on every embedding and gradient value
         self.window, self.max_pending_steps = window, max_pending_steps
         self.step_timeout = step_timeout
         self.next_seq = 0  # head: the next step to release
@@ -70,7 +84,7 @@ class JoinBook(PeerBook):
         self._all_present = (True,) * n_experts
 
     @classmethod
-    def from_config(cls, config: Config, *, n_experts: int) -> JoinBook:
+    def from_config(cls, config: Config, *, n_experts: int, keys_bound: bool = False) -> JoinBook:
         net = config.network
         return cls(
             n_experts=n_experts,
@@ -81,6 +95,8 @@ class JoinBook(PeerBook):
             max_pending_steps=net.max_pending_steps,
             liveness=net.liveness,
             step_timeout=config.expert.step_timeout,
+            max_abs=config.security.max_abs_value,
+            keys_bound=keys_bound,
         )
 
     # ---- views for the server and metrics ------------------------------------------------
@@ -140,6 +156,9 @@ class JoinBook(PeerBook):
         if len(in_flight) >= self.window:
             detail = f"{len(in_flight)} steps in flight, window {self.window}"
             return self._refuse_emb(Outcome(), expert, seq, "window", detail, forfeit_at=now)
+        problem = value_problem((tensor,), self.max_abs)
+        if problem is not None:  # answered: the step goes on with this token masked
+            return self._refuse_emb(Outcome(), expert, seq, *problem, forfeit_at=now)
         if step is None:
             step = self._pending[seq] = PendingStep(seq, now, spec, now)
         elif step.spec is None:
@@ -153,6 +172,28 @@ class JoinBook(PeerBook):
             self._advance(now, out)
             return out
         return NOTHING  # the head is an incomplete step this EMB left alone: nothing to do
+
+    def refuse_emb(
+        self, routing_id: bytes, seq: int, reason: str, detail: str, now: float
+    ) -> Outcome:
+        """An EMB for ``seq`` that failed validation. From a registered expert, for a step
+        still open, it is answered DROP and the step stops waiting for that expert (masked),
+        so one bad message never stalls the run; otherwise it is only counted."""
+        out = Outcome()
+        eid = self._by_routing.get(routing_id)
+        expert = None if eid is None else self._experts[eid]
+        if (
+            expert is None
+            or not self.started
+            or seq in expert.in_flight
+            or seq < max(self.next_seq, expert.join_seq)
+            or seq >= self._oldest_open() + self.max_pending_steps
+        ):
+            return out.reject(reason, detail)
+        step = self._pending.get(seq)
+        if step is not None and (eid in step.tokens or eid in step.forfeited):
+            return out.reject(reason, detail)
+        return self._refuse_emb(out, expert, seq, reason, detail, forfeit_at=now)
 
     def _conflict(self, spec: tuple[str, tuple[int, ...], str], step: PendingStep | None) -> str:
         """Why an EMB of ``spec`` (phase, shape, dtype) does not fit (the log's detail)."""
@@ -201,6 +242,10 @@ class JoinBook(PeerBook):
             )
             self._drop_step(self._dispatched.pop(step.seq), "grad_mismatch", out)
             return out.reject("grad_mismatch", detail)
+        problem = value_problem(msg.tensors, self.max_abs)
+        if problem is not None:  # never forwarded: every expert of the step gets DROP
+            self._drop_step(self._dispatched.pop(step.seq), "grad_rejected", out)
+            return out.reject(problem[0], f"GRAD for step {step.seq}: {problem[1]}")
         del self._dispatched[step.seq]
         for holder, tensor in zip(step.holders, msg.tensors, strict=True):
             self._reply(holder, Grad(step.seq, holder.expert_id, (tensor,)), out)

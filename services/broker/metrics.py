@@ -38,6 +38,10 @@ BROKER_REASONS = (
     "refused",  # HELLO refused (WELCOME ok=false)
     "internal",  # a bug handling one message; logged with traceback
     "unknown_query",  # QEMB/QOUT for a served query not awaiting it (late, or not asked)
+    "too_large",  # a finite value beyond security.max_abs_value (EMB: DROP; GRAD: step DROPped)
+    "held",  # HELLO for an id a live registration holds (WELCOME ok=false "held: ...")
+    "wrong_key",  # CURVE: HELLO for a role or id its key was not issued for
+    "wrong_route",  # CURVE: a message on a route registered with another key
 )
 # Reasons a step is dropped (DROP to its experts): traci_broker_steps_dropped_total{reason}.
 DROP_REASONS = (
@@ -49,6 +53,9 @@ DROP_REASONS = (
     "grad_mismatch",
     "timeout",
     "reducer_rejected",  # the reducer answered a BATCH with DROP
+    "non_finite",  # the expert's EMB held NaN/Inf: its token is masked in that step
+    "too_large",  # the expert's EMB held a value beyond security.max_abs_value
+    "grad_rejected",  # the reducer's GRAD held NaN/Inf or a value beyond the bound
 )
 DIRECTIONS = ("in", "out")
 

@@ -11,10 +11,12 @@ every call returns an ``Outcome``. The rules are docs/protocol.md's "Broker sema
 
 from __future__ import annotations
 
+import hmac
+import secrets
 from collections import deque
 from typing import TYPE_CHECKING
 
-from traci_ml.proto import Goodbye, Hello, Welcome
+from traci_ml.proto import HELD, Goodbye, Hello, Welcome
 from traci_ml.services.broker.records import (
     EXPERT,
     REDUCER,
@@ -42,13 +44,23 @@ class PeerBook:
         def _lose_reducer(self, out: Outcome, why: str) -> None: ...
 
     def __init__(
-        self, *, n_experts: int, run_id: str, embed_dim: int, dtype: str, liveness: float
+        self,
+        *,
+        n_experts: int,
+        run_id: str,
+        embed_dim: int,
+        dtype: str,
+        liveness: float,
+        keys_bound: bool = False,
     ) -> None:
         if n_experts < 1:
             raise ValueError(f"n_experts must be >= 1, got {n_experts}")
         self.n_experts, self.run_id = n_experts, run_id
         self.embed_dim, self.dtype = embed_dim, dtype
         self.liveness = liveness
+        # CURVE on: every HELLO comes with its key's role (the ZAP User-Id), which must be the
+        # role and id it claims; the key then also proves a rejoin is the same party.
+        self.keys_bound = keys_bound
         self._experts: dict[int, ExpertPeer] = {}  # by expert id, gone holders included
         self._by_routing: dict[bytes, int] = {}  # live expert routing id -> expert id
         self._reducer: ReducerPeer | None = None
@@ -89,6 +101,15 @@ class PeerBook:
         experts = {eid: rid for rid, eid in self._by_routing.items()} if self.started else {}
         return experts, None if self._reducer is None else self._reducer.routing_id
 
+    def key_of(self, socket: str, routing_id: bytes) -> str | None:
+        """The key role a registered route registered with (None: not registered)."""
+        if socket == EXPERT:
+            eid = self._by_routing.get(routing_id)
+            return None if eid is None else self._experts[eid].key
+        if self._is_reducer(routing_id):
+            return self._reducer.key  # type: ignore[union-attr]
+        return None
+
     def touch(self, socket: str, routing_id: bytes, now: float) -> None:
         """Any message from a registered peer proves it alive."""
         if socket == EXPERT and routing_id in self._by_routing:
@@ -99,15 +120,37 @@ class PeerBook:
 
     # ---- registration --------------------------------------------------------------------
 
-    def hello(self, socket: str, routing_id: bytes, msg: Hello, now: float) -> Outcome:
+    def hello(
+        self, socket: str, routing_id: bytes, msg: Hello, now: float, key: str | None = None
+    ) -> Outcome:
+        """Register a peer. ``key``: with CURVE, the role of the key the HELLO came with."""
         out = Outcome()
         problem = self._mismatch(socket, msg)
+        if problem is None and self.keys_bound:
+            claimed = f"expert-{msg.expert_id}" if socket == EXPERT else REDUCER
+            if key != claimed:
+                problem = f"the key of {key or 'no role'!r} may not register as {claimed!r}"
+                out.sends.append(Send(socket, routing_id, Welcome(ok=False, reason=problem)))
+                return out.reject("wrong_key", problem)
         if problem is None and socket == EXPERT:
-            return self._hello_expert(routing_id, msg, now, out)
+            return self._hello_expert(routing_id, msg, now, out, key)
         if problem is None:
-            return self._hello_reducer(routing_id, msg, now, out)
+            return self._hello_reducer(routing_id, msg, now, out, key)
         out.sends.append(Send(socket, routing_id, Welcome(ok=False, reason=problem)))
         return out.reject("refused", problem)
+
+    def refuse_hello(self, socket: str, routing_id: bytes, problem: str) -> Outcome:
+        """A HELLO that failed validation still gets its refusal, naming the problem."""
+        out = Outcome()
+        out.sends.append(Send(socket, routing_id, Welcome(ok=False, reason=problem)))
+        return out.reject("refused", problem)
+
+    def _same_party(self, holder: ExpertPeer | ReducerPeer, msg: Hello) -> bool:
+        """Is a HELLO from a new route the live holder itself, reconnecting? Only its
+        registration's secret (or, with CURVE, its key: the one key for that role) says so."""
+        if self.keys_bound:
+            return True  # hello() checked the key is the one for this role and id
+        return bool(msg.token) and hmac.compare_digest(msg.token, holder.token)
 
     def _mismatch(self, socket: str, msg: Hello) -> str | None:
         if msg.role != socket:
@@ -125,13 +168,20 @@ class PeerBook:
             return f"n_experts mismatch: broker has {self.n_experts}, peer sent {msg.n_experts}"
         return None
 
-    def _hello_expert(self, routing_id: bytes, msg: Hello, now: float, out: Outcome) -> Outcome:
+    def _hello_expert(
+        self, routing_id: bytes, msg: Hello, now: float, out: Outcome, key: str | None
+    ) -> Outcome:
         eid = msg.expert_id
         holder = self._experts.get(eid)
         if holder is not None and holder.live and holder.routing_id != routing_id:
-            reason = f"expert_id {eid} is held by another live peer"
-            out.sends.append(Send(EXPERT, routing_id, Welcome(ok=False, reason=reason)))
-            return out.reject("refused", reason)
+            if not self._same_party(holder, msg):
+                reason = (
+                    f"{HELD}: expert_id {eid} is held by another live peer; it is freed "
+                    f"{self.liveness:g}s after that peer's last message"
+                )
+                out.sends.append(Send(EXPERT, routing_id, Welcome(ok=False, reason=reason)))
+                return out.reject(HELD, reason.removeprefix(f"{HELD}: "))
+            self._retire(eid, out, f"expert {eid} reconnected on a new route")
         previous = self._by_routing.get(routing_id)
         if previous is not None:  # a rejoin from the same peer (or it changed its id)
             self._retire(previous, out, f"expert {previous} re-registered")
@@ -140,7 +190,9 @@ class PeerBook:
         else:  # a fresh broker (or a restarted one) resumes where the peers are
             self._resume_seq = join_seq = max(self._resume_seq, msg.next_seq)
         self._generation += 1
-        self._experts[eid] = ExpertPeer(eid, routing_id, self._generation, join_seq, now)
+        peer = ExpertPeer(eid, routing_id, self._generation, join_seq, now,
+                          token=secrets.token_hex(16), key=key)  # fmt: skip
+        self._experts[eid] = peer
         self._by_routing[routing_id] = eid
         self._roster = None
         self._registered_once.add(eid)
@@ -152,7 +204,8 @@ class PeerBook:
                 self._open_gate(now, out)
             return out
         out.notes.append(f"expert {eid} registered, join_seq {join_seq}")
-        out.sends.append(Send(EXPERT, routing_id, Welcome(ok=True, start_seq=join_seq)))
+        welcome = Welcome(ok=True, start_seq=join_seq, token=peer.token)
+        out.sends.append(Send(EXPERT, routing_id, welcome))
         self._advance(now, out)
         return out
 
@@ -166,23 +219,32 @@ class PeerBook:
             if peer.live:
                 peer.join_seq = start
                 self._roster = None
-                out.sends.append(Send(EXPERT, peer.routing_id, Welcome(ok=True, start_seq=start)))
+                welcome = Welcome(ok=True, start_seq=start, token=peer.token)
+                out.sends.append(Send(EXPERT, peer.routing_id, welcome))
         out.notes.append(f"all {self.n_experts} experts registered: start gate open at {start}")
         self._advance(now, out)
 
-    def _hello_reducer(self, routing_id: bytes, msg: Hello, now: float, out: Outcome) -> Outcome:
-        if self._reducer is not None and self._reducer.routing_id != routing_id:
-            reason = "another reducer is registered"
-            out.sends.append(Send(REDUCER, routing_id, Welcome(ok=False, reason=reason)))
-            return out.reject("refused", reason)
-        if self._reducer is not None:
+    def _hello_reducer(
+        self, routing_id: bytes, msg: Hello, now: float, out: Outcome, key: str | None
+    ) -> Outcome:
+        holder = self._reducer
+        if holder is not None and holder.routing_id != routing_id:
+            if not self._same_party(holder, msg):
+                reason = (
+                    f"{HELD}: another reducer is registered; its registration ends "
+                    f"{self.liveness:g}s after its last message"
+                )
+                out.sends.append(Send(REDUCER, routing_id, Welcome(ok=False, reason=reason)))
+                return out.reject(HELD, reason.removeprefix(f"{HELD}: "))
+        if holder is not None:
             self._lose_reducer(out, "reducer re-registered")
-        self._reducer = ReducerPeer(routing_id, now)
+        self._reducer = ReducerPeer(routing_id, now, token=secrets.token_hex(16), key=key)
         if not self.started:
             self._resume_seq = max(self._resume_seq, msg.next_seq)
         start_seq = self._ready[0].seq if self._ready else self.next_seq
         out.notes.append(f"reducer registered, start_seq {start_seq}")
-        out.sends.append(Send(REDUCER, routing_id, Welcome(ok=True, start_seq=start_seq)))
+        welcome = Welcome(ok=True, start_seq=start_seq, token=self._reducer.token)
+        out.sends.append(Send(REDUCER, routing_id, welcome))
         self._dispatch(now, out)
         return out
 

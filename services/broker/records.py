@@ -68,6 +68,8 @@ class ExpertPeer:
     last_seen: float
     live: bool = True
     in_flight: set[int] = field(default_factory=set)  # accepted, not yet answered (<= window)
+    token: str = ""  # this registration's secret (its WELCOME's): a rejoin that shows it wins
+    key: str | None = None  # CURVE: the role of the key it registered with
     holder: Holder = field(init=False)  # this registration, as its tokens record it
 
     def __post_init__(self) -> None:
@@ -78,6 +80,8 @@ class ExpertPeer:
 class ReducerPeer:
     routing_id: bytes
     last_seen: float
+    token: str = ""
+    key: str | None = None
 
 
 @dataclass(slots=True)

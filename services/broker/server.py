@@ -39,9 +39,18 @@ from traci_ml.proto import (
     QEmb,
     QOut,
     Query,
+    value_problem,
 )
 from traci_ml.proto.fast import decode, emb_fields, encode, register_frame_type
-from traci_ml.security import apply_server, broker_keys, check_bind, start_authenticator
+from traci_ml.security import (
+    apply_domain,
+    apply_server,
+    broker_keys,
+    check_bind,
+    is_ipv6,
+    start_authenticator,
+    tcp_endpoint,
+)
 from traci_ml.services.broker.join import JoinBook
 from traci_ml.services.broker.metrics import BrokerMetrics
 from traci_ml.services.broker.records import EXPERT, REDUCER, Outcome
@@ -96,9 +105,13 @@ class Broker:
         net = config.network
         self.n_experts = n_experts if n_experts is not None else n_experts_of(config)
         self.metrics = metrics if metrics is not None else BrokerMetrics(self.n_experts)
-        self.book = JoinBook.from_config(config, n_experts=self.n_experts)
-        self.heartbeat_interval = net.heartbeat_interval
         self._curve = broker_keys(config)  # None: plaintext
+        self.book = JoinBook.from_config(
+            config, n_experts=self.n_experts, keys_bound=self._curve is not None
+        )
+        self.heartbeat_interval = net.heartbeat_interval
+        self.max_abs = config.security.max_abs_value
+        self._key: str | None = None  # CURVE: the role of the key of the message in hand
         self._insecure = config.security.insecure
         self._stop = stop if stop is not None else threading.Event()
         self._own_context = context is None
@@ -109,10 +122,10 @@ class Broker:
             if self._curve is not None:  # before any bind: with no ZAP handler, any key passes
                 self._auth = start_authenticator(self._context, self._curve.authorized)
             self.expert_endpoint = self._bind(
-                EXPERT, expert_endpoint or f"tcp://{net.bind_host}:{net.expert_port}"
+                EXPERT, expert_endpoint or tcp_endpoint(net.bind_host, net.expert_port)
             )
             self.reducer_endpoint = self._bind(
-                REDUCER, reducer_endpoint or f"tcp://{net.bind_host}:{net.reducer_port}"
+                REDUCER, reducer_endpoint or tcp_endpoint(net.bind_host, net.reducer_port)
             )
             self.serve = ServeDesk.from_config(config, metrics=self.metrics.serve)
             self.client_endpoint = self._bind_front_door(config, client_endpoint, strict=serve)
@@ -137,10 +150,15 @@ class Broker:
         check_bind(endpoint, curve=self._curve is not None, insecure=self._insecure)
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting with its id takes over
+        # No ROUTER_HANDOVER: a new connection never inherits a routing id that a live
+        # connection holds (libzmq ignores the newcomer), so nobody takes a route over by
+        # naming its id; peers pick random ids anyway (link.new_routing_id).
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_TENSOR_BYTES)  # per frame; larger: peer cut off
+        sock.setsockopt(zmq.IPV6, int(is_ipv6(endpoint)))  # e.g. ::1
         if self._curve is not None:
             apply_server(sock, self._curve)
+            apply_domain(sock, name)  # only keys of this socket's role are admitted
         self._sockets[name] = sock
         try:
             sock.bind(endpoint)
@@ -224,22 +242,36 @@ class Broker:
 
     def _handle(self, socket: str, routing_id: bytes, frames: list[zmq.Frame], now: float) -> None:
         """Decode one message (routing id stripped) and hand it to its ``on_<kind>``."""
+        if (
+            self._curve is not None
+            and socket != CLIENT
+            and not self._same_key(socket, routing_id, frames[0])
+        ):
+            return
         self.book.touch(socket, routing_id, now)
         if socket == EXPERT:  # the hot path: a well-formed EMB, no Emb object made
-            fields = emb_fields(frames)
+            fields = emb_fields(frames, False)  # values: the book checks them (DROP if bad)
             if fields is not None:
                 self.metrics.message("EMB", "in")
                 self._apply(self.book.emb_fields(routing_id, *fields, now), socket, routing_id,
                             fields[0])  # fmt: skip
                 return
         try:
-            msg = decode(frames)
+            msg = decode(frames, check_finite=False)  # values: checked where they are used
         except ProtocolError as exc:
             self.metrics.message("invalid", "in")
             detail = exc.message.removeprefix(f"{exc.reason}: ")
-            self._rejected(exc.reason, socket, routing_id, None, detail)
             if socket == CLIENT:  # a client gets an answer naming the cause
+                self._rejected(exc.reason, socket, routing_id, None, detail)
                 self._apply(self.serve.malformed(routing_id, exc.reason, detail, now))
+            elif exc.kind == "HELLO":  # a refusal naming the problem, not silence
+                self._apply(self.book.refuse_hello(socket, routing_id, exc.message), socket,
+                            routing_id)  # fmt: skip
+            elif exc.kind == "EMB" and exc.seq is not None and socket == EXPERT:
+                outcome = self.book.refuse_emb(routing_id, exc.seq, exc.reason, detail, now)
+                self._apply(outcome, socket, routing_id, exc.seq)  # DROP: the step goes on
+            else:
+                self._rejected(exc.reason, socket, routing_id, None, detail)
             return
         self.metrics.message(msg.KIND, "in")
         seq = getattr(msg, "seq", None)
@@ -251,6 +283,21 @@ class Broker:
                 self._apply(self.serve.malformed(routing_id, "unexpected_kind", detail, now))
             return
         self._apply(handler(socket, routing_id, msg, now), socket, routing_id, seq)
+
+    def _same_key(self, socket: str, routing_id: bytes, first: zmq.Frame) -> bool:
+        """CURVE: the key of this message's connection (its role, the ZAP User-Id) must be
+        the one its route registered with; a HELLO's key is checked by the book."""
+        try:
+            key = first.get("User-Id") or None
+        except zmq.ZMQError:  # no ZAP metadata: never admitted under CURVE
+            key = None
+        self._key = key
+        held = self.book.key_of(socket, routing_id)
+        if held is None or held == key:
+            return True
+        detail = f"key of {key!r} on the route of {held!r}"
+        self._rejected("wrong_route", socket, routing_id, None, detail)
+        return False
 
     def _tick(self, now: float) -> None:
         try:
@@ -271,7 +318,7 @@ class Broker:
     # ---- handlers: hand the message to the book ------------------------------------------
 
     def on_hello(self, socket: str, routing_id: bytes, msg: Hello, now: float) -> Outcome:
-        return self.book.hello(socket, routing_id, msg, now)
+        return self.book.hello(socket, routing_id, msg, now, key=self._key)
 
     def on_emb(self, socket: str, routing_id: bytes, msg: Emb, now: float) -> Outcome:
         return self.book.emb(routing_id, msg, now)
@@ -304,7 +351,7 @@ class Broker:
                 raise ConfigError("traci serve needs network.serve_port (it is 0)")
             return None
         try:
-            bound = self._bind(CLIENT, endpoint or f"tcp://{net.bind_host}:{net.serve_port}")
+            bound = self._bind(CLIENT, endpoint or tcp_endpoint(net.bind_host, net.serve_port))
         except ConfigError as exc:
             if strict:
                 raise
@@ -317,13 +364,28 @@ class Broker:
         return bound
 
     def on_query(self, socket: str, routing_id: bytes, msg: Query, now: float) -> Outcome:
+        # Raw feature values: only NaN/Inf is refused here (a raw column may be large);
+        # what the experts make of them is bounded below, on QEMB.
+        problem = value_problem(msg.tensors, float("inf"))
+        if problem is not None:
+            out = self.serve.malformed(routing_id, problem[0], f"request rows: {problem[1]}", now)
+            return out.reject(problem[0], problem[1])
         return self.serve.request(routing_id, msg, now, self.book.serve_targets())
 
     def on_qemb(self, socket: str, routing_id: bytes, msg: QEmb, now: float) -> Outcome:
-        return self.serve.qemb(routing_id, msg, now, self.book.serve_targets())
+        problem = value_problem(msg.tensors, self.max_abs)
+        if problem is not None:  # that expert fails this query, naming why
+            detail = f"its embedding of the rows: {problem[1]} (rows out of the trained range?)"
+            msg = QEmb(msg.qid, msg.expert_id, problem[0], detail, ())
+        outcome = self.serve.qemb(routing_id, msg, now, self.book.serve_targets())
+        return outcome if problem is None else outcome.reject(problem[0], problem[1])
 
     def on_qout(self, socket: str, routing_id: bytes, msg: QOut, now: float) -> Outcome:
-        return self.serve.qout(routing_id, msg, now, self.book.serve_targets())
+        problem = value_problem(msg.tensors, float("inf"))  # outputs: finite is the bound
+        if problem is not None:
+            msg = QOut(msg.qid, problem[0], f"outputs: {problem[1]}", msg.task, (), ())
+        outcome = self.serve.qout(routing_id, msg, now, self.book.serve_targets())
+        return outcome if problem is None else outcome.reject(problem[0], problem[1])
 
     def _serve_tick(self, now: float) -> None:
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -46,11 +48,16 @@ def emb(seq: int, expert_id: int, *, phase: str = "train", rows: int = B, width:
 
 
 def sent(out: Outcome, kind: type, socket: str | None = None) -> list[tuple[bytes, object]]:
-    return [
-        (s.routing_id, s.message)
-        for s in out.sends
-        if isinstance(s.message, kind) and (socket is None or s.socket == socket)
-    ]
+    """What ``out`` sends of ``kind``; a WELCOME's secret token is checked and blanked."""
+    found = []
+    for s in out.sends:
+        if isinstance(s.message, kind) and (socket is None or s.socket == socket):
+            msg = s.message
+            if isinstance(msg, Welcome):
+                assert (len(msg.token) == 32) == msg.ok  # a fresh secret with every acceptance
+                msg = dataclasses.replace(msg, token="")
+            found.append((s.routing_id, msg))
+    return found
 
 
 def started(n_experts: int = 2, *, reducer: bool = True, now: float = 0.0, **kw: float) -> JoinBook:
@@ -130,7 +137,7 @@ def test_id_held_by_live_peer_is_refused_but_free_after_it_leaves() -> None:
     book = make_book(1)
     book.hello(EXPERT, b"a", hello(0), 0.0)
     out = book.hello(EXPERT, b"b", hello(0), 0.1)
-    assert out.rejected == "refused" and "held" in sent(out, Welcome)[0][1].reason  # type: ignore[attr-defined]
+    assert out.rejected == "held" and sent(out, Welcome)[0][1].reason.startswith("held:")  # type: ignore[attr-defined]
     book.goodbye(EXPERT, b"a", Goodbye("shutdown"), 0.2)
     assert sent(book.hello(EXPERT, b"b", hello(0), 0.3), Welcome)[0][1].ok  # type: ignore[attr-defined]
 
@@ -139,7 +146,55 @@ def test_second_live_reducer_refused() -> None:
     book = make_book(2)
     book.hello(REDUCER, b"r1", reducer_hello(), 0.0)
     out = book.hello(REDUCER, b"r2", reducer_hello(), 0.1)
-    assert out.rejected == "refused" and "reducer" in sent(out, Welcome)[0][1].reason  # type: ignore[attr-defined]
+    assert out.rejected == "held" and "reducer" in sent(out, Welcome)[0][1].reason  # type: ignore[attr-defined]
+
+
+def welcomed_token(out: Outcome) -> str:
+    [send] = [s for s in out.sends if isinstance(s.message, Welcome)]
+    assert send.message.ok
+    return send.message.token
+
+
+def test_rejoin_on_a_new_route_needs_the_registration_secret() -> None:
+    """A live registration is taken over only by whoever holds its WELCOME's secret: the
+    peer itself, reconnecting on a new socket. A stranger naming the id is held off."""
+    book = make_book(1)
+    token = welcomed_token(book.hello(EXPERT, b"a", hello(0), 0.0))
+    guess = dataclasses.replace(hello(0), token="0" * 32)
+    assert book.hello(EXPERT, b"x", guess, 0.1).rejected == "held"
+    rejoin = book.hello(EXPERT, b"b", dataclasses.replace(hello(0), token=token), 0.2)
+    assert rejoin.rejected is None
+    new_token = welcomed_token(rejoin)
+    assert new_token != token and book.serve_targets()[0] == {0: b"b"}  # the new route
+    assert book.key_of(EXPERT, b"b") is None and book.live_experts == 1
+    # the old route is retired: its messages are unregistered now
+    assert book.heartbeat(EXPERT, b"a").rejected == "unregistered"
+    # the old secret is spent
+    again = book.hello(EXPERT, b"c", dataclasses.replace(hello(0), token=token), 0.3)
+    assert again.rejected == "held"
+
+
+def test_reducer_rejoin_with_its_secret_replaces_the_old_route() -> None:
+    book = make_book(2)
+    token = welcomed_token(book.hello(REDUCER, b"r1", reducer_hello(), 0.0))
+    out = book.hello(REDUCER, b"r2", dataclasses.replace(reducer_hello(), token=token), 0.1)
+    assert out.rejected is None and book.live_peers() == [(REDUCER, b"r2")]
+
+
+def test_keys_bound_hello_must_match_its_key_role() -> None:
+    book = JoinBook(
+        n_experts=2, run_id="run", embed_dim=D, dtype="float32", window=2,
+        max_pending_steps=64, liveness=3.0, step_timeout=5.0, keys_bound=True,
+    )  # fmt: skip
+    out = book.hello(EXPERT, b"a", hello(1), 0.0, key="expert-0")
+    assert out.rejected == "wrong_key" and "expert-1" in sent(out, Welcome)[0][1].reason  # type: ignore[attr-defined]
+    assert book.hello(REDUCER, b"r", reducer_hello(), 0.0, key="expert-0").rejected == "wrong_key"
+    assert book.hello(EXPERT, b"a", hello(1), 0.0, key=None).rejected == "wrong_key"
+    assert book.hello(EXPERT, b"a", hello(0), 0.0, key="expert-0").rejected is None
+    assert book.key_of(EXPERT, b"a") == "expert-0"
+    # the same key on a new route is the same party (one key per role): it takes over
+    assert book.hello(EXPERT, b"b", hello(0), 0.1, key="expert-0").rejected is None
+    assert book.key_of(EXPERT, b"a") is None and book.key_of(EXPERT, b"b") == "expert-0"
 
 
 def test_rejoin_starts_at_next_unsent_step() -> None:

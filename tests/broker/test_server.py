@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -102,6 +103,9 @@ class Peer:
                 peer.beat()
             if self.sock.poll(int(min(left, 0.05) * 1000) + 1):
                 msg = decode(self.sock.recv_multipart())
+                if isinstance(msg, Welcome) and msg.ok:  # its secret: checked, then blanked
+                    assert len(msg.token) == 32
+                    msg = dataclasses.replace(msg, token="")
                 if not isinstance(msg, Heartbeat):
                     return msg
         raise AssertionError(f"no message within {timeout} s")
@@ -187,8 +191,8 @@ def test_registration_accepted_and_refused_with_reasons(net, broker) -> None:
                           ({"embed_dim": D * 2}, "embed_dim")):  # fmt: skip
         welcome = join_expert(net, broker, 0, **fields).recv()
         assert isinstance(welcome, Welcome) and not welcome.ok and words in welcome.reason
-    wait_for(lambda: broker.rejections("refused") == 3)
-    assert broker.sample("traci_broker_registered_experts") <= 1
+    wait_for(lambda: broker.rejections("refused") == 2 and broker.rejections("held") == 1)
+    assert broker.sample("traci_broker_registered_experts") <= 3
 
 
 # ---- the data path ----------------------------------------------------------------------
@@ -251,26 +255,38 @@ def test_silent_expert_is_dropped_and_steps_release_masked(net) -> None:
 
 
 def test_garbage_is_rejected_and_counted_while_good_traffic_flows(net, broker) -> None:
+    """Garbage is counted; a bad EMB with a step number from a registered expert is
+    answered DROP and that step goes on with the expert masked, instead of waiting."""
     experts, reducer = cluster(net, broker)
     good = encode(Emb(0, 0, "train", tensor(1.0)))
     nan = np.full((B, D), np.nan, dtype=np.float32)
     experts[0].sock.send_multipart([b"\xc1 not msgpack"])
     experts[0].sock.send_multipart([msgpack.packb({"v": 99, "k": "EMB"})])
     experts[0].sock.send_multipart([good[0], bytes(good[1])[:-4]])  # truncated tensor
-    experts[0].send(Emb(0, 0, "train", Tensor.from_numpy(nan)))
+    assert experts[0].recv() == Drop(0, "size_mismatch")
+    experts[0].send(Emb(1, 0, "train", Tensor.from_numpy(nan)))
+    assert experts[0].recv() == Drop(1, "non_finite")
     experts[0].send(Batch(0, "train", (True,), (tensor(1.0),)))  # a reducer's kind
     reducer.sock.send_multipart([b"\xc1"])
     stranger = net.peer(broker.broker.expert_endpoint)
     stranger.send(Emb(0, 0, "train", tensor(1.0)))
     assert stranger.recv(beat=False) == Goodbye("unregistered")
+    for seq in (0, 1):
+        for i, expert in enumerate(experts[1:], start=1):
+            expert.send(Emb(seq, i, "train", tensor(i)))
+        batch = reducer.recv()
+        assert isinstance(batch, Batch) and (batch.seq, batch.present) == (seq, (False, True, True))
+        reducer.send(Grad(seq, -1, (tensor(0.0), tensor(0.0))))
+        for expert in experts[1:]:
+            assert isinstance(expert.recv(), Grad)
     for i, expert in enumerate(experts):
-        expert.send(Emb(0, i, "train", tensor(i)))
+        expert.send(Emb(2, i, "train", tensor(i)))
     batch = reducer.recv()
     assert isinstance(batch, Batch) and batch.present == (True, True, True)
     expected = {"bad_header": 2, "version": 1, "size_mismatch": 1, "non_finite": 1,
                 "unexpected_kind": 1, "unregistered": 1}  # fmt: skip
     wait_for(lambda: all(broker.rejections(r) == n for r, n in expected.items()))
-    assert broker.sample("traci_broker_messages_total", {"kind": "invalid", "direction": "in"}) == 5
+    assert broker.sample("traci_broker_messages_total", {"kind": "invalid", "direction": "in"}) == 4
     assert broker.thread.is_alive()
 
 
