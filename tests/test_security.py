@@ -25,8 +25,10 @@ from traci_ml.security import (
     check_bind,
     endpoint_host,
     generate,
+    is_ipv6,
     is_loopback,
     peer_keys,
+    tcp_endpoint,
 )
 from traci_ml.services.broker.server import Broker
 
@@ -392,3 +394,24 @@ def test_a_key_listed_under_two_roles_is_refused(tmp_path: Path) -> None:
     (authorized / "expert-1.key").write_bytes((authorized / "expert-0.key").read_bytes())
     with pytest.raises(ConfigError, match="one key may hold one role"):
         RunningBroker(make_config(**{"security.curve_dir": str(keys)}))
+
+
+def test_ipv6_loopback_binds_and_peers_connect(context) -> None:
+    """``::1`` is loopback: the broker binds it without keys, and a peer whose broker_host
+    is ``::1`` registers (the endpoint is bracketed and the sockets speak IPv6)."""
+    assert tcp_endpoint("::1", 5555) == "tcp://[::1]:5555" and is_ipv6("tcp://[::1]:5555")
+    assert tcp_endpoint("127.0.0.1", 5555) == "tcp://127.0.0.1:5555"
+    running = RunningBroker(make_config(**{"network.bind_host": "::1"}))
+    try:
+        endpoint = running.broker.expert_endpoint
+        assert endpoint.startswith("tcp://[::1]:")
+        hello = lambda: Hello("expert", RUN_ID, D, "float32", expert_id=0, window=2)  # noqa: E731
+        link = BrokerLink(context, endpoint, hello, heartbeat_interval=0.05, liveness=2.0,
+                          name="expert-0")  # fmt: skip
+        try:
+            welcome = link.connect(timeout=5.0)
+            assert welcome is not None and welcome.ok and len(welcome.token) == 32
+        finally:
+            link.close()
+    finally:
+        running.stop()

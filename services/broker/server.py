@@ -15,7 +15,9 @@ socket, or one that trips a bug -- is counted, logged and dropped; the loop keep
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +74,21 @@ register_frame_type(zmq.Frame)  # proto may take len(frame) as its byte count
 Handler = Callable[[str, bytes, Message, float], Outcome]
 
 
+def seed_auto_ids() -> None:
+    """Seed libc ``random()`` from the OS, before the ROUTERs exist.
+
+    A ROUTER names a peer that sets no routing id ``00`` + a counter that starts at libc
+    ``random()``, which nobody seeds: the same ids in every run. Without handover a newcomer
+    cannot take a live id, but libzmq 4.3 never checks its *automatic* id against the
+    explicit ones: a stranger that first claims the next automatic id makes the next
+    id-less connection abort the whole process (``Assertion failed: ok
+    (src/socket_base.cpp:2113)``). Seeded, the next automatic id is a 32-bit secret."""
+    try:
+        ctypes.CDLL(None).srandom(ctypes.c_uint(secrets.randbits(32)))
+    except (OSError, AttributeError):  # no libc random() here: libzmq seeds nothing either
+        log.warning("broker: could not seed libc random(); automatic routing ids predictable")
+
+
 def n_experts_of(config: Config) -> int:
     """The number of experts is the number of data views."""
     return len(view_specs(config.data))
@@ -118,6 +135,7 @@ class Broker:
         self._context = context if context is not None else zmq.Context()
         self._sockets: dict[str, zmq.Socket] = {}
         self._auth: ThreadAuthenticator | None = None
+        seed_auto_ids()  # before any ROUTER is made: each takes its first id from random()
         try:
             if self._curve is not None:  # before any bind: with no ZAP handler, any key passes
                 self._auth = start_authenticator(self._context, self._curve.authorized)

@@ -78,9 +78,13 @@ class RunningBroker:
 class Peer:
     """A fake expert or reducer: a DEALER speaking the protocol through traci_ml.proto."""
 
-    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+    def __init__(
+        self, context: zmq.Context, endpoint: str, routing_id: bytes | None = None
+    ) -> None:
         self.sock = context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if routing_id is not None:
+            self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
         self.sock.connect(endpoint)
         self.last_beat = 0.0
 
@@ -136,8 +140,8 @@ class Net:
         self.context = zmq.Context()
         self.peers: list[Peer] = []
 
-    def peer(self, endpoint: str) -> Peer:
-        self.peers.append(Peer(self.context, endpoint))
+    def peer(self, endpoint: str, routing_id: bytes | None = None) -> Peer:
+        self.peers.append(Peer(self.context, endpoint, routing_id))
         return self.peers[-1]
 
     def close(self) -> None:
@@ -193,6 +197,19 @@ def test_registration_accepted_and_refused_with_reasons(net, broker) -> None:
         assert isinstance(welcome, Welcome) and not welcome.ok and words in welcome.reason
     wait_for(lambda: broker.rejections("refused") == 2 and broker.rejections("held") == 1)
     assert broker.sample("traci_broker_registered_experts") <= 3
+
+
+def test_an_invalid_hello_is_answered_with_its_reason(net, broker) -> None:
+    """A HELLO that fails validation (expert_id beyond MAX_EXPERTS, or negative) still gets
+    WELCOME(ok=false) naming the problem, instead of silence until the peer times out."""
+    for bad in (5000, -3):
+        header = {"v": 1, "k": "HELLO", "role": "expert", "run_id": RUN_ID, "embed_dim": D,
+                  "dtype": "float32", "expert_id": bad}  # fmt: skip
+        peer = net.peer(broker.broker.expert_endpoint)
+        peer.sock.send_multipart([msgpack.packb(header)])
+        welcome = peer.recv(beat=False)
+        assert isinstance(welcome, Welcome) and not welcome.ok and "expert_id" in welcome.reason
+    wait_for(lambda: broker.rejections("refused") == 2)
 
 
 # ---- the data path ----------------------------------------------------------------------
@@ -252,6 +269,42 @@ def test_silent_expert_is_dropped_and_steps_release_masked(net) -> None:
         assert experts[2].recv(beat=False) == Welcome(ok=True, start_seq=2)
     finally:
         running.stop()
+
+
+# libzmq's automatic routing ids when nobody seeds libc random(): the same in every run
+UNSEEDED_FIRST_IDS = {"expert": 0x6B8B4567, "reducer": 0xE43C9869}
+
+
+def test_guessed_routing_ids_take_no_route_and_cannot_abort_the_broker(net, broker) -> None:
+    """The attack of issue 9: DEALERs naming the first automatic ids of each socket (under
+    ROUTER_HANDOVER they took live routes; and an id-less peer arriving after them aborted
+    libzmq). Now the strangers get only GOODBYE(unregistered), a registered expert keeps its
+    route, and id-less newcomers are served."""
+    experts, reducer = cluster(net, broker)
+    endpoints = {"expert": broker.broker.expert_endpoint, "reducer": broker.broker.reducer_endpoint}
+    strangers = []
+    for side, first in UNSEEDED_FIRST_IDS.items():
+        for k in range(8):
+            rid = b"\x00" + (first + k).to_bytes(4, "big")
+            strangers.append(net.peer(endpoints[side], rid))
+            strangers[-1].send(Heartbeat())
+    anonymous = [net.peer(endpoints[side]) for side in ("expert", "reducer") for _ in range(8)]
+    for peer in anonymous:
+        peer.send(Heartbeat())
+    for peer in [*strangers, *anonymous]:
+        assert peer.recv(beat=False) == Goodbye("unregistered")
+    for i, expert in enumerate(experts):  # the registered routes are untouched
+        expert.send(Emb(0, i, "train", tensor(i)))
+    batch = reducer.recv()
+    assert isinstance(batch, Batch) and batch.present == (True, True, True)
+    reducer.send(Grad(0, -1, (tensor(0.5), tensor(0.5), tensor(0.5))))
+    for expert in experts:
+        assert isinstance(expert.recv(), Grad)
+    for peer in strangers:  # nothing of the run reached a stranger
+        with pytest.raises(AssertionError, match="no message"):
+            raise RuntimeError(f"unexpected {peer.recv(0.05, beat=False)}")
+    assert broker.thread.is_alive()
+    wait_for(lambda: broker.rejections("unregistered") == 32)
 
 
 def test_garbage_is_rejected_and_counted_while_good_traffic_flows(net, broker) -> None:

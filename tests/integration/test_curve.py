@@ -31,6 +31,7 @@ def test_traci_up_trains_over_curve(run_config, tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     assert f"curve_dir: {keys.resolve()}" in made.stdout
     assert sorted(p.name for p in (keys / "authorized").iterdir()) == [
+        "client.key",
         *(f"expert-{i}.key" for i in range(4)),
         "reducer.key",
     ]
@@ -42,7 +43,7 @@ def test_traci_up_trains_over_curve(run_config, tmp_path: Path) -> None:
     assert summary["steps"] == 150
     assert summary["test_accuracy"] >= 0.9
     broker_log = (run_dir / "logs" / "broker.log").read_text()
-    assert "CURVE on: admitting the 5 peer keys" in broker_log
+    assert "CURVE on: admitting the 6 peer keys" in broker_log
 
 
 @pytest.mark.timeout(60)
