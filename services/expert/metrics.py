@@ -7,8 +7,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from traci_ml import proto
 from traci_ml.observe import LATENCY_BUCKETS
 
-EXPERT_REASONS = ("unknown_step", "misrouted", "conflict", "unexpected_kind", "internal")
-DROP_REASONS = ("timeout", "late", "too_far_ahead", "conflict", "reducer_lost", "broker_lost")
+EXPERT_REASONS = ("unknown_step", "misrouted", "conflict", "unexpected_kind", "internal",
+                  *proto.VALUE_REASONS)  # fmt: skip
+# Reasons a step ends without a reply applied: the broker's DROP reasons (the reducer's are
+# forwarded as they are), the expert's own, and a GRAD refused for its values (VALUE_REASONS).
+DROP_REASONS = ("timeout", "late", "too_far_ahead", "conflict", "reducer_lost", "broker_lost",
+                "resync", "shutdown", "non_finite_loss", "non_finite_grad",
+                *proto.VALUE_REASONS)  # fmt: skip
 
 
 class ExpertMetrics:
@@ -59,7 +64,8 @@ class ExpertMetrics:
         )
         self.queries = Counter(
             "traci_expert_queries",
-            "served QUERYs answered, by status (ok, missing_columns, internal)",
+            "served QUERYs answered, by status (ok, missing_columns, non_finite, too_large, "
+            "internal)",
             ["expert", "status"],
             registry=r,
         )
@@ -70,7 +76,7 @@ class ExpertMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         ).labels(**labels)
-        for status in ("ok", "missing_columns", "internal"):
+        for status in ("ok", "missing_columns", *proto.VALUE_REASONS, "internal"):
             self.queries.labels(status=status, **labels)
         for phase in proto.PHASES:
             self.sent.labels(phase=phase, **labels)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -25,7 +26,7 @@ from traci_ml.data import load_dataset
 from traci_ml.errors import CheckpointError, PeerTimeout, TraciError
 from traci_ml.link import BrokerLink
 from traci_ml.schedule import Step, schedule_for, set_lr
-from traci_ml.security import peer_keys
+from traci_ml.security import peer_keys, tcp_endpoint
 from traci_ml.services.expert.metrics import ExpertMetrics
 from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
 from traci_ml.services.expert.serving import QueryView
@@ -44,13 +45,18 @@ class InFlight:
 
 @dataclass(slots=True)
 class Accounts:
-    """sent == applied + acked + dropped + in flight, at every moment."""
+    """sent == applied + acked + dropped + in flight, at every moment, across restarts too:
+    a restore counts the steps the checkpoint had in flight as dropped (``lost_in_restart``).
+    ``rolled_back``: gradients applied after the last checkpoint by a life that then died,
+    lost with it (the model went back to the checkpoint, the ledger was cut to match); they
+    are not in ``applied``, which is what the current model holds."""
 
     sent: int = 0
-    applied: int = 0  # train gradients applied
+    applied: int = 0  # train gradients applied (and held by the model)
     acked: int = 0  # eval steps acknowledged
     dropped: int = 0
     rejected: int = 0
+    rolled_back: int = 0
 
 
 class Expert:
@@ -99,6 +105,10 @@ class Expert:
         # line-buffered so a SIGKILL loses nothing written). It proves "at most once".
         self.ledger_path = config.run_path / "experts" / f"expert-{expert_id}.applied"
         self.ledger: TextIO | None = None  # opened by run()
+        # Its length in bytes that agrees with the model: the checkpoint's, or 0 when the
+        # nets are fresh. run() cuts the file to it before appending (None: leave it as is).
+        self.ledger_at: int | None = 0
+        self.restored = False
         # serve: `traci serve` -- the latest checkpoint answers QUERYs, nothing is trained
         self.serving = serve
         self.query_view: QueryView | None = None  # built for the first QUERY
@@ -112,7 +122,7 @@ class Expert:
         net = config.network
         self.link = BrokerLink(
             self.context,
-            f"tcp://{net.broker_host}:{net.expert_port}",
+            tcp_endpoint(net.broker_host, net.expert_port),
             self._hello,
             heartbeat_interval=net.heartbeat_interval,
             liveness=net.liveness,
@@ -137,8 +147,7 @@ class Expert:
 
     def run(self) -> int:
         if not self.serving:
-            self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
-            self.ledger = self.ledger_path.open("a", buffering=1)
+            self._open_ledger()
         self._register()
         finished = False
         try:
@@ -236,6 +245,15 @@ class Expert:
         ):
             return self._reject("conflict", f"GRAD {grad.dtype}{list(grad.shape)}", msg.seq)
         del self.inflight[msg.seq]
+        problem = proto.value_problem(msg.tensors, self.config.security.max_abs_value)
+        if problem is not None:  # never applied; the step is over: its window slot frees now
+            reason, detail = problem
+            log.warning("%s step %d: GRAD refused (%s): %s; step dropped, weights untouched",
+                        self.name, msg.seq, reason, detail)  # fmt: skip
+            self._reject(reason)
+            self._count_drop(reason)
+            self.metrics.inflight.set(len(self.inflight))
+            return None
         # Recompute the online output with the current weights (with window > 1 the weights
         # have moved since the send; a cached graph would be stale), then backprop the slice.
         self.online.train()
@@ -287,7 +305,10 @@ class Expert:
             self.query_view = QueryView.for_expert(self.config, self.config.run_path, self.id)
         view = self.query_view
         pick = view.pick(msg.columns)
-        if isinstance(pick, list):
+        problem = proto.value_problem(msg.tensors, self.config.security.max_abs_value)
+        if problem is not None:  # the broker masks this expert for the query
+            answer = proto.QEmb(msg.qid, self.id, problem[0], f"rows: {problem[1]}", ())
+        elif isinstance(pick, list):
             shown = ", ".join(pick[:10]) + (f" (+{len(pick) - 10} more)" if len(pick) > 10 else "")
             answer = proto.QEmb(msg.qid, self.id, "missing_columns",
                                 f"{self.name} lacks column(s) {shown}", ())  # fmt: skip
@@ -369,6 +390,10 @@ class Expert:
                 "optimizer": self.optimizer.state_dict(),
                 "seq_next": self.seq_next,
                 "accounts": asdict(self.accounts),
+                # steps sent and not answered: a restore counts them dropped (lost_in_restart)
+                "inflight": len(self.inflight),
+                # the ledger's length now (every line flushed): a restore cuts it back to this
+                "ledger_bytes": self._ledger_bytes(),
             },
             self.ckpt_path,
         )
@@ -380,9 +405,47 @@ class Expert:
         self.optimizer.load_state_dict(state["optimizer"])
         self.accounts = Accounts(**state["accounts"])
         self.seq_next = state["seq_next"]
+        self.restored = True
+        self.ledger_at = state.get("ledger_bytes")  # None: a checkpoint written without one
+        lost = state.get("inflight", 0)
+        if lost and not self.serving:  # their replies went to the life that saved them
+            self.accounts.dropped += lost
+            log.warning("%s: %d steps in flight at the checkpoint dropped (lost_in_restart)",
+                        self.name, lost)  # fmt: skip
         log.info(
             "%s resumed from %s (applied %d)", self.name, self.ckpt_path, self.accounts.applied
         )
+
+    def _ledger_bytes(self) -> int | None:
+        if self.ledger is None:
+            return None
+        self.ledger.flush()  # line-buffered: a no-op, unless a write is half done
+        return os.fstat(self.ledger.fileno()).st_size
+
+    def _open_ledger(self) -> None:
+        """Open the ledger for appending, first cut back to what the model holds: lines a
+        dead life appended after its last checkpoint name gradients the restored model never
+        saw. They are counted in ``accounts.rolled_back`` and logged, then a checkpoint
+        records the cut (so a second crash does not count them again)."""
+        self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+        at, cut = self.ledger_at, []
+        size = self.ledger_path.stat().st_size if self.ledger_path.exists() else 0
+        if at is not None and size < at:  # not ours to invent lines: say so, append on
+            log.error("%s: ledger %s is %d bytes, shorter than the checkpoint's %d; left as it is",
+                      self.name, self.ledger_path, size, at)  # fmt: skip
+        elif at is not None and size > at:
+            with self.ledger_path.open("rb") as fh:
+                fh.seek(at)
+                cut = fh.read().split()
+            os.truncate(self.ledger_path, at)
+        self.ledger = self.ledger_path.open("a", buffering=1)
+        if cut:
+            self.accounts.rolled_back += len(cut)
+            log.warning("%s: %d applied gradients rolled back with the restore (seqs %s..%s), "
+                        "cut from the ledger", self.name, len(cut), cut[0].decode(),
+                        cut[-1].decode())  # fmt: skip
+        if cut or self.restored:
+            self.save()  # the cut, the drops of the restore and the ledger's length, on disk
 
     def _close(self) -> None:
         self._drop_all("shutdown")

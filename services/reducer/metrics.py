@@ -7,7 +7,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from traci_ml import proto
 from traci_ml.observe import LATENCY_BUCKETS
 
-REDUCER_REASONS = ("replay", "unknown_step", "conflict", "unexpected_kind", "internal")
+REDUCER_REASONS = ("replay", "unknown_step", "conflict", "unexpected_kind", "internal",
+                   *proto.VALUE_REASONS)  # fmt: skip
+# Why a train step was computed but not applied (DROP to its experts instead of GRAD).
+REFUSED_REASONS = ("non_finite_loss", "non_finite_grad", "too_large")
 
 
 class ReducerMetrics:
@@ -37,6 +40,13 @@ class ReducerMetrics:
         self.skipped = Counter(
             "traci_reducer_steps_skipped", "seqs that never arrived (lost upstream)", registry=r
         )
+        self.refused = Counter(
+            "traci_reducer_steps_refused",
+            "train steps not applied (optimizer not stepped, DROP sent instead of GRAD): "
+            "a non-finite loss or gradient, or a gradient beyond security.max_abs_value",
+            ["reason"],
+            registry=r,
+        )
         self.present = Gauge(
             "traci_reducer_experts_present", "experts present in the last batch", registry=r
         )
@@ -58,7 +68,9 @@ class ReducerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        for status in ("ok", "conflict", "internal"):
+        for reason in REFUSED_REASONS:
+            self.refused.labels(reason=reason)
+        for status in ("ok", "conflict", *proto.VALUE_REASONS, "internal"):
             self.queries.labels(status=status)
         for phase in proto.PHASES:
             self.steps.labels(phase=phase)

@@ -8,6 +8,7 @@ Loop shape: poll -> decode -> on_<kind> -> tick, on ``time.monotonic()``.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import Any
@@ -21,7 +22,7 @@ from traci_ml.data import load_dataset
 from traci_ml.errors import CheckpointError, PeerTimeout
 from traci_ml.link import BrokerLink
 from traci_ml.schedule import schedule_for, set_lr
-from traci_ml.security import peer_keys
+from traci_ml.security import peer_keys, tcp_endpoint
 from traci_ml.services.reducer.evaluation import Evaluation
 from traci_ml.services.reducer.metrics import ReducerMetrics
 from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
@@ -58,6 +59,7 @@ class ReducerService:
         self.n = ds.n_experts
         self.device = resolve_device(config.reducer.device)
         self.wire_dtype = config.expert.dtype
+        self.wire_max = torch.finfo(TORCH_DTYPES[self.wire_dtype]).max
         self.metrics = metrics or ReducerMetrics(self.n)
         self.stop_event = stop or threading.Event()
         self.labels = {
@@ -96,7 +98,7 @@ class ReducerService:
         net = config.network
         self.link = BrokerLink(
             self.context,
-            f"tcp://{net.broker_host}:{net.reducer_port}",
+            tcp_endpoint(net.broker_host, net.reducer_port),
             self._hello,
             heartbeat_interval=net.heartbeat_interval,
             liveness=net.liveness,
@@ -168,8 +170,12 @@ class ReducerService:
         """A served query (docs/serving.md): eval mode, no grad, outputs back; the training
         state (mode, optimizer, seq, records) is left as it was."""
         t0 = time.monotonic()
+        problem = proto.value_problem(msg.tensors, self.config.security.max_abs_value)
         try:
-            out = answer(self.model, msg, self.serve_spec, self.device)
+            if problem is not None:  # the broker checks QEMBs; never feed the model such values
+                out = proto.QOut(msg.qid, problem[0], problem[1], self.serve_spec.task, (), ())
+            else:
+                out = answer(self.model, msg, self.serve_spec, self.device)
         except Exception as exc:  # the client gets reducer_error, never silence
             log.exception("reducer: internal error on QBATCH %d", msg.qid)
             out = proto.QOut(msg.qid, "internal", repr(exc)[:200], self.serve_spec.task, (), ())
@@ -214,6 +220,9 @@ class ReducerService:
             return self._reject("conflict", f"phase {msg.phase} / {len(msg.present)} experts", msg)
         if msg.tensors[0].shape != want or msg.tensors[0].dtype != self.wire_dtype:
             return self._reject("conflict", f"tokens {msg.tensors[0].shape}, want {want}", msg)
+        problem = proto.value_problem(msg.tensors, self.config.security.max_abs_value)
+        if problem is not None:  # NaN/Inf or absurd tokens would poison the weights
+            return self._reject(*problem, msg)
         host = host_buffer((self.n, *want), TORCH_DTYPES[self.wire_dtype], self.device)
         host.zero_()
         for i, t in zip((i for i, p in enumerate(msg.present) if p), msg.tensors, strict=True):
@@ -237,6 +246,10 @@ class ReducerService:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = tokens.grad  # (N, B, d)
+        problem = self._grad_problem(loss, grads)
+        if problem is not None:
+            self._refuse(msg.seq, *problem)
+            return
         self.link.send(
             proto.Grad(
                 msg.seq,
@@ -252,6 +265,34 @@ class ReducerService:
         every = self.config.train.checkpoint_every
         if every and self.train_steps % every == 0:
             self.save()
+
+    def _grad_problem(self, loss: torch.Tensor, grads: torch.Tensor) -> tuple[str, str] | None:
+        """Why this step must not be applied, or None: a non-finite loss, a non-finite
+        gradient (of a token or a parameter), a token gradient beyond the bound every peer
+        holds values to (``security.max_abs_value``). One device sync for all of it."""
+        params = torch.cat(
+            [p.grad.reshape(-1) for p in self.model.parameters() if p.grad is not None]
+        )
+        worst = torch.stack(
+            [loss.detach().abs(), grads.detach().abs().amax(), params.abs().amax()]
+        ).tolist()  # (|loss|, max |dL/dtoken|, max |dL/dparam|); NaN propagates
+        # beyond the wire dtype's range a value would arrive as Inf (float16: 65504)
+        bound = min(self.config.security.max_abs_value, self.wire_max)
+        if not math.isfinite(worst[0]):
+            return "non_finite_loss", f"loss {worst[0]}"
+        if not (math.isfinite(worst[1]) and math.isfinite(worst[2])):
+            return "non_finite_grad", f"max |grad| token {worst[1]}, parameter {worst[2]}"
+        if worst[1] > bound:
+            return "too_large", f"token gradient {worst[1]:.3g} beyond the bound {bound:.3g}"
+        return None
+
+    def _refuse(self, seq: int, reason: str, detail: str) -> None:
+        """Skip a computed train step: no GRAD, no optimizer step (weights and Adam state as
+        they were), DROP so the experts free the step at once. The run goes on."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.metrics.refused.labels(reason=reason).inc()
+        log.warning("reducer step seq %d not applied (%s): %s; DROP sent", seq, reason, detail)
+        self.link.send(proto.Drop(seq, reason))
 
     def _eval_step(
         self,

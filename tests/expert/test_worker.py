@@ -21,6 +21,7 @@ from traci_ml.config import Config, load_config
 from traci_ml.data import load_dataset
 from traci_ml.schedule import schedule_for, set_lr
 from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
+from traci_ml.services.expert.serving import QueryView
 from traci_ml.services.expert.worker import Accounts, Expert
 from traci_ml.tensors import derive_seed
 
@@ -408,3 +409,127 @@ def test_stop_event_ends_the_run_and_accounts_stay_balanced(start) -> None:
     assert rig.balanced() and rig.expert.accounts.dropped == 2
     record = json.loads((rig.config.run_path / "experts" / "expert-0.json").read_text())
     assert record["sent"] == 2 and record["dropped"] == 2
+
+
+# ---- values out of bounds (security.max_abs_value) ---------------------------------------
+
+
+def adam_state(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, torch.Tensor]]:
+    return {
+        k: {name: v.clone() for name, v in s.items()}
+        for k, s in optimizer.state_dict()["state"].items()
+    }
+
+
+@pytest.mark.parametrize(("value", "reason"), [(float("nan"), "non_finite"), (1e30, "too_large")])
+def test_gradient_with_bad_values_is_refused_and_its_slot_freed(
+    start, value: float, reason: str
+) -> None:
+    rig = start(**{"expert.window": "1"})
+    rig.welcome()
+    assert rig.broker.expect(proto.Emb).seq == 0
+    rig.broker.send(grad_for(0))  # one good step first: Adam has state to keep
+    assert rig.broker.expect(proto.Emb).seq == 1
+    rig.broker.quiet(0.2)  # window full: the expert idles, its state can be read
+    online, target = states(rig.expert.online), states(rig.expert.target)
+    adam = adam_state(rig.expert.optimizer)
+
+    g = grad_for(1).tensors[0].numpy().copy()
+    g[3, 5] = value  # one bad value among sane ones
+    rig.broker.send(proto.Grad(1, 0, (proto.Tensor.from_numpy(g),)))
+    # The window slot frees at once (step_timeout is 30 s): the next step is sent now.
+    assert rig.broker.expect(proto.Emb).seq == 2
+    a = rig.expert.accounts
+    assert (a.sent, a.applied, a.acked, a.dropped, a.rejected) == (3, 1, 0, 1, 1)
+    assert rig.balanced() and list(rig.expert.inflight) == [2]
+    assert rig.rejections(reason) == 1 and rig.drops(reason) == 1
+    for name, v in states(rig.expert.online).items():
+        assert torch.equal(v, online[name]), f"{name} changed by a refused GRAD"
+    for name, v in states(rig.expert.target).items():
+        assert torch.equal(v, target[name]), f"target {name} changed by a refused GRAD"
+    for k, s in adam_state(rig.expert.optimizer).items():
+        for name, v in s.items():
+            assert torch.equal(v, adam[k][name]), f"Adam {name} of {k} changed"
+    ledger = rig.config.run_path / "experts" / "expert-0.applied"
+    assert ledger.read_text().split() == ["0"]  # refused: not in the ledger
+
+    rig.broker.send(proto.Grad(1, 0, (proto.Tensor.from_numpy(g),)))  # the step is over
+    wait_for(lambda: rig.expert.accounts.rejected == 2)
+    assert rig.rejections("unknown_step") == 1 and rig.expert.accounts.dropped == 1
+    rig.broker.send(grad_for(2))  # and training goes on
+    assert rig.broker.expect(proto.Emb).seq == 3
+    assert rig.expert.accounts.applied == 2 and rig.balanced()
+
+
+@pytest.mark.parametrize(("value", "status"), [(float("inf"), "non_finite"), (-1e9, "too_large")])
+def test_query_rows_with_bad_values_are_answered_with_their_status(
+    start, value: float, status: str
+) -> None:
+    rig = start(**{"expert.window": "1"})
+    rig.welcome()
+    rig.broker.expect(proto.Emb)
+    columns = QueryView.for_expert(rig.config, rig.config.run_path, 0).columns
+    rows = np.zeros((3, len(columns)), np.float32)
+    rig.broker.send(proto.Query(11, columns, (proto.Tensor.from_numpy(rows),)))
+    ok = rig.broker.expect(proto.QEmb)
+    assert (ok.qid, ok.status, ok.tensors[0].shape) == (11, proto.SERVE_OK, (3, D))
+    rows[1, 0] = value
+    rig.broker.send(proto.Query(12, columns, (proto.Tensor.from_numpy(rows),)))
+    bad = rig.broker.expect(proto.QEmb)
+    assert (bad.qid, bad.expert_id, bad.status, bad.tensors) == (12, 0, status, ())
+    assert "tensor 0" in bad.detail
+    wait_for(  # counted right after the answer is sent
+        lambda: (
+            rig.expert.metrics.registry.get_sample_value(
+                "traci_expert_queries_total", {"expert": "0", "status": status}
+            )
+            == 1
+        )
+    )
+
+
+# ---- a restore after a crash: accounts and the ledger agree with the model ----------------
+
+
+def test_restore_cuts_the_ledger_back_and_counts_steps_in_flight_dropped(start) -> None:
+    extra = {"expert.window": "2", "train.checkpoint_every": "2"}
+    rig = start(**extra)
+    run = rig.config.run_path
+    ckpt, ledger = run / "checkpoints" / "expert-0.pt", run / "experts" / "expert-0.applied"
+    rig.welcome()
+    assert [rig.broker.expect(proto.Emb).seq for _ in range(2)] == [0, 1]
+    rig.broker.send(grad_for(0))
+    assert rig.broker.expect(proto.Emb).seq == 2
+    rig.broker.send(grad_for(1))  # applied 2: a checkpoint, with step 2 in flight
+    wait_for(ckpt.exists)  # written atomically: complete once it exists
+    crashed_at = ckpt.read_bytes()  # the checkpoint a SIGKILL from here on would leave
+    rig.broker.quiet(0.2)  # step 3 is eval: it waits for step 2's gradient
+    rig.broker.send(grad_for(2))  # applied after the checkpoint: lost by a crash
+    wait_for(lambda: rig.expert.accounts.applied == 3)
+    rig.close()
+    assert ledger.read_text().split() == ["0", "1", "2"]
+    ckpt.write_bytes(crashed_at)  # as if it had died right after that checkpoint
+
+    state = checkpoint.load(ckpt, run_id=RUN_ID, expert_id=0)
+    assert (state["accounts"]["sent"], state["accounts"]["applied"]) == (3, 2)
+    assert state["inflight"] == 1 and state["ledger_bytes"] == len("0\n1\n")
+    again = start(resume=True, **extra)
+    assert again.config.run_path == run
+    a = again.expert.accounts  # step 2, in flight at the checkpoint, is dropped
+    assert (a.sent, a.applied, a.acked, a.dropped) == (3, 2, 0, 1)
+    assert again.balanced()
+    again.welcome(start_seq=4)
+    assert again.broker.expect(proto.Emb).seq == 4
+    assert ledger.read_text().split() == ["0", "1"]  # cut back to what the model holds
+    assert again.expert.accounts.rolled_back == 1
+    state = checkpoint.load(ckpt, run_id=RUN_ID, expert_id=0)  # the cut is on disk at once
+    assert state["accounts"]["rolled_back"] == 1 and state["inflight"] == 0
+    assert state["ledger_bytes"] == len("0\n1\n") and state["accounts"]["dropped"] == 1
+
+    again.broker.send(grad_for(4))
+    assert again.broker.expect(proto.Emb).seq == 5
+    again.close()
+    assert ledger.read_text().split() == ["0", "1", "4"]
+    record = json.loads((run / "experts" / "expert-0.json").read_text())
+    assert record["sent"] == record["applied"] + record["acked"] + record["dropped"]
+    assert (record["applied"], record["rolled_back"], record["inflight"]) == (3, 1, 0)

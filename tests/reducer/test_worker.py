@@ -301,3 +301,97 @@ def test_stop_event_ends_the_run_without_a_summary(rig: Rig) -> None:
     run = rig.config.run_path
     assert not (run / "summary.json").exists()
     assert checkpoint.load(run / "checkpoints" / "reducer.pt", run_id=RUN_ID)["last_seq"] == 0
+
+
+# ---- values out of bounds (security.max_abs_value) ---------------------------------------
+
+
+def snapshot(service: ReducerService) -> tuple[dict, dict]:
+    """The model's weights and the optimizer's state, cloned."""
+    weights = {k: v.detach().clone() for k, v in service.model.state_dict().items()}
+    adam = {
+        k: {name: v.clone() if torch.is_tensor(v) else v for name, v in s.items()}
+        for k, s in service.optimizer.state_dict()["state"].items()
+    }
+    return weights, adam
+
+
+def assert_unchanged(service: ReducerService, before: tuple[dict, dict]) -> None:
+    weights, adam = snapshot(service)
+    assert weights.keys() == before[0].keys() and adam.keys() == before[1].keys()
+    for name, value in weights.items():
+        assert torch.equal(value, before[0][name]), f"{name} changed"
+    for k, state in adam.items():
+        for name, value in state.items():
+            assert torch.equal(value, before[1][k][name]), f"Adam {name} of {k} changed"
+
+
+def refused(rig: Rig, reason: str) -> float:
+    value = rig.service.metrics.registry.get_sample_value(
+        "traci_reducer_steps_refused_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+@pytest.mark.parametrize(("value", "reason"), [(3e38, "too_large"), (float("nan"), "non_finite")])
+def test_batch_with_bad_token_values_is_rejected_and_dropped(
+    rig: Rig, value: float, reason: str
+) -> None:
+    rig.welcome()
+    tokens = rig.tokens(0)
+    tokens[2][:] = value  # every token of one expert
+    rig.broker.send(rig.batch(0, tokens=tokens))
+    assert rig.broker.expect(proto.Drop) == proto.Drop(0, reason)
+    assert rig.rejections(reason) == 1
+    assert rig.service.train_steps == 0 and not rig.service.optimizer.state
+    rig.broker.send(rig.batch(0))  # a rejected BATCH does not use up its seq
+    assert rig.broker.expect(proto.Grad).seq == 0
+
+
+def start_training(rig: Rig) -> tuple[dict, dict]:
+    """One good step (Adam has state to keep), then the reducer's state once it is idle."""
+    rig.welcome()
+    rig.broker.send(rig.batch(0))
+    assert rig.broker.expect(proto.Grad).seq == 0
+    rig.broker.quiet(0.2)  # the optimizer steps after the send: let it finish
+    assert rig.service.train_steps == 1
+    return snapshot(rig.service)
+
+
+def test_nan_loss_skips_the_step_with_drop_and_keeps_weights_and_optimizer(rig: Rig) -> None:
+    start_training(rig)
+    with torch.no_grad():  # a model forced to a NaN loss: an infinite logit
+        rig.service.model.head.bias[1] = float("inf")
+    before = snapshot(rig.service)
+    rig.broker.send(rig.batch(1))
+    assert rig.broker.expect(proto.Drop) == proto.Drop(1, "non_finite_loss")
+    rig.broker.quiet(0.2)  # no GRAD follows
+    assert refused(rig, "non_finite_loss") == 1
+    assert_unchanged(rig.service, before)
+    assert rig.service.train_steps == 1 and rig.service.last_seq == 1
+    assert all(p.grad is None for p in rig.service.model.parameters())
+
+    with torch.no_grad():  # the run goes on
+        rig.service.model.head.bias[1] = 0.0
+    rig.broker.send(rig.batch(2))
+    assert rig.broker.expect(proto.Grad).seq == 2
+    rig.broker.quiet(0.2)
+    assert rig.service.train_steps == 2
+    assert np.isfinite(rig.service.ema["loss"])  # the refused loss left no trace
+
+
+def test_gradient_beyond_the_bound_is_not_sent_and_the_step_is_dropped(tmp_path: Path) -> None:
+    rig = Rig(make_config(tmp_path, **{"security.max_abs_value": "50"}))
+    try:
+        start_training(rig)
+        with torch.no_grad():  # a head this steep makes dL/dtoken far beyond 50
+            rig.service.model.head.weight.mul_(1e6)
+        before = snapshot(rig.service)
+        rig.broker.send(rig.batch(1))
+        assert rig.broker.expect(proto.Drop) == proto.Drop(1, "too_large")
+        rig.broker.quiet(0.2)
+        assert refused(rig, "too_large") == 1
+        assert_unchanged(rig.service, before)
+        assert rig.service.train_steps == 1
+    finally:
+        rig.close()
