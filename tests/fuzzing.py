@@ -391,7 +391,8 @@ def _refused_hello(rng: random.Random, run: RunFacts, role: str) -> list[bytes]:
 
 
 def _live_hello(rng: random.Random, run: RunFacts, role: str) -> list[bytes]:
-    """A HELLO with every field right, for an id that a live peer holds: refused."""
+    """A HELLO with every field right, for an id that a live peer holds: refused ``held``
+    (it carries no secret of that registration)."""
     if role == "expert":
         msg = proto.Hello("expert", run.run_id, run.embed_dim, run.dtype,
                           expert_id=rng.randrange(run.n_experts))  # fmt: skip
@@ -440,7 +441,7 @@ def _expert_hello_refused(rng, run, peer):
 def _expert_hello_live(rng, run, peer):
     if not peer.all_live:  # before every expert holds its id, this HELLO would take one
         return None
-    return _semantic("hello_impersonation", _live_hello(rng, run, "expert"), "refused")
+    return _semantic("hello_impersonation", _live_hello(rng, run, "expert"), "held")
 
 
 def _expert_wrong_socket(rng, run, peer):
@@ -476,7 +477,7 @@ def _reducer_hello_refused(rng, run, peer):
 def _reducer_hello_live(rng, run, peer):
     if not peer.all_live:
         return None
-    return _semantic("hello_second_reducer", _live_hello(rng, run, "reducer"), "refused")
+    return _semantic("hello_second_reducer", _live_hello(rng, run, "reducer"), "held")
 
 
 def _reducer_wrong_socket(rng, run, peer):

@@ -305,7 +305,9 @@ class Expert:
             self.query_view = QueryView.for_expert(self.config, self.config.run_path, self.id)
         view = self.query_view
         pick = view.pick(msg.columns)
-        problem = proto.value_problem(msg.tensors, self.config.security.max_abs_value)
+        # Raw rows: finite is the only bound (a raw column may be large); the embedding they
+        # make is held to security.max_abs_value below, as in training.
+        problem = proto.value_problem(msg.tensors, float("inf"))
         if problem is not None:  # the broker masks this expert for the query
             answer = proto.QEmb(msg.qid, self.id, problem[0], f"rows: {problem[1]}", ())
         elif isinstance(pick, list):
@@ -317,8 +319,14 @@ class Expert:
                 x = torch.from_numpy(view.inputs(msg.tensors[0].numpy(), pick)).to(self.device)
                 with torch.no_grad():
                     emb = self.target(x)  # (R, d); the target is always in eval mode
-                answer = proto.QEmb(msg.qid, self.id, proto.SERVE_OK, "",
-                                    (to_wire(emb, self.wire_dtype),))  # fmt: skip
+                wire = to_wire(emb, self.wire_dtype)
+                bad = proto.value_problem((wire,), self.config.security.max_abs_value)
+                answer = (
+                    proto.QEmb(msg.qid, self.id, proto.SERVE_OK, "", (wire,))
+                    if bad is None
+                    else proto.QEmb(msg.qid, self.id, bad[0], f"embedding of the rows: {bad[1]}"
+                                    " (rows out of the trained range?)", ())
+                )  # fmt: skip
             except Exception as exc:  # the broker masks this expert for the query
                 log.exception("%s: internal error on QUERY %d", self.name, msg.qid)
                 answer = proto.QEmb(msg.qid, self.id, "internal", repr(exc)[:200], ())
