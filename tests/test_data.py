@@ -227,3 +227,91 @@ def test_csv_non_finite_feature(tmp_path: Path) -> None:
 def test_csv_too_few_rows(tmp_path: Path) -> None:
     path = write_csv(tmp_path, "a,b,y,c\n1,2,p,3\n")
     assert "at least two rows" in load_error(csv_config(path))
+
+
+# Bad data that trained silently before (issue 9) -----------------------------------------
+
+
+def test_csv_single_training_class_is_refused(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, table(20, lambda i: "benign"))
+    message = load_error(csv_config(path))
+    assert "label column 'y'" in message and "1 class ('benign')" in message
+    assert "16 training rows" in message and "at least two" in message
+
+
+def test_csv_classes_are_counted_in_the_training_rows_only(tmp_path: Path) -> None:
+    # Two classes in the file, but the only "rare" row is the one the split holds out.
+    from traci_ml.predict import split_index
+
+    probe = csv_config(tmp_path / "table.csv", test_fraction=0.1)
+    train, test = split_index(10, probe)
+    assert len(test) == 1
+    held_out = int(test[0])
+    path = write_csv(tmp_path, table(10, lambda i: "rare" if i == held_out else "common"))
+    message = load_error(csv_config(path, test_fraction=0.1))
+    assert "1 class ('common') among the 9 training rows" in message
+    assert "the whole table has 2" in message
+    path = write_csv(tmp_path, table(10, lambda i: "rare" if i == int(train[0]) else "common"))
+    assert load_dataset(csv_config(path, test_fraction=0.1)).n_classes == 2
+
+
+def test_csv_two_classes_still_train(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, table(20, lambda i: "a" if i % 2 else "b"))
+    assert load_dataset(csv_config(path)).n_classes == 2
+
+
+def test_csv_regression_with_one_value_is_not_a_class_problem(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, table(10, lambda i: 1.5))
+    assert load_dataset(csv_config(path, task="regression")).task == "regression"
+
+
+def test_csv_duplicate_header_names_are_refused(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, "a,b,y,a,c,b\n1,2,p,3,4,5\n6,7,q,8,9,0\n1,2,p,3,4,5\n")
+    message = load_error(csv_config(path))
+    assert "header repeats column name(s) ['a', 'b']" in message and str(path) in message
+
+
+def test_csv_duplicate_of_an_unused_column_is_refused_too(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, "a,b,y,c,z,z\n1,2,p,3,4,5\n6,7,q,8,9,0\n1,2,p,3,4,5\n")
+    assert "['z']" in load_error(csv_config(path))
+
+
+def test_label_column_in_a_view_is_refused(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, table(20, lambda i: i % 2))
+    views = [{"name": "left", "columns": ["a"]}, {"name": "leaky", "columns": ["b", "y"]}]
+    message = load_error(csv_config(path, views=views))
+    assert "view 'leaky'" in message and "label column 'y'" in message
+
+
+def test_label_column_of_names_in_a_view_says_why(tmp_path: Path) -> None:
+    # Before: "column 'y' value 'cat' is not a number", which did not say the label leaked.
+    path = write_csv(tmp_path, table(20, lambda i: ["cat", "dog"][i % 2]))
+    views = [{"name": "all", "columns": ["a", "y"]}]
+    message = load_error(csv_config(path, views=views))
+    assert "view 'all' reads the label column 'y' as a feature" in message
+
+
+def test_non_numeric_feature_names_column_view_value_and_line(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, "a,b,y,c\n1,2,p,3\n4,5,q,6\n\n7,8,p,9\n1,2,q,n/a\n")
+    message = load_error(csv_config(path))
+    # line 6: the blank line 4 counts, as an editor shows it
+    assert message == f"{path} line 6: column 'c' (view 'right') value 'n/a' is not a number"
+
+
+def test_non_numeric_feature_of_two_views_names_both(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, "a,b,y,c\n1,2,p,3\n4,,q,6\n7,8,p,9\n")
+    views = [{"name": "v1", "columns": ["a", "b"]}, {"name": "v2", "columns": ["b", "c"]}]
+    message = load_error(csv_config(path, views=views))
+    assert "line 3: column 'b' (views 'v1', 'v2') value '' is not a number" in message
+
+
+def test_non_finite_feature_names_column_and_line(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, "a,b,y,c\n1,2,p,3\n4,5,q,6\n7,8,p,-inf\n")
+    message = load_error(csv_config(path))
+    assert "line 4: column 'c' (view 'right') value '-inf'" in message
+
+
+def test_data_errors_are_traci_errors_naming_the_column(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, table(8, lambda i: "same"))
+    with pytest.raises(TraciError, match="label column 'y'"):
+        load_dataset(csv_config(path))

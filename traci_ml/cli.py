@@ -30,7 +30,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from traci_ml.errors import ConfigError, TraciError
+from traci_ml.errors import ConfigError, DataError, TraciError
 
 SERVICES = ("broker", "reducer", "expert")
 
@@ -276,10 +276,112 @@ def check_cluster_security(config) -> None:  # noqa: ANN001
 
     net = config.network
     curve = security.broker_keys(config) is not None
-    endpoint = f"tcp://{net.bind_host}:{net.expert_port}"  # both sockets share bind_host
-    security.check_bind(endpoint, curve=curve, insecure=config.security.insecure)
+    if not warn_insecure(config, "up", curve=curve):
+        # check_bind refuses a non-loopback bind without CURVE. The --insecure case, where it
+        # would only log (hidden by --log-level ERROR), warn_insecure printed instead.
+        endpoint = f"tcp://{net.bind_host}:{net.expert_port}"  # both sockets share bind_host
+        security.check_bind(endpoint, curve=curve, insecure=config.security.insecure)
     for name in security.peer_names(n_experts_of(config)):
         security.peer_keys(config, name)
+
+
+def warn_insecure(config, command: str, *, curve: bool | None = None) -> bool:  # noqa: ANN001
+    """``traci up``/``traci serve`` start a broker whose log is a file: when it will bind a
+    non-loopback ``network.bind_host`` without CURVE (``security.insecure``), say so here, on
+    stderr, whatever ``--log-level``. True when it warned."""
+    from traci_ml.security import is_loopback
+
+    net = config.network
+    if curve is None:
+        curve = config.security.curve_dir is not None
+    if curve or not config.security.insecure or is_loopback(net.bind_host):
+        return False
+    ports = [p for p in (net.expert_port, net.reducer_port, net.serve_port) if p]
+    print(
+        f"traci {command}: warning: --insecure: the broker binds {net.bind_host} (ports "
+        f"{', '.join(map(str, ports))}) without CURVE keys: anyone who can reach it can "
+        "inject embeddings, read gradients and query the model (docs/security.md)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
+
+
+def request_command(args: argparse.Namespace, config) -> int:  # noqa: ANN001
+    """``traci request`` (``serving.request``), saying which cell of the input is not a
+    number where the cluster would only see a missing column: the CSV reader leaves out a
+    column that is not all numbers (a label of names), so a feature column with one bad
+    cell reaches the front door as absent."""
+    from traci_ml.client import ServeError
+    from traci_ml.serving import request
+
+    bad = non_numeric_cells(args.input)
+    if args.columns:  # named columns must be numbers: say which cell is not
+        named = [c.strip() for c in args.columns.split(",")]
+        culprits = [c for c in named if c in bad]
+        if culprits:
+            raise DataError(f"{args.input}: " + "; ".join(_cell(c, bad[c]) for c in culprits))
+    try:
+        return request(args, config)
+    except ServeError as exc:
+        if exc.status != "missing_columns":
+            raise
+        lacking, truncated = lacking_columns(exc.detail)
+        culprits = [c for c in bad if c in lacking]
+        if truncated:  # the cluster named only some: any column holding some numbers
+            culprits += [c for c in bad if c not in culprits and bad[c][2]]
+        if not culprits:
+            raise
+        raise DataError(
+            f"{args.input}: "
+            + "; ".join(_cell(c, bad[c]) for c in culprits)
+            + ": a feature column must hold only numbers, so it was left out and the cluster"
+            + f" answered missing_columns ({exc.detail})"
+        ) from None
+
+
+def _cell(column: str, found: tuple[int, str, bool]) -> str:
+    line, value, _ = found
+    return f"column {column!r} holds a non-numeric value {value!r} at line {line}"
+
+
+def non_numeric_cells(path: str) -> dict[str, tuple[int, str, bool]]:
+    """Columns of a CSV (header on line 1) holding a cell that is not a number: column ->
+    (file line of the first such cell, its value, whether the column holds any number).
+    Empty when the file cannot be read as a CSV (``serving.read_rows`` says why)."""
+    import csv
+
+    found: dict[str, tuple[int, str, bool]] = {}
+    numeric: set[str] = set()
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.reader(fh)
+            header = [h.strip() for h in next(reader, [])]
+            for row in reader:
+                if len(row) != len(header):
+                    continue  # a blank line, or a ragged row serving.read_rows reports
+                for name, value in zip(header, row, strict=True):
+                    try:
+                        float(value)
+                        numeric.add(name)
+                    except ValueError:
+                        if name not in found:
+                            found[name] = (reader.line_num, value, False)
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return {}
+    return {c: (line, value, c in numeric) for c, (line, value, _) in found.items()}
+
+
+def lacking_columns(detail: str) -> tuple[set[str], bool]:
+    """The column names of a ``missing_columns`` detail (``... lacks: a, b (+3 more)`` from
+    the broker, ``expert-1 lacks column(s) a, b`` from an expert) and whether it cut the list."""
+    import re
+
+    tail = re.split(r": |lacks column\(s\) ", detail)[-1]
+    more = re.search(r" \(\+\d+ more\)$", tail)
+    if more:
+        tail = tail[: more.start()]
+    return {c.strip() for c in tail.split(", ") if c.strip()}, more is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -302,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging("serve", args.log_level)
         try:
             config = serving.serve_config(args.run, args.overrides, insecure=args.insecure)
+            warn_insecure(config, "serve")
             return serving.serve(config)
         except TraciError as exc:
             print(f"traci serve: error: {exc}", file=sys.stderr)
@@ -335,9 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "health":
             return check_health(config, args)
         if args.command == "request":
-            from traci_ml.serving import request
-
-            return request(args, config)
+            return request_command(args, config)
         if args.command == "up":
             from traci_ml.launcher import up
 

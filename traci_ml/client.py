@@ -166,10 +166,15 @@ def _as_rows(rows: Any, columns: Sequence[str] | None) -> tuple[np.ndarray, tupl
     """(R, F) float32 C-contiguous rows and their column names, checked."""
     if isinstance(rows, Mapping) or (hasattr(rows, "keys") and hasattr(rows, "columns")):
         names = tuple(str(c) for c in (columns or list(rows.keys())))
+        lacking = [c for c in names if c not in rows]
+        if lacking:
+            raise ServeError("bad_request", f"rows lack column(s) {', '.join(lacking)}")
         try:
             x = np.column_stack([np.asarray(rows[c], dtype=np.float64) for c in names])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ServeError("bad_request", f"rows are not numeric columns: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            cells = {c: np.asarray(rows[c], dtype=object).ravel() for c in names}
+            where = _non_numeric(cells) or f"rows are not numeric columns: {exc}"
+            raise ServeError("bad_request", where) from None
     else:
         if columns is None:
             raise ServeError("bad_request", "columns are needed to name the rows' features")
@@ -177,10 +182,47 @@ def _as_rows(rows: Any, columns: Sequence[str] | None) -> tuple[np.ndarray, tupl
         try:
             x = np.asarray(rows, dtype=np.float64)
         except (TypeError, ValueError) as exc:
-            raise ServeError("bad_request", f"rows are not numbers: {exc}") from None
+            where = _non_numeric_row(rows, names) or f"rows are not numbers: {exc}"
+            raise ServeError("bad_request", where) from None
     x = np.ascontiguousarray(x.reshape(1, -1) if x.ndim == 1 else x, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] != len(names):
         raise ServeError(
             "bad_request", f"rows of shape {x.shape} do not match {len(names)} column names"
         )
     return x, names
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _non_numeric(columns: Mapping[str, Sequence[Any]]) -> str:
+    """Where the first cell that is not a number sits (rows counted from 0): '' if none."""
+    for name, values in columns.items():
+        for r, value in enumerate(values):
+            if not _is_number(value):
+                return f"column {name!r} row {r} holds {value!r}, not a number"
+    return ""
+
+
+def _non_numeric_row(rows: Any, names: tuple[str, ...]) -> str:
+    """The same for rows given as (R, F) nested sequences, or one flat row."""
+    try:
+        table = np.asarray(rows, dtype=object)
+    except (TypeError, ValueError):
+        return ""
+    if table.ndim == 1:
+        if any(isinstance(v, (Sequence, np.ndarray)) and not isinstance(v, str) for v in table):
+            return ""  # ragged rows: the shape check names that
+        table = table.reshape(1, -1)
+    if table.ndim != 2:
+        return ""
+    for (r, j), value in np.ndenumerate(table):
+        if not _is_number(value):
+            name = repr(names[j]) if j < len(names) else f"#{j}"
+            return f"column {name} row {r} holds {value!r}, not a number"
+    return ""

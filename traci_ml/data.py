@@ -75,8 +75,12 @@ def load_dataset(config: Config) -> Dataset:
         task = "classification"
     else:
         x, y, columns, classes = _read_csv(cfg)
-    _check_views(views, columns, source=cfg.path or cfg.source)
-    return _split(x, y, columns, views, classes, task, cfg.test_fraction, config.seed)
+    source = cfg.path or cfg.source
+    _check_views(views, columns, source=source)
+    ds = _split(x, y, columns, views, classes, task, cfg.test_fraction, config.seed)
+    if ds.task == "classification":
+        _check_classes(ds, label=cfg.label or "label", source=source)
+    return ds
 
 
 def digits_views(preset: str) -> tuple[ViewConfig, ...]:
@@ -127,20 +131,36 @@ def _synthetic(
 
 def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]:
     path = Path(cfg.path or "")
+    views: list[ViewConfig] = list(cfg.views)  # type: ignore[arg-type]  # csv: always a list
+    for v in views:  # before any cell is read: a label among the features is the config's fault
+        if cfg.label in v.columns:
+            raise DataError(
+                f"data.views: view {v.name!r} reads the label column {cfg.label!r} as a "
+                f"feature: the model would be handed the answer (remove {cfg.label!r} from it)"
+            )
     try:
         with path.open(newline="") as fh:
-            rows = [row for row in csv.reader(fh) if row]  # blank lines carry no data
+            reader = csv.reader(fh)
+            # (file line, cells): blank lines carry no data but count for line numbers
+            rows = [(reader.line_num, row) for row in reader if row]
     except OSError as exc:
         raise DataError(f"cannot read data file {path}: {exc.strerror}") from None
     except (csv.Error, UnicodeDecodeError) as exc:
         raise DataError(f"data file {path} is not a readable CSV: {exc}") from None
     if len(rows) < 3:
         raise DataError(f"data file {path} needs a header and at least two rows")
-    header = [h.strip() for h in rows[0]]
+    header = [h.strip() for h in rows[0][1]]
+    repeated = [h for i, h in enumerate(header) if h in header[:i]]
+    if repeated:
+        names = list(dict.fromkeys(repeated))
+        raise DataError(
+            f"data file {path}: header repeats column name(s) {names}: every column needs "
+            "its own name (which one would a view read?)"
+        )
     if cfg.label not in header:
         raise DataError(f"data file {path} has no label column {cfg.label!r}")
     label_at = header.index(cfg.label)
-    wanted = {c for v in cfg.views for c in v.columns}  # type: ignore[union-attr]
+    wanted = {c for v in views for c in v.columns}
     missing = sorted(wanted - set(header))
     if missing:
         raise DataError(f"data file {path} has no column(s) {missing}")
@@ -148,19 +168,26 @@ def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ...],
     at = [header.index(c) for c in used]
     x = np.empty((len(rows) - 1, len(used)), dtype=np.float32)
     labels = []
-    for r, row in enumerate(rows[1:], start=2):
+    for i, (line, row) in enumerate(rows[1:]):
         if len(row) != len(header):
-            raise DataError(f"{path} line {r}: {len(row)} fields, header has {len(header)}")
+            raise DataError(f"{path} line {line}: {len(row)} fields, header has {len(header)}")
         for j, col in enumerate(at):
             try:
-                x[r - 2, j] = float(row[col])
+                x[i, j] = float(row[col])
             except ValueError:
                 raise DataError(
-                    f"{path} line {r}: column {header[col]!r} value {row[col]!r} is not a number"
+                    f"{path} line {line}: column {header[col]!r} ({_readers(views, header[col])}) "
+                    f"value {row[col]!r} is not a number"
                 ) from None
         labels.append(row[label_at].strip())
-    if not np.isfinite(x).all():
-        raise DataError(f"data file {path} holds NaN or Inf feature values")
+    finite = np.isfinite(x)
+    if not finite.all():
+        i, j = (int(k) for k in np.argwhere(~finite)[0])
+        line, row = rows[1 + i]
+        raise DataError(
+            f"{path} line {line}: column {used[j]!r} ({_readers(views, used[j])}) value "
+            f"{row[at[j]]!r} is NaN or Inf, not a usable feature value"
+        )
     if cfg.task == "classification":
         classes = tuple(sorted(set(labels), key=_natural))
         ids = {c: i for i, c in enumerate(classes)}
@@ -170,6 +197,28 @@ def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ...],
     except ValueError:
         raise DataError(f"data file {path}: label column {cfg.label!r} is not numeric") from None
     return x, y, tuple(used), ()
+
+
+def _readers(views: list[ViewConfig], column: str) -> str:
+    """``view 'a'`` or ``views 'a', 'b'``: who reads ``column``."""
+    names = [repr(v.name) for v in views if column in v.columns]
+    return ("view " if len(names) == 1 else "views ") + ", ".join(names)
+
+
+def _check_classes(ds: Dataset, *, label: str, source: str) -> None:
+    """Classification needs two classes to tell apart in the rows it trains on."""
+    present = np.unique(ds.y_train)
+    if len(present) >= 2:
+        return
+    found = ", ".join(repr(ds.classes[int(k)]) for k in present)
+    everywhere = (
+        f"; the whole table has {len(ds.classes)}" if len(ds.classes) != len(present) else ""
+    )
+    raise DataError(
+        f"{source}: label column {label!r} has {len(present)} class ({found}) among the "
+        f"{len(ds.y_train)} training rows{everywhere}: classification needs at least two "
+        "distinct classes"
+    )
 
 
 def _natural(label: str) -> tuple[int, float, str]:
