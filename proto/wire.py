@@ -153,11 +153,17 @@ def decode(frames: Sequence[FrameLike], *, check_finite: bool = True) -> Message
     try:
         fields = _check_fields(cls, header)
         tensors = _check_tensors(header.get("t", []), frames[1:], check_finite)
-        return _build(cls, fields, tensors)
+        try:
+            return _build(cls, fields, tensors)
+        except ProtocolError:  # NaN/Inf is the verdict whenever it applies, checked or not
+            if not check_finite and not all(is_finite(t) for t in tensors):
+                raise ProtocolError("non_finite", "a tensor holds NaN or Inf") from None
+            raise
     except ProtocolError as exc:  # the kind (and step) are known: the receiver may answer
         exc.kind = cls.KIND
-        seq = header.get("seq")
+        seq, eid = header.get("seq"), header.get("expert_id")
         exc.seq = seq if type(seq) is int and 0 <= seq <= MAX_SEQ else None
+        exc.expert_id = eid if type(eid) is int else None
         raise
 
 

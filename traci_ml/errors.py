@@ -54,6 +54,7 @@ class ProtocolError(TraciError):
         self.reason = reason
         self.kind: str | None = None  # the message kind, once the header named a valid one
         self.seq: int | None = None  # and its step, when it had a valid one
+        self.expert_id: int | None = None  # and the expert it names, if any
         super().__init__(f"{reason}: {message}", **context)  # type: ignore[arg-type]
 
 

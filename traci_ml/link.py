@@ -48,9 +48,13 @@ class BrokerLink:
         name: str = "peer",
         stop: threading.Event | None = None,
         curve: ClientKeys | None = None,
+        checks_values: tuple[type, ...] = (),
     ) -> None:
         self.context, self.endpoint, self.hello = context, endpoint, hello
         self.curve = curve  # None: plaintext (the broker must be on loopback or --insecure)
+        # Kinds whose values the service checks itself, with the step in hand (it can free
+        # the step); any other kind holding NaN/Inf is rejected non_finite here.
+        self.checks_values = checks_values
         self.heartbeat_interval, self.liveness = heartbeat_interval, liveness
         self.on_reject, self.name = on_reject, name
         self.stop = stop or threading.Event()  # set: give up waiting for the broker
@@ -177,7 +181,14 @@ class BrokerLink:
                 return None
         self.last_heard = time.monotonic()
         try:
-            return proto.decode(frames, check_finite=False)  # values: the service checks them
+            msg = proto.decode(frames, check_finite=False)  # values: see checks_values
+            if not isinstance(msg, self.checks_values):
+                tensors = (
+                    (msg.tensor,) if isinstance(msg, proto.Emb) else getattr(msg, "tensors", ())
+                )
+                if not all(proto.is_finite(t) for t in tensors):
+                    raise ProtocolError("non_finite", f"{msg.KIND} holds NaN or Inf")
+            return msg
         except ProtocolError as exc:
             self.on_reject(exc.reason)
             log.warning("%s rejected a message from the broker: %s", self.name, exc)

@@ -113,12 +113,22 @@ class JoinBook(PeerBook):
     # ---- expert traffic ------------------------------------------------------------------
 
     def emb(self, routing_id: bytes, msg: Emb, now: float) -> Outcome:
-        return self.emb_fields(routing_id, msg.seq, msg.expert_id, msg.phase, msg.tensor, now)
+        return self.emb_checked(routing_id, msg.seq, msg.expert_id, msg.phase, msg.tensor, now)
+
+    def emb_checked(
+        self, routing_id: bytes, seq: int, expert_id: int, phase: str, tensor: Tensor, now: float
+    ) -> Outcome:
+        """An EMB whose values are checked first: NaN/Inf or beyond ``max_abs`` is refused
+        like a malformed one (``refuse_emb``: DROP when it is its expert's own open step)."""
+        problem = value_problem((tensor,), self.max_abs)
+        if problem is not None:
+            return self.refuse_emb(routing_id, seq, *problem, now, expert_id=expert_id)
+        return self.emb_fields(routing_id, seq, expert_id, phase, tensor, now)
 
     def emb_fields(
         self, routing_id: bytes, seq: int, expert_id: int, phase: str, tensor: Tensor, now: float
     ) -> Outcome:
-        """``emb`` from the decoded fields (the server's hot path builds no ``Emb``)."""
+        """``emb`` from the decoded fields, values already checked (``emb_checked``)."""
         eid = self._by_routing.get(routing_id)
         if eid is None:
             out = Outcome()
@@ -156,9 +166,6 @@ class JoinBook(PeerBook):
         if len(in_flight) >= self.window:
             detail = f"{len(in_flight)} steps in flight, window {self.window}"
             return self._refuse_emb(Outcome(), expert, seq, "window", detail, forfeit_at=now)
-        problem = value_problem((tensor,), self.max_abs)
-        if problem is not None:  # answered: the step goes on with this token masked
-            return self._refuse_emb(Outcome(), expert, seq, *problem, forfeit_at=now)
         if step is None:
             step = self._pending[seq] = PendingStep(seq, now, spec, now)
         elif step.spec is None:
@@ -174,16 +181,24 @@ class JoinBook(PeerBook):
         return NOTHING  # the head is an incomplete step this EMB left alone: nothing to do
 
     def refuse_emb(
-        self, routing_id: bytes, seq: int, reason: str, detail: str, now: float
+        self,
+        routing_id: bytes,
+        seq: int,
+        reason: str,
+        detail: str,
+        now: float,
+        *,
+        expert_id: int | None = None,
     ) -> Outcome:
-        """An EMB for ``seq`` that failed validation. From a registered expert, for a step
-        still open, it is answered DROP and the step stops waiting for that expert (masked),
-        so one bad message never stalls the run; otherwise it is only counted."""
+        """An EMB for ``seq`` that failed validation. From a registered expert under its own
+        id, for a step still open, it is answered DROP and the step stops waiting for that
+        expert (masked), so one bad message never stalls the run; otherwise it is counted."""
         out = Outcome()
         eid = self._by_routing.get(routing_id)
         expert = None if eid is None else self._experts[eid]
         if (
             expert is None
+            or expert_id != eid
             or not self.started
             or seq in expert.in_flight
             or seq < max(self.next_seq, expert.join_seq)
@@ -227,6 +242,12 @@ class JoinBook(PeerBook):
 
     def grad(self, routing_id: bytes, msg: Grad, now: float) -> Outcome:
         out = Outcome()
+        problem = value_problem(msg.tensors, self.max_abs)
+        if problem is not None:  # never forwarded; the reducer's own step: DROP to its experts
+            step = self._dispatched.pop(msg.seq, None) if self._is_reducer(routing_id) else None
+            if step is not None:
+                self._drop_step(step, "grad_rejected", out)
+            return out.reject(problem[0], f"GRAD for step {msg.seq}: {problem[1]}")
         step = self._answerable(routing_id, msg.seq, out)
         if step is None:
             return out
@@ -242,10 +263,6 @@ class JoinBook(PeerBook):
             )
             self._drop_step(self._dispatched.pop(step.seq), "grad_mismatch", out)
             return out.reject("grad_mismatch", detail)
-        problem = value_problem(msg.tensors, self.max_abs)
-        if problem is not None:  # never forwarded: every expert of the step gets DROP
-            self._drop_step(self._dispatched.pop(step.seq), "grad_rejected", out)
-            return out.reject(problem[0], f"GRAD for step {step.seq}: {problem[1]}")
         del self._dispatched[step.seq]
         for holder, tensor in zip(step.holders, msg.tensors, strict=True):
             self._reply(holder, Grad(step.seq, holder.expert_id, (tensor,)), out)

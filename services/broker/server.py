@@ -72,6 +72,9 @@ _zmq_poll = zmq.zmq_poll  # the poll itself, without zmq.Poller's bookkeeping
 _socket_send = zmq.backend.Socket.send
 register_frame_type(zmq.Frame)  # proto may take len(frame) as its byte count
 Handler = Callable[[str, bytes, Message, float], Outcome]
+# Kinds whose handlers check their values themselves (with the step, query or bound in hand);
+# any other kind with NaN/Inf tensors is refused non_finite before its handler.
+_CHECKS_VALUES = frozenset({Emb, Grad, Query, QEmb, QOut})
 
 
 def seed_auto_ids() -> None:
@@ -271,7 +274,7 @@ class Broker:
             fields = emb_fields(frames, False)  # values: the book checks them (DROP if bad)
             if fields is not None:
                 self.metrics.message("EMB", "in")
-                self._apply(self.book.emb_fields(routing_id, *fields, now), socket, routing_id,
+                self._apply(self.book.emb_checked(routing_id, *fields, now), socket, routing_id,
                             fields[0])  # fmt: skip
                 return
         try:
@@ -286,7 +289,8 @@ class Broker:
                 self._apply(self.book.refuse_hello(socket, routing_id, exc.message), socket,
                             routing_id)  # fmt: skip
             elif exc.kind == "EMB" and exc.seq is not None and socket == EXPERT:
-                outcome = self.book.refuse_emb(routing_id, exc.seq, exc.reason, detail, now)
+                outcome = self.book.refuse_emb(routing_id, exc.seq, exc.reason, detail, now,
+                                               expert_id=exc.expert_id)  # fmt: skip
                 self._apply(outcome, socket, routing_id, exc.seq)  # DROP: the step goes on
             else:
                 self._rejected(exc.reason, socket, routing_id, None, detail)
@@ -294,6 +298,14 @@ class Broker:
         self.metrics.message(msg.KIND, "in")
         seq = getattr(msg, "seq", None)
         handler = self._handlers[socket].get(type(msg))
+        if handler is None or type(msg) not in _CHECKS_VALUES:  # e.g. a wrong kind: NaN first
+            tensors = (msg.tensor,) if isinstance(msg, Emb) else getattr(msg, "tensors", ())
+            problem = value_problem(tensors, float("inf"))
+            if problem is not None:
+                self._rejected(problem[0], socket, routing_id, seq, problem[1])
+                if socket == CLIENT:
+                    self._apply(self.serve.malformed(routing_id, *problem, now))
+                return
         if handler is None:
             detail = f"{msg.KIND} is not expected on the {socket} socket"
             self._rejected("unexpected_kind", socket, routing_id, seq, detail)

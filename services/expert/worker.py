@@ -130,6 +130,7 @@ class Expert:
             name=self.name,
             stop=self.stop_event,
             curve=peer_keys(config, self.name),  # None unless security.curve_dir is set
+            checks_values=(proto.Grad, proto.Query),  # on_grad, on_query
         )
 
     def _hello(self) -> proto.Hello:
@@ -232,6 +233,18 @@ class Expert:
 
     def on_grad(self, msg: proto.Grad) -> None:
         pending = self.inflight.get(msg.seq)
+        problem = proto.value_problem(msg.tensors, self.config.security.max_abs_value)
+        if problem is not None:  # never applied; if it is our step, that step is over now
+            reason, detail = problem
+            ours = msg.expert_id == self.id and pending is not None
+            if ours and pending.step.phase == "train":
+                del self.inflight[msg.seq]
+                self._count_drop(reason)
+                self.metrics.inflight.set(len(self.inflight))
+            what = "step dropped, weights untouched" if ours else "not a step of ours"
+            log.warning("%s step %d: GRAD refused (%s): %s; %s", self.name, msg.seq, reason,
+                        detail, what)  # fmt: skip
+            return self._reject(reason)
         if msg.expert_id != self.id:
             return self._reject("misrouted", f"GRAD for expert {msg.expert_id}", msg.seq)
         if pending is None:
@@ -245,15 +258,6 @@ class Expert:
         ):
             return self._reject("conflict", f"GRAD {grad.dtype}{list(grad.shape)}", msg.seq)
         del self.inflight[msg.seq]
-        problem = proto.value_problem(msg.tensors, self.config.security.max_abs_value)
-        if problem is not None:  # never applied; the step is over: its window slot frees now
-            reason, detail = problem
-            log.warning("%s step %d: GRAD refused (%s): %s; step dropped, weights untouched",
-                        self.name, msg.seq, reason, detail)  # fmt: skip
-            self._reject(reason)
-            self._count_drop(reason)
-            self.metrics.inflight.set(len(self.inflight))
-            return None
         # Recompute the online output with the current weights (with window > 1 the weights
         # have moved since the send; a cached graph would be stale), then backprop the slice.
         self.online.train()

@@ -106,6 +106,7 @@ class ReducerService:
             name="reducer",
             stop=self.stop_event,
             curve=peer_keys(config, "reducer"),  # None unless security.curve_dir is set
+            checks_values=(proto.Batch, proto.QBatch),  # _validate, on_qbatch
         )
 
     def _hello(self) -> proto.Hello:
@@ -210,6 +211,9 @@ class ReducerService:
 
     def _validate(self, msg: proto.Batch) -> torch.Tensor | None:
         """Checks the BATCH against the schedule; returns tokens (N, B, d) on the device."""
+        problem = proto.value_problem(msg.tensors, self.config.security.max_abs_value)
+        if problem is not None:  # NaN/Inf or absurd tokens would poison the weights
+            return self._reject(*problem, msg)
         if msg.seq <= self.last_seq:
             return self._reject("replay", f"BATCH seq {msg.seq} <= last {self.last_seq}", msg)
         if msg.seq >= self.schedule.total:
@@ -220,9 +224,6 @@ class ReducerService:
             return self._reject("conflict", f"phase {msg.phase} / {len(msg.present)} experts", msg)
         if msg.tensors[0].shape != want or msg.tensors[0].dtype != self.wire_dtype:
             return self._reject("conflict", f"tokens {msg.tensors[0].shape}, want {want}", msg)
-        problem = proto.value_problem(msg.tensors, self.config.security.max_abs_value)
-        if problem is not None:  # NaN/Inf or absurd tokens would poison the weights
-            return self._reject(*problem, msg)
         host = host_buffer((self.n, *want), TORCH_DTYPES[self.wire_dtype], self.device)
         host.zero_()
         for i, t in zip((i for i, p in enumerate(msg.present) if p), msg.tensors, strict=True):

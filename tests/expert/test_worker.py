@@ -454,8 +454,8 @@ def test_gradient_with_bad_values_is_refused_and_its_slot_freed(
     assert ledger.read_text().split() == ["0"]  # refused: not in the ledger
 
     rig.broker.send(proto.Grad(1, 0, (proto.Tensor.from_numpy(g),)))  # the step is over
-    wait_for(lambda: rig.expert.accounts.rejected == 2)
-    assert rig.rejections("unknown_step") == 1 and rig.expert.accounts.dropped == 1
+    wait_for(lambda: rig.expert.accounts.rejected == 2)  # values are judged first, as before
+    assert rig.rejections(reason) == 2 and rig.expert.accounts.dropped == 1
     rig.broker.send(grad_for(2))  # and training goes on
     assert rig.broker.expect(proto.Emb).seq == 3
     assert rig.expert.accounts.applied == 2 and rig.balanced()
