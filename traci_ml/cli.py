@@ -279,7 +279,7 @@ def check_cluster_security(config) -> None:  # noqa: ANN001
     if not warn_insecure(config, "up", curve=curve):
         # check_bind refuses a non-loopback bind without CURVE. The --insecure case, where it
         # would only log (hidden by --log-level ERROR), warn_insecure printed instead.
-        endpoint = f"tcp://{net.bind_host}:{net.expert_port}"  # both sockets share bind_host
+        endpoint = security.tcp_endpoint(net.bind_host, net.expert_port)  # one bind_host for all
         security.check_bind(endpoint, curve=curve, insecure=config.security.insecure)
     for name in security.peer_names(n_experts_of(config)):
         security.peer_keys(config, name)

@@ -88,12 +88,12 @@ class Client:
         """A client for the cluster of a run config (``network.broker_host`` and
         ``serve_port``); with ``security.curve_dir`` set, the key pair ``<key>.key_secret``
         from that folder (its public key must be in ``authorized/``)."""
-        from traci_ml.security import peer_keys
+        from traci_ml.security import peer_keys, tcp_endpoint
 
         net = config.network
         if not net.serve_port:
             raise TraciError("network.serve_port is 0: the broker has no front door")
-        endpoint = f"tcp://{net.broker_host}:{net.serve_port}"
+        endpoint = tcp_endpoint(net.broker_host, net.serve_port)
         return cls(endpoint, timeout=timeout, curve=peer_keys(config, key))
 
     # -- requests ---------------------------------------------------------------------
@@ -137,8 +137,13 @@ class Client:
 
     def _connect(self) -> zmq.Socket:
         if self._socket is None:
+            from traci_ml.link import new_routing_id
+            from traci_ml.security import is_ipv6
+
             sock = self._context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTING_ID, new_routing_id())  # never libzmq's guessable ids
+            sock.setsockopt(zmq.IPV6, int(is_ipv6(self.endpoint)))
             if self.curve is not None:
                 from traci_ml.security import apply_client
 

@@ -73,7 +73,8 @@ class ClientKeys:
 
 
 def peer_names(n_experts: int) -> list[str]:
-    return [REDUCER, *(f"expert-{i}" for i in range(n_experts)), CLIENT]
+    """The services that connect to the broker (the front door's client is not one)."""
+    return [REDUCER, *(f"expert-{i}" for i in range(n_experts))]
 
 
 # ---- generating -------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def generate(directory: str | Path, n_experts: int, *, force: bool = False) -> l
         for path in existing:
             path.unlink()
         written = []
-        for name in (BROKER, *peer_names(n_experts)):
+        for name in (BROKER, *peer_names(n_experts), CLIENT):
             public, secret = (Path(p) for p in zmq.auth.create_certificates(directory, name))
             os.chmod(secret, 0o600)  # a secret key is for its owner's eyes only
             written += [public, secret]

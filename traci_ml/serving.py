@@ -70,7 +70,9 @@ def serve(config: Config, *, out: TextIO = sys.stdout) -> int:
             child.start()
         _write_pids(run_path, children)
         net = config.network
-        where = f"tcp://{net.broker_host}:{net.serve_port}"
+        from traci_ml.security import tcp_endpoint
+
+        where = tcp_endpoint(net.broker_host, net.serve_port)
         print(f"serving {run_path} on {where} ({n} experts; logs in {run_path}/logs); "
               "Ctrl-C to stop", file=out, flush=True)  # fmt: skip
         code = _watch(children, config, out)

@@ -175,7 +175,9 @@ def check_curve_keys(broker: Resolved, peers: list[Resolved]) -> None:
     config = mounted(broker)
     keys = security.broker_keys(config)
     admitted = sorted(p.name for p in keys.authorized.glob("*.key"))
-    expected = sorted(f"{name}.key" for name in security.peer_names(broker.n_experts))
+    expected = sorted(
+        f"{name}.key" for name in [*security.peer_names(broker.n_experts), security.CLIENT]
+    )  # the front door's client key is admitted too (its own role, docs/security.md)
     assert admitted == expected, f"the broker admits {admitted}"
     secrets = sorted(p.name for p in Path(config.security.curve_dir).rglob("*.key_secret"))
     assert secrets == ["broker.key_secret"], f"the broker pod holds {secrets}"
