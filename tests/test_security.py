@@ -415,3 +415,44 @@ def test_ipv6_loopback_binds_and_peers_connect(context) -> None:
             link.close()
     finally:
         running.stop()
+
+
+def test_a_held_id_is_retried_until_its_holder_times_out(context) -> None:
+    """A peer whose id is held by another live registration (an impostor on plaintext, or
+    its own previous life) is told ``held`` and keeps saying HELLO; once the holder falls
+    silent it gets in within the liveness timeout, instead of exiting as a config error."""
+    running = RunningBroker(make_config())
+    impostor = context.socket(zmq.DEALER)
+    impostor.setsockopt(zmq.LINGER, 0)
+    try:
+        endpoint = running.broker.expert_endpoint
+        impostor.connect(endpoint)
+        impostor.send_multipart(encode(Hello("expert", RUN_ID, D, "float32", expert_id=0)))
+        assert welcomed(first_reply(impostor, 5.0))
+        stop_beating = threading.Event()
+
+        def beat() -> None:  # the impostor stays alive for 1 s, then falls silent
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and not stop_beating.is_set():
+                impostor.send_multipart(encode(Heartbeat()))
+                time.sleep(0.05)
+
+        beater = threading.Thread(target=beat)
+        beater.start()
+        hello = lambda: Hello("expert", RUN_ID, D, "float32", expert_id=0, window=2)  # noqa: E731
+        link = BrokerLink(context, endpoint, hello, heartbeat_interval=0.05, liveness=2.0,
+                          name="expert-0")  # fmt: skip
+        try:
+            t0 = time.monotonic()
+            welcome = link.connect(timeout=10.0)
+            waited = time.monotonic() - t0
+            assert welcome is not None and welcome.ok
+            assert 0.9 <= waited  # held while the impostor was alive ...
+        finally:
+            stop_beating.set()
+            beater.join()
+            link.close()
+        assert rejections(running, "held") >= 2  # ... and asked again meanwhile
+    finally:
+        impostor.close(linger=0)
+        running.stop()
