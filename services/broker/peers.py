@@ -152,6 +152,16 @@ class PeerBook:
             return True  # hello() checked the key is the one for this role and id
         return bool(msg.token) and hmac.compare_digest(msg.token, holder.token)
 
+    def _held(self, socket: str, routing_id: bytes, what: str, out: Outcome) -> Outcome:
+        """Refuse a HELLO for a role a live registration holds: ``held``, which the peer
+        retries (docs/protocol.md, "Registration")."""
+        detail = (
+            f"{what} is held by another live peer; it is freed {self.liveness:g}s after "
+            "that peer's last message"
+        )
+        out.sends.append(Send(socket, routing_id, Welcome(ok=False, reason=f"{HELD}: {detail}")))
+        return out.reject(HELD, detail)
+
     def _mismatch(self, socket: str, msg: Hello) -> str | None:
         if msg.role != socket:
             return f"role {msg.role!r} said HELLO on the {socket} socket"
@@ -175,12 +185,7 @@ class PeerBook:
         holder = self._experts.get(eid)
         if holder is not None and holder.live and holder.routing_id != routing_id:
             if not self._same_party(holder, msg):
-                reason = (
-                    f"{HELD}: expert_id {eid} is held by another live peer; it is freed "
-                    f"{self.liveness:g}s after that peer's last message"
-                )
-                out.sends.append(Send(EXPERT, routing_id, Welcome(ok=False, reason=reason)))
-                return out.reject(HELD, reason.removeprefix(f"{HELD}: "))
+                return self._held(EXPERT, routing_id, f"expert_id {eid}", out)
             self._retire(eid, out, f"expert {eid} reconnected on a new route")
         previous = self._by_routing.get(routing_id)
         if previous is not None:  # a rejoin from the same peer (or it changed its id)
@@ -230,12 +235,7 @@ class PeerBook:
         holder = self._reducer
         if holder is not None and holder.routing_id != routing_id:
             if not self._same_party(holder, msg):
-                reason = (
-                    f"{HELD}: another reducer is registered; its registration ends "
-                    f"{self.liveness:g}s after its last message"
-                )
-                out.sends.append(Send(REDUCER, routing_id, Welcome(ok=False, reason=reason)))
-                return out.reject(HELD, reason.removeprefix(f"{HELD}: "))
+                return self._held(REDUCER, routing_id, "the reducer", out)
         if holder is not None:
             self._lose_reducer(out, "reducer re-registered")
         self._reducer = ReducerPeer(routing_id, now, token=secrets.token_hex(16), key=key)
