@@ -5,9 +5,11 @@ Every service runs from the command line (``traci broker``, ``traci reducer``, `
 --id I``) in a namespace of its own, and a hub namespace bridges them (``tests/netns.py``):
 peers reach the broker at its bridge address, never over loopback. A "stranger" namespace on
 the same bridge, while training runs, talks to both broker ports with pyzmq directly: a
-plaintext HELLO, plaintext HEARTBEAT and EMB/GRAD under a guessed routing id, and a HELLO over
-CURVE with a key the broker never authorized. Each must get nothing back, the broker must
-count nothing from them, and the run must still reach its accuracy.
+plaintext HELLO, plaintext HEARTBEAT and EMB/GRAD under a guessed routing id, a HELLO over
+CURVE with a key the broker never authorized, and one with the listed *client* key (front
+door only). Each must get nothing back and the broker must count nothing from them. A listed
+key in the wrong role (expert-1's, claiming expert 0) gets only its refusal, counted
+``wrong_key``. The run must still reach its accuracy.
 
 Needs root and ``ip netns`` (iproute2: deploy/ci/install-netns.sh); skipped without them,
 except under ``CI=true``, where that is a failure.
@@ -44,7 +46,10 @@ STEPS = 2000
 MIN_ACCURACY = 0.96  # measured 0.99 at 2000 and 3000 steps (default config: 0.99 at 1500)
 STRANGER_WAIT = 4.0  # seconds each stranger socket waits for any answer
 ROUTING_ID = bytes.fromhex("006b8b4567")  # the first routing id libzmq hands out
-ATTEMPTS = ("plaintext_hello", "guessed_routing_id", "unknown_curve_key")
+ATTEMPTS = ("plaintext_hello", "guessed_routing_id", "unknown_curve_key", "client_key")
+# A listed key in the wrong role: expert-1's own key claiming expert 0 gets a refusal that
+# names the problem (counted wrong_key), nothing else.
+WRONG_ID = "expert/expert_1_key_as_expert_0"
 
 
 @pytest.fixture
@@ -172,6 +177,7 @@ def test_curve_run_between_namespaces_shuts_out_a_stranger(lab, tmp_path: Path) 
         "expert_port": EXPERT_PORT,
         "reducer_port": REDUCER_PORT,
         "broker_public": broker_public.decode(),
+        "keys": str(keys),  # the stranger reads client.key_secret and expert-1.key_secret
         "wait": STRANGER_WAIT,
         "embed_dim": 64,
         "batch_size": 64,
@@ -192,6 +198,10 @@ def test_curve_run_between_namespaces_shuts_out_a_stranger(lab, tmp_path: Path) 
     print(f"\nnetns lab {lab.subnet}.0/24, ready after {ready_at:.1f}s; the stranger got:")
     for name, result in got.items():
         print(f"  {name}: {result}")
+    wrong_id = got.pop(WRONG_ID)
+    assert wrong_id["welcome"] is not None and wrong_id["welcome"]["ok"] is False, wrong_id
+    assert "'expert-1'" in wrong_id["welcome"]["reason"], wrong_id
+    assert "'expert-0'" in wrong_id["welcome"]["reason"], wrong_id
     assert sorted(got) == sorted(f"{port}/{a}" for port in ("expert", "reducer") for a in ATTEMPTS)
     for name, result in got.items():
         # It did reach the broker (so "nothing back" means refused, not unreachable) ...
@@ -200,8 +210,9 @@ def test_curve_run_between_namespaces_shuts_out_a_stranger(lab, tmp_path: Path) 
         assert "HANDSHAKE_SUCCEEDED" not in result["events"], (name, result)
         assert result["poll_events"] == 0 and result["received"] == [], (name, result)
 
-    # The broker counted nothing from the stranger: the same 4 experts and reducer, no new
-    # HELLO, no rejection of any kind, no invalid message; and training went on meanwhile.
+    # The broker counted nothing from the stranger but the wrong-role HELLO: the same 4
+    # experts and reducer, one HELLO more (refused wrong_key), no other rejection, no invalid
+    # message; and training went on meanwhile.
     def value(metrics: dict, name: str, **labels: str) -> float:
         return metrics[(name, tuple(sorted(labels.items())))]
 
@@ -212,10 +223,11 @@ def test_curve_run_between_namespaces_shuts_out_a_stranger(lab, tmp_path: Path) 
         for i in range(N_EXPERTS):
             assert value(metrics, "traci_broker_expert_up", expert=str(i)) == 1
     hello = ("traci_broker_messages_total", (("direction", "in"), ("kind", "HELLO")))
-    assert before[hello] == after[hello] == N_EXPERTS + 1
+    assert before[hello] == N_EXPERTS + 1 and after[hello] == N_EXPERTS + 2
     rejected = {k: v for k, v in after.items() if k[0] == "traci_broker_rejections_total"}
     assert rejected, "the broker serves no traci_broker_rejections_total"
-    assert {k: v for k, v in rejected.items() if v} == {}, rejected
+    wrong_key = ("traci_broker_rejections_total", (("reason", "wrong_key"),))
+    assert {k: v for k, v in rejected.items() if v} == {wrong_key: 1.0}, rejected
     invalid = ("traci_broker_messages_total", (("direction", "in"), ("kind", "invalid")))
     assert before.get(invalid, 0) == after.get(invalid, 0) == 0
     released = "traci_broker_steps_released_total", ()
@@ -286,6 +298,10 @@ def stranger(spec: dict[str, Any]) -> dict[str, Any]:
                 public, secret = zmq.curve_keypair()  # in no authorized/ folder
                 sock.curve_publickey, sock.curve_secretkey = public, secret
                 sock.curve_serverkey = spec["broker_public"].encode()
+            elif attempt == "client_key":  # listed, but for the front door only
+                public, secret = zmq.auth.load_certificate(Path(spec["keys"], "client.key_secret"))
+                sock.curve_publickey, sock.curve_secretkey = public, secret
+                sock.curve_serverkey = spec["broker_public"].encode()
             monitor = sock.get_monitor_socket()
             sock.connect(endpoint)
             sent = 0
@@ -296,6 +312,26 @@ def stranger(spec: dict[str, Any]) -> dict[str, Any]:
                 except zmq.Again:
                     pass
             tries[f"{port_name}/{attempt}"] = (sock, monitor, sent)
+
+    # expert-1's listed key, claiming expert 0: the handshake passes (its role uses this
+    # socket), the HELLO is refused for the role its key was not issued for
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    public, secret = zmq.auth.load_certificate(Path(spec["keys"], "expert-1.key_secret"))
+    sock.curve_publickey, sock.curve_secretkey = public, secret
+    sock.curve_serverkey = spec["broker_public"].encode()
+    sock.connect(f"tcp://{spec['host']}:{spec['expert_port']}")
+    wrong = proto.Hello(role="expert", run_id="digits", embed_dim=dim, dtype="float32",
+                        expert_id=0, window=2)  # fmt: skip
+    sock.send_multipart(proto.encode(wrong), copy=False)
+    welcome = None
+    deadline = time.monotonic() + spec["wait"] * 2
+    while welcome is None and (left := deadline - time.monotonic()) > 0:
+        if sock.poll(left * 1000):
+            msg = proto.decode(sock.recv_multipart())
+            if isinstance(msg, proto.Welcome):
+                welcome = {"ok": msg.ok, "reason": msg.reason}
+    sock.close(linger=0)
 
     poller = zmq.Poller()
     for sock, _, _ in tries.values():
@@ -327,6 +363,7 @@ def stranger(spec: dict[str, Any]) -> dict[str, Any]:
             "received": received[name],
             "events": events,
         }
+    out[WRONG_ID] = {"welcome": welcome}
     ctx.term()
     return out
 
