@@ -313,7 +313,8 @@ def test_compose_up_trains_and_is_scraped(engine, phases: Phases, tmp_path: Path
             watch_run(dockerd.docker, compose, env, None, phases)
         check_run(dockerd.docker, compose, env, None, steps=CURVE_STEPS, accuracy=0.5)
         broker_log = ce.run([*compose, "logs", "--no-color", "broker"], env=env, timeout=60)
-        assert "CURVE on: admitting the 5 peer keys" in broker_log.stdout, broker_log.stdout
+        # 4 experts, the reducer and the front door's client, each admitted in its own role
+        assert "CURVE on: admitting the 6 peer keys" in broker_log.stdout, broker_log.stdout
     except BaseException:
         logs = subprocess.run(
             [*compose, "logs", "--no-color", "--tail", "40"],
