@@ -34,6 +34,7 @@ from traci_ml.proto.wire import (
     VALUE_REASONS,
     VERSION,
     is_finite,
+    tensors_of,
     value_problem,
 )
 
@@ -69,5 +70,6 @@ __all__ = [
     "decode",
     "encode",
     "is_finite",
+    "tensors_of",
     "value_problem",
 ]

@@ -106,13 +106,14 @@ def encode(msg: Message) -> list[FrameLike]:
     for name in msg.FIELDS:
         value = getattr(msg, name)
         header[name] = list(value) if isinstance(value, tuple) else value
-    tensors = _tensors_of(msg)
+    tensors = tensors_of(msg)
     if tensors:
         header["t"] = [[t.dtype, list(t.shape)] for t in tensors]
     return [msgpack.packb(header, use_bin_type=True), *(t.data for t in tensors)]
 
 
-def _tensors_of(msg: Message) -> tuple[Tensor, ...]:
+def tensors_of(msg: Message) -> tuple[Tensor, ...]:
+    """The tensors a message carries (none for the kinds without)."""
     if isinstance(msg, Emb):
         return (msg.tensor,)
     if isinstance(msg, (Batch, Grad, *SERVE_KINDS)):
@@ -268,7 +269,7 @@ def value_problem(tensors: Sequence[Tensor], max_abs: float) -> tuple[str, str] 
         hi, lo = float(np.max(values)), float(np.min(values))
         if hi <= max_abs and -lo <= max_abs and math.isfinite(hi - lo):  # NaN: False
             continue
-        if not math.isfinite(hi - lo) or not is_finite(tensor):
+        if not math.isfinite(hi - lo):  # NaN anywhere makes max/min NaN; Inf makes it Inf
             return "non_finite", f"tensor {i} holds NaN or Inf"
         worst = hi if hi >= -lo else lo
         return "too_large", f"tensor {i} holds {worst:.3g}, beyond the bound {max_abs:.3g}"

@@ -137,19 +137,9 @@ class Client:
 
     def _connect(self) -> zmq.Socket:
         if self._socket is None:
-            from traci_ml.link import new_routing_id
-            from traci_ml.security import is_ipv6
+            from traci_ml.link import dealer
 
-            sock = self._context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.ROUTING_ID, new_routing_id())  # never libzmq's guessable ids
-            sock.setsockopt(zmq.IPV6, int(is_ipv6(self.endpoint)))
-            if self.curve is not None:
-                from traci_ml.security import apply_client
-
-                apply_client(sock, self.curve)
-            sock.connect(self.endpoint)
-            self._socket = sock
+            self._socket = dealer(self._context, self.endpoint, self.curve)
         return self._socket
 
     def _reset(self) -> None:

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from traci_ml.errors import ConfigError
+from traci_ml.proto.wire import DEFAULT_MAX_ABS
 
 ENV_PREFIX = "TRACI_"
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -192,7 +193,7 @@ class SecurityConfig(_Section):
     insecure: bool = False  # broker: allow a non-loopback bind without CURVE
     # The largest |value| any service accepts in a tensor from a peer (embeddings, gradients,
     # served rows and outputs); larger finite values are refused ``too_large`` like NaN/Inf.
-    max_abs_value: float = Field(1e6, gt=0.0, allow_inf_nan=False)
+    max_abs_value: float = Field(DEFAULT_MAX_ABS, gt=0.0, allow_inf_nan=False)
 
 
 class Config(_Section):

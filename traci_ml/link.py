@@ -35,6 +35,19 @@ def new_routing_id() -> bytes:
     return bytes([raw[0] % 255 + 1]) + raw[1:]
 
 
+def dealer(context: zmq.Context, endpoint: str, curve: ClientKeys | None) -> zmq.Socket:
+    """A DEALER connected to a broker socket as every TRACI peer and client connects: a
+    random routing id, IPv6 when the host is an IPv6 literal, CURVE when keys are given."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, new_routing_id())  # a new route per connection
+    sock.setsockopt(zmq.IPV6, int(is_ipv6(endpoint)))  # e.g. tcp://[::1]:5555
+    if curve is not None:
+        apply_client(sock, curve)
+    sock.connect(endpoint)
+    return sock
+
+
 class BrokerLink:
     def __init__(
         self,
@@ -72,13 +85,7 @@ class BrokerLink:
         while waiting; raises ``TraciError`` if the broker refuses (with its reason) or
         ``PeerTimeout`` if it never answers."""
         self.close()
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTING_ID, new_routing_id())  # a new route per registration
-        sock.setsockopt(zmq.IPV6, int(is_ipv6(self.endpoint)))  # e.g. tcp://[::1]:5555
-        if self.curve is not None:
-            apply_client(sock, self.curve)
-        sock.connect(self.endpoint)
+        sock = dealer(self.context, self.endpoint, self.curve)  # a new route per registration
         with self._lock:
             self.socket = sock
         self.send(self._hello())  # built now: it carries the peer's current position
@@ -183,10 +190,7 @@ class BrokerLink:
         try:
             msg = proto.decode(frames, check_finite=False)  # values: see checks_values
             if not isinstance(msg, self.checks_values):
-                tensors = (
-                    (msg.tensor,) if isinstance(msg, proto.Emb) else getattr(msg, "tensors", ())
-                )
-                if not all(proto.is_finite(t) for t in tensors):
+                if not all(proto.is_finite(t) for t in proto.tensors_of(msg)):
                     raise ProtocolError("non_finite", f"{msg.KIND} holds NaN or Inf")
             return msg
         except ProtocolError as exc:

@@ -231,7 +231,8 @@ class RoleAuthenticator(ThreadAuthenticator):
         super().__init__(context, log=logging.getLogger(f"{__name__}.zap"))
         self.roles = roles
 
-    def admits(self, domain: str, key: bytes) -> bool:
+    def callback(self, domain: str, key: bytes) -> bool:
+        """pyzmq's credentials-provider hook: is ``key`` (Z85) admitted on ``domain``?"""
         role = self.roles.get(key)
         pattern = DOMAINS.get(domain)
         ok = role is not None and pattern is not None and bool(pattern.match(role))
@@ -245,16 +246,6 @@ class RoleAuthenticator(ThreadAuthenticator):
         return self.roles.get(zmq.utils.z85.encode(client_public_key), "")
 
 
-class _Domain:
-    """A pyzmq credentials provider for one domain."""
-
-    def __init__(self, auth: RoleAuthenticator) -> None:
-        self.auth = auth
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return self.auth.admits(domain, key)
-
-
 def start_authenticator(context: zmq.Context, authorized: Path) -> RoleAuthenticator:
     """Start a ZAP handler on ``context`` that admits exactly the public keys in
     ``authorized/``, each on its role's socket. Start it *before* binding: without a
@@ -265,7 +256,7 @@ def start_authenticator(context: zmq.Context, authorized: Path) -> RoleAuthentic
     auth = RoleAuthenticator(context, roles)
     auth.start()
     for domain in DOMAINS:
-        auth.configure_curve_callback(domain=domain, credentials_provider=_Domain(auth))
+        auth.configure_curve_callback(domain=domain, credentials_provider=auth)
     log.info("CURVE on: admitting the %d peer keys in %s, each in its role", len(roles),
              authorized)  # fmt: skip
     return auth

@@ -41,6 +41,7 @@ from traci_ml.proto import (
     QEmb,
     QOut,
     Query,
+    tensors_of,
     value_problem,
 )
 from traci_ml.proto.fast import decode, emb_fields, encode, register_frame_type
@@ -130,7 +131,6 @@ class Broker:
             config, n_experts=self.n_experts, keys_bound=self._curve is not None
         )
         self.heartbeat_interval = net.heartbeat_interval
-        self.max_abs = config.security.max_abs_value
         self._key: str | None = None  # CURVE: the role of the key of the message in hand
         self._insecure = config.security.insecure
         self._stop = stop if stop is not None else threading.Event()
@@ -299,8 +299,7 @@ class Broker:
         seq = getattr(msg, "seq", None)
         handler = self._handlers[socket].get(type(msg))
         if handler is None or type(msg) not in _CHECKS_VALUES:  # e.g. a wrong kind: NaN first
-            tensors = (msg.tensor,) if isinstance(msg, Emb) else getattr(msg, "tensors", ())
-            problem = value_problem(tensors, float("inf"))
+            problem = value_problem(tensors_of(msg), float("inf"))
             if problem is not None:
                 self._rejected(problem[0], socket, routing_id, seq, problem[1])
                 if socket == CLIENT:
@@ -403,7 +402,7 @@ class Broker:
         return self.serve.request(routing_id, msg, now, self.book.serve_targets())
 
     def on_qemb(self, socket: str, routing_id: bytes, msg: QEmb, now: float) -> Outcome:
-        problem = value_problem(msg.tensors, self.max_abs)
+        problem = value_problem(msg.tensors, self.book.max_abs)
         if problem is not None:  # that expert fails this query, naming why
             detail = f"its embedding of the rows: {problem[1]} (rows out of the trained range?)"
             msg = QEmb(msg.qid, msg.expert_id, problem[0], detail, ())

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import zmq
+from torch.nn.utils import get_total_norm
 
 from traci_ml import checkpoint, proto
 from traci_ml.config import Config
@@ -271,11 +272,11 @@ class ReducerService:
         """Why this step must not be applied, or None: a non-finite loss, a non-finite
         gradient (of a token or a parameter), a token gradient beyond the bound every peer
         holds values to (``security.max_abs_value``). One device sync for all of it."""
-        params = torch.cat(
-            [p.grad.reshape(-1) for p in self.model.parameters() if p.grad is not None]
+        params = get_total_norm(  # max |dL/dparam| per tensor, no copy of the gradients
+            [p.grad for p in self.model.parameters() if p.grad is not None], norm_type=math.inf
         )
         worst = torch.stack(
-            [loss.detach().abs(), grads.detach().abs().amax(), params.abs().amax()]
+            [loss.detach().abs(), grads.detach().abs().amax(), params]
         ).tolist()  # (|loss|, max |dL/dtoken|, max |dL/dparam|); NaN propagates
         # beyond the wire dtype's range a value would arrive as Inf (float16: 65504)
         bound = min(self.config.security.max_abs_value, self.wire_max)
