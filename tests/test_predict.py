@@ -177,7 +177,13 @@ def test_cli_split_test_writes_classes_and_probabilities(digits: Built, tmp_path
     )
     rows = read_out(out)
     classes = tuple(str(k) for k in range(10))
-    assert list(rows[0]) == ["row", "label", "prediction", *(f"prob_{c}" for c in classes)]
+    assert list(rows[0]) == [
+        "row", "id", "label", "prediction", *(f"prob_{c}" for c in classes), "absent"
+    ]  # fmt: skip
+    ds = load_dataset(digits.config)  # id: the row's number in the one table
+    assert [r["id"] for r in rows] == [str(i) for i in ds.ids_test]
+    assert [r["row"] for r in rows] == [str(k) for k in range(359)]
+    assert {r["absent"] for r in rows} == {""}
     want = digits.logits()
     np.testing.assert_allclose(
         probs(rows, classes), want.softmax(-1).numpy(), rtol=1e-6, atol=1e-7
@@ -196,7 +202,9 @@ def test_cli_input_csv_in_any_column_order_to_stdout(digits: Built, tmp_path, ca
     assert main(["predict", "--run", str(digits.path), "--input", str(path)]) == 0
     rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
     assert [r["row"] for r in rows] == [str(k) for k in range(20)]
+    assert [r["id"] for r in rows] == [str(k) for k in range(20)]  # no id column: row number
     assert [r["label"] for r in rows] == labels[:20]
+    assert list(rows[0])[:3] == ["row", "id", "label"] and list(rows[0])[-1] == "absent"
     want = digits.logits()[:20].softmax(-1).numpy()
     np.testing.assert_allclose(probs(rows, prep.classes), want, rtol=1e-6, atol=1e-7)
 
@@ -335,9 +343,10 @@ def test_eval_predictions_file_lists_each_row_with_masked_experts(tmp_path: Path
     ds = SimpleNamespace(task="classification", classes=("no", "yes"), y_mean=0.0, y_std=1.0)
     write_eval_predictions(tmp_path / "e.csv", rnd, ds)
     rows = read_out(tmp_path / "e.csv")
-    assert list(rows[0]) == ["row", "label", "prediction", "prob_no", "prob_yes", "absent"]
-    assert [(r["row"], r["label"], r["prediction"], r["absent"]) for r in rows] == [
-        ("0", "no", "no", ""), ("1", "no", "yes", "1"), ("2", "yes", "yes", "0 2"),
+    assert list(rows[0]) == ["row", "id", "label", "prediction", "prob_no", "prob_yes",
+                             "absent"]  # fmt: skip
+    assert [(r["row"], r["id"], r["label"], r["prediction"], r["absent"]) for r in rows] == [
+        ("0", "0", "no", "no", ""), ("1", "1", "no", "yes", "1"), ("2", "2", "yes", "yes", "0 2"),
     ]  # fmt: skip
     np.testing.assert_allclose(probs(rows, ("no", "yes")), logits.softmax(-1).numpy(), rtol=1e-7)
 
@@ -347,5 +356,257 @@ def test_eval_predictions_file_lists_each_row_with_masked_experts(tmp_path: Path
     write_eval_predictions(tmp_path / "r.csv", reg, SimpleNamespace(task="regression", classes=(),
                            y_mean=10.0, y_std=2.0))  # fmt: skip
     assert read_out(tmp_path / "r.csv") == [
-        {"row": "4", "label": "8", "prediction": "11", "absent": ""}
+        {"row": "4", "id": "4", "label": "8", "prediction": "11", "absent": ""}
     ]
+
+
+# -- by id: one-table runs (the id is the row's number in the table) ------------------------
+
+
+def test_one_table_ids_are_row_numbers_and_equal_the_split(digits: Built, tmp_path, capsys):
+    ds = load_dataset(digits.config)
+    split = P.load_id_predictor(digits.path).predict_split("test")[0]
+    ask = [int(i) for i in ds.ids_test[:5]] + [10**6]  # the last: no such row
+    out = P.predict_ids(digits.path, ask)
+    assert out["id"] == ask and out["row"] == list(range(6))
+    assert out["label"][:5] == split["label"][:5] and out["label"][5] is None
+    assert out["absent"] == [""] * 5 + ["0 1 2 3"]  # an unknown id: every expert masked
+    for c in ("prob_0", "prob_9"):
+        np.testing.assert_allclose(out[c][:5], split[c][:5], rtol=1e-6)
+    assert out["prediction"][:5] == split["prediction"][:5]
+    want = digits.logits()[:5].softmax(-1).numpy()
+    got = np.array([[out[f"prob_{k}"][r] for k in range(10)] for r in range(5)])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert sum(np.array([out[f"prob_{k}"][5] for k in range(10)])) == pytest.approx(1.0)
+
+    ids = ",".join(str(i) for i in ask)
+    assert main(["predict", "--run", str(digits.path), "--ids", ids]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert [r["id"] for r in rows] == [str(i) for i in ask]
+    assert [r["label"] for r in rows][-1] == "" and rows[-1]["absent"] == "0 1 2 3"
+
+    code, err = run_cli(["predict", "--run", str(digits.path), "--ids", "r1,r2"], capsys)
+    assert code == 2 and "are str ids ('r1', ...), but the run's ids are int" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_input_csv_id_column_is_kept(digits: Built, tmp_path, capsys) -> None:
+    prep = P.load_preprocess(digits.path, digits.config)
+    x, _ = P.split_rows(digits.config, prep, "test")
+    path = write_csv(tmp_path / "rows.csv", ["id", *prep.columns],
+                     [[f"a{k}", *x[k].tolist()] for k in range(3)])  # fmt: skip
+    assert main(["predict", "--run", str(digits.path), "--input", str(path)]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert [(r["row"], r["id"], r["absent"]) for r in rows] == [
+        ("0", "a0", ""), ("1", "a1", ""), ("2", "a2", "")
+    ]  # fmt: skip
+
+
+# -- id parsing -------------------------------------------------------------------------------
+
+
+def test_ids_parse_as_ints_only_when_every_cell_is_a_plain_integer(tmp_path: Path) -> None:
+    assert P.read_ids("12, 57,903").tolist() == [12, 57, 903]
+    assert P.read_ids("12,57,903").dtype == np.int64
+    assert P.read_ids("12,007").tolist() == ["12", "007"]  # "007" keeps its zeros: all str
+    assert P.read_ids("r1,2").tolist() == ["r1", "2"]
+    assert P.read_ids("-3,0").tolist() == [-3, 0]
+    with pytest.raises(DataError, match=r"--ids: id 1 is empty"):
+        P.read_ids("1,,2")
+    with pytest.raises(DataError, match=r"no such file"):
+        P.read_ids(str(tmp_path / "ids.csv"))
+    path = write_csv(tmp_path / "ids.csv", ["name", "key"], [["a", "5"], ["b", " 7"]])
+    assert P.read_ids(str(path), "key").tolist() == [5, 7]
+    with pytest.raises(DataError, match=r"ids.csv: no id column 'id' \(data.id\)"):
+        P.read_ids(str(path))
+    path.write_text("key\n5\n\nx\n")
+    assert P.read_ids(str(path), "key").tolist() == ["5", "x"]
+    path.write_text("key\n5\n \n")
+    with pytest.raises(DataError, match=r"ids.csv line 3: id 1 is empty"):
+        P.read_ids(str(path), "key")
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": pa.array([3, 1], pa.int32())}), tmp_path / "i.parquet")
+    assert P.read_ids(str(tmp_path / "i.parquet")).tolist() == [3, 1]
+    pq.write_table(pa.table({"id": ["3", "1"]}), tmp_path / "s.parquet")  # the type decides
+    assert P.read_ids(str(tmp_path / "s.parquet")).tolist() == ["3", "1"]
+    assert P.as_ids([1, 2]).dtype == np.int64 and P.as_ids(np.array(["a"])).tolist() == ["a"]
+    with pytest.raises(DataError, match=r"all ints or all strs"):
+        P.as_ids([1, "2"])
+
+
+# -- by id: parties runs ----------------------------------------------------------------------
+
+
+class Parties:
+    """A parties run directory written through the services' own code (each expert aligned
+    on its own file and standardised on its own training rows, as ``traci up`` does), the
+    label holder's rows, and each party's ids."""
+
+    def __init__(self, config: Config) -> None:
+        from traci_ml.align import RowMap, positions
+        from traci_ml.data import load_labels
+
+        self.config, self.path = config, config.run_path
+        self.ds = ds = load_labels(config)
+        assert ds.ids_train is not None and ds.ids_test is not None
+        gids = np.concatenate([ds.ids_train, ds.ids_test])
+        ctx = zmq.Context()
+        gen = torch.Generator().manual_seed(11)
+        self.held: list[set[int]] = []
+        try:
+            for i in range(ds.n_experts):
+                expert = Expert(config, i, context=ctx)
+                rows = RowMap.from_positions(positions(gids, expert.data.ids),
+                                             len(ds.ids_train), len(ds.ids_test))  # fmt: skip
+                expert.data.align(rows)  # what Expert._align does once ALIGN answers
+                expert._adopt(rows)
+                with torch.no_grad():
+                    for p in expert.online.parameters():
+                        p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+                polyak_update(expert.target, expert.online, 0.5)
+                expert.save()
+                self.held.append(set(expert.data.ids.tolist()))
+            reducer = ReducerService(config, context=ctx)
+            with torch.no_grad():
+                for p in reducer.model.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+            reducer.save()
+            reducer.records.close()
+        finally:
+            ctx.term()
+        write_json_atomic(config.run_path / "config.json", config.to_dict())
+
+    def served(self, ids: list) -> np.ndarray:
+        """The served path by id: each expert restored for serving from its checkpoint
+        answers QUERY(ids) (on_query_ids), the reducer answers the QBATCH the broker would
+        join (serving.answer): class probabilities (R, C)."""
+        from traci_ml import proto
+        from traci_ml.services.reducer.serving import answer
+
+        ctx = zmq.Context()
+        try:
+            qembs = []
+            for i in range(self.ds.n_experts):
+                expert = Expert(self.config, i, context=ctx, serve=True)
+                sent: list = []
+                expert.link.send = sent.append  # type: ignore[method-assign]
+                expert.on_query_ids(proto.Query(1, (), (), tuple(ids)), 0.0)
+                assert sent[0].status == proto.SERVE_OK, sent[0]
+                qembs.append(sent[0])
+            reducer = ReducerService(self.config, context=ctx, serve=True)
+            reducer.records.close()
+        finally:
+            ctx.term()
+        batch = proto.QBatch(1, (True,) * len(qembs), tuple(q.tensors[0] for q in qembs),
+                             tuple(q.rows for q in qembs))  # fmt: skip
+        out = answer(reducer.model, batch, reducer.serve_spec, torch.device("cpu"))
+        assert out.status == proto.SERVE_OK, out
+        return out.tensors[0].numpy()
+
+    def absent(self, ids: list) -> list[str]:
+        return [" ".join(str(i) for i, h in enumerate(self.held) if x not in h) for x in ids]
+
+
+@pytest.fixture(scope="module")
+def parties(tmp_path_factory: pytest.TempPathFactory) -> Parties:
+    from traci_ml.partysplit import split_run
+
+    base = tmp_path_factory.mktemp("parties")
+    yaml_path = split_run(load_config(env={}), base / "files", overlap=0.7, labelled=0.9)
+    config = load_config(yaml_path, overrides={**SMALL, "run_dir": str(base / "run")}, env={})
+    return Parties(config)
+
+
+def pick_ids(parties: Parties) -> list[int]:
+    """Labelled test ids held by every party, lacked by some, lacked by all; an unlabelled id
+    some party holds; an id nobody has."""
+    test = [int(i) for i in parties.ds.ids_test]  # type: ignore[union-attr]
+    lacking = [sum(i not in h for h in parties.held) for i in test]
+    chosen = [test[lacking.index(k)] for k in (0, 1, 2, 3) if k in lacking]
+    labelled = set(np.concatenate([parties.ds.ids_train, parties.ds.ids_test]).tolist())  # type: ignore[list-item]
+    unlabelled = sorted(set().union(*parties.held) - labelled)
+    return [*chosen, unlabelled[0], 10**9]
+
+
+def test_parties_ids_are_the_served_computation_with_absent_rows_masked(parties: Parties):
+    ids = pick_ids(parties)
+    out = P.predict_ids(parties.path, ids)
+    classes = tuple(str(k) for k in range(10))
+    assert list(out) == ["row", "id", "label", "prediction", *(f"prob_{c}" for c in classes),
+                         "absent"]  # fmt: skip
+    assert out["id"] == ids and out["row"] == list(range(len(ids)))
+    assert out["absent"] == parties.absent(ids)
+    assert out["absent"][-1] == "0 1 2 3"  # no party holds it: still a line, all masked
+    assert any(a and a != "0 1 2 3" for a in out["absent"])  # some parties lack some rows
+    assert out["label"][-2:] == [None, None]  # unlabelled, unknown
+    want = parties.served(ids)
+    got = np.array([[out[f"prob_{c}"][r] for c in classes] for r in range(len(ids))])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert out["prediction"] == [classes[k] for k in want.argmax(1)]
+
+
+def test_parties_ids_from_a_file_and_type_mismatch(parties: Parties, tmp_path, capsys):
+    ids = pick_ids(parties)
+    path = write_csv(tmp_path / "ids.csv", ["note", "id"], [["x", i] for i in ids])
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--run", str(parties.path), "--ids", str(path),
+                 "--output", str(out)]) == 0  # fmt: skip
+    rows = read_out(out)
+    assert [r["id"] for r in rows] == [str(i) for i in ids]
+    assert [r["absent"] for r in rows] == parties.absent(ids)
+    assert rows[-1]["label"] == ""
+    direct = P.predict_ids(parties.path, ids)
+    np.testing.assert_array_equal(
+        np.float32([float(r["prob_3"]) for r in rows]), np.float32(direct["prob_3"])
+    )  # 9 digits: float32 exactly
+
+    path = write_csv(tmp_path / "sid.csv", ["id"], [["a1"], ["b2"]])
+    code, err = run_cli(["predict", "--run", str(parties.path), "--ids", str(path)], capsys)
+    assert code == 2
+    assert "are str ids ('a1', ...), but the run's ids are int" in err and "labels.csv" in err
+    with pytest.raises(DataError, match=r"are str ids \('7', \.\.\.\)"):
+        P.predict_ids(parties.path, ["7"])
+
+
+def test_parties_split_test_leaves_out_rows_no_party_holds(parties: Parties, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--run", str(parties.path), "--split", "test",
+                 "--output", str(out)]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    rows = read_out(out)
+    test = [int(i) for i in parties.ds.ids_test]  # type: ignore[union-attr]
+    kept = [k for k, i in enumerate(test) if any(i in h for h in parties.held)]
+    assert [int(r["row"]) for r in rows] == kept
+    assert [int(r["id"]) for r in rows] == [test[k] for k in kept]
+    labels = [parties.ds.classes[int(y)] for y in parties.ds.y_test]
+    assert [r["label"] for r in rows] == [labels[k] for k in kept]
+    assert [r["absent"] for r in rows] == parties.absent([test[k] for k in kept])
+    assert 0 < len(test) - len(kept) < 10  # overlap 0.7 of 4 parties: about 0.3^4 of them
+    assert f"{len(test) - len(kept)} test row(s) held by no expert left out" in err
+    hits = sum(r["label"] == r["prediction"] for r in rows)
+    assert f"test accuracy {hits / len(rows):.4f} ({hits}/{len(rows)})" in err
+
+
+def test_parties_runs_refuse_input_rows_and_the_one_table_model(parties: Parties, capsys):
+    code, err = run_cli(["predict", "--run", str(parties.path), "--input", "x.csv"], capsys)
+    assert code == 2 and "--input takes raw feature rows of a one-table run" in err
+    with pytest.raises(DataError, match=r"a parties run .* has no one table"):
+        P.load_predictor(parties.path)
+
+
+def test_parties_needs_each_checkpoints_standardisation(parties: Parties, tmp_path) -> None:
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(parties.path, run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["run_dir"] = str(run)
+    (run / "config.json").write_text(json.dumps(cfg))
+    path = run / "checkpoints" / "expert-1.pt"
+    state = torch.load(path, weights_only=False)
+    torch.save({**state, "mean": None, "std": None}, path)
+    with pytest.raises(CheckpointError, match=r"expert-1.pt holds no standardisation"):
+        P.load_id_predictor(run)

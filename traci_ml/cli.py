@@ -121,9 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="predict with a trained run, in this process")
     predict.add_argument("--run", required=True, metavar="RUN_DIR", help="the run directory")
     rows = predict.add_mutually_exclusive_group(required=True)
-    rows.add_argument("--input", metavar="CSV", help="rows to predict: a CSV with a header")
+    rows.add_argument(
+        "--input", metavar="CSV", help="raw feature rows to predict: a CSV with a header"
+    )
     rows.add_argument(
         "--split", choices=["test", "train"], help="predict the run's own held-out (or train) rows"
+    )
+    rows.add_argument(
+        "--ids",
+        metavar="PATH|IDS",
+        help="predict rows by id: a CSV or Parquet file with the data.id column, or ids inline "
+        "(12,57,903); one-table runs: the row's number in the table",
     )
     predict.add_argument("--output", metavar="CSV", help="write here (default: stdout)")
     predict.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")

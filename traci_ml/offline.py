@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
 
 from traci_ml.errors import TraciError
 
@@ -13,40 +15,71 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """``traci predict``: CSV out (stdout or --output); a --split run reports its accuracy."""
-    import csv
-
+    """``traci predict``: CSV out (stdout or --output), in the columns of eval_predictions.csv
+    (``row``, ``id``, [``label``], ``prediction``, ``prob_<class>``..., ``absent``); a --split
+    run reports its accuracy. --split and --ids go by id (every expert its own rows: a parties
+    run needs every party's file), --input takes raw feature rows (one-table runs)."""
     from traci_ml import predict as P
+    from traci_ml.errors import DataError
     from traci_ml.tensors import resolve_device
 
-    predictor = P.load_predictor(args.run, device=str(resolve_device(args.device)))
-    prep = predictor.preprocess
-    if args.split:
-        x, labels = P.split_rows(predictor.config, prep, args.split)
-        head = {"row": list(range(len(x))), "label": labels}
-    else:
+    device = resolve_device(args.device)
+    if args.input is not None:
+        config = P.read_config(Path(args.run))
+        if config.data.source == "parties":
+            raise DataError("--input takes raw feature rows of a one-table run; a parties run "
+                            "predicts its parties' rows by id: --ids or --split")  # fmt: skip
+        predictor = P.load_predictor(args.run, device=str(device))
+        prep = predictor.preprocess
         x, frame = P.read_csv(args.input, prep.columns)
-        head = {"row": list(range(len(x)))}
+        id_column = predictor.config.data.id
+        cols: dict[str, list[Any]] = {"row": list(range(len(x)))}
+        has_id = id_column in frame and id_column not in prep.columns
+        cols["id"] = [v.strip() for v in frame[id_column]] if has_id else list(range(len(x)))
         if prep.label in frame and prep.label not in prep.columns:
-            head["label"] = frame[prep.label]
-    cols = {**head, **P.predict_array(predictor, x)}
+            cols["label"] = frame[prep.label]
+        out = P.predict_array(predictor, x)
+        cols.update({k: list(v) for k, v in out.items()})
+        cols["absent"] = [""] * len(x)  # every expert reads its view of the given rows
+        write_columns(cols, args.output)
+        return 0
+    by_id = P.load_id_predictor(args.run, device=device)
+    if args.split:
+        cols, skipped = by_id.predict_split(args.split)
+        if skipped:
+            print(f"{skipped} {args.split} row(s) held by no expert left out (as the "
+                  "cluster's evaluation leaves them out)", file=sys.stderr)  # fmt: skip
+    else:
+        ids = P.read_ids(args.ids, by_id.config.data.id)
+        by_id.check_kind(ids, f"--ids {args.ids}")
+        cols = by_id.predict(ids)
+    write_columns(cols, args.output)
+    n = len(cols["row"])
+    if args.split and by_id.task == "classification" and n:
+        hits = sum(a == b for a, b in zip(cols["label"], cols["prediction"], strict=True))
+        print(f"{args.split} accuracy {hits / n:.4f} ({hits}/{n})", file=sys.stderr)
+    return 0
+
+
+def write_columns(cols: dict[str, list[Any]], output: str | None) -> None:
+    """The columns as CSV, one line per row, cells as eval_predictions.csv writes them."""
+    import csv
+
+    from traci_ml.predict import fmt_cell
+
     out = sys.stdout
     try:
-        if args.output:
-            out = open(args.output, "w", newline="")  # noqa: SIM115
+        if output:
+            out = open(output, "w", newline="")  # noqa: SIM115
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(cols)
-        for r in range(len(x)):
-            writer.writerow([P.fmt_cell(v[r]) for v in cols.values()])
+        for r in range(len(cols["row"])):
+            writer.writerow([fmt_cell(v[r]) for v in cols.values()])
     except OSError as exc:
-        raise TraciError(f"cannot write {args.output}: {exc.strerror}") from None
+        raise TraciError(f"cannot write {output}: {exc.strerror}") from None
     finally:
         if out is not sys.stdout:
             out.close()
-    if args.split and prep.task == "classification" and len(x):
-        hits = sum(a == b for a, b in zip(labels, cols["prediction"], strict=True))
-        print(f"{args.split} accuracy {hits / len(x):.4f} ({hits}/{len(x)})", file=sys.stderr)
-    return 0
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -5,7 +5,13 @@ embeddings the cluster sent) and the reducer from the run's checkpoints into one
 ``nn.Module`` taking the experts' preprocessed views. ``load_predictor(run_dir)`` wraps it with
 the run's preprocessing (column -> view assignment, standardisation) so that it takes raw
 feature rows in the training column order; ``predict_frame`` and ``traci predict`` use it, and
-``traci export`` writes it to one file (``traci_ml/export.py``). See docs/predict.md.
+``traci export`` writes it to one file (``traci_ml/export.py``).
+
+``load_id_predictor(run_dir)`` / ``predict_ids(run_dir, ids)`` predict rows **by id**: for a
+parties run (``data.source: parties``) every expert reads its own file, standardises it with
+its checkpoint's statistics and embeds the rows it holds (zeros and a masked token for the rows
+it lacks), as the cluster does; for a one-table run the id is the row's number in the table.
+``traci predict --split`` and ``--ids`` use it. See docs/predict.md.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +33,9 @@ import yaml
 from torch import nn
 
 from traci_ml import checkpoint, data
+from traci_ml.align import IdIndex
 from traci_ml.config import Config, validate
-from traci_ml.data import view_specs
+from traci_ml.data import load_expert_data, load_labels, view_specs
 from traci_ml.errors import CheckpointError, ConfigError, DataError
 from traci_ml.services.reducer.model import Reducer
 from traci_ml.services.reducer.records import write_json_atomic
@@ -36,6 +44,11 @@ from traci_ml.tensors import TORCH_DTYPES
 log = logging.getLogger(__name__)
 PREPROCESS_FILE = "preprocess.json"  # written by the reducer when a run starts
 PREPROCESS_FORMAT = 1
+BATCH_ROWS = 4096  # rows through the model at a time
+PARTIES_NO_TABLE = (
+    "a parties run (data.source: parties) has no one table: every expert standardises its own "
+    "file; predict it by id (traci predict --ids / --split, predict_ids)"
+)
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,8 @@ class Preprocess:
 def raw_table(config: Config) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]:
     """The unstandardised table training reads: (x (n, F) float32, y, columns, classes)."""
     cfg = config.data
+    if cfg.source == "parties":
+        raise DataError(PARTIES_NO_TABLE)
     if cfg.source == "digits":
         return data._digits()
     if cfg.source == "synthetic":
@@ -154,19 +169,35 @@ def write_preprocess(config: Config, run_path: Path) -> None:
 
 def split_rows(config: Config, prep: Preprocess, split: str) -> tuple[np.ndarray, list[str]]:
     """Raw feature rows (n, F) of the run's own train or test split, and their labels."""
+    x, y, _, classes = checked_table(config, prep, "--split")
+    train, test = split_index(len(x), config)
+    rows = train if split == "train" else test
+    labels = [fmt_cell(v) for v in label_values(y[rows], prep)]
+    return x[rows], labels
+
+
+def checked_table(
+    config: Config, prep: Preprocess, what: str
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]:
+    """``raw_table``, refused when a csv file is gone or changed since training."""
     if config.data.source == "csv" and prep.data_sha256 is not None:
         path = Path(config.data.path or "")
         try:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError as exc:
-            raise DataError(f"--split needs the training file {path}: {exc.strerror}") from None
+            raise DataError(f"{what} needs the training file {path}: {exc.strerror}") from None
         if digest != prep.data_sha256:
             raise DataError(f"data file {path} changed since training: cannot rebuild its split")
-    x, y, _, classes = raw_table(config)
-    train, test = split_index(len(x), config)
-    rows = train if split == "train" else test
-    labels = [classes[v] for v in y[rows]] if classes else [fmt_cell(float(v)) for v in y[rows]]
-    return x[rows], labels
+    return raw_table(config)
+
+
+def label_values(y: np.ndarray, prep: Preprocess) -> list[Any]:
+    """The labels of raw ``y`` as the reducer writes them (eval_predictions.csv): class names,
+    or regression targets standardised in float32 as training did, then de-standardised."""
+    if prep.task == "classification":
+        return [prep.classes[int(k)] for k in y]
+    ys = ((y - prep.y_mean) / prep.y_std).astype(np.float32)  # as data._split
+    return [float(t) * prep.y_std + prep.y_mean for t in ys]
 
 
 # -- the model ----------------------------------------------------------------------------
@@ -252,8 +283,12 @@ def load_predictor(run_dir: str | Path, *, device: str = "cpu") -> Predictor:
     """The run's full model taking raw feature rows; see ``Predictor``."""
     run_path = Path(run_dir)
     config = read_config(run_path)
+    if config.data.source == "parties":
+        raise DataError(f"{run_path}: {PARTIES_NO_TABLE}")
     prep = load_preprocess(run_path, config)
-    return Predictor(_assemble(run_path, config, prep), prep, config).to(device).eval()
+    in_dims = [len(cols) for _, cols in prep.views]
+    model, _ = _assemble(run_path, config, in_dims, prep.out_dim)
+    return Predictor(model, prep, config).to(device).eval()
 
 
 def load_model(run_dir: str | Path, *, device: str = "cpu") -> TraciModel:
@@ -261,34 +296,39 @@ def load_model(run_dir: str | Path, *, device: str = "cpu") -> TraciModel:
     return load_predictor(run_dir, device=device).model
 
 
-def _assemble(run_path: Path, config: Config, prep: Preprocess) -> TraciModel:
+def _assemble(
+    run_path: Path, config: Config, in_dims: list[int], out_dim: int
+) -> tuple[TraciModel, list[dict[str, Any]]]:
+    """The model from the checkpoints, and each expert's checkpoint (its other contents:
+    a party's standardisation)."""
     # Here, not at the top: the reducer imports this module (write_preprocess), and services
     # do not import each other.
     from traci_ml.services.expert.model import build_expert_net
 
     ckpt = run_path / "checkpoints"
-    names = [f"expert-{i}.pt" for i in range(len(prep.views))] + ["reducer.pt"]
+    names = [f"expert-{i}.pt" for i in range(len(in_dims))] + ["reducer.pt"]
     missing = [n for n in names if not (ckpt / n).exists()]
     if len(missing) == len(names):
         raise CheckpointError(f"{run_path} has no checkpoints: train it first (traci up)")
     if missing:
         raise CheckpointError(f"{ckpt} lacks {', '.join(missing)}")
-    experts, seqs = [], []
+    experts, seqs, states = [], [], []
     with torch.random.fork_rng(devices=[]):  # building nets draws initial weights
-        for i, (_, cols) in enumerate(prep.views):
+        for i, in_dim in enumerate(in_dims):
             path = ckpt / f"expert-{i}.pt"
             state = checkpoint.load(path, run_id=config.run_id, expert_id=i)
             net = build_expert_net(
                 config.expert_model(i),
-                in_dim=len(cols),
+                in_dim=in_dim,
                 out_dim=config.embed_dim,
                 key=config.expert_model_key(i),
             )
             _load_state(net, state, "target", path)
             experts.append(net.eval().requires_grad_(False))
             seqs.append(state.get("seq_next"))
+            states.append(state)
         reducer = Reducer(
-            n_experts=len(prep.views), d=config.embed_dim, out_dim=prep.out_dim, cfg=config.reducer
+            n_experts=len(in_dims), d=config.embed_dim, out_dim=out_dim, cfg=config.reducer
         )
     path = ckpt / "reducer.pt"
     state = checkpoint.load(path, run_id=config.run_id)
@@ -300,7 +340,8 @@ def _assemble(run_path: Path, config: Config, prep: Preprocess) -> TraciModel:
             seqs,
             state.get("last_seq"),
         )
-    return TraciModel(experts, reducer.eval().requires_grad_(False), config.expert.dtype)
+    model = TraciModel(experts, reducer.eval().requires_grad_(False), config.expert.dtype)
+    return model, states
 
 
 def _load_state(net: nn.Module, state: dict[str, Any], key: str, path: Path) -> None:
@@ -382,6 +423,10 @@ def predict_frame(model: Predictor | str | Path, frame: Mapping[str, Any]) -> di
 
 
 def fmt_cell(v: Any) -> str:
+    """A CSV cell as eval_predictions.csv writes it: floats with 9 significant digits (a
+    float32 round-trips), None (no label) empty."""
+    if v is None:
+        return ""
     return f"{float(v):.9g}" if isinstance(v, (float, np.floating)) else str(v)
 
 
@@ -403,3 +448,301 @@ def read_csv(path: Path, columns: tuple[str, ...]) -> tuple[np.ndarray, dict[str
     frame = {h: [row[k] for _, row in lines[1:]] for k, h in enumerate(header)}
     x = features_from(frame, columns, where=str(path), lines=[n for n, _ in lines[1:]])
     return x, frame
+
+
+# -- prediction by id: parties runs, and one-table runs by row number ------------------------
+
+# A text id is an int when every cell is a plain decimal integer that fits int64, as a party's
+# CSV id column is read (traci_ml.parties): "007" keeps its zeros, so all of them stay str.
+_INT_ID = re.compile(r"-?(0|[1-9][0-9]{0,17})")
+
+
+def id_kind(ids: np.ndarray) -> str:
+    return "int" if ids.dtype.kind in "iu" else "str"
+
+
+def parse_ids(cells: Sequence[str], where: Sequence[str] | str = "--ids") -> np.ndarray:
+    """Ids from text cells: int64 when every cell is a plain decimal integer, else str.
+    ``where``: one place for all (``--ids``) or one per cell (``ids.csv line 3``)."""
+    text = [c.strip() for c in cells]
+    for i, c in enumerate(text):
+        if not c:
+            at = where if isinstance(where, str) else where[i]
+            raise DataError(f"{at}: id {i} is empty")
+    if all(_INT_ID.fullmatch(c) for c in text):
+        return np.array([int(c) for c in text], dtype=np.int64)
+    return np.array(text, dtype=str)
+
+
+def as_ids(ids: Sequence[int] | Sequence[str] | np.ndarray) -> np.ndarray:
+    """Ids given in Python (ints or strs, or a numpy integer or string array) as an array of
+    one kind: int64 or str. Their type is kept (the str "12" is not the int 12)."""
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1:
+            raise DataError(f"ids must be one-dimensional, got shape {ids.shape}")
+        if ids.dtype.kind in "iu":
+            return ids.astype(np.int64)
+        if ids.dtype.kind == "U":
+            return ids
+        ids = ids.tolist()
+    values = list(ids)
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        return np.array(values, dtype=np.int64)
+    if all(isinstance(v, (str, np.str_)) for v in values):
+        return np.array(values, dtype=str)
+    kinds = sorted({type(v).__name__ for v in values})
+    raise DataError(f"ids must be all ints or all strs, got {', '.join(kinds)}")
+
+
+def read_ids(spec: str, id_column: str = "id") -> np.ndarray:
+    """``--ids``: a CSV or Parquet file with the column ``id_column``, or ids inline
+    (``12,57,903``). A path that exists is read as a file."""
+    path = Path(spec)
+    suffix = path.suffix.lower()
+    if path.is_file():
+        if suffix in (".parquet", ".pq"):
+            return _parquet_ids(path, id_column)
+        return _csv_ids(path, id_column)
+    if suffix in (".csv", ".parquet", ".pq") or "/" in spec:
+        raise DataError(f"--ids {spec}: no such file")
+    if not spec.strip():
+        raise DataError("--ids is empty: give ids (12,57,903) or a file with an id column")
+    return parse_ids(spec.split(","), "--ids")
+
+
+def _csv_ids(path: Path, id_column: str) -> np.ndarray:
+    header: list[str] | None = None
+    cells, lines = [], []
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            for record in reader:
+                if not record:
+                    continue
+                if header is None:
+                    header = [h.strip() for h in record]
+                    if id_column not in header:
+                        shown = header[:10] + (["..."] if len(header) > 10 else [])
+                        raise DataError(f"{path}: no id column {id_column!r} (data.id); the "
+                                        f"file has {shown}")  # fmt: skip
+                    at = header.index(id_column)
+                    continue
+                if len(record) != len(header):
+                    raise DataError(f"{path} line {reader.line_num}: {len(record)} fields, the "
+                                    f"header has {len(header)}")  # fmt: skip
+                cells.append(record[at])
+                lines.append(f"{path} line {reader.line_num}")
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not a readable CSV: {exc}") from None
+    if header is None:
+        raise DataError(f"{path} is empty: it needs a header with the id column {id_column!r}")
+    return parse_ids(cells, lines)
+
+
+def _parquet_ids(path: Path, id_column: str) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+        if id_column not in names:
+            raise DataError(f"{path}: no id column {id_column!r} (data.id); the file has "
+                            f"{names[:10]}")  # fmt: skip
+        col = pq.read_table(path, columns=[id_column]).column(id_column)
+    except (pa.ArrowException, OSError) as exc:
+        why = " ".join(str(exc).split())
+        raise DataError(f"{path}: not a readable Parquet file: {why}") from None
+    if col.null_count:
+        raise DataError(f"{path}: id column {id_column!r} has {col.null_count} empty cell(s)")
+    if pa.types.is_integer(col.type):  # the Parquet type decides, as for a party's file
+        return np.asarray(col.to_numpy(), dtype=np.int64)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return np.array(col.to_pylist(), dtype=str)
+    raise DataError(f"{path}: id column {id_column!r} has type {col.type}: ids are integers or "
+                    "strings")  # fmt: skip
+
+
+@dataclass
+class IdPredictor:
+    """A run's experts and reducer over the rows each expert holds, looked up by id: for each
+    id every expert embeds its own row of it (a row it lacks: masked), then the reducer reads
+    the tokens with that per-row mask, as the cluster does (``predict``). Build it with
+    ``load_id_predictor``."""
+
+    config: Config
+    model: TraciModel  # the experts' target nets and the reducer
+    tables: list[np.ndarray]  # per expert: (n_i, F_i) float32, standardised as in training
+    indexes: list[IdIndex]  # per expert: id -> row of its table
+    kind: str  # the run's id type: "int" or "str"
+    ids_of: str  # where the run's ids come from, for messages
+    task: str
+    classes: tuple[str, ...]
+    y_mean: float
+    y_std: float
+    labels: IdIndex  # the label holder's ids ...
+    label_of: list[Any]  # ... and their labels, as eval_predictions.csv writes them
+    splits: dict[str, np.ndarray]  # "train"/"test" -> the split's ids in order
+    device: torch.device
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.tables)
+
+    def check_kind(self, ids: np.ndarray, where: str = "ids") -> None:
+        kind = id_kind(ids)
+        if kind != self.kind and len(ids):
+            raise DataError(f"{where} are {kind} ids ({ids[0].item()!r}, ...), but the run's "
+                            f"ids are {self.kind} ({self.ids_of}): ids of one type never match "
+                            "the other's")  # fmt: skip
+
+    @torch.no_grad()
+    def outputs(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(outputs, absent) for ``ids``: class probabilities (n, C) or predictions (n,) in
+        the label's units, and (n, N) bool, True where expert i holds no row of the id."""
+        out_dim = len(self.classes) if self.task == "classification" else 1
+        outs = [np.zeros((0, out_dim) if out_dim > 1 else (0,), np.float32)]
+        absent = np.ones((len(ids), self.n_experts), dtype=bool)
+        d, dev = self.config.embed_dim, self.device
+        for start in range(0, len(ids), BATCH_ROWS):
+            chunk = ids[start : start + BATCH_ROWS]
+            tokens = torch.zeros((len(chunk), self.n_experts, d), device=dev)
+            for i, (net, table, index) in enumerate(
+                zip(self.model.experts, self.tables, self.indexes, strict=True)
+            ):
+                local = index.find(chunk)
+                held = local >= 0
+                absent[start : start + len(chunk), i] = ~held
+                if held.any():  # as the expert's _embed: the net sees the rows it holds only
+                    x = torch.from_numpy(table[local[held]]).to(dev)
+                    tokens[torch.from_numpy(held).to(dev), i] = net(x).float()
+            if self.model.wire is not None:  # the wire's rounding, as TraciModel
+                tokens = tokens.to(self.model.wire).float()
+            mask = torch.from_numpy(absent[start : start + len(chunk)]).to(dev)
+            logits, _ = self.model.reducer(tokens, mask)
+            if self.task == "classification":
+                outs.append(logits.softmax(dim=-1).cpu().numpy())
+            else:
+                outs.append((logits[:, 0] * self.y_std + self.y_mean).cpu().numpy())
+        return np.concatenate(outs), absent
+
+    def predict(self, ids: Sequence[int] | Sequence[str] | np.ndarray) -> dict[str, list]:
+        """The output columns for ``ids`` (one line each, in order; an id no expert holds
+        gets the [CLS]-only output with every expert in ``absent``): ``row`` (0-based),
+        ``id``, ``label`` (None where the label holder has none), ``prediction``,
+        ``prob_<class>`` (classification) and ``absent``."""
+        ids = as_ids(ids)
+        self.check_kind(ids)
+        at = self.labels.find(ids)
+        labels = [self.label_of[k] if k >= 0 else None for k in at.tolist()]
+        return self._columns(ids, np.arange(len(ids)), labels, *self.outputs(ids))
+
+    def predict_split(self, split: str) -> tuple[dict[str, list], int]:
+        """The run's own ``split`` (``row``: the row of the split), less the rows no expert
+        holds, which the cluster's evaluation leaves out too; and how many those were."""
+        ids = self.splits[split]
+        out, absent = self.outputs(ids)
+        keep = np.flatnonzero(~absent.all(axis=1))
+        at = self.labels.find(ids[keep])
+        labels = [self.label_of[k] for k in at.tolist()]
+        cols = self._columns(ids[keep], keep, labels, out[keep], absent[keep])
+        return cols, len(ids) - len(keep)
+
+    def _columns(
+        self,
+        ids: np.ndarray,
+        rows: np.ndarray,
+        labels: list[Any],
+        out: np.ndarray,
+        absent: np.ndarray,
+    ) -> dict[str, list]:
+        cols: dict[str, list] = {"row": rows.tolist(), "id": ids.tolist(), "label": labels}
+        if self.task == "classification":
+            cols["prediction"] = [self.classes[k] for k in out.argmax(axis=1).tolist()]
+            cols.update({f"prob_{c}": out[:, k].tolist() for k, c in enumerate(self.classes)})
+        else:
+            cols["prediction"] = out.tolist()
+        cols["absent"] = [" ".join(str(i) for i in np.flatnonzero(a)) for a in absent]
+        return cols
+
+
+def load_id_predictor(run_dir: str | Path, *, device: str | torch.device = "cpu") -> IdPredictor:
+    """The run's model over its experts' own rows, by id (see ``IdPredictor``). A parties
+    run reads every party's file and the label file (everything on one machine); a one-table
+    run reads its table (a csv must be the file it trained on)."""
+    from traci_ml.tensors import resolve_device
+
+    run_path = Path(run_dir)
+    config = read_config(run_path)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if config.data.source != "parties":
+        return _one_table_ids(run_path, config, dev)
+    ds = load_labels(config)
+    assert ds.ids_train is not None and ds.ids_test is not None  # load_labels sets them
+    parties = [load_expert_data(config, i) for i in range(ds.n_experts)]
+    model, states = _assemble(run_path, config, [p.table.shape[1] for p in parties], ds.out_dim)
+    labels = config.data.labels
+    assert labels is not None  # a parties config has them
+    ids_of = f"{labels.path}, id column {labels.id or config.data.id!r}"
+    kind = id_kind(ds.ids_train)
+    for i, (party, state) in enumerate(zip(parties, states, strict=True)):
+        if party.id_type != kind:
+            raise DataError(f"{party.source}: {party.id_type} ids, but the label holder's are "
+                            f"{kind} ({ids_of})")  # fmt: skip
+        if state.get("mean") is None or state.get("std") is None:
+            raise CheckpointError(f"{run_path / 'checkpoints' / f'expert-{i}.pt'} holds no "
+                                  "standardisation (mean, std) of its party's table: was the "
+                                  "expert ever aligned?")  # fmt: skip
+        mean, std = state["mean"].numpy(), state["std"].numpy()
+        if mean.shape != (party.table.shape[1],) or std.shape != mean.shape:
+            raise CheckpointError(f"expert-{i}.pt: mean/std of {mean.shape[0]} columns, "
+                                  f"{party.source} has {party.table.shape[1]}")  # fmt: skip
+        party.standardise(mean, std)  # in place, as the expert restores its checkpoint
+    all_ids = np.concatenate([ds.ids_train, ds.ids_test])
+    y = np.concatenate([ds.y_train, ds.y_test])
+    label_of = (
+        [ds.classes[int(k)] for k in y]
+        if ds.task == "classification"
+        else [float(t) * ds.y_std + ds.y_mean for t in y]  # standardised float32 already
+    )
+    return IdPredictor(
+        config, model.to(dev).eval(), [p.table for p in parties],
+        [IdIndex(p.ids) for p in parties], kind, ids_of, ds.task,
+        ds.classes if ds.task == "classification" else (), ds.y_mean, ds.y_std,
+        IdIndex(all_ids), label_of, {"train": ds.ids_train, "test": ds.ids_test}, dev,
+    )  # fmt: skip
+
+
+def _one_table_ids(run_path: Path, config: Config, dev: torch.device) -> IdPredictor:
+    """One table: every expert holds every row, its id the row's number in the table."""
+    prep = load_preprocess(run_path, config)
+    model, _ = _assemble(run_path, config, [len(c) for _, c in prep.views], prep.out_dim)
+    x, y, columns, _ = checked_table(config, prep, "predicting by id")
+    if tuple(columns) != prep.columns:
+        raise DataError(f"the run's table has columns {list(columns)[:5]}..., not those it "
+                        "trained on (preprocess.json)")  # fmt: skip
+    xs = (x - prep.mean) / prep.std  # float32, as data._split standardises
+    ids = np.arange(len(x), dtype=np.int64)
+    index = IdIndex(ids)
+    train, test = split_index(len(x), config)
+    return IdPredictor(
+        config, model.to(dev).eval(),
+        [np.ascontiguousarray(xs[:, prep.view_index(i)]) for i in range(len(prep.views))],
+        [index] * len(prep.views), "int", "the row numbers of its one table", prep.task,
+        prep.classes, prep.y_mean, prep.y_std, index, label_values(y, prep),
+        {"train": train.astype(np.int64), "test": test.astype(np.int64)}, dev,
+    )  # fmt: skip
+
+
+def predict_ids(
+    run: str | Path | IdPredictor,
+    ids: Sequence[int] | Sequence[str] | np.ndarray,
+    *,
+    device: str = "cpu",
+) -> dict[str, list]:
+    """Predict the rows with these ids: the columns of ``traci predict --ids`` (``row``,
+    ``id``, ``label``, ``prediction``, ``prob_<class>``..., ``absent``) as lists. ``run``: a
+    run directory, or an ``IdPredictor`` from ``load_id_predictor`` (loaded once)."""
+    predictor = run if isinstance(run, IdPredictor) else load_id_predictor(run, device=device)
+    return predictor.predict(ids)

@@ -1,6 +1,7 @@
 """A real `traci up` run, then the trained model offline: `traci predict --split test` equals
-the reducer's own final evaluation row by row, and the TorchScript and ONNX exports reproduce
-`traci predict`.
+the reducer's own final evaluation (eval_predictions.csv) row by row and column for column,
+for a one-table run and for a parties run (every expert reading its own file, rows some
+parties lack masked); the TorchScript and ONNX exports reproduce `traci predict`.
 
 The run uses the default pipelined window (2): an expert sends an eval batch only after its
 in-flight train steps are applied, so the final evaluation sees the checkpoint's target
@@ -22,7 +23,9 @@ import torch
 
 from traci_ml import predict as P
 from traci_ml.cli import main
+from traci_ml.config import load_config
 from traci_ml.export import export
+from traci_ml.partysplit import split_run
 
 pytestmark = pytest.mark.integration
 TRACI = [sys.executable, "-m", "traci_ml.cli"]
@@ -54,7 +57,8 @@ def test_offline_prediction_equals_the_reducers_final_eval(run_config, tmp_path,
     offline, served = read_rows(out), read_rows(run / "eval_predictions.csv")
     assert len(offline) == len(served) == summary["eval_history"][-1]["samples"] == 359
     assert all(r["absent"] == "" for r in served)  # every expert present at the final eval
-    for key in ("row", "label", "prediction"):
+    assert list(offline[0]) == list(served[0])  # row, id, label, prediction, prob_*, absent
+    for key in ("row", "id", "label", "prediction", "absent"):
         assert [r[key] for r in offline] == [r[key] for r in served], key
     np.testing.assert_allclose(probs(offline), probs(served), rtol=1e-5, atol=1e-7)
     hits = sum(r["prediction"] == r["label"] for r in offline)
@@ -77,3 +81,44 @@ def test_offline_prediction_equals_the_reducers_final_eval(run_config, tmp_path,
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"features": x})[1], want, rtol=1e-5, atol=1e-6)
     print(f"exports: torchscript {ts.stat().st_size:,} B, onnx {onnx_path.stat().st_size:,} B")
+
+
+@pytest.mark.timeout(300)
+def test_parties_split_test_equals_the_reducers_final_eval(run_config, tmp_path, capsys):
+    """digits split into 4 party files (each keeps 70% of the ids, in its own row order),
+    trained 300 steps; offline every expert reads its own file and standardises it with its
+    checkpoint's statistics."""
+    path, cfg = run_config({"train": {"steps": 300, "eval_every": 0, "checkpoint_every": 0}})
+    parties = split_run(load_config(path, env={}), tmp_path / "files", overlap=0.7)
+    proc = subprocess.run([*TRACI, "up", str(parties)], capture_output=True, text=True,
+                          timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = Path(cfg["run_dir"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 300 and not (run / "preprocess.json").exists()
+
+    out = tmp_path / "pred.csv"
+    assert main(["predict", "--run", str(run), "--split", "test", "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    offline, served = read_rows(out), read_rows(run / "eval_predictions.csv")
+    assert len(offline) == len(served) == summary["eval_history"][-1]["samples"]
+    assert 340 < len(served) < 359  # the rows no party holds are left out by both
+    assert list(offline[0]) == list(served[0])  # row, id, label, prediction, prob_*, absent
+    for key in ("row", "id", "label", "prediction", "absent"):
+        assert [r[key] for r in offline] == [r[key] for r in served], key
+    assert any(r["absent"] for r in served)  # some parties lack some rows
+    np.testing.assert_allclose(probs(offline), probs(served), rtol=1e-5, atol=1e-5)
+    hits = sum(r["prediction"] == r["label"] for r in offline)
+    assert hits / len(offline) == pytest.approx(summary["test_accuracy"], abs=1e-7)
+    assert f"test accuracy {hits / len(offline):.4f}" in err
+    worst = np.abs(probs(offline) - probs(served)).max()
+    print(f"parties: {len(offline)} rows, accuracy {hits}/{len(offline)}, max |dp| {worst:.2e}")
+
+    # by id: the same lines for the same ids, and an id no party holds gets every expert
+    ids = [int(r["id"]) for r in served[:20]] + [10**9]
+    got = P.predict_ids(run, ids)
+    assert got["absent"][:20] == [r["absent"] for r in served[:20]]
+    assert got["label"][:20] == [r["label"] for r in served[:20]]
+    assert got["absent"][20] == "0 1 2 3" and got["label"][20] is None
+    np.testing.assert_allclose(np.array([got[f"prob_{c}"][:20] for c in CLASSES]).T,
+                               probs(served[:20]), rtol=1e-5, atol=1e-5)  # fmt: skip
