@@ -3,11 +3,17 @@ encoding and checks in ``wire.py``; docs/protocol.md explains both."""
 
 from traci_ml.proto.fast import decode, encode  # wire's checks, fast for the hot kinds
 from traci_ml.proto.messages import (
+    ALIGN_EXPERT_STAGES,
+    ALIGN_REDUCER_STAGES,
+    ALIGN_STAGES,
+    ALIGN_WAIT,
+    BLOB_DTYPES,
     DTYPES,
     HELD,
     KINDS,
     SERVE_OK,
     Ack,
+    Align,
     Batch,
     Drop,
     Emb,
@@ -34,11 +40,18 @@ from traci_ml.proto.wire import (
     VALUE_REASONS,
     VERSION,
     is_finite,
+    pack_rows,
     tensors_of,
+    unpack_rows,
     value_problem,
 )
 
 __all__ = [
+    "ALIGN_EXPERT_STAGES",
+    "ALIGN_REDUCER_STAGES",
+    "ALIGN_STAGES",
+    "ALIGN_WAIT",
+    "BLOB_DTYPES",
     "DEFAULT_MAX_ABS",
     "DTYPES",
     "HELD",
@@ -52,6 +65,7 @@ __all__ = [
     "VALUE_REASONS",
     "VERSION",
     "Ack",
+    "Align",
     "Batch",
     "Drop",
     "Emb",
@@ -70,6 +84,8 @@ __all__ = [
     "decode",
     "encode",
     "is_finite",
+    "pack_rows",
     "tensors_of",
+    "unpack_rows",
     "value_problem",
 ]

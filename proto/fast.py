@@ -138,8 +138,8 @@ def _seq(header: dict, key: str = "seq") -> int | None:
 
 def emb_fields(
     frames: Sequence[FrameLike], check_finite: bool = True
-) -> tuple[int, int, str, Tensor] | None:
-    """``(seq, expert_id, phase, tensor)`` of a well-formed EMB, without building the
+) -> tuple[int, int, str, Tensor, bytes] | None:
+    """``(seq, expert_id, phase, tensor, rows)`` of a well-formed EMB, without building the
     ``Emb`` (the broker's hot path); None for anything else, which ``decode`` then accepts
     or rejects with its reason. Never raises."""
     if len(frames) != 2:
@@ -158,7 +158,16 @@ def emb_fields(
 
 def _emb(header: dict, frame: FrameLike, check_finite: bool) -> tuple | None:
     version, seq, eid = header.get("v"), header.get("seq"), header.get("expert_id")
-    if len(header) != 6 or type(version) is not int or type(seq) is not int:
+    size = len(header)
+    if size == 6:
+        rows = b""
+    elif size == 7:  # with its row bitmap (an absent key makes another one missing)
+        rows = header.get("rows")
+        if type(rows) is not bytes:
+            return None
+    else:
+        return None
+    if type(version) is not int or type(seq) is not int:
         return None
     phase, specs = header.get("phase"), header.get("t")
     if type(eid) is not int or version != VERSION or not 0 <= seq <= MAX_SEQ:
@@ -168,7 +177,15 @@ def _emb(header: dict, frame: FrameLike, check_finite: bool) -> tuple | None:
     if type(specs) is not list or len(specs) != 1:
         return None
     tensor = _tensor(specs[0], frame, check_finite)
-    return None if tensor is None else (seq, eid, phase, tensor)
+    if tensor is None or (rows and not _rows_ok(rows, tensor.shape[0])):
+        return None
+    return seq, eid, phase, tensor, rows
+
+
+def _rows_ok(bits: bytes, n: int) -> bool:
+    """``bits`` is the row bitmap of ``n`` rows (``wire.rows_problem`` finds nothing)."""
+    tail = n & 7
+    return len(bits) == (n + 7) >> 3 and not (tail and bits[-1] >> tail)
 
 
 def _fast(frames: Sequence[FrameLike], check_finite: bool) -> Message | None:
@@ -248,19 +265,24 @@ def _uint(n: int) -> bytes:
     return _PACK_U64(0xCF, n)
 
 
-def _header(kind: str, seq: int, rest: tuple) -> bytes:
-    """``packb({"v": VERSION, "k": kind, "seq": seq, **dict(rest)})``."""
+def _header(kind: str, seq: int, rest: tuple, tail: tuple = ()) -> bytes:
+    """``packb({"v": VERSION, "k": kind, "seq": seq, **dict(rest), **dict(tail)})``; the
+    pieces of ``rest`` are cached, those of ``tail`` (values that change, e.g. a row bitmap)
+    are packed each time."""
     if type(seq) is not int or not 0 <= seq < 1 << 64:
-        return _packb({"v": VERSION, "k": kind, "seq": seq, **dict(rest)})
-    key = (kind, rest)
+        return _packb({"v": VERSION, "k": kind, "seq": seq, **dict(rest), **dict(tail)})
+    key = (kind, rest, len(tail))
     pieces = _PIECES.get(key)
     if pieces is None:
         if len(_PIECES) >= 4096:
             _PIECES.clear()
-        head = bytes((0x80 | (3 + len(rest)),))
+        head = bytes((0x80 | (3 + len(rest) + len(tail)),))
         head += b"".join(_packb(x) for x in ("v", VERSION, "k", kind, "seq"))
         pieces = _PIECES[key] = (head, b"".join(_packb(k) + _packb(v) for k, v in rest))
-    return pieces[0] + _uint(seq) + pieces[1]
+    header = pieces[0] + _uint(seq) + pieces[1]
+    for k, v in tail:
+        header += _packb(k) + _packb(v, use_bin_type=True)
+    return header
 
 
 def _specs(tensors: tuple[Tensor, ...]) -> tuple | None:
@@ -291,7 +313,7 @@ def encode(msg: Message) -> list[FrameLike]:
     if cls is Batch:
         tensors, present, phase = msg.tensors, msg.present, msg.phase
         specs = _specs(tensors) if tensors else ()
-        if specs is not None and type(present) is tuple and type(phase) is str:
+        if specs is not None and type(present) is tuple and type(phase) is str and not msg.rows:
             for flag in present:
                 if type(flag) is not bool:
                     break
@@ -308,11 +330,16 @@ def encode(msg: Message) -> list[FrameLike]:
                 ("expert_id", msg.expert_id),)  # fmt: skip
             return [_header("GRAD", msg.seq, rest), *(t.data for t in tensors)]
     elif cls is Emb:
-        tensor = msg.tensor
+        tensor, rows = msg.tensor, msg.rows
         specs = _specs((tensor,))
         if specs is not None and _ints(msg.expert_id) and type(msg.phase) is str:
-            rest = (("expert_id", msg.expert_id), ("phase", msg.phase), ("t", specs))
-            return [_header("EMB", msg.seq, rest), tensor.data]
+            if not rows:
+                rest = (("expert_id", msg.expert_id), ("phase", msg.phase), ("t", specs))
+                return [_header("EMB", msg.seq, rest), tensor.data]
+            if type(rows) is bytes:  # the bitmap changes from step to step: not cached
+                rest = (("expert_id", msg.expert_id), ("phase", msg.phase))
+                tail = (("rows", rows), ("t", specs))
+                return [_header("EMB", msg.seq, rest, tail), tensor.data]
     elif cls is Ack:
         return [_header("ACK", msg.seq, ())]
     return wire.encode(msg)

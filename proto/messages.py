@@ -23,6 +23,13 @@ DTYPES: dict[str, tuple[int, Any]] = {
     "float16": (2, np.dtype("<f2")),
     "bfloat16": (2, None),
 }
+# Raw (non-float) dtypes, accepted only in ALIGN tensors (ids, hashed ids, ciphertexts): never
+# value-checked, never an embedding. dtype name -> (itemsize, numpy dtype).
+BLOB_DTYPES: dict[str, tuple[int, Any]] = {
+    "int64": (8, np.dtype("<i8")),
+    "uint8": (1, np.dtype("u1")),
+}
+ALL_DTYPES: dict[str, tuple[int, Any]] = {**DTYPES, **BLOB_DTYPES}
 
 FrameLike = Any  # bytes, bytearray, memoryview, or a zmq.Frame (which has .buffer)
 
@@ -45,16 +52,18 @@ class Tensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][0]
+        return math.prod(self.shape) * ALL_DTYPES[self.dtype][0]
 
     def numpy(self) -> np.ndarray:
         """A read-only numpy view (no copy). bfloat16 comes back as raw uint16."""
-        np_dtype = DTYPES[self.dtype][1] or np.dtype("<u2")
+        np_dtype = ALL_DTYPES[self.dtype][1] or np.dtype("<u2")
         return np.frombuffer(self.buffer, dtype=np_dtype).reshape(self.shape)
 
     @classmethod
     def from_numpy(cls, array: np.ndarray) -> Tensor:
-        for name, (_, np_dtype) in DTYPES.items():
+        """A tensor over ``array``'s memory (made C-contiguous first). The blob dtypes
+        (int64, uint8) come out too, but only ALIGN may carry them (decode's ``dtype``)."""
+        for name, (_, np_dtype) in ALL_DTYPES.items():
             if np_dtype is not None and array.dtype == np_dtype:
                 array = np.ascontiguousarray(array)
                 raw = array.reshape(-1).view(np.uint8)  # 1-D bytes, also for empty arrays
@@ -70,6 +79,8 @@ def _buffer(data: FrameLike) -> memoryview:
 
 # --------------------------------------------------------------------------------------
 # Messages. One typed class per kind; ``FIELDS`` is the header schema checked by decode.
+# ``OPTIONAL`` (some kinds): fields added later (issue 10), left out of the header while
+# empty (b"" or ()), so a message without them is byte for byte what it was before.
 # --------------------------------------------------------------------------------------
 
 
@@ -129,27 +140,34 @@ HELD = "held"
 
 @dataclass(frozen=True, slots=True)
 class Emb:
-    """Expert -> broker: the target embedding ``[B, d]`` of step ``seq``."""
+    """Expert -> broker: the target embedding ``[B, d]`` of step ``seq``. ``rows``: which
+    of the B rows the expert holds (a row bitmap, ``wire.pack_rows``; b"": all of them)."""
 
     KIND: ClassVar[str] = "EMB"
     FIELDS: ClassVar[dict[str, type]] = {"seq": int, "expert_id": int, "phase": str}
+    OPTIONAL: ClassVar[dict[str, type]] = {"rows": bytes}
     seq: int
     expert_id: int
     phase: str
     tensor: Tensor
+    rows: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
     """Broker -> reducer: one joined step. ``tensors`` holds one ``[B, d]`` per present
-    expert, in ascending expert id; ``present[i]`` says whether expert ``i`` took part."""
+    expert, in ascending expert id; ``present[i]`` says whether expert ``i`` took part.
+    ``rows``: one row bitmap per present expert, same order as ``tensors`` (b"": that expert
+    holds every row); () when every present expert holds every row."""
 
     KIND: ClassVar[str] = "BATCH"
     FIELDS: ClassVar[dict[str, type]] = {"seq": int, "phase": str, "present": list}
+    OPTIONAL: ClassVar[dict[str, type]] = {"rows": list}
     seq: int
     phase: str
     present: tuple[bool, ...]
     tensors: tuple[Tensor, ...]
+    rows: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,40 +228,50 @@ class Query:
     """Client -> broker: predict raw (unstandardised) feature rows ``[R, F]`` float32 whose
     columns ``columns`` names; ``qid`` is the client's, echoed in its REPLY. Broker ->
     expert: one (batched) query under the broker's ``qid``; the expert picks its view's
-    columns by name."""
+    columns by name.
+
+    Or by id: ``ids`` lists R row ids (all int or all str, unique), ``columns`` is () and
+    there is no tensor: each expert looks the rows up in its own table."""
 
     KIND: ClassVar[str] = "QUERY"
     FIELDS: ClassVar[dict[str, type]] = {"qid": int, "columns": list}
+    OPTIONAL: ClassVar[dict[str, type]] = {"ids": list}
     qid: int
     columns: tuple[str, ...]
-    tensors: tuple[Tensor, ...]  # one [R, F] float32
+    tensors: tuple[Tensor, ...] = ()  # one [R, F] float32; none for a query by id
+    ids: tuple[int, ...] | tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class QEmb:
-    """Expert -> broker: the target embedding ``[R, d]`` of query ``qid`` (status "ok"), or
-    no tensor, the cause (e.g. "missing_columns") and a detail."""
+    """Expert -> broker: the target embedding ``[R, d]`` of query ``qid`` (status "ok") and
+    the row bitmap of the rows it holds (b"": all), or no tensor, the cause (e.g.
+    "missing_columns") and a detail."""
 
     KIND: ClassVar[str] = "QEMB"
     FIELDS: ClassVar[dict[str, type]] = {"qid": int, "expert_id": int, "status": str,
                                          "detail": str}  # fmt: skip
+    OPTIONAL: ClassVar[dict[str, type]] = {"rows": bytes}  # status ok only
     qid: int
     expert_id: int
     status: str
     detail: str
     tensors: tuple[Tensor, ...]
+    rows: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
 class QBatch:
     """Broker -> reducer: query ``qid`` joined, one ``[R, d]`` per present expert in
-    ascending id (``present[i]``: expert ``i`` took part), as in BATCH."""
+    ascending id (``present[i]``: expert ``i`` took part) and ``rows`` as in BATCH."""
 
     KIND: ClassVar[str] = "QBATCH"
     FIELDS: ClassVar[dict[str, type]] = {"qid": int, "present": list}
+    OPTIONAL: ClassVar[dict[str, type]] = {"rows": list}
     qid: int
     present: tuple[bool, ...]
     tensors: tuple[Tensor, ...]
+    rows: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,12 +296,15 @@ class Reply:
     """Broker -> client: the answer to the client's QUERY ``qid`` (-1: a request too broken
     to have one): its rows' outputs as in QOUT, the experts that took part (ids and names),
     and ``batch_rows``, the rows of the batched query it travelled in; or no tensor, the
-    cause and a detail."""
+    cause and a detail. ``rows``: one row bitmap per entry of ``experts`` over this
+    request's R rows, the rows that expert took part in (b"": all); () when every listed
+    expert took part in every row."""
 
     KIND: ClassVar[str] = "REPLY"
     FIELDS: ClassVar[dict[str, type]] = {"qid": int, "status": str, "detail": str,
                                          "task": str, "classes": list, "experts": list,
                                          "expert_names": list, "batch_rows": int}  # fmt: skip
+    OPTIONAL: ClassVar[dict[str, type]] = {"rows": list}
     qid: int
     status: str
     detail: str = ""
@@ -283,14 +314,43 @@ class Reply:
     expert_names: tuple[str, ...] = ()
     batch_rows: int = 0
     tensors: tuple[Tensor, ...] = ()
+    rows: tuple[bytes, ...] = ()
 
 
 SERVE_KINDS = (Query, QEmb, QBatch, QOut, Reply)
+
+
+# ---- id alignment at start-up (docs/parties.md, docs/protocol.md "Alignment"): an expert
+# and the reducer (the label holder) exchange ALIGN messages, relayed by the broker, which
+# never looks inside them. ``stage`` says what a message is:
+ALIGN_EXPERT_STAGES = ("plain", "psi", "held")  # expert -> reducer
+ALIGN_REDUCER_STAGES = ("answer", "error")  # reducer -> expert
+ALIGN_WAIT = "wait"  # broker -> expert: no reducer is registered yet, ask again later
+ALIGN_STAGES = (*ALIGN_EXPERT_STAGES, *ALIGN_REDUCER_STAGES, ALIGN_WAIT)
+
+
+@dataclass(frozen=True, slots=True)
+class Align:
+    """Id alignment at start-up (docs/parties.md): expert <-> reducer, relayed by the broker.
+
+    ``expert_id`` is the expert's (also on the reducer's messages: whom it is for);
+    ``counts`` up to 16 small integers (sizes, rounds; -1 for none); ``tensors`` up to 4
+    raw tensors of any wire dtype or of the blob dtypes int64/uint8 (ids, hashes,
+    ciphertexts), which are never value-checked."""
+
+    KIND: ClassVar[str] = "ALIGN"
+    FIELDS: ClassVar[dict[str, type]] = {"expert_id": int, "stage": str, "detail": str,
+                                         "counts": list}  # fmt: skip
+    expert_id: int
+    stage: str
+    detail: str = ""
+    counts: tuple[int, ...] = ()
+    tensors: tuple[Tensor, ...] = ()
+
+
 Message = (
     Hello | Welcome | Emb | Batch | Grad | Ack | Drop | Heartbeat | Goodbye
-    | Query | QEmb | QBatch | QOut | Reply
+    | Query | QEmb | QBatch | QOut | Reply | Align
 )  # fmt: skip
-KINDS: dict[str, type] = {
-    cls.KIND: cls
-    for cls in (Hello, Welcome, Emb, Batch, Grad, Ack, Drop, Heartbeat, Goodbye, *SERVE_KINDS)
-}
+TRAINING_KINDS = (Hello, Welcome, Emb, Batch, Grad, Ack, Drop, Heartbeat, Goodbye)
+KINDS: dict[str, type] = {cls.KIND: cls for cls in (*TRAINING_KINDS, *SERVE_KINDS, Align)}

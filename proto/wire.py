@@ -30,10 +30,14 @@ import numpy as np
 
 from traci_ml.errors import ProtocolError
 from traci_ml.proto.messages import (
+    ALIGN_STAGES,
+    ALL_DTYPES,
+    BLOB_DTYPES,
     DTYPES,
     KINDS,
     SERVE_KINDS,
     SERVE_OK,
+    Align,
     Batch,
     Emb,
     FrameLike,
@@ -60,6 +64,12 @@ MAX_DIM = 1 << 31
 MAX_STR = 1024
 MAX_SEQ = (1 << 53) - 1
 MAX_COLUMNS = 16384  # column names in a QUERY (the header limit bounds them as well)
+MAX_ALIGN_COUNTS = 16  # integers in ALIGN.counts
+MAX_ALIGN_TENSORS = 4  # tensors in one ALIGN
+ID_MIN, ID_MAX = -(1 << 63), (1 << 63) - 1  # an int row id (QUERY.ids) is a signed 64-bit
+# What the ids of one QUERY may take in its header (packed), leaving room for its other
+# fields: a client's request by id, and the broker's batched one, stay within it.
+MAX_IDS_BYTES = MAX_HEADER_BYTES - 256
 
 ROLES = ("expert", "reducer")
 PHASES = ("train", "eval")
@@ -92,6 +102,11 @@ DEFAULT_MAX_ABS = 1e6
 _REQUIRED: dict[str, frozenset[str]] = {
     "HELLO": frozenset({"role", "run_id", "embed_dim", "dtype"}),
     "WELCOME": frozenset({"ok", "reason", "start_seq"}),
+    "ALIGN": frozenset({"expert_id", "stage"}),
+}
+# Each kind's OPTIONAL fields (messages.py): never required, left out while empty.
+_OPTIONAL: dict[str, dict[str, type]] = {
+    kind: getattr(cls, "OPTIONAL", {}) for kind, cls in KINDS.items()
 }
 
 
@@ -106,6 +121,10 @@ def encode(msg: Message) -> list[FrameLike]:
     for name in msg.FIELDS:
         value = getattr(msg, name)
         header[name] = list(value) if isinstance(value, tuple) else value
+    for name in _OPTIONAL[msg.KIND]:
+        value = getattr(msg, name)
+        if len(value):  # empty: left out, the frames are those of a message without it
+            header[name] = list(value) if isinstance(value, tuple) else value
     tensors = tensors_of(msg)
     if tensors:
         header["t"] = [[t.dtype, list(t.shape)] for t in tensors]
@@ -116,9 +135,56 @@ def tensors_of(msg: Message) -> tuple[Tensor, ...]:
     """The tensors a message carries (none for the kinds without)."""
     if isinstance(msg, Emb):
         return (msg.tensor,)
-    if isinstance(msg, (Batch, Grad, *SERVE_KINDS)):
+    if isinstance(msg, (Batch, Grad, Align, *SERVE_KINDS)):
         return msg.tensors
     return ()
+
+
+# --------------------------------------------------------------------------------------
+# Row bitmaps: which of a tensor's rows a party holds (docs/protocol.md, "Row bitmaps").
+# --------------------------------------------------------------------------------------
+
+
+def pack_rows(mask: Any) -> bytes:
+    """The row bitmap of a 1-D boolean ``mask`` (``mask[i]``: row i present):
+    ``np.packbits(mask, bitorder="little")``, ceil(B/8) bytes, padding bits zero; b"" when
+    every row is present (the same meaning, and what the wire omits)."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_ or mask.ndim != 1:
+        raise ValueError(f"a row mask is a 1-D bool array, got {mask.dtype} of shape {mask.shape}")
+    if mask.all():
+        return b""
+    return np.packbits(mask, bitorder="little").tobytes()
+
+
+def unpack_rows(bits: bytes, n: int) -> np.ndarray:
+    """The ``n`` booleans of row bitmap ``bits`` (b"": all True). A bitmap of the wrong
+    length or with padding bits set is ``ProtocolError("bad_field")``."""
+    problem = rows_problem(bits, n)
+    if problem is not None:
+        raise ProtocolError("bad_field", f"row bitmap: {problem}")
+    if not bits:
+        return np.ones(n, dtype=bool)
+    packed = np.frombuffer(bits, dtype=np.uint8)
+    return np.unpackbits(packed, count=n, bitorder="little").astype(bool)
+
+
+def ids_bytes(ids: Sequence[Any]) -> int:
+    """The bytes a QUERY's ``ids`` take in its header (msgpack), for ``MAX_IDS_BYTES``."""
+    return len(msgpack.packb(list(ids), use_bin_type=True))
+
+
+def rows_problem(bits: bytes, n: int) -> str | None:
+    """What is wrong with ``bits`` as the row bitmap of ``n`` rows; None when it is one."""
+    if not bits:
+        return None
+    need = (n + 7) >> 3
+    if len(bits) != need:
+        return f"{len(bits)} bytes for {n} rows, needs {need}"
+    tail = n & 7
+    if tail and bits[-1] >> tail:
+        return f"padding bits beyond row {n} are set"
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -153,10 +219,15 @@ def decode(frames: Sequence[FrameLike], *, check_finite: bool = True) -> Message
         raise ProtocolError("unknown_kind", f"unknown message kind {kind!r}")
     try:
         fields = _check_fields(cls, header)
-        tensors = _check_tensors(header.get("t", []), frames[1:], check_finite)
+        if cls is Align:  # raw blobs too, and never values: nothing to check for NaN
+            tensors = _check_tensors(header.get("t", []), frames[1:], False, ALL_DTYPES)
+        else:
+            tensors = _check_tensors(header.get("t", []), frames[1:], check_finite)
         try:
             return _build(cls, fields, tensors)
         except ProtocolError:  # NaN/Inf is the verdict whenever it applies, checked or not
+            if cls is Align:
+                raise
             if not check_finite and not all(is_finite(t) for t in tensors):
                 raise ProtocolError("non_finite", "a tensor holds NaN or Inf") from None
             raise
@@ -169,13 +240,14 @@ def decode(frames: Sequence[FrameLike], *, check_finite: bool = True) -> Message
 
 
 def _check_fields(cls: type, header: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(header) - set(cls.FIELDS) - {"v", "k", "t"}
+    optional = _OPTIONAL[cls.KIND]
+    unknown = set(header) - set(cls.FIELDS) - set(optional) - {"v", "k", "t"}
     if unknown:
         names = sorted(repr(k) for k in unknown)
         raise ProtocolError("bad_field", f"{cls.KIND} has unknown fields {', '.join(names)}")
     required = _REQUIRED.get(cls.KIND, frozenset(cls.FIELDS))
     fields: dict[str, Any] = {}
-    for name, typ in cls.FIELDS.items():
+    for name, typ in (cls.FIELDS | optional).items() if optional else cls.FIELDS.items():
         if name not in header:
             if name in required:
                 raise ProtocolError("bad_field", f"{cls.KIND} lacks field {name!r}")
@@ -214,7 +286,10 @@ def _check_hello(fields: dict[str, Any]) -> None:
 
 
 def _check_tensors(
-    specs: Any, frames: Sequence[FrameLike], check_finite: bool
+    specs: Any,
+    frames: Sequence[FrameLike],
+    check_finite: bool,
+    dtypes: dict[str, tuple[int, Any]] = DTYPES,
 ) -> tuple[Tensor, ...]:
     if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
         raise ProtocolError("bad_header", "tensor list 't' is not a list of at most MAX_TENSORS")
@@ -225,13 +300,13 @@ def _check_tensors(
         if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], list)):
             raise ProtocolError("bad_header", f"tensor {i} spec is not [dtype, shape]")
         dtype, shape = spec
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise ProtocolError("dtype", f"tensor {i} dtype {dtype!r} not in {sorted(DTYPES)}")
+        if not isinstance(dtype, str) or dtype not in dtypes:
+            raise ProtocolError("dtype", f"tensor {i} dtype {dtype!r} not in {sorted(dtypes)}")
         if len(shape) > MAX_RANK or not all(
             isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape
         ):
             raise ProtocolError("bad_shape", f"tensor {i} shape {shape!r} is not valid")
-        nbytes = math.prod(shape) * DTYPES[dtype][0]
+        nbytes = math.prod(shape) * dtypes[dtype][0]
         if nbytes > MAX_TENSOR_BYTES:
             raise ProtocolError("oversize", f"tensor {i} of {nbytes} bytes > {MAX_TENSOR_BYTES}")
         got = len(_buffer(frame))
@@ -252,10 +327,12 @@ def value_problem(tensors: Sequence[Tensor], max_abs: float) -> tuple[str, str] 
 
     The protocol's structural checks (``decode``) cannot know a service's bound, so each
     service calls this where values enter it: the broker on EMB/GRAD/QEMB/QOUT/QUERY, the
-    experts on GRAD, the reducer on BATCH."""
+    experts on GRAD, the reducer on BATCH. Blob tensors (int64/uint8, ALIGN's) hold no
+    values: they are skipped."""
     bound = max_abs * max_abs
     for i, tensor in enumerate(tensors):
-        if tensor.dtype == "float32":
+        dtype = tensor.dtype
+        if dtype == "float32":
             # One BLAS pass, the usual verdict: every x*x <= the sum of squares, so a sum
             # within max_abs**2 proves each |x| within max_abs (and finite; NaN fails <=).
             flat = _frombuffer(tensor.buffer, _F4)
@@ -263,6 +340,8 @@ def value_problem(tensors: Sequence[Tensor], max_abs: float) -> tuple[str, str] 
                 squares = float(_vdot(flat, flat))
                 if squares <= bound and _isfinite_scalar(squares):
                     continue
+        elif dtype not in DTYPES:
+            continue  # a blob: ids or bytes, not values
         values = _as_float(tensor)
         if not values.size:
             continue
@@ -290,7 +369,10 @@ def _as_float(tensor: Tensor) -> np.ndarray:
 
 
 def is_finite(tensor: Tensor) -> bool:
-    """True when no element is NaN or Inf (bfloat16: exponent bits not all ones)."""
+    """True when no element is NaN or Inf (bfloat16: exponent bits not all ones); always
+    for a blob (int64/uint8), which holds no floats."""
+    if tensor.dtype in BLOB_DTYPES:
+        return True
     if tensor.dtype == "bfloat16":
         bits = np.frombuffer(tensor.buffer, dtype="<u2")
         return not bool(np.any((bits & 0x7F80) == 0x7F80))
@@ -301,7 +383,9 @@ def _build(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...]) -> Me
     if cls is Emb:
         _expect(len(tensors) == 1, "EMB carries one tensor")
         _expect(len(tensors[0].shape) == 2, "EMB tensor is [B, d]", "bad_shape")
-        return Emb(fields["seq"], fields["expert_id"], fields["phase"], tensors[0])
+        rows = fields.get("rows", b"")
+        _check_rows(rows, tensors[0].shape[0], "EMB.rows")
+        return Emb(fields["seq"], fields["expert_id"], fields["phase"], tensors[0], rows)
     if cls is Batch:
         present = fields["present"]
         _expect(
@@ -313,7 +397,8 @@ def _build(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...]) -> Me
         )
         _expect(len(tensors) == sum(present), "BATCH carries one tensor per present expert")
         _expect(_same_2d(tensors), "BATCH tensors are [B, d] of one shape and dtype", "bad_shape")
-        return Batch(fields["seq"], fields["phase"], tuple(present), tensors)
+        rows = _rows_list(fields.get("rows", []), len(tensors), tensors[0].shape[0], "BATCH")
+        return Batch(fields["seq"], fields["phase"], tuple(present), tensors, rows)
     if cls is Grad:
         _expect(len(tensors) >= 1, "GRAD carries at least one tensor")
         _expect(_same_2d(tensors), "GRAD tensors are [B, d] of one shape and dtype", "bad_shape")
@@ -321,6 +406,8 @@ def _build(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...]) -> Me
         return Grad(fields["seq"], fields["expert_id"], tensors)
     if cls in SERVE_KINDS:
         return _build_serve(cls, fields, tensors)
+    if cls is Align:
+        return _build_align(fields, tensors)
     _expect(not tensors, f"{cls.KIND} carries no tensors")
     return cls(**fields)
 
@@ -335,6 +422,60 @@ def _same_2d(tensors: tuple[Tensor, ...]) -> bool:
 def _expect(condition: bool, what: str, reason: str = "frame_count") -> None:
     if not condition:
         raise ProtocolError(reason, what)
+
+
+def _check_rows(bits: bytes, n: int, what: str) -> None:
+    problem = rows_problem(bits, n)
+    if problem is not None:
+        raise ProtocolError("bad_field", f"{what} is no row bitmap of {n} rows: {problem}")
+
+
+def _rows_list(rows: list, count: int, n: int, kind: str) -> tuple[bytes, ...]:
+    """A ``rows`` list of BATCH/QBATCH/REPLY: () or ``count`` bitmaps (one per present or
+    listed expert), each over ``n`` rows."""
+    if not rows:
+        return ()
+    _expect(
+        len(rows) == count and all(type(r) is bytes for r in rows),
+        f"{kind}.rows is a list of {count} bitmaps (bytes), one per expert",
+        "bad_field",
+    )
+    for k, bits in enumerate(rows):
+        _check_rows(bits, n, f"{kind}.rows[{k}]")
+    return tuple(rows)
+
+
+def _build_align(fields: dict[str, Any], tensors: tuple[Tensor, ...]) -> Align:
+    stage, eid, counts = fields["stage"], fields["expert_id"], fields.get("counts", [])
+    _expect(stage in ALIGN_STAGES, f"ALIGN.stage={stage!r} not in {ALIGN_STAGES}", "bad_field")
+    _expect(0 <= eid < MAX_EXPERTS, f"ALIGN.expert_id={eid} out of range", "bad_field")
+    _expect(
+        len(counts) <= MAX_ALIGN_COUNTS
+        and all(type(c) is int and -1 <= c <= MAX_SEQ for c in counts),
+        f"ALIGN.counts is a list of at most {MAX_ALIGN_COUNTS} integers in [-1, {MAX_SEQ}]",
+        "bad_field",
+    )
+    _expect(len(tensors) <= MAX_ALIGN_TENSORS, f"ALIGN carries at most {MAX_ALIGN_TENSORS} tensors")
+    return Align(eid, stage, fields.get("detail", ""), tuple(counts), tensors)
+
+
+def _check_ids(ids: list) -> tuple[int, ...] | tuple[str, ...]:
+    """QUERY.ids: all int (signed 64-bit) or all str (non-empty, at most MAX_STR), unique."""
+    first = type(ids[0])
+    if first is int:
+        ok = all(type(i) is int and ID_MIN <= i <= ID_MAX for i in ids)
+        what = "QUERY.ids are all int (signed 64-bit) or all str"
+    else:
+        ok = first is str and all(type(i) is str and 0 < len(i) <= MAX_STR for i in ids)
+        what = f"QUERY.ids are all int or all str (non-empty, at most {MAX_STR} characters)"
+    _expect(ok, what, "bad_field")
+    if len(set(ids)) != len(ids):
+        seen: set[Any] = set()
+        for i in ids:
+            if i in seen:
+                raise ProtocolError("bad_field", f"QUERY.ids repeat id {i!r}")
+            seen.add(i)
+    return tuple(ids)
 
 
 def _build_serve(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...]) -> Message:
@@ -354,6 +495,12 @@ def _build_serve(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...])
     if cls is Query:
         columns = out["columns"]
         _expect(len(set(columns)) == len(columns), "QUERY.columns repeat a name", "bad_field")
+        if out.get("ids"):  # a query by id: the experts look the rows up, no tensor
+            out["ids"] = _check_ids(out["ids"])
+            _expect(not columns, "QUERY by ids names no columns", "bad_field")
+            _expect(not tensors, "QUERY by ids carries no tensor")
+            return Query(out["qid"], (), (), out["ids"])
+        out["ids"] = ()
         _expect(len(tensors) == 1, "QUERY carries one tensor")
         _expect(tensors[0].dtype == "float32", "QUERY rows are float32", "dtype")
         shape = tensors[0].shape
@@ -372,6 +519,7 @@ def _build_serve(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...])
         _expect(len(tensors) == sum(present) >= 1, "QBATCH carries one tensor per present expert")
         _expect(_same_2d(tensors), "QBATCH tensors are [R, d] of one shape and dtype", "bad_shape")
         out["present"] = tuple(present)
+        out["rows"] = _rows_list(out.get("rows", []), len(tensors), tensors[0].shape[0], "QBATCH")
     else:
         ok = out["status"] == SERVE_OK
         _expect(len(tensors) == (1 if ok else 0), f"{kind} carries one tensor if and only if ok")
@@ -382,6 +530,9 @@ def _build_serve(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...])
             "dtype",
         )
         _expect(out.get("expert_id", 0) >= 0, f"{kind}.expert_id is negative", "bad_field")
+        if cls is QEmb and out.get("rows"):
+            _expect(ok, "QEMB.rows only with status ok", "bad_field")
+            _check_rows(out["rows"], tensors[0].shape[0], "QEMB.rows")
         if cls is Reply:
             experts = out["experts"]
             _expect(
@@ -391,4 +542,8 @@ def _build_serve(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...])
                 "bad_field",
             )
             out["experts"] = tuple(experts)
+            rows = out.get("rows", [])
+            _expect(ok or not rows, "REPLY.rows only with status ok", "bad_field")
+            n = tensors[0].shape[0] if tensors else 0
+            out["rows"] = _rows_list(rows, len(experts), n, "REPLY")
     return cls(**out, tensors=tensors)

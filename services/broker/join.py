@@ -44,6 +44,7 @@ from traci_ml.services.broker.records import (
     PendingStep,
     ReleasedStep,
     Send,
+    batch_fits,
 )
 
 
@@ -113,20 +114,38 @@ class JoinBook(PeerBook):
     # ---- expert traffic ------------------------------------------------------------------
 
     def emb(self, routing_id: bytes, msg: Emb, now: float) -> Outcome:
-        return self.emb_checked(routing_id, msg.seq, msg.expert_id, msg.phase, msg.tensor, now)
+        return self.emb_checked(
+            routing_id, msg.seq, msg.expert_id, msg.phase, msg.tensor, msg.rows, now
+        )
 
     def emb_checked(
-        self, routing_id: bytes, seq: int, expert_id: int, phase: str, tensor: Tensor, now: float
+        self,
+        routing_id: bytes,
+        seq: int,
+        expert_id: int,
+        phase: str,
+        tensor: Tensor,
+        rows: bytes,
+        now: float,
     ) -> Outcome:
         """An EMB whose values are checked first: NaN/Inf or beyond ``max_abs`` is refused
-        like a malformed one (``refuse_emb``: DROP when it is its expert's own open step)."""
+        like a malformed one (``refuse_emb``: DROP when it is its expert's own open step).
+        The fields are ``proto.fast.emb_fields``'s; ``rows`` is the EMB's row bitmap, already
+        checked against the tensor's rows by decoding."""
         problem = value_problem((tensor,), self.max_abs)
         if problem is not None:
             return self.refuse_emb(routing_id, seq, *problem, now, expert_id=expert_id)
-        return self.emb_fields(routing_id, seq, expert_id, phase, tensor, now)
+        return self.emb_fields(routing_id, seq, expert_id, phase, tensor, rows, now)
 
     def emb_fields(
-        self, routing_id: bytes, seq: int, expert_id: int, phase: str, tensor: Tensor, now: float
+        self,
+        routing_id: bytes,
+        seq: int,
+        expert_id: int,
+        phase: str,
+        tensor: Tensor,
+        rows: bytes,
+        now: float,
     ) -> Outcome:
         """``emb`` from the decoded fields, values already checked (``emb_checked``)."""
         eid = self._by_routing.get(routing_id)
@@ -170,7 +189,7 @@ class JoinBook(PeerBook):
             step = self._pending[seq] = PendingStep(seq, now, spec, now)
         elif step.spec is None:
             step.spec, step.first_arrival = spec, now
-        step.tokens[eid] = (expert.holder, tensor)
+        step.tokens[eid] = (expert.holder, tensor, rows)
         in_flight.add(seq)
         if seq > self.highest_seq:
             self.highest_seq = seq
@@ -398,16 +417,22 @@ class JoinBook(PeerBook):
         else:
             present = tuple(i in tokens for i in range(self.n_experts))
             joined = [tokens[i] for i in sorted(tokens)]
-        holders, tensors = zip(*joined, strict=True)
-        self._ready.append(
-            ReleasedStep(step.seq, phase, shape, present, tensors, holders, step.first_arrival)
-        )
+        holders, tensors, rows = zip(*joined, strict=True)
+        if not any(rows):  # the usual case: every expert holds every row
+            rows = ()
+        released = ReleasedStep(step.seq, phase, shape, present, tensors, holders,
+                                step.first_arrival, rows)  # fmt: skip
+        if rows and not batch_fits(self.n_experts, len(tensors), rows):
+            out.notes.append(f"step {step.seq}: its row bitmaps do not fit one BATCH header")
+            self._drop_step(released, "oversize", out)
+            return
+        self._ready.append(released)
         out.join_waits.append(now - step.first_arrival)
 
     def _dispatch(self, now: float, out: Outcome) -> None:
         while self._reducer is not None and self._ready:
             step = self._ready.popleft()
-            batch = Batch(step.seq, step.phase, step.present, step.tensors)
+            batch = Batch(step.seq, step.phase, step.present, step.tensors, step.rows)
             out.sends.append(Send(REDUCER, self._reducer.routing_id, batch))
             self._dispatched[step.seq] = step
             out.queue_latencies.append(now - step.first_arrival)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from traci_ml.proto import Message, Tensor
+from traci_ml.proto import MAX_HEADER_BYTES, Message, Tensor
 
 EXPERT = "expert"  # the two sockets, as named in Send.socket
 REDUCER = "reducer"
@@ -43,6 +43,14 @@ class Outcome:
     def reject(self, reason: str, detail: str) -> Outcome:
         self.rejected, self.detail = reason, detail
         return self
+
+
+def batch_fits(n_experts: int, n_tensors: int, rows: tuple[bytes, ...]) -> bool:
+    """Whether a BATCH or QBATCH with these row bitmaps stays within the header limit (an
+    upper bound of its header: the present list, a spec per tensor, each bitmap). Bitmaps
+    travel in the header: ``B x present experts / 8`` bytes."""
+    size = 96 + n_experts + 32 * n_tensors + sum(len(bits) + 5 for bits in rows)
+    return size <= MAX_HEADER_BYTES
 
 
 NOTHING = Outcome()  # shared by calls that decide nothing: read-only (tuples, not lists)
@@ -90,7 +98,8 @@ class PendingStep:
     opened: float  # first EMB (or forfeit) for this seq
     spec: tuple[str, tuple[int, ...], str] | None = None  # (phase, shape, dtype) of first EMB
     first_arrival: float = 0.0
-    tokens: dict[int, tuple[Holder, Tensor]] = field(default_factory=dict)
+    # by expert id: who sent it, the embedding, and its row bitmap (b"": every row)
+    tokens: dict[int, tuple[Holder, Tensor, bytes]] = field(default_factory=dict)
     forfeited: set[int] = field(default_factory=set)  # told DROP: will not send this seq
 
 
@@ -105,3 +114,4 @@ class ReleasedStep:
     tensors: tuple[Tensor, ...]  # one per present expert, ascending id
     holders: tuple[Holder, ...]  # same order as tensors
     first_arrival: float
+    rows: tuple[bytes, ...] = ()  # BATCH.rows: a bitmap per present expert, () if all full

@@ -107,7 +107,8 @@ def test_emb_fields_decides_what_emb_decides() -> None:
     slow, quick = book_with(2), book_with(2)
     for routing_id, msg in EMBS:
         a = slow.emb(routing_id, msg, 1.0)
-        b = quick.emb_fields(routing_id, msg.seq, msg.expert_id, msg.phase, msg.tensor, 1.0)
+        b = quick.emb_fields(routing_id, msg.seq, msg.expert_id, msg.phase, msg.tensor,
+                             msg.rows, 1.0)  # fmt: skip
         assert (a.rejected, a.detail, a.skipped, list(a.dropped)) == (
             b.rejected, b.detail, b.skipped, list(b.dropped))  # fmt: skip
         assert [(s.socket, s.routing_id, s.message) for s in a.sends] == [

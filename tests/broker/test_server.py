@@ -358,7 +358,7 @@ def test_a_bug_on_one_message_is_counted_and_the_loop_goes_on(net, broker, monke
     for i, expert in enumerate(experts):
         expert.send(Emb(0, i, "train", tensor(i)))
     wait_for(lambda: broker.rejections("internal") == 1)
-    _, seq, eid, phase, data, _ = calls[0]
+    _, seq, eid, phase, data, _, _ = calls[0]
     experts[eid].send(Emb(seq, eid, phase, data))  # the EMB that hit the bug, again
     batch = reducer.recv()
     assert isinstance(batch, Batch) and batch.present == (True, True, True)

@@ -56,15 +56,20 @@ def tensor_messages(draw: st.DrawFn) -> Any:
     def tensors(n: int) -> tuple[proto.Tensor, ...]:
         return tuple(proto.Tensor(dtype, shape, raw_values(dtype, values)) for _ in range(n))
 
+    def bitmap() -> bytes:  # a row bitmap of the tensors' rows (issue 10), often none
+        mask = np.array(draw(st.lists(st.booleans(), min_size=shape[0], max_size=shape[0])), bool)
+        return proto.pack_rows(mask) if draw(st.booleans()) else b""
+
     seq = draw(st.integers(0, wire.MAX_SEQ))
     kind = draw(st.sampled_from(["EMB", "BATCH", "GRAD_UP", "GRAD_DOWN", "ACK"]))
     if kind == "EMB":
         return proto.Emb(seq, draw(st.integers(-1, 1023)), draw(st.sampled_from(proto.PHASES)),
-                         tensors(1)[0])  # fmt: skip
+                         tensors(1)[0], bitmap())  # fmt: skip
     if kind == "BATCH":
         present = tuple(draw(st.lists(st.booleans(), min_size=1, max_size=6).filter(any)))
+        rows = tuple(bitmap() for _ in range(sum(present))) if draw(st.booleans()) else ()
         return proto.Batch(seq, draw(st.sampled_from(proto.PHASES)), present,
-                           tensors(sum(present)))  # fmt: skip
+                           tensors(sum(present)), rows)  # fmt: skip
     if kind == "GRAD_UP":
         return proto.Grad(seq, -1, tensors(draw(st.integers(1, 5))))
     if kind == "GRAD_DOWN":
@@ -144,11 +149,12 @@ def test_truncated_headers_and_frames_get_the_same_verdict(msg: Any, data: st.Da
 VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
     | st.text(max_size=6) | st.binary(max_size=6)
-    | st.sampled_from(["EMB", "ACK", "GRAD", "BATCH", "train", "eval", "float32", 1, -1, 0]),
+    | st.sampled_from(["EMB", "ACK", "GRAD", "BATCH", "train", "eval", "float32", 1, -1, 0,
+                       b"\x01", b"\x03", b"\x08", b"", b"\x01\x00"]),
     lambda inner: st.lists(inner, max_size=3),
     max_leaves=8,
 )  # fmt: skip
-KEYS = st.sampled_from(["v", "k", "seq", "expert_id", "phase", "present", "t", "zzz"])
+KEYS = st.sampled_from(["v", "k", "seq", "expert_id", "phase", "present", "t", "rows", "zzz"])
 
 
 @FAST
@@ -158,18 +164,19 @@ def test_random_headers_get_the_same_verdict(header: dict[str, Any], frames: lis
 
 
 @FAST
-@given(st.sampled_from(["EMB", "ACK", "GRAD", "BATCH", "HEARTBEAT"]), st.data())
+@given(st.sampled_from(["EMB", "EMB_ROWS", "ACK", "GRAD", "BATCH", "HEARTBEAT"]), st.data())
 def test_near_valid_headers_get_the_same_verdict(kind: str, data: st.DataObject) -> None:
     """A valid header of ``kind`` with one field replaced, dropped or added."""
     spec = ["float32", [2, 3]]
     header: dict[str, Any] = {
         "EMB": {"seq": 4, "expert_id": 1, "phase": "train", "t": [spec]},
+        "EMB_ROWS": {"seq": 4, "expert_id": 1, "phase": "train", "rows": b"\x02", "t": [spec]},
         "ACK": {"seq": 4},
         "GRAD": {"seq": 4, "expert_id": -1, "t": [spec, spec]},
         "BATCH": {"seq": 4, "phase": "eval", "present": [True, False, True], "t": [spec, spec]},
         "HEARTBEAT": {},
     }[kind]
-    header = {"v": 1, "k": kind, **header}
+    header = {"v": 1, "k": kind.removesuffix("_ROWS"), **header}
     key = data.draw(KEYS)
     action = data.draw(st.sampled_from(["replace", "drop"]))
     if action == "drop":
@@ -179,6 +186,40 @@ def test_near_valid_headers_get_the_same_verdict(kind: str, data: st.DataObject)
     n = len(header.get("t", [])) if isinstance(header.get("t"), list) else 0
     frames = [bytes(24)] * data.draw(st.sampled_from([n, max(0, n - 1), n + 1]))
     same_verdict([msgpack.packb(header), *frames])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 17])
+def test_emb_row_bitmaps_fast_and_wire_agree_on_every_padding_bit(rows: int) -> None:
+    """Every bitmap of the right length (and a byte too many or too few) for ``rows`` rows:
+    the fast path accepts exactly what wire accepts, and returns the bitmap."""
+    tensor = proto.Tensor("float32", (rows, 2), bytes(8 * rows))
+    need = (rows + 7) // 8
+    for last in range(256):
+        bits = bytes(need - 1) + bytes((last,))
+        for candidate in (bits, bits + b"\x00", bits[:-1]):
+            header = {"v": 1, "k": "EMB", "seq": 3, "expert_id": 0, "phase": "eval",
+                      "rows": candidate, "t": [["float32", [rows, 2]]]}  # fmt: skip
+            frames = [msgpack.packb(header, use_bin_type=True), tensor.data]
+            same_verdict(frames)
+            fields = fast.emb_fields(frames)
+            assert (fields is not None) == (wire.rows_problem(candidate, rows) is None)
+            if fields is not None:
+                assert fields[4] == candidate
+
+
+def test_fast_encode_of_rows_matches_wire_and_caches_no_bitmap() -> None:
+    tensor = proto.Tensor("float32", (9, 2), bytes(72))
+    fast._PIECES.clear()
+    for k in range(300):
+        mask = np.ones(9, bool)
+        mask[k % 9] = False
+        msg = proto.Emb(k, 1, "train", tensor, proto.pack_rows(mask))
+        assert frames_bytes(fast.encode(msg)) == frames_bytes(wire.encode(msg))
+        assert fast.decode(fast.encode(msg)) == msg
+    assert len(fast._PIECES) == 1  # the bitmap is no cache key
+    batch = proto.Batch(1, "train", (True, True), (tensor, tensor), (b"", b"\x01\x00"))
+    assert frames_bytes(fast.encode(batch)) == frames_bytes(wire.encode(batch))
+    assert fast.decode(fast.encode(batch)) == batch
 
 
 def test_zmq_frames_decode_like_bytes() -> None:
@@ -196,7 +237,10 @@ def test_zmq_frames_decode_like_bytes() -> None:
 def test_emb_fields_of_an_emb_and_of_anything_else() -> None:
     tensor = proto.Tensor("float32", (2, 3), np.ones(6, np.float32).tobytes())
     frames = wire.encode(proto.Emb(9, 2, "eval", tensor))
-    assert fast.emb_fields(frames) == (9, 2, "eval", tensor)
+    assert fast.emb_fields(frames) == (9, 2, "eval", tensor, b"")
+    with_rows = wire.encode(proto.Emb(9, 2, "eval", tensor, b"\x02"))
+    assert fast.emb_fields(with_rows) == (9, 2, "eval", tensor, b"\x02")
+    assert fast.emb_fields(wire.encode(proto.Emb(9, 2, "eval", tensor, b"\x00"))) is not None
     assert fast.emb_fields(wire.encode(proto.Ack(9))) is None
     assert fast.emb_fields([b"\xc1", bytes(24)]) is None  # not msgpack: no exception
     assert fast.emb_fields([frames[0]]) is None

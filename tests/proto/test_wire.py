@@ -65,6 +65,25 @@ def sample_messages(dtype: str) -> dict[str, Any]:
                              expert_names=("left", "right"), batch_rows=7,
                              tensors=(make_tensor("float32", (3, 1)),)),
         "reply_error": proto.Reply(qid=-1, status="bad_request", detail="not msgpack"),
+        # issue 10: row bitmaps (rows 1 and 2 of 3 absent: bits 0b001), queries by id, ALIGN
+        "emb_rows": proto.Emb(seq=5, expert_id=1, phase="train", tensor=t(11), rows=b"\x01"),
+        "batch_rows": proto.Batch(seq=5, phase="train", present=(True, True),
+                                  tensors=(t(12), t(13)), rows=(b"", b"\x00")),
+        "query_ids": proto.Query(qid=4, columns=(), ids=(7, -(2**63), 2**63 - 1)),
+        "query_str_ids": proto.Query(qid=4, columns=(), ids=("a", "b" * wire.MAX_STR)),
+        "qemb_rows": proto.QEmb(qid=4, expert_id=1, status="ok", detail="", tensors=(t(14),),
+                                rows=b"\x06"),
+        "qbatch_rows": proto.QBatch(qid=4, present=(True, True), tensors=(t(15), t(16)),
+                                    rows=(b"\x05", b"")),
+        "reply_rows": proto.Reply(qid=11, status="ok", task="regression", experts=(0, 2),
+                                  expert_names=("left", "right"), batch_rows=7,
+                                  tensors=(make_tensor("float32", (3, 1)),),
+                                  rows=(b"\x00", b"\x03")),
+        "align": proto.Align(expert_id=3, stage="psi", detail="str", counts=(5, -1),
+                             tensors=(proto.Tensor.from_numpy(np.arange(5, dtype="<i8")),
+                                      proto.Tensor.from_numpy(np.arange(7, dtype=np.uint8)),
+                                      t(17))),
+        "align_bare": proto.Align(expert_id=0, stage="wait"),
     }  # fmt: skip
 
 
