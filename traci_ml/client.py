@@ -9,6 +9,9 @@
     pred.experts        # ids of the experts whose embeddings took part (others were masked)
     pred.batch_rows     # rows of the batched query these rows travelled in
 
+        pred = client.predict_ids([1000000007, 1000000042])   # rows by id (or str ids)
+    pred.row_experts    # per row: the experts that hold it and took part
+
 The broker (``network.serve_port``) batches concurrent requests, fans them out to every live
 expert and the reducer, and answers each request with its own rows (docs/serving.md). A
 ``Client`` holds one ZeroMQ DEALER socket: use one per thread. Errors come back as
@@ -29,6 +32,7 @@ import zmq
 
 from traci_ml import proto
 from traci_ml.errors import ProtocolError, TraciError
+from traci_ml.proto import wire
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 
@@ -52,6 +56,8 @@ class Prediction:
     expert_names: tuple[str, ...]  # their view names, same order
     batch_rows: int  # rows of the batched query this request travelled in
     latency: float  # seconds from send to reply, as the client saw it
+    # per row, the experts that took part in it (a party may lack a row it was asked by id)
+    row_experts: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -109,8 +115,20 @@ class Client:
         column -> values (a dict of lists, a pandas DataFrame). Raises ``ServeError``."""
         x, names = _as_rows(rows, columns)
         self._qid += 1
-        qid = self._qid
-        query = proto.Query(qid, names, (proto.Tensor.from_numpy(x),))
+        return self._ask(proto.Query(self._qid, names, (proto.Tensor.from_numpy(x),)), timeout)
+
+    def predict_ids(
+        self, ids: Sequence[int] | Sequence[str] | np.ndarray, *, timeout: float | None = None
+    ) -> Prediction:
+        """Predict the rows with these ids (ints or strs, unique; a numpy integer or string
+        array too), each expert reading its own table: ``row_experts`` says which experts
+        held each row. Raises ``ServeError`` (``bad_request`` for ids that are not that)."""
+        self._qid += 1
+        return self._ask(proto.Query(self._qid, (), (), _as_ids(ids)), timeout)
+
+    def _ask(self, query: proto.Query, timeout: float | None) -> Prediction:
+        """Send ``query`` and wait for its REPLY."""
+        qid = query.qid
         sock = self._connect()
         t0 = time.monotonic()
         sock.send_multipart(proto.encode(query), copy=False)
@@ -128,8 +146,8 @@ class Client:
                 raise ServeError(reply.status, reply.detail)
             outputs = np.array(reply.tensors[0].numpy())  # own the memory, writable
             return Prediction(outputs, reply.task, reply.classes, reply.experts,
-                              reply.expert_names, reply.batch_rows,
-                              time.monotonic() - t0)  # fmt: skip
+                              reply.expert_names, reply.batch_rows, time.monotonic() - t0,
+                              _row_experts(reply, len(outputs)))  # fmt: skip
         self._reset()  # a fresh socket: nothing of this request lingers
         raise ServeError("timeout", f"no reply from {self.endpoint} in {deadline - t0:.1f}s")
 
@@ -185,6 +203,61 @@ def _as_rows(rows: Any, columns: Sequence[str] | None) -> tuple[np.ndarray, tupl
             "bad_request", f"rows of shape {x.shape} do not match {len(names)} column names"
         )
     return x, names
+
+
+def _row_experts(reply: proto.Reply, n: int) -> tuple[tuple[int, ...], ...]:
+    """Per row, the experts of ``reply.experts`` that took part in it (``reply.rows``)."""
+    if not reply.rows:
+        return (reply.experts,) * n
+    masks = [proto.unpack_rows(bits, n) for bits in reply.rows]  # decode checked them
+    return tuple(
+        tuple(e for e, mask in zip(reply.experts, masks, strict=True) if mask[r]) for r in range(n)
+    )
+
+
+def _as_ids(ids: Any) -> tuple[int, ...] | tuple[str, ...]:
+    """Row ids as the wire takes them: all int (signed 64-bit) or all str (non-empty, at
+    most ``MAX_STR`` characters), unique, at least one, and few enough for one header."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
+        raise ServeError("bad_request", f"ids are a sequence of ids, got {type(ids).__name__}")
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1:
+            raise ServeError("bad_request", f"ids are a 1-D array, got shape {ids.shape}")
+        if ids.dtype.kind == "u" and ids.size and int(ids.max()) > wire.ID_MAX:
+            raise ServeError("bad_request", f"id {int(ids.max())} is beyond a signed 64-bit id")
+        if ids.dtype.kind not in "iuU":
+            raise ServeError("bad_request", f"ids are integers or strings, not {ids.dtype}")
+        ids = ids.tolist()  # Python ints / strs
+    ids = list(ids)
+    if not ids:
+        raise ServeError("bad_request", "no ids: ask for at least one row")
+    kind = int if isinstance(ids[0], (int, np.integer)) and not isinstance(ids[0], bool) else str
+    out: list[Any] = []
+    for k, value in enumerate(ids):
+        if kind is int and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            value = int(value)
+            if not wire.ID_MIN <= value <= wire.ID_MAX:
+                raise ServeError("bad_request", f"id {value} (at {k}) is beyond a signed 64-bit id")
+        elif kind is str and isinstance(value, (str, np.str_)):
+            value = str(value)
+            if not 0 < len(value) <= wire.MAX_STR:
+                raise ServeError("bad_request", f"id at {k} is empty or longer than {wire.MAX_STR}")
+        else:
+            first = "int" if kind is int else "str"
+            raise ServeError("bad_request", f"id {value!r} (at {k}) is a {type(value).__name__}; "
+                             f"the first id is a {first}: ids are all int or all str")  # fmt: skip
+        out.append(value)
+    if len(set(out)) != len(out):
+        seen: set[Any] = set()
+        for value in out:
+            if value in seen:
+                raise ServeError("bad_request", f"id {value!r} is asked twice")
+            seen.add(value)
+    size = wire.ids_bytes(out)
+    if size > wire.MAX_IDS_BYTES:
+        raise ServeError("bad_request", f"{len(out)} ids take {size} bytes, more than one request "
+                         f"carries ({wire.MAX_IDS_BYTES}): split them")  # fmt: skip
+    return tuple(out)
 
 
 def _is_number(value: Any) -> bool:

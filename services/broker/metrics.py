@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from traci_ml.observe import LATENCY_BUCKETS
-from traci_ml.proto import KINDS, REJECT_REASONS
+from traci_ml.proto import ALIGN_STAGES, KINDS, REJECT_REASONS
 
 # Reasons the broker adds to proto.REJECT_REASONS in traci_broker_rejections_total{reason}.
 BROKER_REASONS = (
@@ -42,6 +42,7 @@ BROKER_REASONS = (
     "held",  # HELLO for an id a live registration holds (WELCOME ok=false "held: ...")
     "wrong_key",  # CURVE: HELLO for a role or id its key was not issued for
     "wrong_route",  # CURVE: a message on a route registered with another key
+    "align_undeliverable",  # the reducer's ALIGN for an expert that is not registered (dropped)
 )
 # Reasons a step is dropped (DROP to its experts): traci_broker_steps_dropped_total{reason}.
 DROP_REASONS = (
@@ -56,6 +57,7 @@ DROP_REASONS = (
     "non_finite",  # the expert's EMB held NaN/Inf: its token is masked in that step
     "too_large",  # the expert's EMB held a value beyond security.max_abs_value
     "grad_rejected",  # the reducer's GRAD held NaN/Inf or a value beyond the bound
+    "oversize",  # the step's row bitmaps would not fit one BATCH header
 )
 DIRECTIONS = ("in", "out")
 
@@ -152,11 +154,24 @@ class BrokerMetrics:
             for direction in DIRECTIONS
         }
         self.serve = ServeMetrics(n_experts, reg)  # the front door (docs/serving.md)
+        self.aligns = Counter(
+            "traci_broker_align_total",
+            "ALIGN messages the broker relayed or answered (wait), by stage.",
+            ["stage"],
+            registry=reg,
+        )
+        self._aligns = {stage: self.aligns.labels(stage=stage) for stage in ALIGN_STAGES}
 
     def message(self, kind: str, direction: str) -> None:
         """Count one message (buffered: see ``flush``)."""
         counts, key = self._counts, (kind, direction)
         counts[key] = counts.get(key, 0) + 1
+
+    def align(self, stage: str) -> None:
+        """One ALIGN relayed (or a "wait" answered): not on the hot path, counted at once."""
+        child = self._aligns.get(stage)
+        if child is not None:  # decode admits only the known stages
+            child.inc()
 
     def released(self, join_wait: float) -> None:
         """A step was released after ``join_wait`` seconds (buffered: see ``flush``)."""

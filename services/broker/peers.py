@@ -16,7 +16,16 @@ import secrets
 from collections import deque
 from typing import TYPE_CHECKING
 
-from traci_ml.proto import HELD, Goodbye, Hello, Welcome
+from traci_ml.proto import (
+    ALIGN_EXPERT_STAGES,
+    ALIGN_REDUCER_STAGES,
+    ALIGN_WAIT,
+    HELD,
+    Align,
+    Goodbye,
+    Hello,
+    Welcome,
+)
 from traci_ml.services.broker.records import (
     EXPERT,
     REDUCER,
@@ -277,6 +286,41 @@ class PeerBook:
         if not known:
             out.sends.append(Send(socket, routing_id, Goodbye("unregistered")))
             out.reject("unregistered", "HEARTBEAT from a peer that has not said HELLO")
+        return out
+
+    # ---- id alignment (ALIGN): relayed between an expert and the reducer ----------------
+
+    def align(self, socket: str, routing_id: bytes, msg: Align) -> Outcome:
+        """Relay an ALIGN (docs/protocol.md, "Alignment"), never looking inside it: from a
+        registered expert under its own id to the reducer (or "wait" while there is none);
+        from the registered reducer to the live registration of ``msg.expert_id``."""
+        out = Outcome()
+        if socket == EXPERT:
+            eid = self._by_routing.get(routing_id)
+            if eid is None:
+                out.sends.append(Send(EXPERT, routing_id, Goodbye("unregistered")))
+                return out.reject("unregistered", "ALIGN from a peer that has not said HELLO")
+            if msg.expert_id != eid:
+                return out.reject("impersonation", f"expert {eid} sent ALIGN as {msg.expert_id}")
+            if msg.stage not in ALIGN_EXPERT_STAGES:
+                detail = f"ALIGN stage {msg.stage!r} from expert {eid}"
+                return out.reject("unexpected_kind", detail)
+            if self._reducer is None:
+                wait = Align(eid, ALIGN_WAIT, "no reducer is registered yet")
+                out.sends.append(Send(EXPERT, routing_id, wait))
+                return out
+            out.sends.append(Send(REDUCER, self._reducer.routing_id, msg))  # its own frames
+            return out
+        if not self._is_reducer(routing_id):
+            out.sends.append(Send(REDUCER, routing_id, Goodbye("unregistered")))
+            return out.reject("unregistered", "ALIGN from a peer that is not the reducer")
+        if msg.stage not in ALIGN_REDUCER_STAGES:
+            return out.reject("unexpected_kind", f"ALIGN stage {msg.stage!r} from the reducer")
+        expert = self._experts.get(msg.expert_id)
+        if expert is None or not expert.live:
+            detail = f"ALIGN {msg.stage!r} for expert {msg.expert_id}, which is not registered"
+            return out.reject("align_undeliverable", detail)
+        out.sends.append(Send(EXPERT, expert.routing_id, msg))
         return out
 
     def _is_reducer(self, routing_id: bytes) -> bool:

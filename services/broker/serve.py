@@ -8,6 +8,12 @@ the ``JoinBook`` knows, and sends what the returned ``Outcome`` says. The flow::
         -> one batched QUERY to every live expert -> QEMB per expert (or timeout: masked)
         -> QBATCH to the reducer -> QOUT -> one REPLY per request, its own rows
 
+A QUERY by id (``ids``, no rows) groups with other requests by id of the same id type (int
+or str, never mixed); its ids are listed once per batched query (two requests asking for
+the same id share its row), and each expert looks them up in its own table. The row bitmaps
+of the QEMBs (the rows an expert holds) go to the reducer in QBATCH.rows and come back in
+each REPLY, cut to that request's rows.
+
 Serving is a stream of its own: nothing here touches training steps, their ``seq``, windows
 or accounting. Every request gets exactly one REPLY (ok, or a status naming the cause); the
 state is bounded by ``serve.max_inflight`` queries and ``serve.max_queued`` requests.
@@ -24,8 +30,19 @@ import numpy as np
 
 from traci_ml.config import Config
 from traci_ml.data import view_specs
-from traci_ml.proto import SERVE_OK, QBatch, QEmb, QOut, Query, Reply, Tensor
-from traci_ml.services.broker.records import EXPERT, REDUCER, Outcome, Send
+from traci_ml.proto import (
+    SERVE_OK,
+    QBatch,
+    QEmb,
+    QOut,
+    Query,
+    Reply,
+    Tensor,
+    pack_rows,
+    unpack_rows,
+)
+from traci_ml.proto.wire import MAX_IDS_BYTES, ids_bytes
+from traci_ml.services.broker.records import EXPERT, REDUCER, Outcome, Send, batch_fits
 
 CLIENT = "client"  # the front door socket, as named in Send.socket
 # How a request ended: traci_broker_serve_requests_total{outcome}.
@@ -49,18 +66,29 @@ DETAIL_MAX = 400  # characters of a reply's detail
 class Request:
     routing_id: bytes  # the client's
     qid: int  # the client's id, echoed in the REPLY
-    tensor: Tensor  # [R, F] float32 raw feature rows
+    tensor: Tensor | None  # [R, F] float32 raw feature rows; None for a request by id
     arrival: float
+    rows: int = 0  # R
+    at: slice | np.ndarray | None = None  # its rows in the batched query (ids: gathered)
 
 
 @dataclass(slots=True)
 class Group:
-    """Requests with one column list, waiting to travel together as one query."""
+    """Requests with one column list (or by ids of one type), waiting to travel together
+    as one query."""
 
     columns: tuple[str, ...]
     opened: float
     requests: list[Request] = field(default_factory=list)
     rows: int = 0
+    ids: dict[Any, int] | None = None  # by id: each id -> its row in the query, in order
+    id_bytes: int = 0  # by id: the packed size of the requests' ids (an upper bound)
+
+
+def _group_key(msg: Query) -> tuple:
+    """Requests that may travel together: one column list, or ids of one type. No column
+    name is None, so the two kinds of key never meet."""
+    return (None, type(msg.ids[0]).__name__) if msg.ids else msg.columns
 
 
 @dataclass(slots=True)
@@ -77,6 +105,8 @@ class InQuery:
     stage: str = "experts"
     reducer: bytes | None = None
     present: tuple[int, ...] = ()  # expert ids whose tokens went to the reducer
+    bitmaps: dict[int, bytes] = field(default_factory=dict)  # QEMB.rows by expert id (not b"")
+    present_rows: tuple[bytes, ...] = ()  # QBATCH.rows: one per present expert, or ()
 
 
 Peers = tuple[dict[int, bytes], "bytes | None"]  # live experts (id -> routing id), reducer
@@ -107,7 +137,7 @@ class ServeDesk:
         self.max_request_rows, self.timeout = max_request_rows, timeout
         self.max_inflight, self.max_queued = max_inflight, max_queued
         self.metrics = metrics
-        self._groups: dict[tuple[str, ...], Group] = {}  # filling, by column list
+        self._groups: dict[tuple, Group] = {}  # filling, by column list or id type
         self._ready: deque[Group] = deque()  # closed, waiting for an in-flight slot
         self._queries: dict[int, InQuery] = {}
         self._queued = 0  # requests in _groups and _ready
@@ -155,11 +185,15 @@ class ServeDesk:
     def request(self, routing_id: bytes, msg: Query, now: float, peers: Peers) -> Outcome:
         out = Outcome()
         experts, reducer = peers
-        rows = msg.tensors[0].shape[0]
+        ids = msg.ids
+        rows = len(ids) if ids else msg.tensors[0].shape[0]
+        id_bytes = ids_bytes(ids) if ids else 0  # the batched query's header must hold them
         refusal = None
         if rows > self.max_request_rows:
             refusal = ("oversize", f"{rows} rows > serve.max_request_rows {self.max_request_rows}")
-        elif missing := self._missing(msg.columns):
+        elif id_bytes > MAX_IDS_BYTES:
+            refusal = ("oversize", f"the ids take {id_bytes} bytes > {MAX_IDS_BYTES} for one query")
+        elif not ids and (missing := self._missing(msg.columns)):
             refusal = ("missing_columns", missing)
         elif reducer is None:
             refusal = ("no_reducer", "no reducer is registered with the broker")
@@ -170,20 +204,38 @@ class ServeDesk:
         if refusal is not None:
             self._reply_error(out, routing_id, msg.qid, now, *refusal)
             return out
-        request = Request(routing_id, msg.qid, msg.tensors[0], now)
-        group = self._groups.get(msg.columns)
-        if group is not None and group.rows + rows > self.max_batch_rows:
-            self._close_group(msg.columns)  # it is full: this request opens the next one
+        key = _group_key(msg)
+        group = self._groups.get(key)
+        if group is not None and (
+            group.rows + self._new_rows(group, msg) > self.max_batch_rows
+            or group.id_bytes + id_bytes > MAX_IDS_BYTES
+        ):
+            self._close_group(key)  # it is full: this request opens the next one
             group = None
         if group is None:
-            group = self._groups[msg.columns] = Group(msg.columns, now)
+            group = self._groups[key] = Group(msg.columns, now, ids={} if ids else None)
+        request = Request(routing_id, msg.qid, None if ids else msg.tensors[0], now, rows)
+        if group.ids is not None:  # each id once per query; the request gathers its rows
+            index = group.ids
+            request.at = np.fromiter((index.setdefault(i, len(index)) for i in ids), np.intp,
+                                     count=rows)  # fmt: skip
+            group.rows, group.id_bytes = len(index), group.id_bytes + id_bytes
+        else:
+            request.at = slice(group.rows, group.rows + rows)
+            group.rows += rows
         group.requests.append(request)
-        group.rows += rows
         self._queued += 1
         if group.rows >= self.max_batch_rows or self.max_wait <= 0:
-            self._close_group(msg.columns)
+            self._close_group(key)
         self._launch(now, peers, out)
         return out
+
+    @staticmethod
+    def _new_rows(group: Group, msg: Query) -> int:
+        """Rows ``msg`` would add to ``group``: its ids not there yet, or all its rows."""
+        if group.ids is None:
+            return msg.tensors[0].shape[0]
+        return sum(1 for i in msg.ids if i not in group.ids)
 
     def malformed(self, routing_id: bytes, reason: str, detail: str, now: float) -> Outcome:
         """A message on the front door that is not a valid QUERY: answered, never served."""
@@ -216,8 +268,8 @@ class ServeDesk:
 
     # ---- batching ------------------------------------------------------------------------
 
-    def _close_group(self, columns: tuple[str, ...]) -> None:
-        self._ready.append(self._groups.pop(columns))
+    def _close_group(self, key: tuple) -> None:
+        self._ready.append(self._groups.pop(key))
 
     def _launch(self, now: float, peers: Peers, out: Outcome) -> None:
         """Start ready groups as queries while fewer than ``max_inflight`` are out."""
@@ -233,8 +285,10 @@ class ServeDesk:
             qid, self._next_qid = self._next_qid, self._next_qid + 1
             query = InQuery(qid, group.requests, group.rows, dict(experts), now + self.timeout)
             self._queries[qid] = query
-            rows = self._rows(group)
-            message = Query(qid, group.columns, (rows,))  # one object: encoded once for all
+            if group.ids is not None:  # by id: no rows, each expert looks them up
+                message = Query(qid, (), (), tuple(group.ids))
+            else:  # one object: encoded once for all
+                message = Query(qid, group.columns, (self._rows(group),))
             out.sends.extend(Send(EXPERT, rid, message) for rid in experts.values())
             if self.metrics is not None:
                 self.metrics.batched(group.rows, len(group.requests))
@@ -242,9 +296,10 @@ class ServeDesk:
     @staticmethod
     def _rows(group: Group) -> Tensor:
         """The group's rows as one tensor: a lone request's own frame (zero-copy)."""
-        if len(group.requests) == 1:
-            return group.requests[0].tensor
-        return Tensor.from_numpy(np.concatenate([r.tensor.numpy() for r in group.requests]))
+        tensors = [r.tensor for r in group.requests if r.tensor is not None]
+        if len(tensors) == 1:
+            return tensors[0]
+        return Tensor.from_numpy(np.concatenate([t.numpy() for t in tensors]))
 
     # ---- answers -------------------------------------------------------------------------
 
@@ -266,6 +321,8 @@ class ServeDesk:
                 out.reject("conflict", f"QEMB {tensor.dtype}{list(tensor.shape)}, want {want}")
             else:
                 query.tokens[msg.expert_id] = tensor
+                if msg.rows:  # checked against the tensor's rows by decoding
+                    query.bitmaps[msg.expert_id] = msg.rows
         if not query.expected:
             self._to_reducer(query, now, peers, out)
             self._launch(now, peers, out)
@@ -314,22 +371,32 @@ class ServeDesk:
                 if eid not in query.tokens:
                     self.metrics.masked_expert(eid)
         present = tuple(i in query.tokens for i in range(self.n_experts))
-        batch = QBatch(query.qid, present, tuple(query.tokens[i] for i in ids))
+        rows = tuple(query.bitmaps.get(i, b"") for i in ids) if query.bitmaps else ()
+        if rows and not batch_fits(self.n_experts, len(ids), rows):
+            del self._queries[query.qid]
+            detail = f"the row bitmaps of {query.rows} rows x {len(ids)} experts fit no header"
+            self._fail(query, now, out, "oversize", detail)
+            return
+        batch = QBatch(query.qid, present, tuple(query.tokens[i] for i in ids), rows)
         out.sends.append(Send(REDUCER, reducer, batch))
         query.stage, query.reducer, query.present = "reducer", reducer, tuple(ids)
-        query.deadline, query.tokens = now + self.timeout, {}
+        query.deadline, query.tokens, query.present_rows = now + self.timeout, {}, rows
 
     def _answer(self, query: InQuery, msg: QOut, now: float, out: Outcome) -> None:
         """Split the reducer's outputs back into one REPLY per request."""
         outputs = msg.tensors[0].numpy()
         names = tuple(self.view_names[i] for i in query.present)
-        start = 0
+        masks = None  # (experts, rows): who took part in which row of the batched query
+        if query.present_rows:
+            masks = np.stack([unpack_rows(bits, query.rows) for bits in query.present_rows])
         for req in query.requests:
-            rows = req.tensor.shape[0]
-            mine = Tensor.from_numpy(outputs[start : start + rows])
-            start += rows
+            mine = Tensor.from_numpy(outputs[req.at])
+            rows: tuple[bytes, ...] = ()
+            if masks is not None:
+                rows = tuple(pack_rows(mask) for mask in masks[:, req.at])
+                rows = rows if any(rows) else ()
             reply = Reply(req.qid, SERVE_OK, "", msg.task, msg.classes, query.present, names,
-                          query.rows, (mine,))  # fmt: skip
+                          query.rows, (mine,), rows)  # fmt: skip
             out.sends.append(Send(CLIENT, req.routing_id, reply))
             self._count(SERVE_OK, now - req.arrival)
 

@@ -31,6 +31,7 @@ from traci_ml.errors import ConfigError, ProtocolError
 from traci_ml.proto import (
     MAX_TENSOR_BYTES,
     Ack,
+    Align,
     Drop,
     Emb,
     Goodbye,
@@ -73,9 +74,10 @@ _zmq_poll = zmq.zmq_poll  # the poll itself, without zmq.Poller's bookkeeping
 _socket_send = zmq.backend.Socket.send
 register_frame_type(zmq.Frame)  # proto may take len(frame) as its byte count
 Handler = Callable[[str, bytes, Message, float], Outcome]
-# Kinds whose handlers check their values themselves (with the step, query or bound in hand);
-# any other kind with NaN/Inf tensors is refused non_finite before its handler.
-_CHECKS_VALUES = frozenset({Emb, Grad, Query, QEmb, QOut})
+# Kinds whose handlers check their values themselves (with the step, query or bound in hand),
+# and ALIGN, whose tensors are opaque (ids, hashes: the broker never looks inside them); any
+# other kind with NaN/Inf tensors is refused non_finite before its handler.
+_CHECKS_VALUES = frozenset({Emb, Grad, Query, QEmb, QOut, Align})
 
 
 def seed_auto_ids() -> None:
@@ -162,6 +164,7 @@ class Broker:
         }  # fmt: skip
         self._handlers[EXPERT][QEmb] = self.on_qemb  # served queries (serve.py)
         self._handlers[REDUCER][QOut] = self.on_qout
+        self._handlers[EXPERT][Align] = self._handlers[REDUCER][Align] = self.on_align
         self._encoded: tuple[Message | None, list] = (None, [])  # one ACK to N experts
         self._last_warned: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
@@ -299,7 +302,8 @@ class Broker:
         seq = getattr(msg, "seq", None)
         handler = self._handlers[socket].get(type(msg))
         if handler is None or type(msg) not in _CHECKS_VALUES:  # e.g. a wrong kind: NaN first
-            problem = value_problem(tensors_of(msg), float("inf"))
+            opaque = type(msg) is Align  # never looked into, wherever it arrives
+            problem = None if opaque else value_problem(tensors_of(msg), float("inf"))
             if problem is not None:
                 self._rejected(problem[0], socket, routing_id, seq, problem[1])
                 if socket == CLIENT:
@@ -360,6 +364,13 @@ class Broker:
 
     def on_drop(self, socket: str, routing_id: bytes, msg: Drop, now: float) -> Outcome:
         return self.book.reducer_drop(routing_id, msg, now)
+
+    def on_align(self, socket: str, routing_id: bytes, msg: Align, now: float) -> Outcome:
+        outcome = self.book.align(socket, routing_id, msg)
+        for send in outcome.sends:
+            if type(send.message) is Align:
+                self.metrics.align(send.message.stage)
+        return outcome
 
     def on_heartbeat(self, socket: str, routing_id: bytes, msg: Heartbeat, now: float) -> Outcome:
         return self.book.heartbeat(socket, routing_id)
