@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("transport", "e2e", "scaling", "staleness", "memory", "serve")
+SECTIONS = ("transport", "e2e", "scaling", "staleness", "memory", "serve", "data")
 TARGETS = {"e2e_vs_fused": 0.8, "e2e_vs_rpc": 1.5, "broker_vs_null": 0.8, "scaling_64_vs_4": 0.7}
 
 
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import serve
 
             results["serve"] = serve.run(quick=quick)
+        elif name == "data":
+            from bench import data
+
+            results["data"] = data.run(quick=quick)
         results.setdefault("seconds", {})[name] = round(time.monotonic() - t, 1)
     results["seconds"]["total"] = round(time.monotonic() - t0, 1)
     results.update(ratios(results))
@@ -150,6 +154,12 @@ def print_table(results: dict[str, Any]) -> None:
         print("  served prediction, 1 row per request (rate max = 16 closed-loop clients):")
         for cell in results["serve"]["cells"]:
             print("    " + fmt(cell))
+    if results.get("data"):
+        from bench.data import summary_lines
+
+        print("  data where it lives (issue 10):")
+        for line in summary_lines(results["data"]):
+            print("  " + line)
     for name, m in results.get("memory", {}).get("services", {}).items():
         print(
             f"  memory {name:<9} peak {m['peak_rss_mib']:7.1f} MiB, in training (quarter -> "
