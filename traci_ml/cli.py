@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 
 from traci_ml.errors import ConfigError, DataError, TraciError
 
+DATA_ERROR = 3  # a service's exit code for bad data (traci_ml/launcher.py: never restarted)
+
 SERVICES = ("broker", "reducer", "expert")
 
 
@@ -468,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from traci_ml.services.expert.main import run as run_expert
 
         return run_expert(config, expert_id=args.expert_id, resume=args.resume, serve=args.serve)
+    except DataError as exc:  # a service's data will not fix itself: never restarted
+        print(f"traci {args.command}: error: {exc}", file=sys.stderr)
+        return DATA_ERROR if args.command in SERVICES else 2
     except TraciError as exc:
         print(f"traci {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -55,12 +55,26 @@ class ExpertModelConfig(_Section):
 
 
 class ViewConfig(_Section):
-    """One expert's view of the data: a name and the feature columns it reads."""
+    """One expert's view of the data: a name and the feature columns it reads; with
+    ``data.source: parties`` also the party's own table (``path``) and its id column."""
 
     name: str = Field(min_length=1)
     columns: list[str] = Field(min_length=1)
     # This expert's own embedding network; absent: expert.model (shared by every expert).
     model: ExpertModelConfig | None = None
+    # parties: this expert's own file (CSV or Parquet) and its id column (default: data.id)
+    path: str | None = Field(None, min_length=1)
+    id: str | None = Field(None, min_length=1)
+    format: Literal["csv", "parquet"] | None = None  # default: from the suffix
+
+
+class LabelsConfig(_Section):
+    """parties: the label holder's table (read by the reducer alone): ids and the label."""
+
+    path: str = Field(min_length=1)
+    label: str = Field(min_length=1)
+    id: str | None = Field(None, min_length=1)  # default: data.id
+    format: Literal["csv", "parquet"] | None = None
 
 
 class SyntheticConfig(_Section):
@@ -74,9 +88,19 @@ class SyntheticConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["digits", "csv", "synthetic"] = "digits"
+    # parties: every view names its own file, the labels their own (docs/parties.md)
+    source: Literal["digits", "csv", "synthetic", "parties"] = "digits"
     path: str | None = None  # csv: file path
     label: str | None = None  # csv: label column
+    # parties: the label holder's table; the id column every table has unless it names its own
+    labels: LabelsConfig | None = None
+    id: str = Field("id", min_length=1)
+    # parties: how experts learn which of their rows are labelled (through the broker):
+    # plain (ids sent as they are) or psi (private set intersection, no id leaves its party)
+    align: Literal["plain", "psi"] = "plain"
+    # parties: train on every labelled row some expert holds (absent experts masked per row),
+    # or only on the rows every expert holds (what intersection-only systems do)
+    train_rows: Literal["all", "shared"] = "all"
     task: Literal["classification", "regression"] = "classification"
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     # digits: a preset ("quadrants": 4 experts, one 4x4 quadrant each; "halves": 2 experts).
@@ -87,6 +111,28 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _csv_needs_path(self) -> DataConfig:
+        if self.source == "parties":
+            if self.labels is None:
+                raise ValueError("data.labels (path, label) is required when data.source is "
+                                 "'parties'")  # fmt: skip
+            if isinstance(self.views, str):
+                raise ValueError("data.views must list each expert's file and columns for "
+                                 "data.source 'parties'")  # fmt: skip
+            for i, v in enumerate(self.views):
+                if v.path is None:
+                    raise ValueError(f"data.views[{i}].path ({v.name!r}): every expert needs "
+                                     "its own file when data.source is 'parties'")  # fmt: skip
+                if v.id in v.columns or (v.id is None and self.id in v.columns):
+                    raise ValueError(f"data.views[{i}].columns ({v.name!r}) lists the id "
+                                     "column as a feature")  # fmt: skip
+            return self
+        if self.labels is not None:
+            raise ValueError("data.labels is only for data.source 'parties'")
+        if not isinstance(self.views, str):
+            for i, v in enumerate(self.views):
+                if v.path or v.id or v.format:
+                    raise ValueError(f"data.views[{i}] ({v.name!r}): path, id and format are "
+                                     "only for data.source 'parties'")  # fmt: skip
         if self.source == "csv":
             for key in ("path", "label"):
                 if not getattr(self, key):

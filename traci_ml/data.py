@@ -8,11 +8,13 @@ config, so every process derives identical arrays without shipping data over the
 from __future__ import annotations
 
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from traci_ml.align import RowMap
 from traci_ml.config import Config, DataConfig, ViewConfig
 from traci_ml.errors import DataError
 
@@ -30,6 +32,9 @@ class Dataset:
     classes: tuple[str, ...] = ()  # class names, in id order
     y_mean: float = 0.0  # regression: targets are (y - y_mean) / y_std
     y_std: float = 1.0
+    # each split row's id: the table's row number (one table) or the label file's id (parties)
+    ids_train: np.ndarray | None = None
+    ids_test: np.ndarray | None = None
 
     @property
     def n_experts(self) -> int:
@@ -63,8 +68,16 @@ def view_specs(cfg: DataConfig) -> tuple[ViewConfig, ...]:
     return digits_views(cfg.views)
 
 
+def n_experts(config: Config) -> int:
+    return len(view_specs(config.data))
+
+
 def load_dataset(config: Config) -> Dataset:
+    """The whole table, every view (the one-table sources); for ``parties`` the labels only
+    (``load_labels``): no process but an expert reads an expert's file."""
     cfg = config.data
+    if cfg.source == "parties":
+        return load_labels(config)
     views = view_specs(cfg)
     task = cfg.task
     if cfg.source == "digits":
@@ -110,6 +123,7 @@ def digits_views(preset: str) -> tuple[ViewConfig, ...]:
 def _digits() -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]:
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
+    sys.audit("traci_ml.data.read", "digits")  # parties.AUDIT_EVENT
     bunch = load_digits()
     columns = tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8))
     classes = tuple(str(i) for i in range(10))
@@ -138,6 +152,7 @@ def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ...],
                 f"data.views: view {v.name!r} reads the label column {cfg.label!r} as a "
                 f"feature: the model would be handed the answer (remove {cfg.label!r} from it)"
             )
+    sys.audit("traci_ml.data.read", str(path))  # parties.AUDIT_EVENT: who reads what
     try:
         with path.open(newline="") as fh:
             reader = csv.reader(fh)
@@ -265,6 +280,8 @@ def _split(
         y_mean, y_std = float(y[train].mean()), float(y[train].std() or 1.0)
         y = ((y - y_mean) / y_std).astype(np.float32)
     return Dataset(
+        ids_train=train.astype(np.int64),
+        ids_test=test.astype(np.int64),
         task=task,
         columns=columns,
         views=views,
@@ -277,3 +294,131 @@ def _split(
         y_mean=y_mean,
         y_std=y_std,
     )
+
+
+# ---- parties (docs/parties.md): each process reads only its own table ----------------------
+
+
+def load_labels(config: Config) -> Dataset:
+    """The label holder's rows (``data.labels``) in global order: train rows, then test rows,
+    split by the seed over the sorted ids. Features stay with the experts (``x_*`` are (n, 0))."""
+    from traci_ml.align import global_rows
+    from traci_ml.parties import read_labels
+
+    cfg = config.data
+    spec = cfg.labels
+    assert spec is not None  # the config's validator requires it for parties
+    table = read_labels(spec.path, id_column=spec.id or cfg.id, label_column=spec.label,
+                        fmt=spec.format)  # fmt: skip
+    rows = global_rows(table.ids, config.seed, cfg.test_fraction)
+    raw = table.labels[rows.source]
+    views = view_specs(cfg)
+    _check_views(views, tuple(c for v in views for c in v.columns), source=spec.path)
+    if cfg.task == "classification":
+        text = raw.astype(str)
+        classes = tuple(sorted(set(text.tolist()), key=_natural))
+        index = {c: i for i, c in enumerate(classes)}
+        y = np.array([index[v] for v in text.tolist()], dtype=np.int64)
+        y_mean, y_std = 0.0, 1.0
+    else:
+        if raw.dtype.kind not in "iuf":
+            raise DataError(f"{spec.path}: label column {spec.label!r} holds {raw.dtype.kind!r} "
+                            "values: regression needs numbers")  # fmt: skip
+        yf = raw.astype(np.float64)
+        y_mean = float(yf[: rows.n_train].mean())
+        y_std = float(yf[: rows.n_train].std() or 1.0)
+        y = ((yf - y_mean) / y_std).astype(np.float32)
+        classes = ()
+    n = rows.n_train
+    ds = Dataset(
+        task=cfg.task,
+        columns=(),
+        views=views,
+        x_train=np.zeros((n, 0), np.float32),
+        y_train=y[:n],
+        x_test=np.zeros((rows.n_test, 0), np.float32),
+        y_test=y[n:],
+        n_classes=len(classes),
+        classes=classes,
+        y_mean=y_mean,
+        y_std=y_std,
+        ids_train=rows.train_ids,
+        ids_test=rows.test_ids,
+    )
+    if ds.task == "classification":
+        _check_classes(ds, label=spec.label, source=spec.path)
+    return ds
+
+
+@dataclass
+class ExpertData:
+    """One expert's own rows: ``table`` (n, F) float32 and their ``ids``; ``rows`` maps the
+    schedule's rows to them (``None`` until aligned). Standardised on its own training rows
+    (``standardise``), the one-table mode's arrays arrive standardised already."""
+
+    name: str
+    columns: tuple[str, ...]
+    table: np.ndarray
+    ids: np.ndarray
+    id_type: str
+    source: str  # the file (parties) or the one table, for messages
+    rows: RowMap | None = None
+    mean: np.ndarray | None = None  # parties: the standardisation applied to ``table``
+    std: np.ndarray | None = None
+
+    def align(self, rows: RowMap) -> None:
+        """Adopt the schedule's row map and standardise on the training rows held."""
+        if rows.held()[0] == 0:
+            raise DataError(f"{self.source}: none of its {len(self.ids)} ids is among the "
+                            f"{rows.n_train} labelled training rows: zero overlap with the label "
+                            f"holder (is the id column right?)")  # fmt: skip
+        own = rows.train_rows()
+        if own is not None and self.mean is None:
+            self.standardise(*_column_stats(self.table, np.sort(own)))
+        self.rows = rows
+
+    def standardise(self, mean: np.ndarray, std: np.ndarray) -> None:
+        std = np.where(std < 1e-8, 1.0, std)
+        self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)
+        self.table -= self.mean
+        self.table /= self.std
+
+
+def _column_stats(table: np.ndarray, rows: np.ndarray, chunk: int = 1 << 16):
+    """(mean, std) per column over ``rows`` of ``table``, in float64, a chunk of rows at a
+    time: never a copy of the training rows (a party's table may be most of its memory)."""
+    total = np.zeros(table.shape[1], np.float64)
+    for start in range(0, len(rows), chunk):
+        total += table[rows[start : start + chunk]].sum(axis=0, dtype=np.float64)
+    mean = total / max(len(rows), 1)
+    squares = np.zeros(table.shape[1], np.float64)
+    for start in range(0, len(rows), chunk):
+        part = table[rows[start : start + chunk]].astype(np.float64) - mean
+        squares += (part * part).sum(axis=0)
+    return mean, np.sqrt(squares / max(len(rows), 1))
+
+
+def load_expert_data(config: Config, expert_id: int) -> ExpertData:
+    """Expert ``expert_id``'s rows: its own file (parties; not yet aligned), or its view's
+    columns of the one table (aligned by row number)."""
+    from traci_ml.parties import read_party
+
+    cfg = config.data
+    views = view_specs(cfg)
+    if not 0 <= expert_id < len(views):
+        raise DataError(f"--id {expert_id} outside [0, {len(views)}) experts")
+    view = views[expert_id]
+    if cfg.source == "parties":
+        t = read_party(view.path or "", id_column=view.id or cfg.id, columns=view.columns,
+                       fmt=view.format)  # fmt: skip
+        return ExpertData(view.name, t.columns, t.values, t.ids, t.id_type, str(view.path))
+    ds = load_dataset(config)
+    train, test = ds.view(expert_id, "train"), ds.view(expert_id, "test")
+    n_train = len(train)
+    data = ExpertData(
+        view.name, tuple(view.columns), np.concatenate([train, test]),
+        np.concatenate([ds.ids_train, ds.ids_test]), "int", cfg.path or cfg.source,
+    )  # fmt: skip
+    index = np.arange(n_train + len(test), dtype=np.int64)
+    data.rows = RowMap(index[:n_train], index[n_train:], n_train, len(test))
+    return data

@@ -32,6 +32,7 @@ POLL = 0.2
 GRACE = 15.0  # seconds the others get to finish after the reducer is done
 STABLE = 30.0  # a service up this long has its restart back-off reset
 CONFIG_ERROR = 2  # the exit code of every TraciError (traci_ml/cli.py)
+DATA_ERROR = 3  # a DataError in a service: never restarted
 QUEUE_LATENCY = "traci_broker_queue_latency_seconds"
 LIVE_EXPERTS = "traci_broker_live_experts"
 
@@ -136,9 +137,9 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 def _children(config: Config, launch: Path, *, resume: bool, gpus: int) -> list[Child]:
-    from traci_ml.data import load_dataset
+    from traci_ml.data import n_experts
 
-    n = load_dataset(config).n_experts
+    n = n_experts(config)
     base = [sys.executable, "-m", "traci_ml.cli"]
     logs = config.run_path / "logs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
@@ -185,7 +186,7 @@ def _watch(children: list[Child], progress: Progress, config: Config) -> int:
             # in use): on a first start that never got going, a restart fails the same way.
             config_error = (
                 code == CONFIG_ERROR and not child.restarts and now - child.started_at < STABLE
-            )
+            ) or code == DATA_ERROR  # bad data (docs/parties.md): a restart reads it again
             if policy.restart == "never" or child.restarts >= policy.max_restarts or config_error:
                 progress.line(
                     f"{child.name} exited with code {code}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,9 @@ CSV_BLOCK = 1 << 20  # CSV bytes parsed at a time
 _INT_ID = r"^-?(0|[1-9][0-9]{0,17})$"
 
 Where = Callable[[int], str]  # 0-based data row -> "line N" / "row N"
+
+
+AUDIT_EVENT = "traci_ml.data.read"  # sys.audit event: a data file is about to be read
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +86,7 @@ def read_party(
 ) -> PartyTable:
     """Read ``id_column`` and ``columns`` (as float32) from one party's CSV or Parquet file."""
     path = Path(path)
+    sys.audit(AUDIT_EVENT, str(path))  # what a process reads (tests check who reads what)
     columns = tuple(columns)
     if not columns:
         raise DataError(f"{path}: no feature columns requested (id column {id_column!r})")
@@ -121,6 +126,7 @@ def read_labels(
     Labels keep the file's type (strings stay strings, numbers stay numbers); the caller decides
     the classes."""
     path = Path(path)
+    sys.audit(AUDIT_EVENT, str(path))
     if label_column == id_column:
         raise DataError(f"{path}: column {label_column!r} cannot be both the id and the label")
     fmt = _format(path, fmt, id_column)

@@ -114,9 +114,15 @@ def set_lr(optimizer, base: float, index: int, train) -> None:  # noqa: ANN001
 
 
 def schedule_for(config, dataset) -> Schedule:  # noqa: ANN001 - avoid import cycles
+    return make_schedule(config, len(dataset.y_train), len(dataset.y_test))
+
+
+def make_schedule(config, n_train: int, n_test: int) -> Schedule:  # noqa: ANN001
+    """The run's schedule over ``n_train`` train and ``n_test`` test rows (the label
+    holder's counts; in parties mode an expert learns them when it aligns)."""
     return Schedule(
-        n_train=len(dataset.y_train),
-        n_test=len(dataset.y_test),
+        n_train=n_train,
+        n_test=n_test,
         seed=config.seed,
         batch_size=config.train.batch_size,
         steps=config.train.steps,

@@ -56,6 +56,18 @@ class ExpertMetrics:
         self.seq = Gauge("traci_expert_seq", "next seq to send", ["expert"], registry=r).labels(
             **labels
         )
+        self.rows_held = Gauge(
+            "traci_expert_rows_held",
+            "labelled rows this expert holds, by split (parties: after id alignment)",
+            ["expert", "split"],
+            registry=r,
+        )
+        self.overlap = Gauge(
+            "traci_expert_overlap_ratio",
+            "labelled rows this expert holds / labelled rows",
+            ["expert"],
+            registry=r,
+        ).labels(**labels)
         self.rejections = Counter(
             "traci_expert_rejections",
             "messages rejected, by reason",

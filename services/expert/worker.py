@@ -13,32 +13,38 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
 import torch
 import zmq
 
 from traci_ml import checkpoint, proto
+from traci_ml.align import IdIndex, RowMap
 from traci_ml.config import Config
-from traci_ml.data import load_dataset
-from traci_ml.errors import CheckpointError, PeerTimeout, TraciError
+from traci_ml.data import load_expert_data
+from traci_ml.errors import CheckpointError, DataError, PeerTimeout
 from traci_ml.link import BrokerLink
-from traci_ml.schedule import Step, schedule_for, set_lr
+from traci_ml.schedule import Schedule, Step, make_schedule, set_lr
 from traci_ml.security import peer_keys, tcp_endpoint
+from traci_ml.services.expert.aligning import Aligner
 from traci_ml.services.expert.metrics import ExpertMetrics
 from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
 from traci_ml.services.expert.serving import QueryView
 from traci_ml.tensors import derive_seed, from_wire, resolve_device, to_wire
 
 log = logging.getLogger(__name__)
+ALIGN_RESEND = 60.0  # seconds without an answer before an ALIGN request is sent again
 
 
 @dataclass(slots=True)
 class InFlight:
     step: Step
-    rows: torch.Tensor  # (B,) row indices into this expert's view
+    rows: torch.Tensor  # (B,) this expert's own rows (an absent row's: 0, never read)
+    present: torch.Tensor | None  # (B,) bool: the rows it holds; None: all of them
     sent_at: float  # monotonic
     applied_at_send: int  # optimizer steps taken when sent (for staleness)
 
@@ -71,25 +77,23 @@ class Expert:
         stop: threading.Event | None = None,
         serve: bool = False,
     ) -> None:
-        dataset = load_dataset(config)
-        if not 0 <= expert_id < dataset.n_experts:
-            raise TraciError(f"--id {expert_id} outside [0, {dataset.n_experts}) experts")
+        # This expert's own rows (parties: its own file; one table: its view's columns)
+        self.data = load_expert_data(config, expert_id)
         self.config, self.id = config, expert_id
         self.name = f"expert-{expert_id}"
-        self.schedule = schedule_for(config, dataset)
         self.device = resolve_device(config.expert.device)
         self.wire_dtype = config.expert.dtype
         self.metrics = metrics or ExpertMetrics(expert_id)
         self.stop_event = stop or threading.Event()
-        # This expert's view of both splits, on its device: (n, F_i)
-        self.views = {
-            "train": torch.from_numpy(dataset.view(expert_id, "train")).to(self.device),
-            "eval": torch.from_numpy(dataset.view(expert_id, "test")).to(self.device),
-        }
+        # Set by _adopt once the rows are aligned (parties: after ALIGN, in run()).
+        self.schedule: Schedule | None = None
+        self.rows: RowMap | None = None
+        self.table: torch.Tensor | None = None  # (n, F_i) standardised, on the device
+        self.id_index: IdIndex | None = None  # served queries by id: built on the first
         torch.manual_seed(derive_seed(config.seed, "expert", expert_id))
         self.online = build_expert_net(
             config.expert_model(expert_id),
-            in_dim=self.views["train"].shape[1],
+            in_dim=self.data.table.shape[1],
             out_dim=config.embed_dim,
             key=config.expert_model_key(expert_id),
         ).to(self.device)
@@ -116,8 +120,12 @@ class Expert:
             raise CheckpointError(f"{self.ckpt_path} is missing: train the run before serving")
         if (resume or serve) and self.ckpt_path.exists():
             self._restore()
+        if self.data.rows is not None:  # one table: aligned by row number already
+            self._adopt(self.data.rows)
+        elif serve:  # parties: standardised as in training (the checkpoint's statistics)
+            self._adopt(None)
         if serve:  # now, not on the first query
-            self.query_view = QueryView.for_expert(config, config.run_path, expert_id)
+            self.query_view = self._query_view()
         self.context = context or zmq.Context.instance()
         net = config.network
         self.link = BrokerLink(
@@ -152,6 +160,8 @@ class Expert:
         self._register()
         finished = False
         try:
+            if self.schedule is None and not self.serving:
+                self._align()
             while not finished and not self.stop_event.is_set():
                 self._produce()
                 wait = 0.0 if self._can_send() else self.config.network.heartbeat_interval / 2
@@ -171,7 +181,8 @@ class Expert:
 
     def _can_send(self) -> bool:
         if (
-            len(self.inflight) >= self.config.expert.window
+            self.schedule is None
+            or len(self.inflight) >= self.config.expert.window
             or self.seq_next >= self.schedule.total
             or self.serving
         ):
@@ -187,18 +198,121 @@ class Expert:
     def _produce(self) -> None:
         """Fill the window: target embeddings for the next steps, in seq order."""
         while self._can_send():
+            assert self.schedule is not None and self.rows is not None  # _can_send says so
             step = self.schedule.step(self.seq_next)
-            rows = torch.tensor(self.schedule.rows(step), device=self.device)
+            local, present = self.rows.lookup(step.phase, self.schedule.rows(step))
+            rows = torch.as_tensor(local, device=self.device)
+            mask = None if present is None else torch.as_tensor(present, device=self.device)
             with torch.no_grad():
-                emb = self.target(self.views[step.phase][rows])  # (B, d)
+                emb = self._embed(self.target, rows, mask)  # (B, d), zeros where absent
             # Account first, then send: the books balance at every instant.
-            self.inflight[step.seq] = InFlight(step, rows, time.monotonic(), self.accounts.applied)
+            self.inflight[step.seq] = InFlight(step, rows, mask, time.monotonic(),
+                                               self.accounts.applied)  # fmt: skip
             self.accounts.sent += 1
             self.metrics.sent.labels(expert=str(self.id), phase=step.phase).inc()
             self.seq_next += 1
-            self.link.send(proto.Emb(step.seq, self.id, step.phase, to_wire(emb, self.wire_dtype)))
+            bits = b"" if present is None else proto.pack_rows(present)
+            self.link.send(proto.Emb(step.seq, self.id, step.phase,
+                                     to_wire(emb, self.wire_dtype), bits))  # fmt: skip
         self.metrics.inflight.set(len(self.inflight))
         self.metrics.seq.set(self.seq_next)
+
+    def _embed(self, net: torch.nn.Module, rows: torch.Tensor, present: torch.Tensor | None):
+        """``net`` on own rows ``rows`` (B,); rows not held (``present`` False) are zeros and
+        never reach the net (batch statistics see only real rows)."""
+        assert self.table is not None
+        if present is None:
+            return net(self.table[rows])
+        out = torch.zeros(len(rows), self.config.embed_dim, device=self.device)
+        if bool(present.any()):
+            out[present] = net(self.table[rows[present]]).to(out.dtype)
+        return out
+
+    # -- alignment (parties, docs/parties.md) -------------------------------------------
+
+    def _adopt(self, rows: RowMap | None) -> None:
+        """Take the aligned rows: the table on the device and the schedule over the label
+        holder's rows (``None``: serving, which needs the table only)."""
+        self.table = torch.from_numpy(self.data.table).to(self.device)
+        if rows is None:
+            return
+        self.rows = rows
+        self.schedule = make_schedule(self.config, rows.n_train, rows.n_test)
+        held_train, held_test = rows.held()
+        self.metrics.rows_held.labels(expert=str(self.id), split="train").set(held_train)
+        self.metrics.rows_held.labels(expert=str(self.id), split="test").set(held_test)
+        self.metrics.overlap.set((held_train + held_test) / max(rows.n_train + rows.n_test, 1))
+
+    def _align(self) -> None:
+        """Learn which of this party's rows are labelled, through the broker (plain or psi,
+        ``data.align``); the hashing and blinding run in a thread so heartbeats go on. A
+        refusal (id types differ, no overlap) is a DataError: the process exits 3, for good."""
+        aligner = Aligner(self.id, self.data.ids, self.data.id_type, self.config.data.align,
+                          self.config.run_id)  # fmt: skip
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(1, thread_name_prefix="align") as pool:
+            job = pool.submit(aligner.request)
+            request: proto.Align | None = None
+            resend_at = float("inf")
+            while not self.stop_event.is_set():
+                now = time.monotonic()
+                if request is None and job.done():
+                    request, resend_at = job.result(), now
+                if request is not None and now >= resend_at:
+                    self.link.send(request)
+                    resend_at = now + ALIGN_RESEND
+                msg = self.link.recv(self.config.network.heartbeat_interval / 2)
+                if isinstance(msg, proto.Align) and msg.expert_id == self.id:
+                    if msg.stage == proto.ALIGN_WAIT:  # no reducer yet: ask again soon
+                        resend_at = min(resend_at, time.monotonic() + 1.0)
+                    elif msg.stage == "error":
+                        raise DataError(
+                            f"{self.name} ({self.data.name}, {self.data.source}): "
+                            f"the label holder refused the alignment: {msg.detail}"
+                        )
+                    elif msg.stage == "answer" and request is not None:
+                        rows = self._background(aligner.rows, msg)
+                        break
+                elif isinstance(msg, proto.Goodbye) and msg.reason != "done":
+                    self._register()
+                    resend_at = time.monotonic()
+                elif msg is not None and not isinstance(msg, (proto.Heartbeat, proto.Welcome)):
+                    self._reject("unexpected_kind", f"{msg.KIND} while aligning")
+                self._tick_link()
+            else:
+                return
+        self.data.align(rows)  # standardised on its own training rows
+        self._adopt(rows)
+        held_train, held_test = rows.held()
+        log.info("%s aligned (%s) in %.1fs: holds %d of %d train rows and %d of %d test rows "
+                 "(%d rows in %s)", self.name, self.config.data.align, time.monotonic() - t0,
+                 held_train, rows.n_train, held_test, rows.n_test, len(self.data.ids),
+                 self.data.source)  # fmt: skip
+        self.link.send(proto.Align(self.id, "held", self.config.data.align,
+                                   (held_train, held_test, len(self.data.ids))))  # fmt: skip
+
+    def _background(self, fn, *args):  # noqa: ANN001, ANN202
+        """``fn(*args)`` in a thread while this thread keeps the link alive."""
+        with ThreadPoolExecutor(1, thread_name_prefix="align") as pool:
+            job = pool.submit(fn, *args)
+            while not job.done():
+                msg = self.link.recv(self.config.network.heartbeat_interval / 2)
+                if isinstance(msg, proto.Goodbye) and msg.reason != "done":
+                    self._register()
+                self._tick_link()
+            return job.result()
+
+    def _tick_link(self) -> None:
+        try:
+            self.link.tick()
+        except PeerTimeout as exc:
+            log.warning("%s: %s; reconnecting", self.name, exc)
+            self._register()
+
+    def on_align_late(self, msg: proto.Align) -> None:
+        """ALIGN after alignment: the broker's "wait" for the held notice, a late answer."""
+        if msg.stage not in (proto.ALIGN_WAIT, "answer"):
+            self._reject("unexpected_kind", f"ALIGN {msg.stage} after alignment")
 
     def _guarded(self, msg: proto.Message) -> bool:
         """``_dispatch``, but a bug triggered by one message never ends the run."""
@@ -223,9 +337,11 @@ class Expert:
             self.on_welcome(msg)
         elif isinstance(msg, proto.Query):
             self.on_query(msg)
+        elif isinstance(msg, proto.Align):
+            self.on_align_late(msg)
         elif not isinstance(msg, proto.Heartbeat):
             self._reject("unexpected_kind", f"{msg.KIND} is not for experts")
-        if self.serving:  # serves until stopped
+        if self.serving or self.schedule is None:  # serves until stopped
             return False
         return self.seq_next >= self.schedule.total and not self.inflight
 
@@ -258,16 +374,21 @@ class Expert:
         ):
             return self._reject("conflict", f"GRAD {grad.dtype}{list(grad.shape)}", msg.seq)
         del self.inflight[msg.seq]
+        assert self.table is not None  # a step in flight means the rows are adopted
         # Recompute the online output with the current weights (with window > 1 the weights
-        # have moved since the send; a cached graph would be stale), then backprop the slice.
-        self.online.train()
-        out = self.online(self.views["train"][pending.rows])  # (B, d)
-        g = from_wire(grad, self.device).to(out.dtype)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.backward(g)
-        set_lr(self.optimizer, self.config.expert.lr, pending.step.index, self.config.train)
-        self.optimizer.step()
-        polyak_update(self.target, self.online, self.config.expert.tau)
+        # have moved since the send; a cached graph would be stale), then backprop the slice:
+        # the rows this expert holds only (an absent row's gradient is not its own).
+        rows, g = pending.rows, from_wire(grad, self.device)
+        if pending.present is not None:
+            rows, g = rows[pending.present], g[pending.present]
+        if len(rows):
+            self.online.train()
+            out = self.online(self.table[rows])  # (B_held, d)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.backward(g.to(out.dtype))
+            set_lr(self.optimizer, self.config.expert.lr, pending.step.index, self.config.train)
+            self.optimizer.step()
+            polyak_update(self.target, self.online, self.config.expert.tau)
         if self.ledger is not None:
             self.ledger.write(f"{msg.seq}\n")
         self._answered(pending, "applied")
@@ -305,8 +426,10 @@ class Expert:
         """A served query (docs/serving.md): this view's columns of the raw rows, standardised
         as in training, through the target net. Touches no training state."""
         t0 = time.monotonic()
+        if msg.ids:
+            return self.on_query_ids(msg, t0)
         if self.query_view is None:
-            self.query_view = QueryView.for_expert(self.config, self.config.run_path, self.id)
+            self.query_view = self._query_view()
         view = self.query_view
         pick = view.pick(msg.columns)
         # Raw rows: finite is the only bound (a raw column may be large); the embedding they
@@ -336,6 +459,41 @@ class Expert:
                 answer = proto.QEmb(msg.qid, self.id, "internal", repr(exc)[:200], ())
         self.link.send(answer)
         self.metrics.served(answer.status, time.monotonic() - t0)
+
+    def on_query_ids(self, msg: proto.Query, t0: float) -> None:
+        """A served query by row id: this party's own rows of those ids (a row it lacks is
+        masked for that row: zeros and a cleared bit in QEMB.rows)."""
+        try:
+            if self.table is None:
+                raise DataError("rows not aligned yet: no table to look ids up in")
+            if self.id_index is None:
+                self.id_index = IdIndex(self.data.ids)
+            local = self.id_index.find(np.array(msg.ids))
+            present = local >= 0
+            rows = torch.as_tensor(np.where(present, local, 0), device=self.device)
+            with torch.no_grad():
+                emb = self._embed(self.target, rows, torch.as_tensor(present, device=self.device))
+            wire = to_wire(emb, self.wire_dtype)
+            bad = proto.value_problem((wire,), self.config.security.max_abs_value)
+            answer = (
+                proto.QEmb(msg.qid, self.id, proto.SERVE_OK, "", (wire,), proto.pack_rows(present))
+                if bad is None
+                else proto.QEmb(msg.qid, self.id, bad[0], f"embedding of the rows: {bad[1]}", ())
+            )
+        except Exception as exc:  # the broker masks this expert for the query
+            log.exception("%s: internal error on QUERY %d (ids)", self.name, msg.qid)
+            answer = proto.QEmb(msg.qid, self.id, "internal", repr(exc)[:200], ())
+        self.link.send(answer)
+        self.metrics.served(answer.status, time.monotonic() - t0)
+
+    def _query_view(self) -> QueryView:
+        """Served raw rows: the one table's statistics (preprocess.json), or, for a party,
+        its own (standardised on its own training rows)."""
+        if self.config.data.source == "parties":
+            if self.data.mean is None or self.data.std is None:
+                raise DataError(f"{self.name}: no standardisation yet (not aligned)")
+            return QueryView(self.data.columns, self.data.mean, self.data.std)
+        return QueryView.for_expert(self.config, self.config.run_path, self.id)
 
     def on_goodbye(self, msg: proto.Goodbye) -> bool:
         if msg.reason == "done":
@@ -406,6 +564,9 @@ class Expert:
                 "inflight": len(self.inflight),
                 # the ledger's length now (every line flushed): a restore cuts it back to this
                 "ledger_bytes": self._ledger_bytes(),
+                # parties: this party's standardisation (its own training rows), for serving
+                "mean": None if self.data.mean is None else torch.from_numpy(self.data.mean),
+                "std": None if self.data.std is None else torch.from_numpy(self.data.std),
             },
             self.ckpt_path,
         )
@@ -415,6 +576,8 @@ class Expert:
         self.online.load_state_dict(state["online"])
         self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.data.rows is None and state.get("mean") is not None:  # parties
+            self.data.standardise(state["mean"].numpy(), state["std"].numpy())
         self.accounts = Accounts(**state["accounts"])
         self.seq_next = state["seq_next"]
         self.restored = True
@@ -461,10 +624,14 @@ class Expert:
 
     def _close(self) -> None:
         self._drop_all("shutdown")
-        if not self.serving:  # serving leaves the run's checkpoints and accounts alone
+        # serving leaves the run's checkpoints and accounts alone; so does a party that
+        # never aligned (nothing trained; its error must not leave a checkpoint behind)
+        if not self.serving and self.schedule is not None:
             self.save()
             self._write_accounts()
-        done = self.seq_next >= self.schedule.total and not self.serving
+        done = (
+            self.schedule is not None and self.seq_next >= self.schedule.total and not self.serving
+        )
         try:
             self.link.send(proto.Goodbye("done" if done else "shutdown"))
         except zmq.ZMQError:

@@ -96,6 +96,8 @@ class Evaluation:
         records.write(record)
         self.metrics.eval_loss.set(result["loss"])
         self.metrics.eval_metric.set(result[name])
+        for k, part in result["by_experts_present"].items():
+            self.metrics.eval_by_present.labels(present=k).set(part[name])
         for i, a in enumerate(result["attention"]):
             self.metrics.attention.labels(expert=str(i), phase="eval").set(a)
         return record
@@ -109,9 +111,12 @@ class Evaluation:
         wall: float,
         batch_size: int,
         attention_train: list[float],
+        overlap: dict[str, Any] | None = None,
+        rows_skipped: dict[str, int] | None = None,
     ) -> dict[str, Any]:
         """The contents of ``summary.json``: the run's figures and its eval history."""
         final = self.history[-1] if self.history else {}
+        name = metric_name(self.dataset.task)
         out: dict[str, Any] = {
             "run_id": run_id,
             "task": self.dataset.task,
@@ -124,7 +129,12 @@ class Evaluation:
             "attention_train": attention_train,
             "attention_eval": final.get("attention", []),
             "eval_history": self.history,
+            # parties: per expert, the labelled rows it holds (docs/parties.md)
+            "overlap": overlap or {},
+            "rows_skipped": rows_skipped or {},
         }
+        if "by_experts_present" in final:
+            out[f"test_{name}_by_experts_present"] = final["by_experts_present"]
         for key in ("accuracy", "loss", "rmse", "r2"):
             if key in final:
                 out[f"test_{key}"] = final[key]

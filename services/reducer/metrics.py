@@ -47,6 +47,25 @@ class ReducerMetrics:
             ["reason"],
             registry=r,
         )
+        self.rows_skipped = Counter(
+            "traci_reducer_rows_skipped",
+            "labelled rows left out of a step: no expert holds them (no_expert), or not every "
+            "expert does while data.train_rows is shared (not_shared)",
+            ["phase", "reason"],
+            registry=r,
+        )
+        self.overlap = Gauge(
+            "traci_reducer_expert_overlap_ratio",
+            "labelled rows an expert holds / labelled rows (parties, as the expert reported)",
+            ["expert"],
+            registry=r,
+        )
+        self.eval_by_present = Gauge(
+            "traci_reducer_eval_metric_by_experts_present",
+            "last held-out metric over the rows with this many experts present",
+            ["present"],
+            registry=r,
+        )
         self.present = Gauge(
             "traci_reducer_experts_present", "experts present in the last batch", registry=r
         )

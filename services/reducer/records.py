@@ -52,6 +52,7 @@ class EvalRound:
     att_count: torch.Tensor | None = None
     rows: list[torch.Tensor] = field(default_factory=list)  # test-split row of each prediction
     absent: list[torch.Tensor] = field(default_factory=list)
+    n_present: list[torch.Tensor] = field(default_factory=list)  # experts present per row
 
     def add(
         self,
@@ -63,6 +64,7 @@ class EvalRound:
     ):
         self.logits.append(logits.detach().cpu())
         self.targets.append(y.detach().cpu())
+        self.n_present.append((~absent).sum(dim=1).cpu())
         if rows is not None:
             self.rows.append(rows.detach().cpu())
             self.absent.append(absent.detach().cpu())
@@ -84,6 +86,22 @@ class EvalRound:
             out["loss"] = mse
             out["rmse"] = math.sqrt(mse) * self.y_std  # in the label's own units
             out["r2"] = 1.0 - float(((pred - y) ** 2).sum()) / sst
+        out["by_experts_present"] = self.by_present(logits, y)
+        return out
+
+    def by_present(self, logits: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, float]]:
+        """The metric over the rows with k experts present, for each k seen: how the model
+        degrades as parties lack rows (``{"4": {"samples": 300, "accuracy": 0.98}, ...}``)."""
+        counts = torch.cat(self.n_present) if self.n_present else torch.zeros(0)
+        out: dict[str, dict[str, float]] = {}
+        for k in sorted(set(counts.tolist())):
+            at = counts == k
+            if self.task == "classification":
+                value = {"accuracy": float((logits[at].argmax(-1) == y[at]).float().mean())}
+            else:
+                err = float(((logits[at].squeeze(-1) - y[at]) ** 2).mean())
+                value = {"rmse": math.sqrt(err) * self.y_std}
+            out[str(int(k))] = {"samples": int(at.sum()), **value}
         return out
 
     def attention(self) -> list[float]:
@@ -94,22 +112,24 @@ class EvalRound:
 
 def write_eval_predictions(path: Path, rnd: EvalRound, dataset: Any) -> None:
     """One evaluation round's predictions, one line per test-split row, atomically: ``row``,
-    ``label``, ``prediction``, one ``prob_<class>`` per class (classification; the label and
-    prediction in the label's units for regression), and ``absent``: the experts masked
-    ("" when all were present). The columns of ``traci predict --split test``."""
+    ``id`` (the row's number in the one table, or its id in the label file), ``label``,
+    ``prediction``, one ``prob_<class>`` per class (classification; the label and prediction
+    in the label's units for regression), and ``absent``: the experts masked ("" when all
+    were present). The columns of ``traci predict --split test``."""
     classes = dataset.classes if dataset.task == "classification" else ()
     y_mean, y_std = dataset.y_mean, dataset.y_std
     logits, y = torch.cat(rnd.logits), torch.cat(rnd.targets)
     rows, absent = torch.cat(rnd.rows), torch.cat(rnd.absent)
+    ids = getattr(dataset, "ids_test", None)
     if classes:
         probs = logits.softmax(dim=-1)
-        header = ["row", "label", "prediction", *(f"prob_{c}" for c in classes), "absent"]
+        header = ["row", "id", "label", "prediction", *(f"prob_{c}" for c in classes), "absent"]
         body = [
             [classes[int(t)], classes[int(p.argmax())], *(f"{float(v):.9g}" for v in p)]
             for t, p in zip(y, probs, strict=True)
         ]
     else:
-        header = ["row", "label", "prediction", "absent"]
+        header = ["row", "id", "label", "prediction", "absent"]
         pred = logits[:, 0] * y_std + y_mean
         body = [
             [f"{float(t) * y_std + y_mean:.9g}", f"{float(p):.9g}"]
@@ -118,11 +138,19 @@ def write_eval_predictions(path: Path, rnd: EvalRound, dataset: Any) -> None:
     lines = [",".join(header)]
     for r, cells, a in zip(rows.tolist(), body, absent, strict=True):
         gone = " ".join(str(i) for i in a.nonzero().flatten().tolist())
-        lines.append(",".join([str(r), *cells, gone]))
+        lines.append(",".join([str(r), _csv(ids[r] if ids is not None else r), *cells, gone]))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
+
+
+def _csv(value: object) -> str:
+    """A CSV cell (ids may be text with commas or quotes)."""
+    text = str(value)
+    if any(c in text for c in ',"\n\r'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
 
 
 def metric_name(task: str) -> str:

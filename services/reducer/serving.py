@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,7 +49,7 @@ def answer(
     for i, tensor in zip(present, msg.tensors, strict=True):
         copy_into(host[i], tensor)
     tokens = host.to(device).float().transpose(0, 1)  # (R, N, d)
-    absent = ~torch.tensor(msg.present, device=device).expand(rows, spec.n_experts)  # (R, N)
+    absent = absent_rows(msg.present, msg.rows, rows, device)  # (R, N)
     was_training = model.training
     model.eval()
     try:
@@ -62,6 +63,21 @@ def answer(
         out = logits[:, :1] * spec.y_std + spec.y_mean
     return proto.QOut(msg.qid, proto.SERVE_OK, "", spec.task, spec.classes,
                       (to_wire(out, "float32"),))  # fmt: skip
+
+
+def absent_rows(
+    present: tuple[bool, ...], bits: tuple[bytes, ...], rows: int, device: torch.device
+) -> torch.Tensor:
+    """(rows, N) bool, True where expert i's token is masked for a row: experts not
+    present, and rows a present expert lacks (its bitmap in ``bits``, one per present
+    expert; () or b"": every row)."""
+    n = len(present)
+    if not bits or not any(bits):
+        return ~torch.tensor(present, device=device).expand(rows, n)
+    held = np.zeros((rows, n), dtype=bool)
+    for i, b in zip((i for i, p in enumerate(present) if p), bits, strict=True):
+        held[:, i] = proto.unpack_rows(b, rows)
+    return torch.from_numpy(~held).to(device)
 
 
 def _refuse(msg: proto.QBatch, spec: ServeSpec, status: str, detail: str) -> proto.QOut:

@@ -11,8 +11,10 @@ import logging
 import math
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 import zmq
 from torch.nn.utils import get_total_norm
@@ -24,11 +26,12 @@ from traci_ml.errors import CheckpointError, PeerTimeout
 from traci_ml.link import BrokerLink
 from traci_ml.schedule import schedule_for, set_lr
 from traci_ml.security import peer_keys, tcp_endpoint
+from traci_ml.services.reducer.aligning import LabelHolder
 from traci_ml.services.reducer.evaluation import Evaluation
 from traci_ml.services.reducer.metrics import ReducerMetrics
 from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
 from traci_ml.services.reducer.records import MetricsLog, metric_name, write_json_atomic
-from traci_ml.services.reducer.serving import ServeSpec, answer
+from traci_ml.services.reducer.serving import ServeSpec, absent_rows, answer
 from traci_ml.tensors import (
     TORCH_DTYPES,
     copy_into,
@@ -83,6 +86,12 @@ class ReducerService:
         self.evaluation = Evaluation(ds, self.run_path, self.metrics)  # eval rounds, history
         self.ema: dict[str, float] = {}
         self.att_train = torch.zeros(self.n)
+        # parties (docs/parties.md): answers the experts' ALIGN requests, in a thread
+        self.holder = self._label_holder() if config.data.source == "parties" else None
+        self.align_pool: ThreadPoolExecutor | None = None
+        self.align_jobs: dict[int, Future] = {}
+        self.overlap: dict[str, dict[str, Any]] = {}  # per expert name, as each reported
+        self.rows_skipped: dict[str, int] = {}  # "<phase>/<reason>" -> labelled rows left out
         self.started_at: float | None = None
         self.window_start = (time.monotonic(), 0)  # for samples/s between log records
         if serve and not self.ckpt_path.exists():
@@ -110,6 +119,15 @@ class ReducerService:
             checks_values=(proto.Batch, proto.QBatch),  # _validate, on_qbatch
         )
 
+    def _label_holder(self) -> LabelHolder:
+        ds, labels = self.dataset, self.config.data.labels
+        assert ds.ids_train is not None and ds.ids_test is not None and labels is not None
+        ids = np.concatenate([ds.ids_train, ds.ids_test])
+        where = f"{labels.path} (id column {labels.id or self.config.data.id!r})"
+        return LabelHolder(ids, "int" if ids.dtype.kind in "iu" else "str", len(ds.y_train),
+                           len(ds.y_test), mode=self.config.data.align,
+                           run_id=self.config.run_id, where=where)  # fmt: skip
+
     def _hello(self) -> proto.Hello:
         return proto.Hello(
             role="reducer",
@@ -125,9 +143,10 @@ class ReducerService:
     def run(self) -> int:
         if not self.serving:  # serving leaves the run's files as training wrote them
             write_json_atomic(self.run_path / "config.json", self.config.to_dict())
-            from traci_ml.predict import write_preprocess  # for `traci predict` (predict.md)
+            if self.holder is None:  # parties: each expert keeps its own statistics
+                from traci_ml.predict import write_preprocess  # for `traci predict`
 
-            write_preprocess(self.config, self.run_path)
+                write_preprocess(self.config, self.run_path)
         self.link.connect(timeout=self.config.network.connect_timeout)
         finished = False
         try:
@@ -141,6 +160,15 @@ class ReducerService:
         return 0
 
     def _tick(self) -> None:
+        for eid, job in list(self.align_jobs.items()):
+            if job.done():
+                del self.align_jobs[eid]
+                try:
+                    reply = job.result()
+                except Exception as exc:  # a bug answers the expert, never ends the run
+                    log.exception("reducer: alignment of expert %d failed", eid)
+                    reply = proto.Align(eid, "error", f"internal: {exc!r}"[:1000])
+                self.link.send(reply)
         try:
             self.link.tick()
         except PeerTimeout as exc:
@@ -158,6 +186,8 @@ class ReducerService:
                 self._reject("unexpected_kind", "serving: no training steps", msg)
             elif isinstance(msg, proto.Batch):
                 return self.on_batch(msg)
+            elif isinstance(msg, proto.Align):
+                self.on_align(msg)
             elif isinstance(msg, proto.Goodbye):
                 log.warning("reducer: broker says goodbye (%s); registering again", msg.reason)
                 self.link.connect(timeout=self.config.network.connect_timeout)
@@ -167,6 +197,38 @@ class ReducerService:
             log.exception("reducer: internal error on %s", msg.KIND)
             self._reject("internal", "see the traceback above", msg)
         return False
+
+    def on_align(self, msg: proto.Align) -> None:
+        """An expert's ALIGN: a request (answered from a thread, see ``_tick``) or the
+        notice of how many labelled rows it holds."""
+        eid = msg.expert_id
+        if not 0 <= eid < self.n:
+            return self._reject("bad_field", f"ALIGN from expert {eid} of {self.n}")
+        if msg.stage == "held":
+            if len(msg.counts) < 3 or min(msg.counts[:3]) < 0:
+                return self._reject("bad_field", f"ALIGN held counts {msg.counts}")
+            held_train, held_test, rows = msg.counts[:3]
+            labelled = len(self.dataset.y_train) + len(self.dataset.y_test)
+            ratio = min((held_train + held_test) / max(labelled, 1), 1.0)
+            self.overlap[self.dataset.views[eid].name] = {
+                "rows": rows, "held_train": held_train, "held_test": held_test,
+                "labelled": labelled, "overlap": ratio,
+            }  # fmt: skip
+            self.metrics.overlap.labels(expert=str(eid)).set(ratio)
+            log.info("reducer: expert %d holds %d + %d of %d labelled rows (%.1f%%)",
+                     eid, held_train, held_test, labelled, 100 * ratio)  # fmt: skip
+            return None
+        if msg.stage not in proto.ALIGN_EXPERT_STAGES:
+            return self._reject("unexpected_kind", f"ALIGN {msg.stage} from an expert")
+        if self.holder is None:
+            detail = f"data.source is {self.config.data.source!r}: rows align by number"
+            return self.link.send(proto.Align(eid, "error", detail))
+        if eid in self.align_jobs:  # the same request again while it is worked on
+            return None
+        if self.align_pool is None:
+            self.align_pool = ThreadPoolExecutor(1, thread_name_prefix="align")
+        self.align_jobs[eid] = self.align_pool.submit(self.holder.answer, msg)
+        return None
 
     def on_qbatch(self, msg: proto.QBatch) -> None:
         """A served query (docs/serving.md): eval mode, no grad, outputs back; the training
@@ -196,12 +258,16 @@ class ReducerService:
         self.skipped += msg.seq - self.last_seq - 1
         self.metrics.skipped.inc(msg.seq - self.last_seq - 1)
         self.last_seq = msg.seq
-        present = torch.tensor(msg.present, device=self.device)
         rows = torch.as_tensor(self.schedule.rows(step), device=self.device)
+        absent = absent_rows(msg.present, msg.rows, len(rows), self.device)  # (B, N)
+        keep = self._rows_kept(step.phase, absent)
+        if keep is not None:
+            tokens, absent, rows = tokens[:, keep], absent[keep], rows[keep]
         y = self.labels[step.phase][rows]
-        absent = (~present).expand(len(rows), self.n)  # (B, N)
-        if step.phase == "train":
-            self._train_step(msg, step.index, tokens, absent, y)
+        if step.phase == "train" and not len(rows):
+            self._refuse(msg.seq, "no_rows", "no row of this step is held by the experts")
+        elif step.phase == "train":
+            self._train_step(msg, step.index, tokens, absent, y, keep)
         else:
             final = step.round == self.schedule.eval_rounds - 1
             self._eval_step(msg, step.last_in_round, tokens, absent, y, rows, final=final)
@@ -209,6 +275,26 @@ class ReducerService:
         self.metrics.step_time.labels(phase=step.phase).observe(time.monotonic() - t0)
         self.metrics.present.set(sum(msg.present))
         return msg.seq == self.schedule.total - 1
+
+    def _rows_kept(self, phase: str, absent: torch.Tensor) -> torch.Tensor | None:
+        """The rows of a step that count (None: all of them): not those no expert holds,
+        and in training with ``data.train_rows: shared`` only those every expert holds."""
+        if not bool(absent.any()):
+            return None
+        held = ~absent
+        keep = held.any(dim=1)
+        self._skip_rows(phase, "no_expert", int((~keep).sum()))
+        if phase == "train" and self.config.data.train_rows == "shared":
+            shared = held.all(dim=1)
+            self._skip_rows(phase, "not_shared", int((keep & ~shared).sum()))
+            keep = shared
+        return None if bool(keep.all()) else keep
+
+    def _skip_rows(self, phase: str, reason: str, n: int) -> None:
+        if n:
+            key = f"{phase}/{reason}"
+            self.rows_skipped[key] = self.rows_skipped.get(key, 0) + n
+            self.metrics.rows_skipped.labels(phase=phase, reason=reason).inc(n)
 
     def _validate(self, msg: proto.Batch) -> torch.Tensor | None:
         """Checks the BATCH against the schedule; returns tokens (N, B, d) on the device."""
@@ -238,7 +324,10 @@ class ReducerService:
         tokens: torch.Tensor,
         absent: torch.Tensor,
         y: torch.Tensor,
+        keep: torch.Tensor | None = None,
     ) -> None:
+        """One train step over the kept rows; ``keep`` (B,) says which rows of the BATCH
+        those are (None: all): the GRAD covers every row, zero for the others."""
         self.model.train()
         gen = torch.Generator().manual_seed(derive_seed(self.config.seed, "dropout", msg.seq))
         masked = expert_dropout_mask(absent, self.config.reducer.expert_dropout, gen)
@@ -247,7 +336,11 @@ class ReducerService:
         loss, metric = loss_and_metric(self.dataset.task, logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grads = tokens.grad  # (N, B, d)
+        grads = tokens.grad  # (N, B_kept, d)
+        if keep is not None:
+            full = grads.new_zeros(grads.shape[0], len(keep), grads.shape[2])
+            full[:, keep] = grads
+            grads = full
         problem = self._grad_problem(loss, grads)
         if problem is not None:
             self._refuse(msg.seq, *problem)
@@ -373,7 +466,8 @@ class ReducerService:
         return self.evaluation.summary(
             run_id=self.config.run_id, steps=self.train_steps, skipped=self.skipped,
             wall=self.wall_seconds(), batch_size=self.config.train.batch_size,
-            attention_train=self.att_train.tolist(),
+            attention_train=self.att_train.tolist(), overlap=self.overlap,
+            rows_skipped=self.rows_skipped,
         )  # fmt: skip
 
     # -- checkpoints and exit ---------------------------------------------------------
@@ -389,6 +483,8 @@ class ReducerService:
                 "skipped": self.skipped,
                 "wall_seconds": self.wall_seconds(),
                 "history": self.evaluation.history,
+                "overlap": self.overlap,
+                "rows_skipped": self.rows_skipped,
             },
             self.ckpt_path,
         )
@@ -400,9 +496,13 @@ class ReducerService:
         self.last_seq, self.train_steps = state["last_seq"], state["train_steps"]
         self.skipped, self.wall_before = state["skipped"], state["wall_seconds"]
         self.evaluation.history = state["history"]
+        self.overlap = state.get("overlap", {})
+        self.rows_skipped = state.get("rows_skipped", {})
         log.info("reducer resumed from %s at seq %d", self.ckpt_path, self.last_seq)
 
     def _close(self, finished: bool) -> None:
+        if self.align_pool is not None:
+            self.align_pool.shutdown(wait=False, cancel_futures=True)
         if not self.serving:
             self.save()
         if finished and not self.serving:
