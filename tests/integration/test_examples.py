@@ -44,3 +44,17 @@ def test_heterogeneous_experts_with_a_custom_module_train_on_a_csv(run_config, t
         main(["export", "--run", str(run), "--format", "torchscript", "--output", str(model)]) == 0
     )
     assert model.stat().st_size > 10_000
+
+
+def test_the_parties_example_trains_from_four_party_files(run_config, tmp_path):
+    """examples/parties/parties.yaml: four quadrant files holding 80% of the ids each, a
+    label file; run from the repository root as its comment says."""
+    path, _ = run_config({"train": {"steps": 500, "eval_every": 0}},
+                         example="examples/parties/parties.yaml")  # fmt: skip
+    proc = subprocess.run([*TRACI, "up", str(path)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.9, summary["test_accuracy"]
+    assert [round(o["overlap"], 2) for o in summary["overlap"].values()] == [0.8] * 4
+    by = summary["test_accuracy_by_experts_present"]
+    assert by["4"]["accuracy"] >= by["2"]["accuracy"]
