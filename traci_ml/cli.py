@@ -9,7 +9,8 @@
     traci health SERVICE [--id I] [--config CONFIG]
                                                exit 0 if that service's metrics answer
                                                (container health checks)
-    traci predict --run RUN_DIR (--input CSV | --split test|train) [--output CSV]
+    traci predict --run RUN_DIR (--input CSV | --split test|train | --ids FILE|ID,ID,..)
+        [--output CSV]
                                                a trained run in one process (docs/predict.md)
     traci export --run RUN_DIR --format torchscript|onnx [--output FILE]
                                                the whole model in one file (docs/predict.md)

@@ -8,9 +8,9 @@ from traci_ml import proto
 from traci_ml.observe import LATENCY_BUCKETS
 
 REDUCER_REASONS = ("replay", "unknown_step", "conflict", "unexpected_kind", "internal",
-                   *proto.VALUE_REASONS)  # fmt: skip
+                   "align_throttled", *proto.VALUE_REASONS)  # fmt: skip
 # Why a train step was computed but not applied (DROP to its experts instead of GRAD).
-REFUSED_REASONS = ("non_finite_loss", "non_finite_grad", "too_large")
+REFUSED_REASONS = ("non_finite_loss", "non_finite_grad", "too_large", "no_rows")
 
 
 class ReducerMetrics:

@@ -43,6 +43,9 @@ from traci_ml.tensors import (
 
 log = logging.getLogger(__name__)
 EMA = 0.9
+# ALIGN requests answered per expert: a burst of this many (restarts), then one per
+# ALIGN_REFILL seconds (the expert asks again after 60 s): a flood costs the reducer nothing
+ALIGN_BURST, ALIGN_REFILL = 4, 30.0
 
 
 class ReducerService:
@@ -90,6 +93,7 @@ class ReducerService:
         self.holder = self._label_holder() if config.data.source == "parties" else None
         self.align_pool: ThreadPoolExecutor | None = None
         self.align_jobs: dict[int, Future] = {}
+        self.align_budget: dict[int, tuple[float, float]] = {}  # expert -> (tokens, at)
         self.overlap: dict[str, dict[str, Any]] = {}  # per expert name, as each reported
         self.rows_skipped: dict[str, int] = {}  # "<phase>/<reason>" -> labelled rows left out
         self.started_at: float | None = None
@@ -224,7 +228,14 @@ class ReducerService:
             detail = f"data.source is {self.config.data.source!r}: rows align by number"
             return self.link.send(proto.Align(eid, "error", detail))
         if eid in self.align_jobs:  # the same request again while it is worked on
-            return None
+            return self._reject("align_throttled", f"expert {eid} is being aligned already")
+        now = time.monotonic()  # a budget per expert: psi costs ~0.1 ms per id it sends
+        tokens, since = self.align_budget.get(eid, (ALIGN_BURST, now))
+        tokens = min(ALIGN_BURST, tokens + (now - since) / ALIGN_REFILL)
+        if tokens < 1:
+            self.align_budget[eid] = (tokens, now)
+            return self._reject("align_throttled", f"expert {eid} asked to align again too soon")
+        self.align_budget[eid] = (tokens - 1, now)
         if self.align_pool is None:
             self.align_pool = ThreadPoolExecutor(1, thread_name_prefix="align")
         self.align_jobs[eid] = self.align_pool.submit(self.holder.answer, msg)
