@@ -11,7 +11,6 @@ import logging
 import math
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ from traci_ml.errors import CheckpointError, PeerTimeout
 from traci_ml.link import BrokerLink
 from traci_ml.schedule import schedule_for, set_lr
 from traci_ml.security import peer_keys, tcp_endpoint
-from traci_ml.services.reducer.aligning import LabelHolder
+from traci_ml.services.reducer.aligning import AlignDesk, LabelHolder
 from traci_ml.services.reducer.evaluation import Evaluation
 from traci_ml.services.reducer.metrics import ReducerMetrics
 from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
@@ -43,9 +42,6 @@ from traci_ml.tensors import (
 
 log = logging.getLogger(__name__)
 EMA = 0.9
-# ALIGN requests answered per expert: a burst of this many (restarts), then one per
-# ALIGN_REFILL seconds (the expert asks again after 60 s): a flood costs the reducer nothing
-ALIGN_BURST, ALIGN_REFILL = 4, 30.0
 
 
 class ReducerService:
@@ -91,10 +87,11 @@ class ReducerService:
         self.att_train = torch.zeros(self.n)
         # parties (docs/parties.md): answers the experts' ALIGN requests, in a thread
         self.holder = self._label_holder() if config.data.source == "parties" else None
-        self.align_pool: ThreadPoolExecutor | None = None
-        self.align_jobs: dict[int, Future] = {}
-        self.align_budget: dict[int, tuple[float, float]] = {}  # expert -> (tokens, at)
-        self.overlap: dict[str, dict[str, Any]] = {}  # per expert name, as each reported
+        self.aligning = AlignDesk(
+            self.holder, [v.name for v in ds.views], len(ds.y_train) + len(ds.y_test),
+            barrier_timeout=config.network.connect_timeout, reject=self._reject,
+            source=config.data.source,
+        )  # fmt: skip
         self.rows_skipped: dict[str, int] = {}  # "<phase>/<reason>" -> labelled rows left out
         self.started_at: float | None = None
         self.window_start = (time.monotonic(), 0)  # for samples/s between log records
@@ -164,15 +161,8 @@ class ReducerService:
         return 0
 
     def _tick(self) -> None:
-        for eid, job in list(self.align_jobs.items()):
-            if job.done():
-                del self.align_jobs[eid]
-                try:
-                    reply = job.result()
-                except Exception as exc:  # a bug answers the expert, never ends the run
-                    log.exception("reducer: alignment of expert %d failed", eid)
-                    reply = proto.Align(eid, "error", f"internal: {exc!r}"[:1000])
-                self.link.send(reply)
+        for reply in self.aligning.tick(time.monotonic()):
+            self.link.send(reply)
         try:
             self.link.tick()
         except PeerTimeout as exc:
@@ -203,43 +193,18 @@ class ReducerService:
         return False
 
     def on_align(self, msg: proto.Align) -> None:
-        """An expert's ALIGN: a request (answered from a thread, see ``_tick``) or the
+        """An expert's ALIGN: a request (answered from a thread, ``AlignDesk``) or the
         notice of how many labelled rows it holds."""
-        eid = msg.expert_id
-        if not 0 <= eid < self.n:
-            return self._reject("bad_field", f"ALIGN from expert {eid} of {self.n}")
-        if msg.stage == "held":
-            if len(msg.counts) < 3 or min(msg.counts[:3]) < 0:
-                return self._reject("bad_field", f"ALIGN held counts {msg.counts}")
-            held_train, held_test, rows = msg.counts[:3]
-            labelled = len(self.dataset.y_train) + len(self.dataset.y_test)
-            ratio = min((held_train + held_test) / max(labelled, 1), 1.0)
-            self.overlap[self.dataset.views[eid].name] = {
-                "rows": rows, "held_train": held_train, "held_test": held_test,
-                "labelled": labelled, "overlap": ratio,
-            }  # fmt: skip
-            self.metrics.overlap.labels(expert=str(eid)).set(ratio)
-            log.info("reducer: expert %d holds %d + %d of %d labelled rows (%.1f%%)",
-                     eid, held_train, held_test, labelled, 100 * ratio)  # fmt: skip
-            return None
-        if msg.stage not in proto.ALIGN_EXPERT_STAGES:
-            return self._reject("unexpected_kind", f"ALIGN {msg.stage} from an expert")
-        if self.holder is None:
-            detail = f"data.source is {self.config.data.source!r}: rows align by number"
-            return self.link.send(proto.Align(eid, "error", detail))
-        if eid in self.align_jobs:  # the same request again while it is worked on
-            return self._reject("align_throttled", f"expert {eid} is being aligned already")
-        now = time.monotonic()  # a budget per expert: psi costs ~0.1 ms per id it sends
-        tokens, since = self.align_budget.get(eid, (ALIGN_BURST, now))
-        tokens = min(ALIGN_BURST, tokens + (now - since) / ALIGN_REFILL)
-        if tokens < 1:
-            self.align_budget[eid] = (tokens, now)
-            return self._reject("align_throttled", f"expert {eid} asked to align again too soon")
-        self.align_budget[eid] = (tokens - 1, now)
-        if self.align_pool is None:
-            self.align_pool = ThreadPoolExecutor(1, thread_name_prefix="align")
-        self.align_jobs[eid] = self.align_pool.submit(self.holder.answer, msg)
-        return None
+        for reply in self.aligning.on_align(msg, time.monotonic()):
+            self.link.send(reply)
+        self._show_overlap()
+
+    def _show_overlap(self) -> None:
+        for i, name in enumerate(v.name for v in self.dataset.views):
+            if name in self.aligning.overlap:
+                self.metrics.overlap.labels(expert=str(i)).set(
+                    self.aligning.overlap[name]["overlap"]
+                )
 
     def on_qbatch(self, msg: proto.QBatch) -> None:
         """A served query (docs/serving.md): eval mode, no grad, outputs back; the training
@@ -265,6 +230,7 @@ class ReducerService:
             return False
         if self.started_at is None:
             self.started_at = t0
+            self.aligning.open_barrier("training has begun")  # nobody waits for the others
         step = self.schedule.step(msg.seq)
         self.skipped += msg.seq - self.last_seq - 1
         self.metrics.skipped.inc(msg.seq - self.last_seq - 1)
@@ -477,7 +443,7 @@ class ReducerService:
         return self.evaluation.summary(
             run_id=self.config.run_id, steps=self.train_steps, skipped=self.skipped,
             wall=self.wall_seconds(), batch_size=self.config.train.batch_size,
-            attention_train=self.att_train.tolist(), overlap=self.overlap,
+            attention_train=self.att_train.tolist(), overlap=self.aligning.overlap,
             rows_skipped=self.rows_skipped,
         )  # fmt: skip
 
@@ -494,7 +460,7 @@ class ReducerService:
                 "skipped": self.skipped,
                 "wall_seconds": self.wall_seconds(),
                 "history": self.evaluation.history,
-                "overlap": self.overlap,
+                "overlap": self.aligning.overlap,
                 "rows_skipped": self.rows_skipped,
             },
             self.ckpt_path,
@@ -507,13 +473,12 @@ class ReducerService:
         self.last_seq, self.train_steps = state["last_seq"], state["train_steps"]
         self.skipped, self.wall_before = state["skipped"], state["wall_seconds"]
         self.evaluation.history = state["history"]
-        self.overlap = state.get("overlap", {})
+        self.aligning.overlap = state.get("overlap", {})
         self.rows_skipped = state.get("rows_skipped", {})
         log.info("reducer resumed from %s at seq %d", self.ckpt_path, self.last_seq)
 
     def _close(self, finished: bool) -> None:
-        if self.align_pool is not None:
-            self.align_pool.shutdown(wait=False, cancel_futures=True)
+        self.aligning.close()
         if not self.serving:
             self.save()
         if finished and not self.serving:

@@ -103,6 +103,7 @@ def test_the_label_holder_answers_counts_held_and_throttles_a_flood(parties_rig:
     rig.welcome()
     ids = proto.Tensor.from_numpy(np.array([5, 17, 10**9], dtype=np.int64))
     rig.broker.send(proto.Align(1, "plain", "int", (3,), (ids,)))
+    rig.service.aligning.open_barrier("test")  # (the start barrier: its own test)
     answer = rig.broker.expect(proto.Align)
     assert answer.stage == "answer" and answer.counts == (1438, 359)
     pos = answer.tensors[0].numpy()
@@ -118,4 +119,31 @@ def test_the_label_holder_answers_counts_held_and_throttles_a_flood(parties_rig:
     # a burst of 4 (one spent above), one at a time: the rest refused and counted
     assert 1 <= answered <= 3 and answered + rig.rejections("align_throttled") == 8
     assert rig.rejections("bad_field") == 1
-    assert rig.service.overlap["top_right"]["overlap"] == pytest.approx(1250 / 1797)
+    assert rig.service.aligning.overlap["top_right"]["overlap"] == pytest.approx(1250 / 1797)
+
+
+def test_the_start_barrier_answers_every_expert_together(parties_rig: Rig) -> None:
+    """Requests wait until every expert has asked, then all answers go out together; after
+    that (an expert restarted) a request is answered as it comes."""
+    rig = parties_rig
+    rig.welcome()
+    ids = proto.Tensor.from_numpy(np.array([5, 17], dtype=np.int64))
+    for eid in (2, 0, 3):
+        rig.broker.send(proto.Align(eid, "plain", "int", (2,), (ids,)))
+    assert rig.broker.next(0.6) is None  # expert 1 has not asked yet
+    rig.broker.send(proto.Align(1, "plain", "int", (2,), (ids,)))
+    answered = {rig.broker.expect(proto.Align).expert_id for _ in range(4)}
+    assert answered == {0, 1, 2, 3}
+    rig.broker.send(proto.Align(2, "plain", "int", (2,), (ids,)))  # a restarted expert
+    assert rig.broker.expect(proto.Align).expert_id == 2
+
+
+def test_the_start_barrier_opens_when_training_begins(parties_rig: Rig) -> None:
+    rig = parties_rig
+    rig.welcome()
+    ids = proto.Tensor.from_numpy(np.array([5], dtype=np.int64))
+    rig.broker.send(proto.Align(3, "plain", "int", (1,), (ids,)))
+    assert rig.broker.next(0.4) is None
+    rig.broker.send(rig.batch(0))  # the other experts are training: no more waiting
+    kinds = {type(rig.broker.next(5)) for _ in range(2)}
+    assert kinds == {proto.Align, proto.Grad}
