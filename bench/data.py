@@ -243,6 +243,7 @@ def load_worker(config_path: str, expert_id: int) -> None:
     standardise, with RSS and the high-water mark after each step; the result as JSON."""
     out = os.fdopen(os.dup(1), "wb")  # the frames; anything printed goes to stderr
     os.dup2(2, 1)
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # as traci_ml.parties sets it
     import pyarrow as pa
     import pyarrow.parquet  # noqa: F401  (read_party's reader, imported before the baseline)
 

@@ -108,11 +108,13 @@ class RowMap:
         pos = np.asarray(pos, dtype=np.int64)
         if pos.size and (pos.min() < ABSENT or pos.max() >= n_train + n_test):
             raise DataError(f"alignment answer has positions outside [-1, {n_train + n_test})")
-        labelled = np.flatnonzero(pos >= 0)
-        if len(np.unique(pos[labelled])) != len(labelled):
+        # int32 local rows while they fit: the map is per label row, so it is the larger one
+        index = np.int32 if len(pos) < np.iinfo(np.int32).max else np.int64
+        labelled = np.flatnonzero(pos >= 0).astype(index, copy=False)
+        full = np.full(n_train + n_test, ABSENT, dtype=index)
+        full[pos[labelled]] = labelled  # a repeated position overwrites: fewer rows land
+        if np.count_nonzero(full >= 0) != len(labelled):
             raise DataError("alignment answer maps two of this party's rows to one label row")
-        full = np.full(n_train + n_test, ABSENT, dtype=np.int64)
-        full[pos[labelled]] = labelled
         return cls(full[:n_train], full[n_train:], n_train, n_test)
 
     def lookup(self, phase: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

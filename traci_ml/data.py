@@ -314,11 +314,12 @@ def load_labels(config: Config) -> Dataset:
     raw = table.labels[rows.source]
     views = view_specs(cfg)
     _check_views(views, tuple(c for v in views for c in v.columns), source=spec.path)
-    if cfg.task == "classification":
-        text = raw.astype(str)
-        classes = tuple(sorted(set(text.tolist()), key=_natural))
+    if cfg.task == "classification":  # class ids by the label's text, naturally sorted
+        values, inverse = np.unique(raw, return_inverse=True)
+        names = [str(v) for v in values.tolist()]
+        classes = tuple(sorted(set(names), key=_natural))
         index = {c: i for i, c in enumerate(classes)}
-        y = np.array([index[v] for v in text.tolist()], dtype=np.int64)
+        y = np.array([index[n] for n in names], dtype=np.int64)[inverse.reshape(-1)]
         y_mean, y_std = 0.0, 1.0
     else:
         if raw.dtype.kind not in "iuf":
@@ -384,9 +385,11 @@ class ExpertData:
         self.table /= self.std
 
 
-def _column_stats(table: np.ndarray, rows: np.ndarray, chunk: int = 1 << 16):
-    """(mean, std) per column over ``rows`` of ``table``, in float64, a chunk of rows at a
-    time: never a copy of the training rows (a party's table may be most of its memory)."""
+def _column_stats(table: np.ndarray, rows: np.ndarray, chunk_bytes: int = 4 << 20):
+    """(mean, std) per column over ``rows`` of ``table``, in float64, a chunk of rows (about
+    ``chunk_bytes`` of float64) at a time: never a copy of the training rows (a party's table
+    may be most of its memory)."""
+    chunk = max(256, chunk_bytes // (8 * max(table.shape[1], 1)))
     total = np.zeros(table.shape[1], np.float64)
     for start in range(0, len(rows), chunk):
         total += table[rows[start : start + chunk]].sum(axis=0, dtype=np.float64)
