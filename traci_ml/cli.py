@@ -161,7 +161,10 @@ def serve_parsers(sub: argparse._SubParsersAction, common: Callable) -> None:
     req = sub.add_parser("request", help="send CSV rows to a cluster's front door")
     req.add_argument("--config", help="run config naming the broker (network.serve_port)")
     req.add_argument("--endpoint", help="front door address, e.g. tcp://127.0.0.1:5557")
-    req.add_argument("--input", required=True, metavar="CSV", help="rows, with a header")
+    what = req.add_mutually_exclusive_group(required=True)
+    what.add_argument("--input", metavar="CSV", help="rows, with a header")
+    what.add_argument("--ids", metavar="IDS|CSV",
+                      help="rows by id: 12,57,903 or a CSV with the data.id column")  # fmt: skip
     req.add_argument("--columns", help="comma-separated feature columns (default: numeric)")
     req.add_argument("--output", metavar="CSV", help="write here (default: stdout)")
     req.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
@@ -324,8 +327,10 @@ def request_command(args: argparse.Namespace, config) -> int:  # noqa: ANN001
     column that is not all numbers (a label of names), so a feature column with one bad
     cell reaches the front door as absent."""
     from traci_ml.client import ServeError
-    from traci_ml.serving import request
+    from traci_ml.serving import request, request_ids
 
+    if args.ids is not None:
+        return request_ids(args, config)
     bad = non_numeric_cells(args.input)
     if args.columns:  # named columns must be numbers: say which cell is not
         named = [c.strip() for c in args.columns.split(",")]

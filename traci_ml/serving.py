@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import signal
 import sys
 import time
@@ -211,4 +212,62 @@ def request(args: argparse.Namespace, config: Config) -> int:
     who = ", ".join(f"{i} ({n})" for i, n in zip(pred.experts, pred.expert_names, strict=True))
     print(f"{len(x)} rows served by experts {who} in a batch of {pred.batch_rows} rows "
           f"({pred.latency * 1000:.1f} ms)", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def read_request_ids(spec: str, id_column: str) -> list[int] | list[str]:
+    """``--ids``: ``12,57,903`` or a CSV file with ``id_column``; ints when every id is a
+    plain decimal integer (as the party files' ids are read), else text."""
+    path = Path(spec)
+    if path.is_file():
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if id_column not in (reader.fieldnames or []):
+                raise DataError(f"{spec}: no id column {id_column!r} (data.id)")
+            cells = [row[id_column].strip() for row in reader]
+    elif path.suffix or "/" in spec:
+        raise DataError(f"--ids {spec}: no such file")
+    else:
+        cells = [c.strip() for c in spec.split(",")]
+    if not cells or not all(cells):
+        raise DataError(f"--ids {spec}: an id is empty")
+    if all(re.fullmatch(r"-?(0|[1-9][0-9]{0,17})", c) for c in cells):
+        return [int(c) for c in cells]
+    return cells
+
+
+def request_ids(args: argparse.Namespace, config: Config) -> int:
+    """``traci request --ids``: rows by id; each expert looks its own rows up. The answer
+    as CSV: row, id, prediction, probabilities, and the experts that took part per row."""
+    from traci_ml.client import Client
+
+    ids = read_request_ids(args.ids, config.data.id)
+    if args.endpoint:
+        from traci_ml.security import peer_keys
+
+        client = Client(args.endpoint, timeout=args.timeout, curve=peer_keys(config, "client"))
+    else:
+        client = Client.from_config(config, timeout=args.timeout)
+    with client:
+        pred = client.predict_ids(ids)
+    rows = pred.row_experts or (tuple(pred.experts),) * len(ids)
+    head = ["row", "id", "prediction"]
+    if pred.task == "classification":
+        head += [f"prob_{c}" for c in pred.classes]
+        body = [[lab, *(f"{v:.9g}" for v in row)]
+                for lab, row in zip(pred.labels, pred.outputs, strict=True)]  # fmt: skip
+    else:
+        body = [[f"{v:.9g}"] for v in pred.values]
+    out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow([*head, "experts"])
+        for r, (i, cells, took) in enumerate(zip(ids, body, rows, strict=True)):
+            writer.writerow([r, i, *cells, " ".join(str(e) for e in took)])
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    lacking = sum(len(t) < len(pred.experts) for t in rows)
+    print(f"{len(ids)} ids served by experts {list(pred.experts)}; {lacking} rows with an expert "
+          f"masked ({pred.latency * 1000:.1f} ms)", file=sys.stderr)  # fmt: skip
     return 0

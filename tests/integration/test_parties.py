@@ -315,6 +315,10 @@ def test_served_prediction_by_id_equals_traci_predict_with_absent_experts_masked
                 assert proc.poll() is None and time.monotonic() < deadline
                 time.sleep(0.5)
             text = client.predict_ids([str(i) for i in ids[:3]], timeout=5)  # wrong id type
+        cli = subprocess.run([*TRACI, "request", "--endpoint", f"tcp://127.0.0.1:{ports[2]}",
+                              "--ids", ",".join(str(i) for i in ids)],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert cli.returncode == 0, cli.stderr[-2000:]
     finally:
         proc.send_signal(2)
         proc.wait(90)
@@ -330,3 +334,7 @@ def test_served_prediction_by_id_equals_traci_predict_with_absent_experts_masked
         assert set(got.row_experts[k]) == {e for e in range(4) if str(i) in held[e]}
     assert got.row_experts[-1] == ()  # held by no party: every expert masked
     assert all(r == () for r in text.row_experts)  # text ids never match int ids
+    lines = [line.split(",") for line in cli.stdout.splitlines()]  # traci request --ids
+    assert lines[0][:3] == ["row", "id", "prediction"] and lines[0][-1] == "experts"
+    assert [line[2] for line in lines[1:]] == got.labels
+    assert [line[-1] for line in lines[1:]] == [" ".join(map(str, r)) for r in got.row_experts]
