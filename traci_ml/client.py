@@ -11,6 +11,7 @@
 
         pred = client.predict_ids([1000000007, 1000000042])   # rows by id (or str ids)
     pred.row_experts    # per row: the experts that hold it and took part
+    pred.ids            # predict_ids: the ids asked, in row order
 
 The broker (``network.serve_port``) batches concurrent requests, fans them out to every live
 expert and the reducer, and answers each request with its own rows (docs/serving.md). A
@@ -24,7 +25,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,7 @@ class Prediction:
     latency: float  # seconds from send to reply, as the client saw it
     # per row, the experts that took part in it (a party may lack a row it was asked by id)
     row_experts: tuple[tuple[int, ...], ...] | None = None
+    ids: tuple[int, ...] | tuple[str, ...] | None = None  # predict_ids: the row ids asked
 
     @property
     def labels(self) -> list[str]:
@@ -124,7 +126,8 @@ class Client:
         array too), each expert reading its own table: ``row_experts`` says which experts
         held each row. Raises ``ServeError`` (``bad_request`` for ids that are not that)."""
         self._qid += 1
-        return self._ask(proto.Query(self._qid, (), (), _as_ids(ids)), timeout)
+        asked = _as_ids(ids)
+        return replace(self._ask(proto.Query(self._qid, (), (), asked), timeout), ids=asked)
 
     def _ask(self, query: proto.Query, timeout: float | None) -> Prediction:
         """Send ``query`` and wait for its REPLY."""

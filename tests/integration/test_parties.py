@@ -333,6 +333,7 @@ def test_served_prediction_by_id_equals_traci_predict_with_absent_experts_masked
     for k, i in lacking:
         assert set(got.row_experts[k]) == {e for e in range(4) if str(i) in held[e]}
     assert got.row_experts[-1] == ()  # held by no party: every expert masked
+    assert got.ids == tuple(ids) and offline["id"] == ids
     assert all(r == () for r in text.row_experts)  # text ids never match int ids
     lines = [line.split(",") for line in cli.stdout.splitlines()]  # traci request --ids
     assert lines[0][:3] == ["row", "id", "prediction"] and lines[0][-1] == "experts"
