@@ -25,13 +25,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
-
-# Arrow's allocator for this process, set before pyarrow loads: the system allocator gives
-# the read's batch buffers back to the OS, where mimalloc keeps ~40 MiB of a 2M-row read
-# (an expert's memory should be its own table; bench data: peak RSS over own columns).
-os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
-
-import pyarrow as pa  # noqa: E402
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
