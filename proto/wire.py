@@ -469,13 +469,22 @@ def _check_ids(ids: list) -> tuple[int, ...] | tuple[str, ...]:
         ok = first is str and all(type(i) is str and 0 < len(i) <= MAX_STR for i in ids)
         what = f"QUERY.ids are all int or all str (non-empty, at most {MAX_STR} characters)"
     _expect(ok, what, "bad_field")
-    if len(set(ids)) != len(ids):
-        seen: set[Any] = set()
-        for i in ids:
-            if i in seen:
-                raise ProtocolError("bad_field", f"QUERY.ids repeat id {i!r}")
-            seen.add(i)
+    repeated = first_repeat(ids)
+    if repeated is not None:
+        raise ProtocolError("bad_field", f"QUERY.ids repeat id {repeated!r}")
     return tuple(ids)
+
+
+def first_repeat(values: Sequence[Any]) -> Any | None:
+    """The first value of ``values`` seen a second time, or None when all are distinct."""
+    if len(set(values)) == len(values):
+        return None
+    seen: set[Any] = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+    return None
 
 
 def _build_serve(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...]) -> Message:

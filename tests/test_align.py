@@ -23,7 +23,7 @@ from traci_ml.align import (
     split_order,
 )
 from traci_ml.config import validate
-from traci_ml.data import load_dataset, load_expert_data, n_experts
+from traci_ml.data import expert_count, load_dataset, load_expert_data
 from traci_ml.errors import ConfigError, DataError
 from traci_ml.services.expert.aligning import Aligner
 from traci_ml.services.reducer.aligning import LabelHolder
@@ -201,7 +201,7 @@ def test_parties_config_names_the_missing_key(tmp_path):
 
 def test_the_reducer_reads_labels_and_an_expert_its_own_file(tmp_path):
     cfg = validate(parties_raw(tmp_path))
-    assert n_experts(cfg) == 1
+    assert expert_count(cfg) == 1
     ds = load_dataset(cfg)  # the labels only
     assert ds.x_train.shape == (4, 0) and len(ds.y_test) == 2 and ds.classes == ("a", "b")
     assert sorted([*ds.ids_train.tolist(), *ds.ids_test.tolist()]) == [1, 2, 3, 4, 5, 6]

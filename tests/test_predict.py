@@ -18,9 +18,9 @@ from traci_ml.cli import main
 from traci_ml.config import Config, load_config
 from traci_ml.data import load_dataset
 from traci_ml.errors import CheckpointError, DataError
+from traci_ml.files import write_json_atomic
 from traci_ml.services.expert.model import polyak_update
 from traci_ml.services.expert.worker import Expert
-from traci_ml.services.reducer.records import write_json_atomic
 from traci_ml.services.reducer.worker import ReducerService
 
 pytestmark = pytest.mark.timeout(120)

@@ -1,40 +1,24 @@
-"""Atomic checkpoints: write to a temporary file in the same directory, fsync, rename."""
+"""Atomic checkpoints (``files.write_atomic``, durable: fsynced, then renamed)."""
 
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from traci_ml.errors import CheckpointError
+from traci_ml.files import write_atomic
 
 FORMAT = 1
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` so that ``path`` is always either the old or the new checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, buf.getvalue(), durable=True)
 
 
 def load(path: Path, *, run_id: str, **expect: Any) -> dict[str, Any]:

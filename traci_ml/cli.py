@@ -188,9 +188,9 @@ def generate_keys(args: argparse.Namespace) -> int:
     n_experts = args.experts if args.experts is not None else 4
     if args.config:
         from traci_ml.config import load_config
-        from traci_ml.services.broker.server import n_experts_of
+        from traci_ml.data import expert_count
 
-        n_experts = n_experts_of(load_config(args.config))
+        n_experts = expert_count(load_config(args.config))
     generate(args.dir, n_experts, force=args.force)
     where = Path(args.dir).resolve()
     experts = "expert-0" if n_experts == 1 else f"expert-0 .. expert-{n_experts - 1}"
@@ -286,7 +286,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
 def check_cluster_security(config) -> None:  # noqa: ANN001
     """Before ``traci up`` starts anything: the broker may bind, every key is readable."""
     from traci_ml import security
-    from traci_ml.services.broker.server import n_experts_of
+    from traci_ml.data import expert_count
 
     net = config.network
     curve = security.broker_keys(config) is not None
@@ -295,7 +295,7 @@ def check_cluster_security(config) -> None:  # noqa: ANN001
         # would only log (hidden by --log-level ERROR), warn_insecure printed instead.
         endpoint = security.tcp_endpoint(net.bind_host, net.expert_port)  # one bind_host for all
         security.check_bind(endpoint, curve=curve, insecure=config.security.insecure)
-    for name in security.peer_names(n_experts_of(config)):
+    for name in security.peer_names(expert_count(config)):
         security.peer_keys(config, name)
 
 

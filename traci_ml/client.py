@@ -250,12 +250,9 @@ def _as_ids(ids: Any) -> tuple[int, ...] | tuple[str, ...]:
             raise ServeError("bad_request", f"id {value!r} (at {k}) is a {type(value).__name__}; "
                              f"the first id is a {first}: ids are all int or all str")  # fmt: skip
         out.append(value)
-    if len(set(out)) != len(out):
-        seen: set[Any] = set()
-        for value in out:
-            if value in seen:
-                raise ServeError("bad_request", f"id {value!r} is asked twice")
-            seen.add(value)
+    repeated = wire.first_repeat(out)
+    if repeated is not None:
+        raise ServeError("bad_request", f"id {repeated!r} is asked twice")
     size = wire.ids_bytes(out)
     if size > wire.MAX_IDS_BYTES:
         raise ServeError("bad_request", f"{len(out)} ids take {size} bytes, more than one request "

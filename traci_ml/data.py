@@ -68,7 +68,8 @@ def view_specs(cfg: DataConfig) -> tuple[ViewConfig, ...]:
     return digits_views(cfg.views)
 
 
-def n_experts(config: Config) -> int:
+def expert_count(config: Config) -> int:
+    """The number of experts: one per data view (no data is read)."""
     return len(view_specs(config.data))
 
 

@@ -25,6 +25,7 @@ import torch
 import traci_ml
 import traci_ml.services
 from traci_ml.errors import TraciError
+from traci_ml.files import replacing
 from traci_ml.predict import Predictor, load_predictor
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,8 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> P
         raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     predictor = load_predictor(run_dir)
     path = Path(output) if output else Path(run_dir) / FORMATS[fmt]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with _guard(predictor, fmt):
-            (export_torchscript if fmt == "torchscript" else export_onnx)(predictor, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as tmp, _guard(predictor, fmt):
+        (export_torchscript if fmt == "torchscript" else export_onnx)(predictor, tmp)
     return path
 
 

@@ -24,6 +24,7 @@ import yaml
 
 from traci_ml.config import Config
 from traci_ml.errors import ConfigError
+from traci_ml.files import write_json_atomic
 from traci_ml.plot import bucket_deltas, histogram_quantile
 from traci_ml.signals import PARENT_ENV
 
@@ -137,9 +138,9 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 def _children(config: Config, launch: Path, *, resume: bool, gpus: int) -> list[Child]:
-    from traci_ml.data import n_experts
+    from traci_ml.data import expert_count
 
-    n = n_experts(config)
+    n = expert_count(config)
     base = [sys.executable, "-m", "traci_ml.cli"]
     logs = config.run_path / "logs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
@@ -164,10 +165,9 @@ def _children(config: Config, launch: Path, *, resume: bool, gpus: int) -> list[
 
 def _write_pids(run_path: Path, children: list[Child]) -> None:
     """RUN_DIR/pids.json: the live pid of every service (for operators and fault tests)."""
-    pids = {c.name: c.pid for c in children if c.pid is not None}
-    tmp = run_path / ".pids.json.tmp"
-    tmp.write_text(json.dumps(pids))
-    tmp.replace(run_path / "pids.json")
+    write_json_atomic(
+        run_path / "pids.json", {c.name: c.pid for c in children if c.pid is not None}
+    )
 
 
 def _watch(children: list[Child], progress: Progress, config: Config) -> int:

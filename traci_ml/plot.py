@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from traci_ml.errors import TraciError
+from traci_ml.files import replacing
 
 log = logging.getLogger(__name__)
 DPI = 120
@@ -257,9 +258,8 @@ def _figure(rows: int, size: tuple[float, float], **grid: Any) -> tuple[Any, lis
 
 
 def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=DPI)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
     return path
 
 

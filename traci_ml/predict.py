@@ -37,8 +37,8 @@ from traci_ml.align import IdIndex
 from traci_ml.config import Config, validate
 from traci_ml.data import load_expert_data, load_labels, view_specs
 from traci_ml.errors import CheckpointError, ConfigError, DataError
+from traci_ml.files import write_json_atomic
 from traci_ml.services.reducer.model import Reducer
-from traci_ml.services.reducer.records import write_json_atomic
 from traci_ml.tensors import TORCH_DTYPES
 
 log = logging.getLogger(__name__)

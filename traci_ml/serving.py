@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import re
 import signal
 import sys
@@ -27,6 +26,7 @@ import yaml
 
 from traci_ml.config import Config, load_config, parse_set
 from traci_ml.errors import CheckpointError, ConfigError, DataError
+from traci_ml.files import write_json_atomic
 from traci_ml.launcher import POLL, STABLE, Child, _interrupt, _stop_all
 from traci_ml.launcher import _children as _up_children
 
@@ -49,10 +49,10 @@ def serve_config(run: str | Path, overrides: list[str], *, insecure: bool = Fals
 
 def serve(config: Config, *, out: TextIO = sys.stdout) -> int:
     """Run broker, reducer and experts in serve mode until interrupted; the exit code."""
-    from traci_ml.services.broker.server import n_experts_of
+    from traci_ml.data import expert_count
 
     run_path = config.run_path
-    n = n_experts_of(config)
+    n = expert_count(config)
     ckpt = run_path / "checkpoints"
     missing = [p for p in ["reducer.pt", *(f"expert-{i}.pt" for i in range(n))]
                if not (ckpt / p).exists()]  # fmt: skip
@@ -98,9 +98,7 @@ def _children(config: Config, path: Path) -> list[Child]:
 
 def _write_pids(run_path: Path, children: list[Child]) -> None:
     pids = {c.name: c.pid for c in children if c.pid is not None and c.code is None}
-    tmp = run_path / f".{SERVE_PIDS}.tmp"
-    tmp.write_text(json.dumps(pids))
-    tmp.replace(run_path / SERVE_PIDS)
+    write_json_atomic(run_path / SERVE_PIDS, pids)
 
 
 def _watch(children: list[Child], config: Config, out: TextIO) -> int:

@@ -6,9 +6,10 @@ import logging
 import threading
 
 from traci_ml.config import Config
+from traci_ml.data import expert_count
 from traci_ml.observe import serve_metrics
 from traci_ml.services.broker.metrics import BrokerMetrics
-from traci_ml.services.broker.server import Broker, n_experts_of
+from traci_ml.services.broker.server import Broker
 from traci_ml.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 def run(config: Config, *, serve: bool = False) -> int:
     """Run the broker for ``config``; returns the process exit code (0: done or stopped).
     ``serve`` (``traci serve``): the front door for served prediction must bind."""
-    n_experts = n_experts_of(config)
+    n_experts = expert_count(config)
     metrics = BrokerMetrics(n_experts)
     bind = config.metrics.bind
     served = serve_metrics(metrics.registry, bind=bind, port=config.metrics.broker_port)

@@ -26,7 +26,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from traci_ml.config import Config
-from traci_ml.data import view_specs
+from traci_ml.data import expert_count
 from traci_ml.errors import ConfigError, ProtocolError
 from traci_ml.proto import (
     MAX_TENSOR_BYTES,
@@ -95,11 +95,6 @@ def seed_auto_ids() -> None:
         log.warning("broker: could not seed libc random(); automatic routing ids predictable")
 
 
-def n_experts_of(config: Config) -> int:
-    """The number of experts is the number of data views."""
-    return len(view_specs(config.data))
-
-
 class Broker:
     """Joins expert embeddings into ordered batches for the reducer and routes replies.
 
@@ -126,7 +121,7 @@ class Broker:
         serve: bool = False,
     ) -> None:
         net = config.network
-        self.n_experts = n_experts if n_experts is not None else n_experts_of(config)
+        self.n_experts = n_experts if n_experts is not None else expert_count(config)
         self.metrics = metrics if metrics is not None else BrokerMetrics(self.n_experts)
         self._curve = broker_keys(config)  # None: plaintext
         self.book = JoinBook.from_config(

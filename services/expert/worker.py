@@ -7,7 +7,6 @@ in-flight timeouts, checkpoints), all on ``time.monotonic()``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -27,6 +26,7 @@ from traci_ml.align import IdIndex, RowMap
 from traci_ml.config import Config
 from traci_ml.data import load_expert_data
 from traci_ml.errors import CheckpointError, DataError, PeerTimeout
+from traci_ml.files import write_json_atomic
 from traci_ml.link import BrokerLink
 from traci_ml.schedule import Schedule, Step, make_schedule, set_lr
 from traci_ml.security import peer_keys, tcp_endpoint
@@ -643,11 +643,5 @@ class Expert:
 
     def _write_accounts(self) -> None:
         path = Path(self.config.run_path) / "experts" / f"expert-{self.id}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {"expert_id": self.id, **asdict(self.accounts), "inflight": len(self.inflight)}
-            )
-        )
-        tmp.replace(path)
+        accounts = {"expert_id": self.id, **asdict(self.accounts), "inflight": len(self.inflight)}
+        write_json_atomic(path, accounts)

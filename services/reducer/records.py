@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,14 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from traci_ml.files import write_atomic
+
 EVAL_PREDICTIONS = "eval_predictions.csv"  # the final evaluation round, row by row
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 class MetricsLog:
@@ -139,10 +133,7 @@ def write_eval_predictions(path: Path, rnd: EvalRound, dataset: Any) -> None:
     for r, cells, a in zip(rows.tolist(), body, absent, strict=True):
         gone = " ".join(str(i) for i in a.nonzero().flatten().tolist())
         lines.append(",".join([str(r), _csv(ids[r] if ids is not None else r), *cells, gone]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "\n".join(lines) + "\n")
 
 
 def _csv(value: object) -> str:

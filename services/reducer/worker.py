@@ -22,6 +22,7 @@ from traci_ml import checkpoint, proto
 from traci_ml.config import Config
 from traci_ml.data import load_dataset
 from traci_ml.errors import CheckpointError, PeerTimeout
+from traci_ml.files import write_json_atomic
 from traci_ml.link import BrokerLink
 from traci_ml.schedule import schedule_for, set_lr
 from traci_ml.security import peer_keys, tcp_endpoint
@@ -29,7 +30,7 @@ from traci_ml.services.reducer.aligning import AlignDesk, LabelHolder
 from traci_ml.services.reducer.evaluation import Evaluation
 from traci_ml.services.reducer.metrics import ReducerMetrics
 from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
-from traci_ml.services.reducer.records import MetricsLog, metric_name, write_json_atomic
+from traci_ml.services.reducer.records import MetricsLog, metric_name
 from traci_ml.services.reducer.serving import ServeSpec, absent_rows, answer
 from traci_ml.tensors import (
     TORCH_DTYPES,

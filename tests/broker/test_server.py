@@ -16,6 +16,7 @@ import pytest
 import zmq
 
 from traci_ml.config import Config, load_config
+from traci_ml.data import expert_count
 from traci_ml.proto import (
     Batch,
     Drop,
@@ -31,7 +32,7 @@ from traci_ml.proto import (
     encode,
 )
 from traci_ml.services.broker import main as broker_main
-from traci_ml.services.broker.server import Broker, n_experts_of
+from traci_ml.services.broker.server import Broker
 
 D = 8  # embed_dim
 B = 3  # batch rows
@@ -408,7 +409,7 @@ def test_main_run_serves_until_done(net) -> None:
     expert_port, reducer_port = _free_port(), _free_port()
     config = make_config(2, **{"network.expert_port": str(expert_port),
                                "network.reducer_port": str(reducer_port)})  # fmt: skip
-    assert n_experts_of(config) == 2
+    assert expert_count(config) == 2
     codes: list[int] = []
     thread = threading.Thread(target=lambda: codes.append(broker_main.run(config)))
     thread.start()
@@ -428,4 +429,4 @@ def test_broker_imports_no_torch() -> None:
 def test_digits_presets_count_experts() -> None:
     quadrants = load_config(overrides={"data.views": "quadrants"}, env={})
     halves = load_config(overrides={"data.views": "halves"}, env={})
-    assert (n_experts_of(quadrants), n_experts_of(halves)) == (4, 2)
+    assert (expert_count(quadrants), expert_count(halves)) == (4, 2)

@@ -16,12 +16,12 @@ def curve_copy(root: Path) -> Path:
     """A copy of deploy/k8s with CurveZMQ keys generated and the curve component switched on
     in every overlay, the way deploy/README.md tells a user to."""
     from traci_ml.config import load_config
+    from traci_ml.data import expert_count
     from traci_ml.security import generate
-    from traci_ml.services.broker.server import n_experts_of
 
     copy = root / "k8s"
     shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("*.key", "*.key_secret"))
-    n_experts = n_experts_of(load_config(copy / "base" / "run-config.yaml", env={}))
+    n_experts = expert_count(load_config(copy / "base" / "run-config.yaml", env={}))
     generate(copy / "components" / "curve" / "keys", n_experts)
     for overlay in OVERLAYS:
         path = copy / "overlays" / overlay / "kustomization.yaml"

@@ -26,7 +26,7 @@ from deploytools import DEPLOY
 
 from traci_ml import cli
 from traci_ml.config import ENV_PREFIX, Config
-from traci_ml.services.broker.server import n_experts_of
+from traci_ml.data import expert_count
 
 PathResolver = Callable[[str], Path | None]
 
@@ -61,7 +61,7 @@ class Resolved:
 
     @property
     def n_experts(self) -> int:
-        return n_experts_of(self.config)
+        return expert_count(self.config)
 
 
 class Mismatch(AssertionError):

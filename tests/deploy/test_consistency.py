@@ -35,8 +35,8 @@ from invocations import (
 
 from traci_ml import security
 from traci_ml.config import load_config
+from traci_ml.data import expert_count
 from traci_ml.errors import ConfigError
-from traci_ml.services.broker.server import n_experts_of
 
 Doc = dict[str, Any]
 
@@ -287,7 +287,7 @@ def test_prometheus_targets_are_the_default_runs_services_and_ports() -> None:
     config = load_config(ROOT / "examples" / "digits.yaml", env={})
     m = config.metrics
     expected = {f"broker:{m.broker_port}", f"reducer:{m.reducer_port}"}
-    expected |= {f"expert-{i}:{m.expert_base_port + i}" for i in range(n_experts_of(config))}
+    expected |= {f"expert-{i}:{m.expert_base_port + i}" for i in range(expert_count(config))}
     assert static_targets() == expected
 
 
