@@ -55,6 +55,20 @@ class Built:
         return self.reducer(tokens.transpose(0, 1), absent)[0]
 
 
+def save_as_trained(service, gen: torch.Generator) -> None:  # noqa: ANN001
+    """Weights moved as if trained (an expert's target halfway behind its online net),
+    then the checkpoint written."""
+    with torch.no_grad():
+        net = service.online if hasattr(service, "online") else service.model
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    if hasattr(service, "online"):
+        polyak_update(service.target, service.online, 0.5)
+    service.save()
+    if hasattr(service, "records"):
+        service.records.close()
+
+
 def make_run(run_dir: Path, *, preprocess: bool = True, **extra: str) -> Built:
     config = load_config(overrides={**SMALL, "run_dir": str(run_dir), **extra}, env={})
     ctx = zmq.Context()
@@ -63,18 +77,10 @@ def make_run(run_dir: Path, *, preprocess: bool = True, **extra: str) -> Built:
         experts = []
         for i in range(len(load_dataset(config).views)):
             expert = Expert(config, i, context=ctx)
-            with torch.no_grad():  # as if trained: online moved, target halfway behind
-                for p in expert.online.parameters():
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-            polyak_update(expert.target, expert.online, 0.5)
-            expert.save()
+            save_as_trained(expert, gen)
             experts.append(expert)
         reducer = ReducerService(config, context=ctx)
-        with torch.no_grad():
-            for p in reducer.model.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-        reducer.save()
-        reducer.records.close()
+        save_as_trained(reducer, gen)
     finally:
         ctx.term()
     write_json_atomic(config.run_path / "config.json", config.to_dict())  # as ReducerService.run
@@ -463,18 +469,9 @@ class Parties:
                                              len(ds.ids_train), len(ds.ids_test))  # fmt: skip
                 expert.data.align(rows)  # what Expert._align does once ALIGN answers
                 expert._adopt(rows)
-                with torch.no_grad():
-                    for p in expert.online.parameters():
-                        p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-                polyak_update(expert.target, expert.online, 0.5)
-                expert.save()
+                save_as_trained(expert, gen)
                 self.held.append(set(expert.data.ids.tolist()))
-            reducer = ReducerService(config, context=ctx)
-            with torch.no_grad():
-                for p in reducer.model.parameters():
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-            reducer.save()
-            reducer.records.close()
+            save_as_trained(ReducerService(config, context=ctx), gen)
         finally:
             ctx.term()
         write_json_atomic(config.run_path / "config.json", config.to_dict())

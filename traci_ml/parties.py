@@ -31,13 +31,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from traci_ml.errors import DataError
+from traci_ml.ids import INT_ID
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 BATCH_ROWS = 65_536  # Parquet rows decoded at a time
 CSV_BLOCK = 1 << 20  # CSV bytes parsed at a time
 # A CSV id column is "int" when every cell is a plain decimal integer that fits int64 ("007"
 # keeps its zeros: it stays a string, and so do all ids of that file).
-_INT_ID = r"^-?(0|[1-9][0-9]{0,17})$"
+_INT_ID = f"^{INT_ID}$"
 
 Where = Callable[[int], str]  # 0-based data row -> "line N" / "row N"
 

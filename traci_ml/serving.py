@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 import signal
 import sys
 import time
@@ -213,33 +212,13 @@ def request(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def read_request_ids(spec: str, id_column: str) -> list[int] | list[str]:
-    """``--ids``: ``12,57,903`` or a CSV file with ``id_column``; ints when every id is a
-    plain decimal integer (as the party files' ids are read), else text."""
-    path = Path(spec)
-    if path.is_file():
-        with path.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            if id_column not in (reader.fieldnames or []):
-                raise DataError(f"{spec}: no id column {id_column!r} (data.id)")
-            cells = [row[id_column].strip() for row in reader]
-    elif path.suffix or "/" in spec:
-        raise DataError(f"--ids {spec}: no such file")
-    else:
-        cells = [c.strip() for c in spec.split(",")]
-    if not cells or not all(cells):
-        raise DataError(f"--ids {spec}: an id is empty")
-    if all(re.fullmatch(r"-?(0|[1-9][0-9]{0,17})", c) for c in cells):
-        return [int(c) for c in cells]
-    return cells
-
-
 def request_ids(args: argparse.Namespace, config: Config) -> int:
     """``traci request --ids``: rows by id; each expert looks its own rows up. The answer
     as CSV: row, id, prediction, probabilities, and the experts that took part per row."""
     from traci_ml.client import Client
+    from traci_ml.ids import read_ids
 
-    ids = read_request_ids(args.ids, config.data.id)
+    ids = read_ids(args.ids, config.data.id).tolist()
     if args.endpoint:
         from traci_ml.security import peer_keys
 

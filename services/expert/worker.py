@@ -250,37 +250,31 @@ class Expert:
         aligner = Aligner(self.id, self.data.ids, self.data.id_type, self.config.data.align,
                           self.config.run_id)  # fmt: skip
         t0 = time.monotonic()
-        with ThreadPoolExecutor(1, thread_name_prefix="align") as pool:
-            job = pool.submit(aligner.request)
-            request: proto.Align | None = None
-            resend_at = float("inf")
-            while not self.stop_event.is_set():
-                now = time.monotonic()
-                if request is None and job.done():
-                    request, resend_at = job.result(), now
-                if request is not None and now >= resend_at:
-                    self.link.send(request)
-                    resend_at = now + ALIGN_RESEND
-                msg = self.link.recv(self.config.network.heartbeat_interval / 2)
-                if isinstance(msg, proto.Align) and msg.expert_id == self.id:
-                    if msg.stage == proto.ALIGN_WAIT:  # no reducer yet: ask again soon
-                        resend_at = min(resend_at, time.monotonic() + 1.0)
-                    elif msg.stage == "error":
-                        raise DataError(
-                            f"{self.name} ({self.data.name}, {self.data.source}): "
-                            f"the label holder refused the alignment: {msg.detail}"
-                        )
-                    elif msg.stage == "answer" and request is not None:
-                        rows = self._background(aligner.rows, msg)
-                        break
-                elif isinstance(msg, proto.Goodbye) and msg.reason != "done":
-                    self._register()
-                    resend_at = time.monotonic()
-                elif msg is not None and not isinstance(msg, (proto.Heartbeat, proto.Welcome)):
-                    self._reject("unexpected_kind", f"{msg.KIND} while aligning")
-                self._tick_link()
-            else:
+        request = self._background(aligner.request)
+        rows, resend_at = None, t0
+        while rows is None:
+            if self.stop_event.is_set():
                 return
+            if time.monotonic() >= resend_at:
+                self.link.send(request)
+                resend_at = time.monotonic() + ALIGN_RESEND
+            msg = self.link.recv(self.config.network.heartbeat_interval / 2)
+            if isinstance(msg, proto.Align) and msg.expert_id == self.id:
+                if msg.stage == proto.ALIGN_WAIT:  # no reducer yet: ask again soon
+                    resend_at = min(resend_at, time.monotonic() + 1.0)
+                elif msg.stage == "error":
+                    raise DataError(
+                        f"{self.name} ({self.data.name}, {self.data.source}): "
+                        f"the label holder refused the alignment: {msg.detail}"
+                    )
+                elif msg.stage == "answer":
+                    rows = self._background(aligner.rows, msg)
+            elif isinstance(msg, proto.Goodbye) and msg.reason != "done":
+                self._register()
+                resend_at = time.monotonic()
+            elif msg is not None and not isinstance(msg, (proto.Heartbeat, proto.Welcome)):
+                self._reject("unexpected_kind", f"{msg.KIND} while aligning")
+            self._tick_link()
         self.data.align(rows)  # standardised on its own training rows
         self._adopt(rows)
         held_train, held_test = rows.held()
@@ -515,11 +509,7 @@ class Expert:
             del self.inflight[seq]
             log.warning("%s step %d got no reply in %.0fs: dropped", self.name, seq, timeout)
             self._count_drop("timeout")
-        try:
-            self.link.tick()
-        except PeerTimeout as exc:
-            log.warning("%s: %s; reconnecting", self.name, exc)
-            self._register()
+        self._tick_link()
         return False
 
     def _answered(self, pending: InFlight, how: str) -> None:

@@ -9,7 +9,6 @@ expert has (and, later, from the per-row masks of the steps, which labelled rows
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -33,8 +32,8 @@ class LabelHolder:
         self.domain = psi_domain(run_id)
         self.where = where  # "labels.csv (id column 'id')", for messages
         self._key = None
-        self._labelled: np.ndarray | None = None  # psi: H(x)^a in global order, made once
-        self._lock = threading.Lock()
+        # psi: H(x)^a in global order, made once (answers run one at a time: AlignDesk)
+        self._labelled: np.ndarray | None = None
 
     def answer(self, msg: proto.Align) -> proto.Align:
         """The answer to ``msg``: positions (plain), blinded points (psi), or an error."""
@@ -80,11 +79,10 @@ class LabelHolder:
     def _labelled_points(self) -> np.ndarray:
         from traci_ml import psi
 
-        with self._lock:
-            if self._labelled is None:
-                self._key = psi.PsiKey.random()
-                self._labelled = self._key.hash_blind(psi.canonical(self.ids), self.domain)
-            return self._labelled
+        if self._labelled is None:
+            self._key = psi.PsiKey.random()
+            self._labelled = self._key.hash_blind(psi.canonical(self.ids), self.domain)
+        return self._labelled
 
 
 # ALIGN requests answered per expert: a burst of this many (restarts), then one per

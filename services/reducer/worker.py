@@ -198,14 +198,10 @@ class ReducerService:
         notice of how many labelled rows it holds."""
         for reply in self.aligning.on_align(msg, time.monotonic()):
             self.link.send(reply)
-        self._show_overlap()
-
-    def _show_overlap(self) -> None:
-        for i, name in enumerate(v.name for v in self.dataset.views):
-            if name in self.aligning.overlap:
-                self.metrics.overlap.labels(expert=str(i)).set(
-                    self.aligning.overlap[name]["overlap"]
-                )
+        if msg.stage == "held" and 0 <= msg.expert_id < self.n:
+            held = self.aligning.overlap.get(self.dataset.views[msg.expert_id].name)
+            if held is not None:
+                self.metrics.overlap.labels(expert=str(msg.expert_id)).set(held["overlap"])
 
     def on_qbatch(self, msg: proto.QBatch) -> None:
         """A served query (docs/serving.md): eval mode, no grad, outputs back; the training
