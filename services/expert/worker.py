@@ -44,7 +44,7 @@ ALIGN_RESEND = 60.0  # seconds without an answer before an ALIGN request is sent
 class InFlight:
     step: Step
     rows: torch.Tensor  # (B,) this expert's own rows (an absent row's: 0, never read)
-    present: torch.Tensor | None  # (B,) bool: the rows it holds; None: all of them
+    held: torch.Tensor | None  # positions (in the batch) of the rows it holds; None: all
     sent_at: float  # monotonic
     applied_at_send: int  # optimizer steps taken when sent (for staleness)
 
@@ -202,11 +202,11 @@ class Expert:
             step = self.schedule.step(self.seq_next)
             local, present = self.rows.lookup(step.phase, self.schedule.rows(step))
             rows = torch.as_tensor(local, device=self.device)
-            mask = None if present is None else torch.as_tensor(present, device=self.device)
+            held = self._held(present)
             with torch.no_grad():
-                emb = self._embed(self.target, rows, mask)  # (B, d), zeros where absent
+                emb = self._embed(self.target, rows, held)  # (B, d), zeros where absent
             # Account first, then send: the books balance at every instant.
-            self.inflight[step.seq] = InFlight(step, rows, mask, time.monotonic(),
+            self.inflight[step.seq] = InFlight(step, rows, held, time.monotonic(),
                                                self.accounts.applied)  # fmt: skip
             self.accounts.sent += 1
             self.metrics.sent.labels(expert=str(self.id), phase=step.phase).inc()
@@ -217,15 +217,20 @@ class Expert:
         self.metrics.inflight.set(len(self.inflight))
         self.metrics.seq.set(self.seq_next)
 
-    def _embed(self, net: torch.nn.Module, rows: torch.Tensor, present: torch.Tensor | None):
-        """``net`` on own rows ``rows`` (B,); rows not held (``present`` False) are zeros and
-        never reach the net (batch statistics see only real rows)."""
+    def _held(self, present: np.ndarray | None) -> torch.Tensor | None:
+        """The positions of the held rows, found on the host (no device sync per step)."""
+        return None if present is None else torch.as_tensor(np.flatnonzero(present),
+                                                             device=self.device)  # fmt: skip
+
+    def _embed(self, net: torch.nn.Module, rows: torch.Tensor, held: torch.Tensor | None):
+        """``net`` on own rows ``rows`` (B,); rows not ``held`` (positions in ``rows``) are
+        zeros and never reach the net (batch statistics see only real rows)."""
         assert self.table is not None
-        if present is None:
+        if held is None:
             return net(self.table[rows])
         out = torch.zeros(len(rows), self.config.embed_dim, device=self.device)
-        if bool(present.any()):
-            out[present] = net(self.table[rows[present]]).to(out.dtype)
+        if len(held):
+            out[held] = net(self.table[rows[held]]).to(out.dtype)
         return out
 
     # -- alignment (parties, docs/parties.md) -------------------------------------------
@@ -373,8 +378,8 @@ class Expert:
         # have moved since the send; a cached graph would be stale), then backprop the slice:
         # the rows this expert holds only (an absent row's gradient is not its own).
         rows, g = pending.rows, from_wire(grad, self.device)
-        if pending.present is not None:
-            rows, g = rows[pending.present], g[pending.present]
+        if pending.held is not None:
+            rows, g = rows[pending.held], g[pending.held]
         if len(rows):
             self.online.train()
             out = self.online(self.table[rows])  # (B_held, d)
@@ -466,7 +471,7 @@ class Expert:
             present = local >= 0
             rows = torch.as_tensor(np.where(present, local, 0), device=self.device)
             with torch.no_grad():
-                emb = self._embed(self.target, rows, torch.as_tensor(present, device=self.device))
+                emb = self._embed(self.target, rows, self._held(present))
             wire = to_wire(emb, self.wire_dtype)
             bad = proto.value_problem((wire,), self.config.security.max_abs_value)
             answer = (

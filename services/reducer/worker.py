@@ -43,6 +43,7 @@ from traci_ml.tensors import (
 
 log = logging.getLogger(__name__)
 EMA = 0.9
+CPU = torch.device("cpu")
 
 
 class ReducerService:
@@ -233,10 +234,13 @@ class ReducerService:
         self.metrics.skipped.inc(msg.seq - self.last_seq - 1)
         self.last_seq = msg.seq
         rows = torch.as_tensor(self.schedule.rows(step), device=self.device)
-        absent = absent_rows(msg.present, msg.rows, len(rows), self.device)  # (B, N)
+        # (B, N) from the BATCH's fields: decided on the host, no device sync per step
+        absent = absent_rows(msg.present, msg.rows, len(rows), CPU)
         keep = self._rows_kept(step.phase, absent)
         if keep is not None:
-            tokens, absent, rows = tokens[:, keep], absent[keep], rows[keep]
+            absent, keep = absent[keep], keep.to(self.device)
+            tokens, rows = tokens[:, keep], rows[keep]
+        absent = absent.to(self.device)
         y = self.labels[step.phase][rows]
         if step.phase == "train" and not len(rows):
             self._refuse(msg.seq, "no_rows", "no row of this step is held by the experts")
