@@ -41,12 +41,12 @@ import torch.distributed.rpc as rpc
 from torch import nn
 
 from bench.reference import reference_config
-from traci_ml.config import Config, validate
-from traci_ml.data import load_dataset, view_specs
-from traci_ml.schedule import schedule_for, set_lr
-from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
-from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
-from traci_ml.tensors import derive_seed
+from traci_ml.core.config import Config, validate
+from traci_ml.core.data import load_dataset, view_specs
+from traci_ml.core.models.expert import build_expert_net, make_target, polyak_update
+from traci_ml.core.models.reducer import Reducer, expert_dropout_mask, loss_and_metric
+from traci_ml.core.schedule import schedule_for, set_lr
+from traci_ml.core.tensors import derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH_SIZES = (64, 256, 1024)

@@ -35,7 +35,7 @@ def run_cluster(
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(cfg))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "traci_ml.cli", "up", str(path)],
+            [sys.executable, "-m", "traci_ml.app.cli", "up", str(path)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         deadline = time.monotonic() + timeout

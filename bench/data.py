@@ -8,7 +8,7 @@
    is checked (held rows == the true overlap, each at its right global row): a wrong
    alignment raises. The label holder's side of psi includes hashing and blinding its own
    ids, which a run does once for all its experts.
-2. ``load``: a ``traci_ml.partygen`` Parquet dataset (cached under /tmp, keyed by its
+2. ``load``: a ``traci_ml.app.partygen`` Parquet dataset (cached under /tmp, keyed by its
    parameters); per expert, sequentially, a fresh process times ``load_expert_data``, the
    alignment (plain, against a ``LabelHolder`` in this process, the frames over a pipe) and
    ``ExpertData.align`` (standardisation), and reports its peak RSS above its RSS after the
@@ -80,7 +80,7 @@ def exchange(labels: np.ndarray, expert: np.ndarray, mode: str, *, seed: int = 0
              test_fraction: float = 0.2) -> dict[str, Any]:  # fmt: skip
     """One alignment of ``expert``'s ids against ``labels``: times, bytes and the row map."""
     from traci_ml import proto
-    from traci_ml.align import global_rows
+    from traci_ml.core.align import global_rows
     from traci_ml.services.expert.aligning import Aligner
     from traci_ml.services.reducer.aligning import LabelHolder
 
@@ -171,7 +171,7 @@ def fmt_align(c: dict[str, Any]) -> str:
 def dataset(rows: int, *, parties: int = 4, features: int = 64, overlap: float = OVERLAP,
             classes: int = 10, seed: int = 0, cache: Path = CACHE) -> dict[str, Any]:  # fmt: skip
     """A partygen Parquet dataset, generated once per parameters into ``cache``."""
-    from traci_ml.partygen import generate
+    from traci_ml.app.partygen import generate
 
     key = f"partygen-r{rows}-p{parties}-f{features}-o{overlap}-c{classes}-s{seed}-parquet"
     where = cache / key
@@ -243,14 +243,14 @@ def load_worker(config_path: str, expert_id: int) -> None:
     standardise, with RSS and the high-water mark after each step; the result as JSON."""
     out = os.fdopen(os.dup(1), "wb")  # the frames; anything printed goes to stderr
     os.dup2(2, 1)
-    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # as traci_ml.parties sets it
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # as traci_ml.core.parties sets it
     import pyarrow as pa
     import pyarrow.parquet  # noqa: F401  (read_party's reader, imported before the baseline)
 
     from traci_ml import proto
-    from traci_ml.config import validate
-    from traci_ml.data import load_expert_data
-    from traci_ml.parties import read_party  # noqa: F401  (load_expert_data's lazy import)
+    from traci_ml.core.config import validate
+    from traci_ml.core.data import load_expert_data
+    from traci_ml.core.parties import read_party  # noqa: F401  (load_expert_data's lazy import)
     from traci_ml.services.expert.aligning import Aligner
 
     config = validate(json.loads(Path(config_path).read_text()))
@@ -361,8 +361,8 @@ def _increments(result: dict[str, Any], base: float) -> list[tuple[str, dict[str
 
 def load(info: dict[str, Any], *, experts: int | None = None) -> dict[str, Any]:
     """Each expert's load, sequentially, each in its own fresh process."""
-    from traci_ml.config import validate
-    from traci_ml.data import load_labels
+    from traci_ml.core.config import validate
+    from traci_ml.core.data import load_labels
     from traci_ml.services.reducer.aligning import LabelHolder
 
     config = {"run_id": RUN_ID, "seed": 0, "data": parties_data(info)}

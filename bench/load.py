@@ -164,7 +164,7 @@ class Procs:
     def broker(self, config: Path, log: Path, *, cprofile: Path | None = None) -> subprocess.Popen:
         """``traci broker --config`` as its own process, its log in ``log``; with ``cprofile``,
         under cProfile (see ``_profiled``), dumping into that file when it exits."""
-        wrap = ["bench.load", "cprofile", str(cprofile)] if cprofile else ["traci_ml.cli"]
+        wrap = ["bench.load", "cprofile", str(cprofile)] if cprofile else ["traci_ml.app.cli"]
         args = ["broker", "--config", str(config), "--log-level", "WARNING"]
         cmd = [sys.executable, "-m", *wrap, *args]
         with log.open("wb") as out:
@@ -451,7 +451,7 @@ def _profiled(out: str, argv: list[str]) -> int:
     """``python -m bench.load cprofile OUT <traci args>``: traci under cProfile, CPU-timed."""
     import cProfile
 
-    from traci_ml.cli import main
+    from traci_ml.app.cli import main
 
     profiler = cProfile.Profile(time.thread_time)
     try:

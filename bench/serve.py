@@ -34,7 +34,7 @@ import yaml
 from bench.e2e import free_ports
 from bench.reference import reference_config
 
-TRACI = [sys.executable, "-m", "traci_ml.cli"]
+TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 FEATURES = 256  # the reference model's synthetic table: x0 .. x255, standard normal
 
 
@@ -63,7 +63,7 @@ class Server:
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def wait_ready(self, x: np.ndarray, columns: list[str], timeout: float = 300) -> None:
-        from traci_ml.client import Client, ServeError
+        from traci_ml.app.client import Client, ServeError
 
         deadline = time.monotonic() + timeout
         with Client(self.endpoint, timeout=5) as client:
@@ -89,7 +89,7 @@ def load(
     endpoint: str, rate: float | None, seconds: float, rows: int, threads: int
 ) -> dict[str, Any]:
     """``threads`` clients at ``rate`` requests/s in all (None: closed loop) for ``seconds``."""
-    from traci_ml.client import Client, ServeError
+    from traci_ml.app.client import Client, ServeError
 
     columns = [f"x{j}" for j in range(FEATURES)]
     data = np.random.default_rng(0).standard_normal((4096, FEATURES)).astype(np.float32)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from traci_ml.errors import ProtocolError
+from traci_ml.core.errors import ProtocolError
 
 # dtype name -> (itemsize, numpy dtype or None where numpy has none)
 DTYPES: dict[str, tuple[int, Any]] = {

@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from traci_ml.errors import ProtocolError
+from traci_ml.core.errors import ProtocolError
 from traci_ml.proto.messages import (
     ALIGN_STAGES,
     ALL_DTYPES,

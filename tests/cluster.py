@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from traci_ml.api import TRACI, LocalCluster
+from traci_ml.app.api import TRACI, LocalCluster
 
 __all__ = ["TRACI", "Cluster", "assert_at_most_once"]
 

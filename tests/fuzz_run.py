@@ -29,11 +29,11 @@ import yaml
 from fuzz_proxy import FuzzProxy
 from fuzzing import RunFacts
 
-from traci_ml.config import load_config
-from traci_ml.data import load_dataset
-from traci_ml.schedule import schedule_for
+from traci_ml.core.config import load_config
+from traci_ml.core.data import load_dataset
+from traci_ml.core.schedule import schedule_for
 
-TRACI = [sys.executable, "-m", "traci_ml.cli"]
+TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 REJECTIONS = re.compile(r"^traci_(broker|expert|reducer)_rejections_total\{(.*)\} (\S+)$")
 REASON = re.compile(r'reason="([^"]*)"')
 # Categories left out of the live run because one message of them kills a service (a known

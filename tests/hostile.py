@@ -15,7 +15,7 @@ import sys
 import torch
 from torch import nn
 
-from traci_ml.services.expert.model import EmbeddingMLP
+from traci_ml.core.models.expert import EmbeddingMLP
 
 
 def _my_id() -> int | None:

@@ -1,4 +1,4 @@
-"""Id alignment without sockets (traci_ml/align.py, the experts' Aligner, the reducer's
+"""Id alignment without sockets (traci_ml/core/align.py, the experts' Aligner, the reducer's
 LabelHolder): global rows, row maps, plain and psi answers, and refusals."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from traci_ml import proto
-from traci_ml.align import (
+from traci_ml.core.align import (
     ABSENT,
     IdIndex,
     RowMap,
@@ -22,9 +22,9 @@ from traci_ml.align import (
     positions,
     split_order,
 )
-from traci_ml.config import validate
-from traci_ml.data import expert_count, load_dataset, load_expert_data
-from traci_ml.errors import ConfigError, DataError
+from traci_ml.core.config import validate
+from traci_ml.core.data import expert_count, load_dataset, load_expert_data
+from traci_ml.core.errors import ConfigError, DataError
 from traci_ml.services.expert.aligning import Aligner
 from traci_ml.services.reducer.aligning import LabelHolder
 from traci_ml.services.reducer.serving import absent_rows

@@ -17,7 +17,7 @@ from fused import train_fused  # noqa: E402
 
 from bench.baselines import _run_processes, build_expert, run_fused, run_rpc  # noqa: E402
 from bench.reference import reference_config  # noqa: E402
-from traci_ml.config import validate  # noqa: E402
+from traci_ml.core.config import validate  # noqa: E402
 
 STEPS = 30
 

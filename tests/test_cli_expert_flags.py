@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from traci_ml import cli
-from traci_ml.errors import ConfigError
+from traci_ml.app import cli
+from traci_ml.core.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from traci_ml import cli
-from traci_ml.config import load_config
+from traci_ml.app import cli
+from traci_ml.core.config import load_config
 
 pytestmark = pytest.mark.timeout(60)
 

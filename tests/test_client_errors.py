@@ -1,6 +1,6 @@
 """`traci request` and the client name the cell that is not a number (issue 9): a feature
 column with one bad cell used to reach the front door as a missing column. Missing columns
-are still reported as missing. The cluster side is a real Broker on loopback TCP: it answers
+are still reported as missing. The cluster side is a real BrokerService on loopback TCP: it answers
 ``missing_columns`` itself, before any expert is needed."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from traci_ml import cli
-from traci_ml.client import ServeError, _as_rows
-from traci_ml.config import Config
-from traci_ml.services.broker.server import Broker
+from traci_ml.app import cli
+from traci_ml.app.client import ServeError, _as_rows
+from traci_ml.core.config import Config
+from traci_ml.services.broker.service import BrokerService
 
 pytestmark = pytest.mark.timeout(60)
 VIEWS = [{"name": "left", "columns": ["a"]}, {"name": "right", "columns": ["b", "c"]}]
@@ -30,7 +30,7 @@ def front_door(tmp_path: Path) -> Iterator[str]:
         "metrics": {"broker_port": 0},
     })  # fmt: skip
     any_port = "tcp://127.0.0.1:*"
-    broker = Broker(config, expert_endpoint=any_port, reducer_endpoint=any_port,
+    broker = BrokerService(config, expert_endpoint=any_port, reducer_endpoint=any_port,
                     client_endpoint=any_port)  # fmt: skip
     thread = threading.Thread(target=broker.run)
     thread.start()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from traci_ml.config import Config, load_config, parse_set, validate
-from traci_ml.errors import ConfigError, TraciError
+from traci_ml.core.config import Config, load_config, parse_set, validate
+from traci_ml.core.errors import ConfigError, TraciError
 
 
 def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
@@ -278,7 +278,7 @@ def test_a_view_may_carry_its_own_expert_model() -> None:
 
 
 def test_a_views_bad_model_names_its_key(tmp_path: Path) -> None:
-    from traci_ml.services.expert.model import build_expert_net
+    from traci_ml.core.models.expert import build_expert_net
 
     raw = tmp_path / "c.yaml"
     raw.write_text(

@@ -14,9 +14,9 @@ import pytest
 import torch
 from test_predict import Built, make_run
 
-from traci_ml import predict as P
-from traci_ml.cli import main
-from traci_ml.export import ExportError, export
+from traci_ml.app import predict as P
+from traci_ml.app.cli import main
+from traci_ml.app.export import ExportError, export
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,4 +1,4 @@
-"""traci_ml.files: a run's files are whole or absent."""
+"""traci_ml.core.files: a run's files are whole or absent."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from traci_ml.files import replacing, write_atomic, write_json_atomic
+from traci_ml.core.files import replacing, write_atomic, write_json_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -43,13 +43,15 @@ def test_broker_and_protocol_import_no_torch(folder: str) -> None:
             m
             for m in imports_of(path)
             if m.split(".")[0] == "torch"
-            or m.startswith("traci_ml.tensors")
-            or m.startswith("traci_ml.checkpoint")
+            or m.startswith("traci_ml.core.tensors")
+            or m.startswith("traci_ml.core.checkpoint")
         ]
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
-@pytest.mark.parametrize("path", ["services/expert/model.py", "services/reducer/model.py"])
+@pytest.mark.parametrize(
+    "path", ["traci_ml/core/models/expert.py", "traci_ml/core/models/reducer.py"]
+)
 def test_model_code_has_no_sockets(path: str) -> None:
     bad = [m for m in imports_of(ROOT / path) if m.split(".")[0] in ("zmq", "socket")]
     assert not bad, f"{path} imports {bad}"
@@ -64,10 +66,10 @@ def test_only_proto_uses_msgpack() -> None:
 def test_no_environment_reads_outside_the_entry_points() -> None:
     # signals.py reads only TRACI_PARENT_PID (process plumbing from the launcher, not config)
     allowed = {
-        "traci_ml/config.py",
-        "traci_ml/launcher.py",
-        "traci_ml/tensors.py",
-        "traci_ml/signals.py",
+        "traci_ml/core/config.py",
+        "traci_ml/app/launcher.py",
+        "traci_ml/core/tensors.py",
+        "traci_ml/core/signals.py",
     }
     for folder in ("services", "traci_ml", "proto"):
         for path in files(folder):

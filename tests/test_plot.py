@@ -1,4 +1,4 @@
-"""Run plots (traci_ml.plot) and the broker queue-latency sampling of `traci up`: the data
+"""Run plots (traci_ml.app.plot) and the broker queue-latency sampling of `traci up`: the data
 preparation as pure functions against hand-computed cases, then real PNGs from synthetic runs."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest, start_http_server
 
-from traci_ml import launcher, plot
-from traci_ml.config import load_config
-from traci_ml.errors import TraciError
-from traci_ml.plot import bucket_deltas, continued, histogram_quantile, latency_series
+from traci_ml.app import launcher, plot
+from traci_ml.app.plot import bucket_deltas, continued, histogram_quantile, latency_series
+from traci_ml.core.config import load_config
+from traci_ml.core.errors import TraciError
 from traci_ml.services.broker.metrics import BrokerMetrics
 
 INF = math.inf
@@ -181,7 +181,7 @@ def test_plotted_data_is_the_continued_run(tmp_path):
 
 def test_without_broker_samples_queue_latency_is_skipped_and_said(tmp_path, caplog):
     run = write_run(tmp_path / "run", broker=False)
-    with caplog.at_level(logging.INFO, logger="traci_ml.plot"):
+    with caplog.at_level(logging.INFO, logger="traci_ml.app.plot"):
         paths = plot.plot_run(run)
     assert [p.name for p in paths] == ["loss.png", "throughput.png", "attention.png"]
     assert "queue_latency.png not written" in caplog.text
@@ -310,7 +310,7 @@ def test_a_failure_to_plot_is_a_warning(tmp_path, monkeypatch, caplog):
         raise RuntimeError("no fonts today")
 
     monkeypatch.setattr(plot, "plot_run", broken)
-    with caplog.at_level(logging.WARNING, logger="traci_ml.launcher"):
+    with caplog.at_level(logging.WARNING, logger="traci_ml.app.launcher"):
         launcher._plot(tmp_path, progress)  # returns, does not raise
     assert "plots of" in caplog.text and "no fonts today" in caplog.text
     monkeypatch.undo()
@@ -319,7 +319,7 @@ def test_a_failure_to_plot_is_a_warning(tmp_path, monkeypatch, caplog):
 
 
 def test_traci_plot_command(tmp_path, capsys):
-    from traci_ml.cli import main as cli
+    from traci_ml.app.cli import main as cli
 
     run = write_run(tmp_path / "run")
     assert cli(["plot", str(run)]) == 0

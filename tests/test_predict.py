@@ -1,5 +1,5 @@
-"""`traci predict` and traci_ml.predict on small run directories built in-process through the
-services' own code paths (Expert.save, ReducerService.save, the reducer's config/preprocess
+"""`traci predict` and traci_ml.app.predict on small run directories built in-process through the
+services' own code paths (ExpertService.save, ReducerService.save, the reducer's config/preprocess
 files), with target weights moved away from the online ones so "uses the target" is tested."""
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import pytest
 import torch
 import zmq
 
-from traci_ml import predict as P
-from traci_ml.cli import main
-from traci_ml.config import Config, load_config
-from traci_ml.data import load_dataset
-from traci_ml.errors import CheckpointError, DataError
-from traci_ml.files import write_json_atomic
-from traci_ml.services.expert.model import polyak_update
-from traci_ml.services.expert.worker import Expert
-from traci_ml.services.reducer.worker import ReducerService
+from traci_ml.app import predict as P
+from traci_ml.app.cli import main
+from traci_ml.core.config import Config, load_config
+from traci_ml.core.data import load_dataset
+from traci_ml.core.errors import CheckpointError, DataError
+from traci_ml.core.files import write_json_atomic
+from traci_ml.core.models.expert import polyak_update
+from traci_ml.services.expert.service import ExpertService
+from traci_ml.services.reducer.service import ReducerService
 
 pytestmark = pytest.mark.timeout(120)
 SMALL = {
@@ -35,7 +35,9 @@ SMALL = {
 class Built:
     """A run directory and the live nets its checkpoints were written from."""
 
-    def __init__(self, config: Config, experts: list[Expert], reducer: ReducerService) -> None:
+    def __init__(
+        self, config: Config, experts: list[ExpertService], reducer: ReducerService
+    ) -> None:
         self.config, self.path = config, config.run_path
         self.targets = [e.target for e in experts]
         self.onlines = [e.online for e in experts]
@@ -76,7 +78,7 @@ def make_run(run_dir: Path, *, preprocess: bool = True, **extra: str) -> Built:
     try:
         experts = []
         for i in range(len(load_dataset(config).views)):
-            expert = Expert(config, i, context=ctx)
+            expert = ExpertService(config, i, context=ctx)
             save_as_trained(expert, gen)
             experts.append(expert)
         reducer = ReducerService(config, context=ctx)
@@ -337,7 +339,7 @@ def test_csv_regression_is_destandardised_and_survives_the_data_file(tmp_path: P
 def test_eval_predictions_file_lists_each_row_with_masked_experts(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from traci_ml.services.reducer.records import EvalRound, write_eval_predictions
+    from traci_ml.services.reducer.runlog import EvalRound, write_eval_predictions
 
     rnd = EvalRound("classification", 3)
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.5]])
@@ -452,8 +454,8 @@ class Parties:
     label holder's rows, and each party's ids."""
 
     def __init__(self, config: Config) -> None:
-        from traci_ml.align import RowMap, positions
-        from traci_ml.data import load_labels
+        from traci_ml.core.align import RowMap, positions
+        from traci_ml.core.data import load_labels
 
         self.config, self.path = config, config.run_path
         self.ds = ds = load_labels(config)
@@ -464,10 +466,10 @@ class Parties:
         self.held: list[set[int]] = []
         try:
             for i in range(ds.n_experts):
-                expert = Expert(config, i, context=ctx)
+                expert = ExpertService(config, i, context=ctx)
                 rows = RowMap.from_positions(positions(gids, expert.data.ids),
                                              len(ds.ids_train), len(ds.ids_test))  # fmt: skip
-                expert.data.align(rows)  # what Expert._align does once ALIGN answers
+                expert.data.align(rows)  # what ExpertService._align does once ALIGN answers
                 expert._adopt(rows)
                 save_as_trained(expert, gen)
                 self.held.append(set(expert.data.ids.tolist()))
@@ -487,7 +489,7 @@ class Parties:
         try:
             qembs = []
             for i in range(self.ds.n_experts):
-                expert = Expert(self.config, i, context=ctx, serve=True)
+                expert = ExpertService(self.config, i, context=ctx, serve=True)
                 sent: list = []
                 expert.link.send = sent.append  # type: ignore[method-assign]
                 expert.on_query_ids(proto.Query(1, (), (), tuple(ids)), 0.0)
@@ -509,7 +511,7 @@ class Parties:
 
 @pytest.fixture(scope="module")
 def parties(tmp_path_factory: pytest.TempPathFactory) -> Parties:
-    from traci_ml.partysplit import split_run
+    from traci_ml.app.partysplit import split_run
 
     base = tmp_path_factory.mktemp("parties")
     yaml_path = split_run(load_config(env={}), base / "files", overlap=0.7, labelled=0.9)

@@ -1,4 +1,4 @@
-"""Diffie-Hellman PSI primitives (traci_ml/psi.py): group maths, the alignment protocol,
+"""Diffie-Hellman PSI primitives (traci_ml/core/psi.py): group maths, the alignment protocol,
 hostile points, threading determinism and match."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from nacl.bindings import (
     crypto_core_ed25519_is_valid_point,
 )
 
-from traci_ml.psi import PsiKey, canonical, hash_to_group, match
+from traci_ml.core.psi import PsiKey, canonical, hash_to_group, match
 
 DOMAIN = b"traci-psi/v1/test-run"
 

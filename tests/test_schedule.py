@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from traci_ml import schedule as schedule_module
-from traci_ml.config import TrainConfig, load_config
-from traci_ml.schedule import Schedule, Step, lr_factor, schedule_for, set_lr
+from traci_ml.core import schedule as schedule_module
+from traci_ml.core.config import TrainConfig, load_config
+from traci_ml.core.schedule import Schedule, Step, lr_factor, schedule_for, set_lr
 
 
 def make(**kwargs: Any) -> Schedule:

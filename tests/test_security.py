@@ -14,11 +14,10 @@ import zmq
 import zmq.auth
 from support import free_ports
 
-from traci_ml.config import Config, load_config
-from traci_ml.errors import ConfigError, PeerTimeout
-from traci_ml.link import BrokerLink
-from traci_ml.proto import Heartbeat, Hello, Message, Query, Reply, Tensor, Welcome, decode, encode
-from traci_ml.security import (
+from traci_ml.core.config import Config, load_config
+from traci_ml.core.errors import ConfigError, PeerTimeout
+from traci_ml.core.link import BrokerLink
+from traci_ml.core.security import (
     ClientKeys,
     apply_client,
     broker_keys,
@@ -30,7 +29,8 @@ from traci_ml.security import (
     peer_keys,
     tcp_endpoint,
 )
-from traci_ml.services.broker.server import Broker
+from traci_ml.proto import Heartbeat, Hello, Message, Query, Reply, Tensor, Welcome, decode, encode
+from traci_ml.services.broker.service import BrokerService
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -158,7 +158,7 @@ def test_endpoint_host() -> None:
 def test_broker_refuses_a_public_bind_without_keys() -> None:
     config = make_config(**{"network.bind_host": "0.0.0.0"})
     with pytest.raises(ConfigError) as info:
-        Broker(config)
+        BrokerService(config)
     message = str(info.value)
     assert message.startswith(REFUSAL)
     assert "inject embeddings or read gradients" in message
@@ -167,7 +167,7 @@ def test_broker_refuses_a_public_bind_without_keys() -> None:
 
 def test_broker_binds_a_public_address_when_insecure(caplog) -> None:
     config = make_config(**{"network.bind_host": "0.0.0.0", "security.insecure": "true"})
-    broker = Broker(config)
+    broker = BrokerService(config)
     try:
         assert broker.expert_endpoint.startswith("tcp://0.0.0.0:")
         assert "without CURVE (--insecure)" in caplog.text
@@ -177,7 +177,7 @@ def test_broker_binds_a_public_address_when_insecure(caplog) -> None:
 
 def test_broker_binds_a_public_address_with_keys(keys: Path) -> None:
     config = make_config(**{"network.bind_host": "0.0.0.0", "security.curve_dir": str(keys)})
-    broker = Broker(config)
+    broker = BrokerService(config)
     broker.close()
 
 
@@ -186,7 +186,7 @@ def test_broker_binds_a_public_address_with_keys(keys: Path) -> None:
 
 class RunningBroker:
     def __init__(self, config: Config) -> None:
-        self.broker = Broker(config)
+        self.broker = BrokerService(config)
         self.thread = threading.Thread(target=self.broker.run)
         self.thread.start()
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from traci_ml import proto
-from traci_ml.client import ServeError, _as_rows
-from traci_ml.config import ReducerConfig, load_config
-from traci_ml.errors import ConfigError, ProtocolError
+from traci_ml.app.client import ServeError, _as_rows
+from traci_ml.app.serving import read_rows
+from traci_ml.core.config import ReducerConfig, load_config
+from traci_ml.core.errors import ConfigError, ProtocolError
+from traci_ml.core.models.reducer import Reducer
 from traci_ml.services.expert.serving import QueryView
-from traci_ml.services.reducer.model import Reducer
 from traci_ml.services.reducer.serving import ServeSpec, answer
-from traci_ml.serving import read_rows
 
 
 def config(**sets: str):

@@ -11,11 +11,11 @@ __all__ = ["Client", "LocalCluster"]
 
 def __getattr__(name: str):  # lazy: services importing traci_ml.* do not pay for the API
     if name == "LocalCluster":
-        from traci_ml.api import LocalCluster
+        from traci_ml.app.api import LocalCluster
 
         return LocalCluster
     if name == "Client":  # served prediction (docs/serving.md)
-        from traci_ml.client import Client
+        from traci_ml.app.client import Client
 
         return Client
     raise AttributeError(f"module 'traci_ml' has no attribute {name!r}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from traci_ml.config import Config
+from traci_ml.core.config import Config
 from traci_ml.proto import (
     DEFAULT_MAX_ABS,
     Ack,
@@ -33,8 +33,7 @@ from traci_ml.proto import (
     Tensor,
     value_problem,
 )
-from traci_ml.services.broker.peers import PeerBook
-from traci_ml.services.broker.records import (
+from traci_ml.services.broker.outcomes import (
     EXPERT,
     NOTHING,
     REDUCER,
@@ -46,6 +45,7 @@ from traci_ml.services.broker.records import (
     Send,
     batch_fits,
 )
+from traci_ml.services.broker.peers import PeerBook
 
 
 class JoinBook(PeerBook):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 
-from traci_ml.config import Config
-from traci_ml.data import expert_count
-from traci_ml.observe import serve_metrics
+from traci_ml.core.config import Config
+from traci_ml.core.data import expert_count
+from traci_ml.core.observe import serve_metrics
+from traci_ml.core.signals import stop_on_signals
 from traci_ml.services.broker.metrics import BrokerMetrics
-from traci_ml.services.broker.server import Broker
-from traci_ml.signals import stop_on_signals
+from traci_ml.services.broker.service import BrokerService
 
 log = logging.getLogger(__name__)
 
@@ -27,5 +27,5 @@ def run(config: Config, *, serve: bool = False) -> int:
     # Signal handlers can only be installed from the main thread (tests run us elsewhere).
     in_main = threading.current_thread() is threading.main_thread()
     stop = stop_on_signals("broker") if in_main else threading.Event()
-    broker = Broker(config, metrics=metrics, n_experts=n_experts, stop=stop, serve=serve)
+    broker = BrokerService(config, metrics=metrics, n_experts=n_experts, stop=stop, serve=serve)
     return broker.run()

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from traci_ml.observe import LATENCY_BUCKETS
+from traci_ml.core.observe import LATENCY_BUCKETS
 from traci_ml.proto import ALIGN_STAGES, KINDS, REJECT_REASONS
 
 # Reasons the broker adds to proto.REJECT_REASONS in traci_broker_rejections_total{reason}.

@@ -26,7 +26,7 @@ from traci_ml.proto import (
     Hello,
     Welcome,
 )
-from traci_ml.services.broker.records import (
+from traci_ml.services.broker.outcomes import (
     EXPERT,
     REDUCER,
     ExpertPeer,

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from traci_ml.config import Config
-from traci_ml.data import view_specs
+from traci_ml.core.config import Config
+from traci_ml.core.data import view_specs
 from traci_ml.proto import (
     SERVE_OK,
     QBatch,
@@ -42,7 +42,7 @@ from traci_ml.proto import (
     unpack_rows,
 )
 from traci_ml.proto.wire import MAX_IDS_BYTES, ids_bytes
-from traci_ml.services.broker.records import EXPERT, REDUCER, Outcome, Send, batch_fits
+from traci_ml.services.broker.outcomes import EXPERT, REDUCER, Outcome, Send, batch_fits
 
 CLIENT = "client"  # the front door socket, as named in Send.socket
 # How a request ended: traci_broker_serve_requests_total{outcome}.

@@ -3,7 +3,7 @@ it makes of the answer. No sockets: the worker moves the messages.
 
 ``plain``: the request carries the expert's ids (int64, or a msgpack list of str); the
 answer, for each of them, its global row or -1. ``psi``: the request carries the ids hashed
-to the group and blinded with a key that never leaves this process (``traci_ml.psi``); the
+to the group and blinded with a key that never leaves this process (``traci_ml.core.psi``); the
 answer carries those points blinded again by the label holder and the label holder's own
 ids, hashed and blinded by it; the expert blinds the latter with its key and matches.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from traci_ml import proto
-from traci_ml.align import RowMap, ids_tensors, psi_domain
-from traci_ml.errors import DataError
+from traci_ml.core.align import RowMap, ids_tensors, psi_domain
+from traci_ml.core.errors import DataError
 
 
 class Aligner:
@@ -30,7 +30,7 @@ class Aligner:
         if self.mode == "plain":
             tensors = ids_tensors(self.ids)
         else:
-            from traci_ml import psi
+            from traci_ml.core import psi
 
             self._key = psi.PsiKey.random()
             points = self._key.hash_blind(psi.canonical(self.ids), self.domain)
@@ -51,7 +51,7 @@ class Aligner:
                 raise DataError(f"plain alignment answer is {pos.dtype}{list(pos.shape)}, "
                                 f"want int64[{n}]")  # fmt: skip
             return RowMap.from_positions(pos.numpy(), n_train, n_test)
-        from traci_ml import psi
+        from traci_ml.core import psi
 
         if len(answer.tensors) != 2 or self._key is None:
             raise DataError("psi alignment answer carries two tensors (after a psi request)")

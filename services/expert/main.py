@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from traci_ml.config import Config
-from traci_ml.observe import serve_metrics
+from traci_ml.core.config import Config
+from traci_ml.core.observe import serve_metrics
+from traci_ml.core.signals import stop_on_signals
+from traci_ml.core.tensors import set_threads
 from traci_ml.services.expert.metrics import ExpertMetrics
-from traci_ml.services.expert.worker import Expert
-from traci_ml.signals import stop_on_signals
-from traci_ml.tensors import set_threads
+from traci_ml.services.expert.service import ExpertService
 
 
 def run(config: Config, *, expert_id: int, resume: bool = False, serve: bool = False) -> int:
@@ -16,5 +16,7 @@ def run(config: Config, *, expert_id: int, resume: bool = False, serve: bool = F
     base = config.metrics.expert_base_port
     serve_metrics(metrics.registry, bind=config.metrics.bind, port=base + expert_id if base else 0)
     stop = stop_on_signals(f"expert-{expert_id}")
-    expert = Expert(config, expert_id, resume=resume, metrics=metrics, stop=stop, serve=serve)
+    expert = ExpertService(
+        config, expert_id, resume=resume, metrics=metrics, stop=stop, serve=serve
+    )
     return expert.run()

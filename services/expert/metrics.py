@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from traci_ml import proto
-from traci_ml.observe import LATENCY_BUCKETS
+from traci_ml.core.observe import LATENCY_BUCKETS
 
 EXPERT_REASONS = ("unknown_step", "misrouted", "conflict", "unexpected_kind", "internal",
                   *proto.VALUE_REASONS)  # fmt: skip

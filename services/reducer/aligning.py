@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from traci_ml import proto
-from traci_ml.align import ids_from_tensors, positions, psi_domain
-from traci_ml.errors import DataError
+from traci_ml.core.align import ids_from_tensors, positions, psi_domain
+from traci_ml.core.errors import DataError
 
 log = logging.getLogger(__name__)
 MAX_IDS = 1 << 26  # ids in one request (64 Mi): beyond it, refused before any work
@@ -77,7 +77,7 @@ class LabelHolder:
         return proto.Align(msg.expert_id, "answer", "", counts, tensors)
 
     def _labelled_points(self) -> np.ndarray:
-        from traci_ml import psi
+        from traci_ml.core import psi
 
         if self._labelled is None:
             self._key = psi.PsiKey.random()

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from traci_ml.data import Dataset
+from traci_ml.core.data import Dataset
 from traci_ml.services.reducer.metrics import ReducerMetrics
-from traci_ml.services.reducer.records import (
+from traci_ml.services.reducer.runlog import (
     EVAL_PREDICTIONS,
     EvalRound,
     MetricsLog,

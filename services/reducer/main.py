@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from traci_ml.config import Config
-from traci_ml.observe import serve_metrics
-from traci_ml.services.reducer.worker import ReducerService
-from traci_ml.signals import stop_on_signals
-from traci_ml.tensors import set_threads
+from traci_ml.core.config import Config
+from traci_ml.core.observe import serve_metrics
+from traci_ml.core.signals import stop_on_signals
+from traci_ml.core.tensors import set_threads
+from traci_ml.services.reducer.service import ReducerService
 
 
 def run(config: Config, *, resume: bool = False, serve: bool = False) -> int:

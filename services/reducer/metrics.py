@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from traci_ml import proto
-from traci_ml.observe import LATENCY_BUCKETS
+from traci_ml.core.observe import LATENCY_BUCKETS
 
 REDUCER_REASONS = ("replay", "unknown_step", "conflict", "unexpected_kind", "internal",
                    "align_throttled", *proto.VALUE_REASONS)  # fmt: skip

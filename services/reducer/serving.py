@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from traci_ml import proto
-from traci_ml.tensors import TORCH_DTYPES, copy_into, to_wire
+from traci_ml.core.tensors import TORCH_DTYPES, copy_into, to_wire
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The broker's front door (services/broker/serve.py): batching, the serve join, masking,
-errors and bounds, as pure logic; then the same through a real Broker over loopback TCP."""
+errors and bounds, as pure logic; then the same through a real BrokerService over loopback TCP."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
-from traci_ml.config import load_config
+from traci_ml.core.config import load_config
 from traci_ml.proto import (
     SERVE_OK,
     Heartbeat,
@@ -27,9 +27,9 @@ from traci_ml.proto import (
     encode,
 )
 from traci_ml.services.broker.metrics import BrokerMetrics
-from traci_ml.services.broker.records import EXPERT, REDUCER
+from traci_ml.services.broker.outcomes import EXPERT, REDUCER
 from traci_ml.services.broker.serve import CLIENT, ServeDesk
-from traci_ml.services.broker.server import Broker
+from traci_ml.services.broker.service import BrokerService
 
 pytestmark = pytest.mark.timeout(30)
 D, N = 4, 3
@@ -271,7 +271,7 @@ def test_close_answers_everything_waiting_with_shutdown() -> None:
     assert count(metrics, "shutdown") == 2 and desk.queued == desk.inflight == 0
 
 
-# ---- through a real Broker -----------------------------------------------------------------
+# ---- through a real BrokerService ----------------------------------------------------------------
 
 
 class Net:
@@ -285,7 +285,7 @@ class Net:
             "metrics.broker_port": "0", "serve.max_wait_ms": "30",
         }, env={})  # fmt: skip
         any_port = "tcp://127.0.0.1:*"
-        self.broker = Broker(config, expert_endpoint=any_port, reducer_endpoint=any_port,
+        self.broker = BrokerService(config, expert_endpoint=any_port, reducer_endpoint=any_port,
                              client_endpoint=any_port)  # fmt: skip
         self.thread = threading.Thread(target=self.broker.run)
         self.thread.start()

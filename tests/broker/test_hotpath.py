@@ -12,7 +12,7 @@ import pytest
 from traci_ml.proto import Emb, Hello, Tensor
 from traci_ml.services.broker.join import JoinBook
 from traci_ml.services.broker.metrics import BrokerMetrics
-from traci_ml.services.broker.records import EXPERT, NOTHING, REDUCER
+from traci_ml.services.broker.outcomes import EXPERT, NOTHING, REDUCER
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -9,7 +9,7 @@ import pytest
 
 from traci_ml.proto import Ack, Batch, Drop, Emb, Goodbye, Grad, Hello, Tensor, Welcome
 from traci_ml.services.broker.join import JoinBook
-from traci_ml.services.broker.records import EXPERT, REDUCER, Outcome
+from traci_ml.services.broker.outcomes import EXPERT, REDUCER, Outcome
 
 D = 4  # embed_dim
 B = 2  # batch rows

@@ -1,7 +1,7 @@
 """Issue 10 at the broker ("data where it lives"): ALIGN relayed between an expert and the
 reducer, row bitmaps joined from EMB into BATCH, and served queries by id: fanned out once
 per batch, answered per request with its own rows and who took part in each. Pure logic on
-the books first, then a real Broker over loopback TCP with DEALER peers and a Client."""
+the books first, then a real BrokerService over loopback TCP with DEALER peers and a Client."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import zmq
 
-from traci_ml.client import Client, Prediction, ServeError, _as_ids
-from traci_ml.config import load_config
+from traci_ml.app.client import Client, Prediction, ServeError, _as_ids
+from traci_ml.core.config import load_config
 from traci_ml.proto import (
     MAX_HEADER_BYTES,
     SERVE_OK,
@@ -41,9 +41,9 @@ from traci_ml.proto import (
     unpack_rows,
 )
 from traci_ml.services.broker.join import JoinBook
-from traci_ml.services.broker.records import EXPERT, REDUCER, Outcome
+from traci_ml.services.broker.outcomes import EXPERT, REDUCER, Outcome
 from traci_ml.services.broker.serve import CLIENT, ServeDesk
-from traci_ml.services.broker.server import Broker
+from traci_ml.services.broker.service import BrokerService
 
 pytestmark = pytest.mark.timeout(30)
 D, N = 4, 3
@@ -283,7 +283,7 @@ def test_a_full_id_group_leaves_and_the_next_opens() -> None:
     assert {m.ids for _, m in sends(out, EXPERT)} == {(4, 5)}
 
 
-# ---- through a real Broker -------------------------------------------------------------------
+# ---- through a real BrokerService ----------------------------------------------------------------
 
 
 class Net:
@@ -297,7 +297,7 @@ class Net:
             "network.liveness": "5.0", "metrics.broker_port": "0", "serve.max_wait_ms": "30",
         }, env={})  # fmt: skip
         any_port = "tcp://127.0.0.1:*"
-        self.broker = Broker(config, expert_endpoint=any_port, reducer_endpoint=any_port,
+        self.broker = BrokerService(config, expert_endpoint=any_port, reducer_endpoint=any_port,
                              client_endpoint=any_port)  # fmt: skip
         self.thread = threading.Thread(target=self.broker.run)
         self.thread.start()

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import zmq
 
-from traci_ml.config import Config, load_config
-from traci_ml.data import expert_count
+from traci_ml.core.config import Config, load_config
+from traci_ml.core.data import expert_count
 from traci_ml.proto import (
     Batch,
     Drop,
@@ -32,7 +32,7 @@ from traci_ml.proto import (
     encode,
 )
 from traci_ml.services.broker import main as broker_main
-from traci_ml.services.broker.server import Broker
+from traci_ml.services.broker.service import BrokerService
 
 D = 8  # embed_dim
 B = 3  # batch rows
@@ -57,7 +57,7 @@ class RunningBroker:
     """A Broker on random loopback ports, its run() in a thread."""
 
     def __init__(self, config: Config) -> None:
-        self.broker = Broker(
+        self.broker = BrokerService(
             config, expert_endpoint="tcp://127.0.0.1:*", reducer_endpoint="tcp://127.0.0.1:*"
         )
         self.exit_codes: list[int] = []

@@ -15,9 +15,9 @@ CURVE_LINE = "# - ../../components/curve"
 def curve_copy(root: Path) -> Path:
     """A copy of deploy/k8s with CurveZMQ keys generated and the curve component switched on
     in every overlay, the way deploy/README.md tells a user to."""
-    from traci_ml.config import load_config
-    from traci_ml.data import expert_count
-    from traci_ml.security import generate
+    from traci_ml.core.config import load_config
+    from traci_ml.core.data import expert_count
+    from traci_ml.core.security import generate
 
     copy = root / "k8s"
     shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("*.key", "*.key_secret"))

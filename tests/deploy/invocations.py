@@ -2,7 +2,7 @@
 
 An ``Invocation`` is one container (per StatefulSet pod, since the ordinal is the expert id)
 or one compose service: its argv, environment, hostname, ports, probes and the files it
-would see at its mount paths. ``resolve`` runs it through ``traci_ml.cli`` exactly as the
+would see at its mount paths. ``resolve`` runs it through ``traci_ml.app.cli`` exactly as the
 container would: parse the arguments, resolve ``--id-from-hostname``, build the config from
 the mounted file, the environment and the flags, and returns what it would listen on.
 """
@@ -24,9 +24,9 @@ from unittest import mock
 import yaml
 from deploytools import DEPLOY
 
-from traci_ml import cli
-from traci_ml.config import ENV_PREFIX, Config
-from traci_ml.data import expert_count
+from traci_ml.app import cli
+from traci_ml.core.config import ENV_PREFIX, Config
+from traci_ml.core.data import expert_count
 
 PathResolver = Callable[[str], Path | None]
 
@@ -102,7 +102,7 @@ def traci_argv(where: str, argv: list[str]) -> list[str]:
 
 
 def parse(inv: Invocation) -> Any:
-    """``traci_ml.cli.build_parser().parse_args`` of the invocation's argv."""
+    """``traci_ml.app.cli.build_parser().parse_args`` of the invocation's argv."""
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
@@ -140,7 +140,7 @@ def resolve(inv: Invocation) -> Resolved:
 def _check_env_lands(inv: Invocation, env: dict[str, str], args: Any, config: Config) -> None:
     """Each TRACI_ variable names a config key, and its value is what the service runs with
     (not silently replaced by a flag)."""
-    from traci_ml.config import _scalar, parse_set
+    from traci_ml.core.config import _scalar, parse_set
 
     flags = set(parse_set(args.overrides))
     for name, value in env.items():

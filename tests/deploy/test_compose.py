@@ -27,7 +27,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 import compose_env as ce  # noqa: E402
 
-from traci_ml import security  # noqa: E402
+from traci_ml.core import security  # noqa: E402
 
 FILES = {
     "base": ["docker-compose.yml"],
@@ -146,7 +146,7 @@ def test_ci_override_keeps_everything_on_loopback() -> None:
 
 def health(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "traci_ml.cli", "health", *args],
+        [sys.executable, "-m", "traci_ml.app.cli", "health", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -33,10 +33,10 @@ from invocations import (
     resolve,
 )
 
-from traci_ml import security
-from traci_ml.config import load_config
-from traci_ml.data import expert_count
-from traci_ml.errors import ConfigError
+from traci_ml.core import security
+from traci_ml.core.config import load_config
+from traci_ml.core.data import expert_count
+from traci_ml.core.errors import ConfigError
 
 Doc = dict[str, Any]
 

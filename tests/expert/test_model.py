@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from traci_ml.config import ExpertModelConfig
-from traci_ml.errors import ConfigError
-from traci_ml.services.expert.model import (
+from traci_ml.core.config import ExpertModelConfig
+from traci_ml.core.errors import ConfigError
+from traci_ml.core.models.expert import (
     ACTIVATIONS,
     EmbeddingMLP,
     build_expert_net,

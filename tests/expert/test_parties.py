@@ -12,10 +12,10 @@ import torch
 import yaml
 
 from traci_ml import proto
-from traci_ml.config import load_config
-from traci_ml.data import load_dataset
-from traci_ml.errors import DataError
-from traci_ml.partysplit import split_run
+from traci_ml.app.partysplit import split_run
+from traci_ml.core.config import load_config
+from traci_ml.core.data import load_dataset
+from traci_ml.core.errors import DataError
 from traci_ml.services.reducer.aligning import LabelHolder
 
 from .test_worker import BATCH, D, Rig, make_config

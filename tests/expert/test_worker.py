@@ -16,14 +16,15 @@ import pytest
 import torch
 from support import FakeBroker, free_ports
 
-from traci_ml import checkpoint, proto
-from traci_ml.config import Config, load_config
-from traci_ml.data import load_dataset
-from traci_ml.schedule import schedule_for, set_lr
-from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
+from traci_ml import proto
+from traci_ml.core import checkpoint
+from traci_ml.core.config import Config, load_config
+from traci_ml.core.data import load_dataset
+from traci_ml.core.models.expert import build_expert_net, make_target, polyak_update
+from traci_ml.core.schedule import schedule_for, set_lr
+from traci_ml.core.tensors import derive_seed
+from traci_ml.services.expert.service import Accounts, ExpertService
 from traci_ml.services.expert.serving import QueryView
-from traci_ml.services.expert.worker import Accounts, Expert
-from traci_ml.tensors import derive_seed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,7 +57,9 @@ class Rig:
         self.config = config
         self.broker = FakeBroker(config.network.expert_port)
         self.stop = threading.Event()
-        self.expert = Expert(config, 0, resume=resume, context=self.broker.context, stop=self.stop)
+        self.expert = ExpertService(
+            config, 0, resume=resume, context=self.broker.context, stop=self.stop
+        )
         self.result: int | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -371,7 +374,7 @@ def test_run_ends_after_the_last_reply_and_writes_accounts_and_checkpoint(
     assert state["accounts"] == asdict(accounts) and state["seq_next"] == TOTAL
 
     # --resume: a new Expert reloads nets, optimizer state and accounts.
-    resumed = Expert(rig.config, 0, resume=True, context=rig.broker.context)
+    resumed = ExpertService(rig.config, 0, resume=True, context=rig.broker.context)
     assert asdict(resumed.accounts) == asdict(accounts)
     assert resumed.seq_next == TOTAL
     for name, value in states(rig.expert.online).items():
@@ -379,7 +382,7 @@ def test_run_ends_after_the_last_reply_and_writes_accounts_and_checkpoint(
     for name, value in states(rig.expert.target).items():
         assert torch.equal(resumed.target.state_dict()[name], value), name
     assert resumed.optimizer.state_dict()["state"][0]["step"] == 6
-    fresh = Expert(rig.config, 0, resume=False, context=rig.broker.context)
+    fresh = ExpertService(rig.config, 0, resume=False, context=rig.broker.context)
     assert asdict(fresh.accounts) == asdict(Accounts())
 
 

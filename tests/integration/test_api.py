@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import traci_ml
-from traci_ml.errors import ConfigError, TraciError
+from traci_ml.core.errors import ConfigError, TraciError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -27,9 +27,9 @@ import zmq
 from cluster import TRACI, Cluster
 
 from traci_ml import proto
-from traci_ml.client import Client, ServeError
-from traci_ml.config import load_config
-from traci_ml.link import BrokerLink
+from traci_ml.app.client import Client, ServeError
+from traci_ml.core.config import load_config
+from traci_ml.core.link import BrokerLink
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

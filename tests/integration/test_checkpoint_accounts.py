@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cluster import Cluster, assert_at_most_once
 
-from traci_ml import checkpoint
+from traci_ml.core import checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

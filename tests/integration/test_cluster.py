@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from traci_ml.config import load_config
+from traci_ml.core.config import load_config
 
 pytestmark = pytest.mark.integration
-TRACI = [sys.executable, "-m", "traci_ml.cli"]
+TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 
 
 def read_summary(run_dir: Path) -> dict:

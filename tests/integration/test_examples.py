@@ -10,7 +10,7 @@ import pytest
 import torch
 from cluster import TRACI
 
-from traci_ml.cli import main
+from traci_ml.app.cli import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -30,7 +30,7 @@ from fuzzing import BROKER_TARGETS, TARGETS, PeerView, RunFacts, batch, draw, em
 
 from traci_ml import proto
 
-TRACI = [sys.executable, "-m", "traci_ml.cli"]
+TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 MESSAGES = 10_500
 STEPS = 600
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-TRACI = [sys.executable, "-m", "traci_ml.cli"]
+TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 
 
 def test_unknown_config_key_is_refused_by_name(tmp_path):

@@ -70,7 +70,7 @@ def lab():
 
 def traci_argv() -> list[str]:
     script = Path(sys.executable).with_name("traci")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "traci_ml.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "traci_ml.app.cli"]
 
 
 def clean_env() -> dict[str, str]:

@@ -2,7 +2,7 @@
 through the broker (plain or psi), and rows an expert lacks train with that expert masked.
 
 Real runs: ``traci up`` (or the services by hand behind a recording proxy), digits split into
-four quadrant files and a label file by ``traci_ml.partysplit``, every file in its own
+four quadrant files and a label file by ``traci_ml.app.partysplit``, every file in its own
 shuffled row order.
 """
 
@@ -22,12 +22,12 @@ import yaml
 from recorder import Recorder
 from support import deep_update, free_ports
 
-from traci_ml.config import load_config
-from traci_ml.partysplit import split_run
+from traci_ml.app.partysplit import split_run
+from traci_ml.core.config import load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-TRACI = [sys.executable, "-m", "traci_ml.cli"]
+TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 STEPS = 400
 # lock-step (window 1): the same rows meet the same weights in both runs of a comparison
 SETTINGS = {"expert": {"window": 1}, "train": {"steps": STEPS, "eval_every": 0,
@@ -38,7 +38,7 @@ _dir = os.environ.get("TRACI_TEST_AUDIT_DIR")
 if _dir:
     _log = os.path.join(_dir, f"{os.getpid()}.log")
     def _hook(event, args):
-        if event == "traci_ml.data.read":
+        if event == "traci_ml.core.data.read":
             with open(_log, "a") as fh:
                 fh.write(" ".join(sys.argv[1:4]) + "\\t" + str(args[0]) + "\\n")
     sys.addaudithook(_hook)
@@ -278,8 +278,8 @@ def test_served_prediction_by_id_equals_traci_predict_with_absent_experts_masked
     looks its own rows up. The answers equal `traci predict` on the same ids (same masks),
     and say per row which experts took part."""
     from traci_ml import Client
-    from traci_ml.client import ServeError
-    from traci_ml.predict import predict_ids
+    from traci_ml.app.client import ServeError
+    from traci_ml.app.predict import predict_ids
 
     parties = split(tmp_path / "files", overlap=0.7, fmt="csv", seed=3)
     raw = yaml.safe_load(parties.read_text())

@@ -11,7 +11,7 @@ import pytest
 from matplotlib.image import imread
 
 pytestmark = pytest.mark.integration
-TRACI = [sys.executable, "-m", "traci_ml.cli"]
+TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 
 
 @pytest.mark.timeout(300)

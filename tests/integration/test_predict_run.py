@@ -21,14 +21,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from traci_ml import predict as P
-from traci_ml.cli import main
-from traci_ml.config import load_config
-from traci_ml.export import export
-from traci_ml.partysplit import split_run
+from traci_ml.app import predict as P
+from traci_ml.app.cli import main
+from traci_ml.app.export import export
+from traci_ml.app.partysplit import split_run
+from traci_ml.core.config import load_config
 
 pytestmark = pytest.mark.integration
-TRACI = [sys.executable, "-m", "traci_ml.cli"]
+TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 CLASSES = tuple(str(k) for k in range(10))
 
 

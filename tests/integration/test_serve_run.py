@@ -23,11 +23,11 @@ import zmq
 from support import free_ports
 
 from traci_ml import Client
-from traci_ml.client import ServeError
-from traci_ml.predict import load_predictor, predict_array, split_rows
+from traci_ml.app.client import ServeError
+from traci_ml.app.predict import load_predictor, predict_array, split_rows
 
 pytestmark = pytest.mark.integration
-TRACI = [sys.executable, "-m", "traci_ml.cli"]
+TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 SMALL = {
     "run_id": "serve-it", "embed_dim": 16,
     "expert": {"model": {"hidden": [32]}, "device": "cpu"},

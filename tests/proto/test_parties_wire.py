@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from traci_ml import proto
-from traci_ml.errors import ProtocolError
+from traci_ml.core.errors import ProtocolError
 from traci_ml.proto import wire
 
 F32_3x2 = bytes(24)  # float32 [3, 2] zeros

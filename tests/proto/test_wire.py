@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from traci_ml import proto
-from traci_ml.errors import ProtocolError, TraciError
+from traci_ml.core.errors import ProtocolError, TraciError
 
 wire = proto.wire  # the limits that traci_ml.proto does not re-export
 DTYPE_NAMES = tuple(proto.DTYPES)

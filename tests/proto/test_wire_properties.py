@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
 from traci_ml import proto
-from traci_ml.errors import ProtocolError
+from traci_ml.core.errors import ProtocolError
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

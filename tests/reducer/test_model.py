@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from traci_ml.config import ReducerConfig
-from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
-from traci_ml.services.reducer.records import EvalRound
+from traci_ml.core.config import ReducerConfig
+from traci_ml.core.models.reducer import Reducer, expert_dropout_mask, loss_and_metric
+from traci_ml.services.reducer.runlog import EvalRound
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from traci_ml import proto
-from traci_ml.config import load_config
-from traci_ml.partysplit import split_run
+from traci_ml.app.partysplit import split_run
+from traci_ml.core.config import load_config
 
 from .test_worker import ALL, BATCH, N_EXPERTS, Rig, make_config
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 from support import FakeBroker, free_ports
 
-from traci_ml import checkpoint, proto
-from traci_ml.config import Config, load_config
-from traci_ml.data import load_dataset
-from traci_ml.schedule import Schedule, schedule_for
-from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
-from traci_ml.services.reducer.worker import ReducerService
-from traci_ml.tensors import derive_seed
+from traci_ml import proto
+from traci_ml.core import checkpoint
+from traci_ml.core.config import Config, load_config
+from traci_ml.core.data import load_dataset
+from traci_ml.core.models.reducer import Reducer, expert_dropout_mask, loss_and_metric
+from traci_ml.core.schedule import Schedule, schedule_for
+from traci_ml.core.tensors import derive_seed
+from traci_ml.services.reducer.service import ReducerService
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from traci_ml.files import write_atomic
+from traci_ml.core.files import write_atomic
 
 EVAL_PREDICTIONS = "eval_predictions.csv"  # the final evaluation round, row by row
 

@@ -24,9 +24,9 @@ import torch
 
 import traci_ml
 import traci_ml.services
-from traci_ml.errors import TraciError
-from traci_ml.files import replacing
-from traci_ml.predict import Predictor, load_predictor
+from traci_ml.app.predict import Predictor, load_predictor
+from traci_ml.core.errors import TraciError
+from traci_ml.core.files import replacing
 
 log = logging.getLogger(__name__)
 FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from traci_ml.errors import ConfigError
+from traci_ml.core.errors import ConfigError
 from traci_ml.proto.wire import DEFAULT_MAX_ABS
 
 ENV_PREFIX = "TRACI_"
@@ -177,7 +177,7 @@ class TrainConfig(_Section):
     eval_every: int = Field(250, ge=0)  # 0: evaluate only at the end
     checkpoint_every: int = Field(500, ge=0)  # 0: only at exit
     log_every: int = Field(25, ge=1)  # train steps between metrics.jsonl records
-    # Learning rate over train steps, the same function in every process (traci_ml.schedule):
+    # Learning rate over train steps, the same function in every process (traci_ml.core.schedule):
     # linear warm-up, then constant or cosine decay to lr * min_lr_ratio at the last step.
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)

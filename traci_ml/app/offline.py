@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from traci_ml.errors import TraciError
+from traci_ml.core.errors import TraciError
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,9 +19,9 @@ def run_predict(args: argparse.Namespace) -> int:
     (``row``, ``id``, [``label``], ``prediction``, ``prob_<class>``..., ``absent``); a --split
     run reports its accuracy. --split and --ids go by id (every expert its own rows: a parties
     run needs every party's file), --input takes raw feature rows (one-table runs)."""
-    from traci_ml import predict as P
-    from traci_ml.errors import DataError
-    from traci_ml.tensors import resolve_device
+    from traci_ml.app import predict as P
+    from traci_ml.core.errors import DataError
+    from traci_ml.core.tensors import resolve_device
 
     device = resolve_device(args.device)
     if args.input is not None:
@@ -65,7 +65,7 @@ def write_columns(cols: dict[str, list[Any]], output: str | None) -> None:
     """The columns as CSV, one line per row, cells as eval_predictions.csv writes them."""
     import csv
 
-    from traci_ml.predict import fmt_cell
+    from traci_ml.app.predict import fmt_cell
 
     out = sys.stdout
     try:
@@ -83,7 +83,7 @@ def write_columns(cols: dict[str, list[Any]], output: str | None) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from traci_ml.export import export
+    from traci_ml.app.export import export
 
     path = export(args.run, args.format, args.output)
     print(f"wrote {path} ({path.stat().st_size:,} bytes)", file=sys.stderr)

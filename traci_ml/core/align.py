@@ -8,7 +8,7 @@ over these global positions. An expert learns, for each of its own rows, the glo
 of its id or -1 (unlabelled), in one of two ways:
 
 - ``plain``: it sends its ids; the label holder answers with ``positions(global_ids, ids)``.
-- ``psi``: private set intersection (``traci_ml.psi``); only blinded group elements travel.
+- ``psi``: private set intersection (``traci_ml.core.psi``); only blinded group elements travel.
 
 From the positions the expert builds ``RowMap``: global train/test index -> local row, or -1
 where it lacks the row (its token is masked for that row).
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from traci_ml import proto
-from traci_ml.errors import DataError
+from traci_ml.core.errors import DataError
 
 ABSENT = -1
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from traci_ml.errors import CheckpointError
-from traci_ml.files import write_atomic
+from traci_ml.core.errors import CheckpointError
+from traci_ml.core.files import write_atomic
 
 FORMAT = 1
 

@@ -21,20 +21,21 @@ import numpy as np
 import torch
 import zmq
 
-from traci_ml import checkpoint, proto
-from traci_ml.align import IdIndex, RowMap
-from traci_ml.config import Config
-from traci_ml.data import load_expert_data
-from traci_ml.errors import CheckpointError, DataError, PeerTimeout
-from traci_ml.files import write_json_atomic
-from traci_ml.link import BrokerLink
-from traci_ml.schedule import Schedule, Step, make_schedule, set_lr
-from traci_ml.security import peer_keys, tcp_endpoint
+from traci_ml import proto
+from traci_ml.core import checkpoint
+from traci_ml.core.align import IdIndex, RowMap
+from traci_ml.core.config import Config
+from traci_ml.core.data import load_expert_data
+from traci_ml.core.errors import CheckpointError, DataError, PeerTimeout
+from traci_ml.core.files import write_json_atomic
+from traci_ml.core.link import BrokerLink
+from traci_ml.core.models.expert import build_expert_net, make_target, polyak_update
+from traci_ml.core.schedule import Schedule, Step, make_schedule, set_lr
+from traci_ml.core.security import peer_keys, tcp_endpoint
+from traci_ml.core.tensors import derive_seed, from_wire, resolve_device, to_wire
 from traci_ml.services.expert.aligning import Aligner
 from traci_ml.services.expert.metrics import ExpertMetrics
-from traci_ml.services.expert.model import build_expert_net, make_target, polyak_update
 from traci_ml.services.expert.serving import QueryView
-from traci_ml.tensors import derive_seed, from_wire, resolve_device, to_wire
 
 log = logging.getLogger(__name__)
 ALIGN_RESEND = 60.0  # seconds without an answer before an ALIGN request is sent again
@@ -65,7 +66,7 @@ class Accounts:
     rolled_back: int = 0
 
 
-class Expert:
+class ExpertService:
     def __init__(
         self,
         config: Config,

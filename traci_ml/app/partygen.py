@@ -1,6 +1,6 @@
 """Synthetic vertically split datasets: one label table and one feature table per party.
 
-    python -m traci_ml.partygen OUT_DIR --rows 2000000 --parties 4 --features 64 \\
+    python -m traci_ml.app.partygen OUT_DIR --rows 2000000 --parties 4 --features 64 \\
         --overlap 0.7 --classes 10 --format parquet --seed 0
 
 writes ``labels.<ext>`` (``id``, ``label``: all ``rows`` ids) and ``party-<k>.<ext>`` for
@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from traci_ml.errors import DataError, TraciError
+from traci_ml.core.errors import DataError, TraciError
 
 ID_BASE = 1_000_000_000  # ids are ID_BASE + entity: never a row position
 HIDDEN = 64  # the teacher's hidden width (as data.py's synthetic source)
@@ -157,7 +157,7 @@ class _Writer:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m traci_ml.partygen",
+        prog="python -m traci_ml.app.partygen",
         description="Write a synthetic vertically split dataset: labels + one table per party.",
     )
     ap.add_argument("out_dir")

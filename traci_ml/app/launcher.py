@@ -22,17 +22,17 @@ from typing import Any, TextIO
 
 import yaml
 
-from traci_ml.config import Config
-from traci_ml.errors import ConfigError
-from traci_ml.files import write_json_atomic
-from traci_ml.plot import bucket_deltas, histogram_quantile
-from traci_ml.signals import PARENT_ENV
+from traci_ml.app.plot import bucket_deltas, histogram_quantile
+from traci_ml.core.config import Config
+from traci_ml.core.errors import ConfigError
+from traci_ml.core.files import write_json_atomic
+from traci_ml.core.signals import PARENT_ENV
 
 log = logging.getLogger(__name__)
 POLL = 0.2
 GRACE = 15.0  # seconds the others get to finish after the reducer is done
 STABLE = 30.0  # a service up this long has its restart back-off reset
-CONFIG_ERROR = 2  # the exit code of every TraciError (traci_ml/cli.py)
+CONFIG_ERROR = 2  # the exit code of every TraciError (traci_ml/app/cli.py)
 DATA_ERROR = 3  # a DataError in a service: never restarted
 QUEUE_LATENCY = "traci_broker_queue_latency_seconds"
 LIVE_EXPERTS = "traci_broker_live_experts"
@@ -124,9 +124,9 @@ def up(config: Config, *, argv: list[str], args: Any) -> int:
 
 
 def _plot(run_path: Path, progress: Progress) -> None:
-    """The run's PNGs (``traci_ml.plot``): a failure to plot is a warning, never a failed run."""
+    """The run's PNGs (``traci_ml.app.plot``): a failure to plot is a warning, not a failed run."""
     try:
-        from traci_ml.plot import describe, plot_run
+        from traci_ml.app.plot import describe, plot_run
 
         progress.line(describe(plot_run(run_path)))
     except (Exception, KeyboardInterrupt) as exc:  # any failure at all: the run succeeded
@@ -138,10 +138,10 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 def _children(config: Config, launch: Path, *, resume: bool, gpus: int) -> list[Child]:
-    from traci_ml.data import expert_count
+    from traci_ml.core.data import expert_count
 
     n = expert_count(config)
-    base = [sys.executable, "-m", "traci_ml.cli"]
+    base = [sys.executable, "-m", "traci_ml.app.cli"]
     logs = config.run_path / "logs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
     # pyarrow's allocator, fixed at its import: the system one gives a party file's read

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from traci_ml.errors import TraciError
-from traci_ml.files import replacing
+from traci_ml.core.errors import TraciError
+from traci_ml.core.files import replacing
 
 log = logging.getLogger(__name__)
 DPI = 120

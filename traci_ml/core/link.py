@@ -21,8 +21,8 @@ from collections.abc import Callable
 import zmq
 
 from traci_ml import proto
-from traci_ml.errors import PeerTimeout, ProtocolError, TraciError
-from traci_ml.security import ClientKeys, apply_client, is_ipv6
+from traci_ml.core.errors import PeerTimeout, ProtocolError, TraciError
+from traci_ml.core.security import ClientKeys, apply_client, is_ipv6
 
 log = logging.getLogger(__name__)
 

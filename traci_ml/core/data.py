@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from traci_ml.align import RowMap
-from traci_ml.config import Config, DataConfig, ViewConfig
-from traci_ml.errors import DataError
+from traci_ml.core.align import RowMap
+from traci_ml.core.config import Config, DataConfig, ViewConfig
+from traci_ml.core.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def digits_views(preset: str) -> tuple[ViewConfig, ...]:
 def _digits() -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]:
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
-    sys.audit("traci_ml.data.read", "digits")  # parties.AUDIT_EVENT
+    sys.audit("traci_ml.core.data.read", "digits")  # parties.AUDIT_EVENT
     bunch = load_digits()
     columns = tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8))
     classes = tuple(str(i) for i in range(10))
@@ -153,7 +153,7 @@ def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ...],
                 f"data.views: view {v.name!r} reads the label column {cfg.label!r} as a "
                 f"feature: the model would be handed the answer (remove {cfg.label!r} from it)"
             )
-    sys.audit("traci_ml.data.read", str(path))  # parties.AUDIT_EVENT: who reads what
+    sys.audit("traci_ml.core.data.read", str(path))  # parties.AUDIT_EVENT: who reads what
     try:
         with path.open(newline="") as fh:
             reader = csv.reader(fh)
@@ -303,8 +303,8 @@ def _split(
 def load_labels(config: Config) -> Dataset:
     """The label holder's rows (``data.labels``) in global order: train rows, then test rows,
     split by the seed over the sorted ids. Features stay with the experts (``x_*`` are (n, 0))."""
-    from traci_ml.align import global_rows
-    from traci_ml.parties import read_labels
+    from traci_ml.core.align import global_rows
+    from traci_ml.core.parties import read_labels
 
     cfg = config.data
     spec = cfg.labels
@@ -405,7 +405,7 @@ def _column_stats(table: np.ndarray, rows: np.ndarray, chunk_bytes: int = 4 << 2
 def load_expert_data(config: Config, expert_id: int) -> ExpertData:
     """Expert ``expert_id``'s rows: its own file (parties; not yet aligned), or its view's
     columns of the one table (aligned by row number)."""
-    from traci_ml.parties import read_party
+    from traci_ml.core.parties import read_party
 
     cfg = config.data
     views = view_specs(cfg)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from traci_ml.config import ReducerConfig
+from traci_ml.core.config import ReducerConfig
 
 
 class SelfAttention(nn.Module):

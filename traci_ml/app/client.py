@@ -32,7 +32,7 @@ import numpy as np
 import zmq
 
 from traci_ml import proto
-from traci_ml.errors import ProtocolError, TraciError
+from traci_ml.core.errors import ProtocolError, TraciError
 from traci_ml.proto import wire
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
@@ -96,7 +96,7 @@ class Client:
         """A client for the cluster of a run config (``network.broker_host`` and
         ``serve_port``); with ``security.curve_dir`` set, the key pair ``<key>.key_secret``
         from that folder (its public key must be in ``authorized/``)."""
-        from traci_ml.security import peer_keys, tcp_endpoint
+        from traci_ml.core.security import peer_keys, tcp_endpoint
 
         net = config.network
         if not net.serve_port:
@@ -158,7 +158,7 @@ class Client:
 
     def _connect(self) -> zmq.Socket:
         if self._socket is None:
-            from traci_ml.link import dealer
+            from traci_ml.core.link import dealer
 
             self._socket = dealer(self._context, self.endpoint, self.curve)
         return self._socket

@@ -1,7 +1,7 @@
 """``traci serve`` and ``traci request``: served prediction from the command line.
 
 ``traci serve --run RUN_DIR`` is ``traci up``'s serve mode: the same supervised processes
-(``traci_ml.launcher.Child``), each started with ``--serve`` so it loads the run's latest
+(``traci_ml.app.launcher.Child``), each started with ``--serve`` so it loads the run's latest
 checkpoint and only answers queries -- nothing is trained and no run file is rewritten. It
 serves until Ctrl-C (or SIGTERM). An expert that fails for good is left down (the broker
 masks it, replies say who took part); the broker or reducer failing for good ends it (1).
@@ -23,11 +23,11 @@ from typing import TextIO
 import numpy as np
 import yaml
 
-from traci_ml.config import Config, load_config, parse_set
-from traci_ml.errors import CheckpointError, ConfigError, DataError
-from traci_ml.files import write_json_atomic
-from traci_ml.launcher import POLL, STABLE, Child, _interrupt, _stop_all
-from traci_ml.launcher import _children as _up_children
+from traci_ml.app.launcher import POLL, STABLE, Child, _interrupt, _stop_all
+from traci_ml.app.launcher import _children as _up_children
+from traci_ml.core.config import Config, load_config, parse_set
+from traci_ml.core.errors import CheckpointError, ConfigError, DataError
+from traci_ml.core.files import write_json_atomic
 
 SERVE_CONFIG = "serve.yaml"  # the effective config `traci serve` hands its services
 SERVE_PIDS = "serve-pids.json"
@@ -48,7 +48,7 @@ def serve_config(run: str | Path, overrides: list[str], *, insecure: bool = Fals
 
 def serve(config: Config, *, out: TextIO = sys.stdout) -> int:
     """Run broker, reducer and experts in serve mode until interrupted; the exit code."""
-    from traci_ml.data import expert_count
+    from traci_ml.core.data import expert_count
 
     run_path = config.run_path
     n = expert_count(config)
@@ -70,7 +70,7 @@ def serve(config: Config, *, out: TextIO = sys.stdout) -> int:
             child.start()
         _write_pids(run_path, children)
         net = config.network
-        from traci_ml.security import tcp_endpoint
+        from traci_ml.core.security import tcp_endpoint
 
         where = tcp_endpoint(net.broker_host, net.serve_port)
         print(f"serving {run_path} on {where} ({n} experts; logs in {run_path}/logs); "
@@ -177,11 +177,11 @@ def _numeric(values: list[str]) -> bool:
 
 def request(args: argparse.Namespace, config: Config) -> int:
     """``traci request``: CSV rows to the front door, answers as CSV (stdout or --output)."""
-    from traci_ml.client import Client
+    from traci_ml.app.client import Client
 
     x, columns = read_rows(args.input, args.columns.split(",") if args.columns else None)
     if args.endpoint:
-        from traci_ml.security import peer_keys
+        from traci_ml.core.security import peer_keys
 
         client = Client(args.endpoint, timeout=args.timeout, curve=peer_keys(config, "client"))
     else:
@@ -215,12 +215,12 @@ def request(args: argparse.Namespace, config: Config) -> int:
 def request_ids(args: argparse.Namespace, config: Config) -> int:
     """``traci request --ids``: rows by id; each expert looks its own rows up. The answer
     as CSV: row, id, prediction, probabilities, and the experts that took part per row."""
-    from traci_ml.client import Client
-    from traci_ml.ids import read_ids
+    from traci_ml.app.client import Client
+    from traci_ml.core.ids import read_ids
 
     ids = read_ids(args.ids, config.data.id).tolist()
     if args.endpoint:
-        from traci_ml.security import peer_keys
+        from traci_ml.core.security import peer_keys
 
         client = Client(args.endpoint, timeout=args.timeout, curve=peer_keys(config, "client"))
     else:

@@ -8,8 +8,8 @@ import importlib
 import torch
 from torch import nn
 
-from traci_ml.config import ExpertModelConfig
-from traci_ml.errors import ConfigError
+from traci_ml.core.config import ExpertModelConfig
+from traci_ml.core.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 

@@ -5,7 +5,7 @@ embeddings the cluster sent) and the reducer from the run's checkpoints into one
 ``nn.Module`` taking the experts' preprocessed views. ``load_predictor(run_dir)`` wraps it with
 the run's preprocessing (column -> view assignment, standardisation) so that it takes raw
 feature rows in the training column order; ``predict_frame`` and ``traci predict`` use it, and
-``traci export`` writes it to one file (``traci_ml/export.py``).
+``traci export`` writes it to one file (``traci_ml/app/export.py``).
 
 ``load_id_predictor(run_dir)`` / ``predict_ids(run_dir, ids)`` predict rows **by id**: for a
 parties run (``data.source: parties``) every expert reads its own file, standardises it with
@@ -31,15 +31,15 @@ import torch
 import yaml
 from torch import nn
 
-from traci_ml import checkpoint, data
-from traci_ml.align import IdIndex
-from traci_ml.config import Config, validate
-from traci_ml.data import load_expert_data, load_labels, view_specs
-from traci_ml.errors import CheckpointError, ConfigError, DataError
-from traci_ml.files import write_json_atomic
-from traci_ml.ids import as_ids, id_kind, parse_ids, read_ids  # noqa: F401 (predict API)
-from traci_ml.services.reducer.model import Reducer
-from traci_ml.tensors import TORCH_DTYPES
+from traci_ml.core import checkpoint, data
+from traci_ml.core.align import IdIndex
+from traci_ml.core.config import Config, validate
+from traci_ml.core.data import load_expert_data, load_labels, view_specs
+from traci_ml.core.errors import CheckpointError, ConfigError, DataError
+from traci_ml.core.files import write_json_atomic
+from traci_ml.core.ids import as_ids, id_kind, parse_ids, read_ids  # noqa: F401 (predict API)
+from traci_ml.core.models.reducer import Reducer
+from traci_ml.core.tensors import TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 PREPROCESS_FILE = "preprocess.json"  # written by the reducer when a run starts
@@ -113,7 +113,7 @@ class Preprocess:
         return prep
 
 
-# -- preprocessing, derived exactly as traci_ml.data does it ------------------------------
+# -- preprocessing, derived exactly as traci_ml.core.data does it ------------------------------
 
 
 def raw_table(config: Config) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]:
@@ -129,7 +129,7 @@ def raw_table(config: Config) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], 
 
 
 def split_index(n: int, config: Config) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, test rows) of the table, as ``traci_ml.data._split`` draws them."""
+    """(train rows, test rows) of the table, as ``traci_ml.core.data._split`` draws them."""
     order = np.random.default_rng([config.seed, 0xDA7A]).permutation(n)
     n_test = max(1, int(round(n * config.data.test_fraction)))
     return order[n_test:], order[:n_test]
@@ -303,7 +303,7 @@ def _assemble(
     a party's standardisation)."""
     # Here, not at the top: the reducer imports this module (write_preprocess), and services
     # do not import each other.
-    from traci_ml.services.expert.model import build_expert_net
+    from traci_ml.core.models.expert import build_expert_net
 
     ckpt = run_path / "checkpoints"
     names = [f"expert-{i}.pt" for i in range(len(in_dims))] + ["reducer.pt"]
@@ -560,7 +560,7 @@ def load_id_predictor(run_dir: str | Path, *, device: str | torch.device = "cpu"
     """The run's model over its experts' own rows, by id (see ``IdPredictor``). A parties
     run reads every party's file and the label file (everything on one machine); a one-table
     run reads its table (a csv must be the file it trained on)."""
-    from traci_ml.tensors import resolve_device
+    from traci_ml.core.tensors import resolve_device
 
     run_path = Path(run_dir)
     config = read_config(run_path)

@@ -35,8 +35,8 @@ import zmq.auth
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
-from traci_ml.config import Config
-from traci_ml.errors import ConfigError
+from traci_ml.core.config import Config
+from traci_ml.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Split a one-table run into party files: what each party would hold in a real deployment.
 
-    python -m traci_ml.partysplit OUT_DIR [--config RUN.yaml] [--overlap 0.7] \\
+    python -m traci_ml.app.partysplit OUT_DIR [--config RUN.yaml] [--overlap 0.7] \\
         [--format csv|parquet] [--seed 0] [--id-type int|str]
 
 reads the config's one table (digits by default, or its CSV) and writes, for each view, a
@@ -27,9 +27,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import yaml
 
-from traci_ml.config import Config, load_config
-from traci_ml.data import view_specs
-from traci_ml.errors import DataError, TraciError
+from traci_ml.core.config import Config, load_config
+from traci_ml.core.data import view_specs
+from traci_ml.core.errors import DataError, TraciError
 
 
 def split_run(
@@ -43,7 +43,7 @@ def split_run(
     labelled: float = 1.0,
 ) -> Path:
     """Write the party files and ``parties.yaml``; returns the config's path."""
-    from traci_ml.predict import raw_table
+    from traci_ml.app.predict import raw_table
 
     if not 0.0 < overlap <= 1.0 or not 0.0 < labelled <= 1.0:
         raise DataError(f"partysplit: overlap {overlap} and labelled {labelled} must be in (0, 1]")
@@ -97,7 +97,7 @@ def _write(path: Path, columns: dict[str, np.ndarray], fmt: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m traci_ml.partysplit", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m traci_ml.app.partysplit", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("out_dir")
     ap.add_argument("--config", help="the one-table run's config (default: built-in digits)")

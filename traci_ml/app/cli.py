@@ -31,9 +31,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from traci_ml.errors import ConfigError, DataError, TraciError
+from traci_ml.core.errors import ConfigError, DataError, TraciError
 
-DATA_ERROR = 3  # a service's exit code for bad data (traci_ml/launcher.py: never restarted)
+DATA_ERROR = 3  # a service's exit code for bad data (traci_ml/app/launcher.py: never restarted)
 
 SERVICES = ("broker", "reducer", "expert")
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve_parsers(sub: argparse._SubParsersAction, common: Callable) -> None:
-    """``traci serve`` and ``traci request`` (traci_ml/serving.py, docs/serving.md)."""
+    """``traci serve`` and ``traci request`` (traci_ml/app/serving.py, docs/serving.md)."""
     serve = sub.add_parser("serve", help="serve a trained run's predictions until Ctrl-C")
     serve.add_argument("--run", required=True, metavar="RUN_DIR", help="the run directory")
     serve.add_argument("--set", dest="overrides", action="append", default=[],
@@ -183,12 +183,12 @@ def generate_keys(args: argparse.Namespace) -> int:
     """``traci keys generate``: the user-facing output of security.generate."""
     from pathlib import Path
 
-    from traci_ml.security import AUTHORIZED, generate
+    from traci_ml.core.security import AUTHORIZED, generate
 
     n_experts = args.experts if args.experts is not None else 4
     if args.config:
-        from traci_ml.config import load_config
-        from traci_ml.data import expert_count
+        from traci_ml.core.config import load_config
+        from traci_ml.core.data import expert_count
 
         n_experts = expert_count(load_config(args.config))
     generate(args.dir, n_experts, force=args.force)
@@ -260,7 +260,7 @@ def check_health(config, args: argparse.Namespace) -> int:  # noqa: ANN001
 
 
 def config_from_args(args: argparse.Namespace):  # noqa: ANN201
-    from traci_ml.config import load_config, parse_set
+    from traci_ml.core.config import load_config, parse_set
 
     overrides = parse_set(args.overrides)
     port = getattr(args, "metrics_port", None)
@@ -285,8 +285,8 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
 
 def check_cluster_security(config) -> None:  # noqa: ANN001
     """Before ``traci up`` starts anything: the broker may bind, every key is readable."""
-    from traci_ml import security
-    from traci_ml.data import expert_count
+    from traci_ml.core import security
+    from traci_ml.core.data import expert_count
 
     net = config.network
     curve = security.broker_keys(config) is not None
@@ -303,7 +303,7 @@ def warn_insecure(config, command: str, *, curve: bool | None = None) -> bool:  
     """``traci up``/``traci serve`` start a broker whose log is a file: when it will bind a
     non-loopback ``network.bind_host`` without CURVE (``security.insecure``), say so here, on
     stderr, whatever ``--log-level``. True when it warned."""
-    from traci_ml.security import is_loopback
+    from traci_ml.core.security import is_loopback
 
     net = config.network
     if curve is None:
@@ -326,8 +326,8 @@ def request_command(args: argparse.Namespace, config) -> int:  # noqa: ANN001
     number where the cluster would only see a missing column: the CSV reader leaves out a
     column that is not all numbers (a label of names), so a feature column with one bad
     cell reaches the front door as absent."""
-    from traci_ml.client import ServeError
-    from traci_ml.serving import request, request_ids
+    from traci_ml.app.client import ServeError
+    from traci_ml.app.serving import request, request_ids
 
     if args.ids is not None:
         return request_ids(args, config)
@@ -403,7 +403,7 @@ def lacking_columns(detail: str) -> tuple[set[str], bool]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # User expert modules ("package.module:Class") resolve from the current directory, as
-    # they do for `python -m traci_ml.cli` and the services `traci up` starts.
+    # they do for `python -m traci_ml.app.cli` and the services `traci up` starts.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     if args.command == "keys":
@@ -412,10 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except TraciError as exc:
             print(f"traci keys: error: {exc}", file=sys.stderr)
             return 2
-    from traci_ml.observe import setup_logging
+    from traci_ml.core.observe import setup_logging
 
     if args.command == "serve":
-        from traci_ml import serving
+        from traci_ml.app import serving
 
         setup_logging("serve", args.log_level)
         try:
@@ -426,14 +426,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"traci serve: error: {exc}", file=sys.stderr)
             return 2
     if args.command == "plot":
-        from traci_ml import plot
+        from traci_ml.app import plot
 
         setup_logging("plot", args.log_level)
         return plot.main(args.run)
     if args.command in ("predict", "export"):
         setup_logging(args.command, args.log_level)
         try:
-            from traci_ml import offline
+            from traci_ml.app import offline
 
             return offline.run(args)
         except TraciError as exc:
@@ -456,13 +456,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "request":
             return request_command(args, config)
         if args.command == "up":
-            from traci_ml.launcher import up
+            from traci_ml.app.launcher import up
 
             check_cluster_security(config)  # fail here, not in every child
 
             return up(config, argv=list(sys.argv[1:] if argv is None else argv), args=args)
         if args.command in SERVICES:
-            from traci_ml.signals import die_with_parent
+            from traci_ml.core.signals import die_with_parent
 
             die_with_parent()  # started by traci up / traci serve: do not outlive it
         if args.command == "broker":

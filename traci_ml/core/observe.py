@@ -11,7 +11,7 @@ import sys
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from traci_ml.errors import ConfigError
+from traci_ml.core.errors import ConfigError
 
 # Latency buckets from 50 us to 10 s: queue latency on loopback sits in the sub-millisecond range.
 LATENCY_BUCKETS = (

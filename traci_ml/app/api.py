@@ -28,10 +28,10 @@ from typing import Any
 
 import yaml
 
-from traci_ml.config import Config, load_config, validate
-from traci_ml.errors import TraciError
+from traci_ml.core.config import Config, load_config, validate
+from traci_ml.core.errors import TraciError
 
-TRACI = [sys.executable, "-m", "traci_ml.cli"]
+TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 
 
 class LocalCluster:

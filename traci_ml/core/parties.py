@@ -6,7 +6,7 @@ one such file, CSV or Parquet, and nothing else in it: only the id column and th
 columns are decoded (pyarrow ``columns=`` / ``include_columns``), batch by batch, straight into
 one float32 array, so the peak memory stays near the size of the result.
 
-Every problem is a :class:`~traci_ml.errors.DataError` with one line that names the file, the
+Every problem is a :class:`~traci_ml.core.errors.DataError` with one line that names the file, the
 column and, where there is one, the row: ``line N`` for CSV (the header is line 1), ``row N``
 (0-based) for Parquet.
 
@@ -30,8 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from traci_ml.errors import DataError
-from traci_ml.ids import INT_ID
+from traci_ml.core.errors import DataError
+from traci_ml.core.ids import INT_ID
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 BATCH_ROWS = 65_536  # Parquet rows decoded at a time
@@ -43,7 +43,7 @@ _INT_ID = f"^{INT_ID}$"
 Where = Callable[[int], str]  # 0-based data row -> "line N" / "row N"
 
 
-AUDIT_EVENT = "traci_ml.data.read"  # sys.audit event: a data file is about to be read
+AUDIT_EVENT = "traci_ml.core.data.read"  # sys.audit event: a data file is about to be read
 
 
 @dataclass(frozen=True, eq=False)

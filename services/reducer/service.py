@@ -18,21 +18,17 @@ import torch
 import zmq
 from torch.nn.utils import get_total_norm
 
-from traci_ml import checkpoint, proto
-from traci_ml.config import Config
-from traci_ml.data import load_dataset
-from traci_ml.errors import CheckpointError, PeerTimeout
-from traci_ml.files import write_json_atomic
-from traci_ml.link import BrokerLink
-from traci_ml.schedule import schedule_for, set_lr
-from traci_ml.security import peer_keys, tcp_endpoint
-from traci_ml.services.reducer.aligning import AlignDesk, LabelHolder
-from traci_ml.services.reducer.evaluation import Evaluation
-from traci_ml.services.reducer.metrics import ReducerMetrics
-from traci_ml.services.reducer.model import Reducer, expert_dropout_mask, loss_and_metric
-from traci_ml.services.reducer.records import MetricsLog, metric_name
-from traci_ml.services.reducer.serving import ServeSpec, absent_rows, answer
-from traci_ml.tensors import (
+from traci_ml import proto
+from traci_ml.core import checkpoint
+from traci_ml.core.config import Config
+from traci_ml.core.data import load_dataset
+from traci_ml.core.errors import CheckpointError, PeerTimeout
+from traci_ml.core.files import write_json_atomic
+from traci_ml.core.link import BrokerLink
+from traci_ml.core.models.reducer import Reducer, expert_dropout_mask, loss_and_metric
+from traci_ml.core.schedule import schedule_for, set_lr
+from traci_ml.core.security import peer_keys, tcp_endpoint
+from traci_ml.core.tensors import (
     TORCH_DTYPES,
     copy_into,
     derive_seed,
@@ -40,6 +36,11 @@ from traci_ml.tensors import (
     resolve_device,
     to_wire,
 )
+from traci_ml.services.reducer.aligning import AlignDesk, LabelHolder
+from traci_ml.services.reducer.evaluation import Evaluation
+from traci_ml.services.reducer.metrics import ReducerMetrics
+from traci_ml.services.reducer.runlog import MetricsLog, metric_name
+from traci_ml.services.reducer.serving import ServeSpec, absent_rows, answer
 
 log = logging.getLogger(__name__)
 EMA = 0.9
@@ -147,7 +148,7 @@ class ReducerService:
         if not self.serving:  # serving leaves the run's files as training wrote them
             write_json_atomic(self.run_path / "config.json", self.config.to_dict())
             if self.holder is None:  # parties: each expert keeps its own statistics
-                from traci_ml.predict import write_preprocess  # for `traci predict`
+                from traci_ml.app.predict import write_preprocess  # for `traci predict`
 
                 write_preprocess(self.config, self.run_path)
         self.link.connect(timeout=self.config.network.connect_timeout)

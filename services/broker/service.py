@@ -25,9 +25,18 @@ from collections.abc import Callable
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from traci_ml.config import Config
-from traci_ml.data import expert_count
-from traci_ml.errors import ConfigError, ProtocolError
+from traci_ml.core.config import Config
+from traci_ml.core.data import expert_count
+from traci_ml.core.errors import ConfigError, ProtocolError
+from traci_ml.core.security import (
+    apply_domain,
+    apply_server,
+    broker_keys,
+    check_bind,
+    is_ipv6,
+    start_authenticator,
+    tcp_endpoint,
+)
 from traci_ml.proto import (
     MAX_TENSOR_BYTES,
     Ack,
@@ -46,18 +55,9 @@ from traci_ml.proto import (
     value_problem,
 )
 from traci_ml.proto.fast import decode, emb_fields, encode, register_frame_type
-from traci_ml.security import (
-    apply_domain,
-    apply_server,
-    broker_keys,
-    check_bind,
-    is_ipv6,
-    start_authenticator,
-    tcp_endpoint,
-)
 from traci_ml.services.broker.join import JoinBook
 from traci_ml.services.broker.metrics import BrokerMetrics
-from traci_ml.services.broker.records import EXPERT, REDUCER, Outcome
+from traci_ml.services.broker.outcomes import EXPERT, REDUCER, Outcome
 from traci_ml.services.broker.serve import CLIENT, ServeDesk
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def seed_auto_ids() -> None:
         log.warning("broker: could not seed libc random(); automatic routing ids predictable")
 
 
-class Broker:
+class BrokerService:
     """Joins expert embeddings into ordered batches for the reducer and routes replies.
 
     ``expert_endpoint``/``reducer_endpoint`` override the bind addresses from

@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import torch
 
-from traci_ml.errors import ConfigError
+from traci_ml.core.errors import ConfigError
 from traci_ml.proto import Tensor
 
 if sys.byteorder != "little":  # the wire is little-endian; we send raw host memory
