@@ -32,18 +32,10 @@ import numpy as np
 import zmq
 
 from traci_ml import proto
-from traci_ml.core.errors import ProtocolError, TraciError
+from traci_ml.core.errors import ProtocolError, ServeError, TraciError  # noqa: F401 (API)
 from traci_ml.proto import wire
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
-
-
-class ServeError(TraciError):
-    """The cluster answered with an error (``status``: its cause), or did not answer."""
-
-    def __init__(self, status: str, detail: str) -> None:
-        self.status, self.detail = status, detail
-        super().__init__(f"{status}: {detail}" if detail else status)
 
 
 @dataclass(frozen=True)

@@ -25,17 +25,13 @@ import torch
 import traci_ml
 import traci_ml.services
 from traci_ml.app.predict import Predictor, load_predictor
-from traci_ml.core.errors import TraciError
+from traci_ml.core.errors import ExportError, TraciError  # noqa: F401 (API)
 from traci_ml.core.files import replacing
 
 log = logging.getLogger(__name__)
 FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
 META_FILE = "traci.json"  # TorchScript extra file / ONNX metadata key
 RTOL, ATOL = 1e-4, 1e-5  # the exported file against the eager model
-
-
-class ExportError(TraciError):
-    """The model cannot be written in the asked format."""
 
 
 def metadata(predictor: Predictor) -> dict:

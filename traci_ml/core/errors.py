@@ -6,6 +6,8 @@
      +-- ProtocolError    a message on a socket is malformed (``reason`` is a metric label)
      +-- PeerTimeout      a peer stopped answering within its liveness window
      +-- CheckpointError  a checkpoint is missing, corrupt, or from another run
+     +-- ServeError       a served prediction failed (``status``: its cause, as on the wire)
+     +-- ExportError      a trained model cannot be written in the asked format
 
 Every error carries optional context (service, peer, step) so log lines name where it happened.
 """
@@ -64,3 +66,16 @@ class PeerTimeout(TraciError):
 
 class CheckpointError(TraciError):
     """A checkpoint cannot be read, or belongs to another run or expert."""
+
+
+class ServeError(TraciError):
+    """The cluster answered a prediction request with an error (``status``: its cause, the
+    REPLY's status on the wire), or did not answer."""
+
+    def __init__(self, status: str, detail: str) -> None:
+        self.status, self.detail = status, detail
+        super().__init__(f"{status}: {detail}" if detail else status)
+
+
+class ExportError(TraciError):
+    """The model cannot be written in the asked format."""
