@@ -14,7 +14,6 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TextIO
 
 import numpy as np
@@ -30,6 +29,7 @@ from traci_ml.core.errors import CheckpointError, DataError, PeerTimeout
 from traci_ml.core.files import write_json_atomic
 from traci_ml.core.link import BrokerLink
 from traci_ml.core.models.expert import build_expert_net, make_target, polyak_update
+from traci_ml.core.rundir import RunDir
 from traci_ml.core.schedule import Schedule, Step, make_schedule, set_lr
 from traci_ml.core.security import peer_keys, tcp_endpoint
 from traci_ml.core.tensors import derive_seed, from_wire, resolve_device, to_wire
@@ -105,10 +105,11 @@ class ExpertService:
         self.inflight: OrderedDict[int, InFlight] = OrderedDict()
         self.accounts = Accounts()
         self.seq_next = 0
-        self.ckpt_path = config.run_path / "checkpoints" / f"expert-{expert_id}.pt"
+        self.run_dir = RunDir(config.run_path)
+        self.ckpt_path = self.run_dir.expert_checkpoint(expert_id)
         # The applied ledger: one line per gradient applied, across restarts (append-only,
         # line-buffered so a SIGKILL loses nothing written). It proves "at most once".
-        self.ledger_path = config.run_path / "experts" / f"expert-{expert_id}.applied"
+        self.ledger_path = self.run_dir.ledger(expert_id)
         self.ledger: TextIO | None = None  # opened by run()
         # Its length in bytes that agrees with the model: the checkpoint's, or 0 when the
         # nets are fresh. run() cuts the file to it before appending (None: leave it as is).
@@ -638,6 +639,6 @@ class ExpertService:
         log.info("%s stopped: %s", self.name, self.accounts)
 
     def _write_accounts(self) -> None:
-        path = Path(self.config.run_path) / "experts" / f"expert-{self.id}.json"
+        path = self.run_dir.accounts(self.id)
         accounts = {"expert_id": self.id, **asdict(self.accounts), "inflight": len(self.inflight)}
         write_json_atomic(path, accounts)

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from traci_ml.core.data import Dataset
+from traci_ml.core.rundir import RunDir
 from traci_ml.services.reducer.metrics import ReducerMetrics
 from traci_ml.services.reducer.runlog import (
-    EVAL_PREDICTIONS,
     EvalRound,
     MetricsLog,
     metric_name,
@@ -77,7 +77,7 @@ class Evaluation:
         assert self.round is not None
         result = self.round.result()
         if final:  # the rows behind summary.json's test_* figures (docs/predict.md)
-            write_eval_predictions(self.run_path / EVAL_PREDICTIONS, self.round, self.dataset)
+            write_eval_predictions(RunDir(self.run_path).eval_predictions, self.round, self.dataset)
         name = metric_name(self.dataset.task)
         if self.missing_rounds:
             views = [v.name for v in self.dataset.views]

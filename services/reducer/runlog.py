@@ -15,8 +15,6 @@ import torch.nn.functional as F
 
 from traci_ml.core.files import write_atomic
 
-EVAL_PREDICTIONS = "eval_predictions.csv"  # the final evaluation round, row by row
-
 
 class MetricsLog:
     """Appends one JSON object per line; flushed each time so ``traci up`` can follow it."""

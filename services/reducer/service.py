@@ -26,6 +26,7 @@ from traci_ml.core.errors import CheckpointError, PeerTimeout
 from traci_ml.core.files import write_json_atomic
 from traci_ml.core.link import BrokerLink
 from traci_ml.core.models.reducer import Reducer, expert_dropout_mask, loss_and_metric
+from traci_ml.core.rundir import RunDir
 from traci_ml.core.schedule import schedule_for, set_lr
 from traci_ml.core.security import peer_keys, tcp_endpoint
 from traci_ml.core.tensors import (
@@ -80,7 +81,8 @@ class ReducerService:
             self.model.parameters(), lr=config.reducer.lr, weight_decay=config.reducer.weight_decay
         )
         self.run_path = config.run_path
-        self.ckpt_path = self.run_path / "checkpoints" / "reducer.pt"
+        self.run_dir = RunDir(self.run_path)
+        self.ckpt_path = self.run_dir.reducer_checkpoint
         self.last_seq = -1
         self.train_steps = 0
         self.skipped = 0
@@ -107,7 +109,7 @@ class ReducerService:
             task=ds.task, classes=tuple(ds.classes) if ds.task == "classification" else (),
             y_mean=ds.y_mean, y_std=ds.y_std,
         )  # fmt: skip
-        self.records = MetricsLog(self.run_path / "metrics.jsonl")
+        self.records = MetricsLog(self.run_dir.metrics)
         self.context = context or zmq.Context.instance()
         net = config.network
         self.link = BrokerLink(
@@ -146,7 +148,7 @@ class ReducerService:
 
     def run(self) -> int:
         if not self.serving:  # serving leaves the run's files as training wrote them
-            write_json_atomic(self.run_path / "config.json", self.config.to_dict())
+            write_json_atomic(self.run_dir.config_json, self.config.to_dict())
             if self.holder is None:  # parties: each expert keeps its own statistics
                 from traci_ml.app.predict import write_preprocess  # for `traci predict`
 
@@ -484,7 +486,7 @@ class ReducerService:
         if not self.serving:
             self.save()
         if finished and not self.serving:
-            write_json_atomic(self.run_path / "summary.json", self.summary())
+            write_json_atomic(self.run_dir.summary, self.summary())
         try:
             self.link.send(proto.Goodbye("done" if finished else "shutdown"))
         except zmq.ZMQError:

@@ -13,6 +13,8 @@ machine (``traci up``), or collected from a cluster. Who writes what:
 ``summary.json``            the reducer, at the end: accuracy, overlap, accounts, stop reason
 ``eval_predictions.csv``    the reducer: the final evaluation round, row by row
 ``checkpoints/*.pt``        every service its own: ``expert-<i>.pt``, ``reducer.pt``
+``experts/expert-<i>.*``    each expert: ``.applied`` (its ledger of applied gradients) and
+                            ``.json`` (its accounts: sent, applied, dropped ...)
 ``logs/<service>.log``      ``traci up`` / ``traci serve``: each child's stdout and stderr
 ``pids.json``               ``traci up``: the children's process ids
 ``serve-pids.json``         ``traci serve``: the same for serving
@@ -43,6 +45,7 @@ class RunDir:
     PIDS = "pids.json"
     SERVE_PIDS = "serve-pids.json"
     CHECKPOINTS = "checkpoints"
+    EXPERTS = "experts"
     LOGS = "logs"
 
     def __init__(self, path: str | Path) -> None:
@@ -110,6 +113,14 @@ class RunDir:
 
     def expert_checkpoint(self, expert_id: int) -> Path:
         return self.checkpoints / f"expert-{expert_id}.pt"
+
+    def ledger(self, expert_id: int) -> Path:
+        """``experts/expert-<i>.applied``: one line per gradient the expert applied."""
+        return self.path / self.EXPERTS / f"expert-{expert_id}.applied"
+
+    def accounts(self, expert_id: int) -> Path:
+        """``experts/expert-<i>.json``: the expert's step accounts."""
+        return self.path / self.EXPERTS / f"expert-{expert_id}.json"
 
     @property
     def reducer_checkpoint(self) -> Path:
