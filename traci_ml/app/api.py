@@ -30,6 +30,7 @@ import yaml
 
 from traci_ml.core.config import Config, load_config, validate
 from traci_ml.core.errors import TraciError
+from traci_ml.core.rundir import RunDir
 
 TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 
@@ -143,7 +144,7 @@ class LocalCluster:
 
     def records(self, kind: str | None = "train") -> list[dict[str, Any]]:
         """The reducer's ``metrics.jsonl`` records of this kind ("train", "eval"; None: all)."""
-        path = self.run_path / "metrics.jsonl"
+        path = RunDir(self.run_path).metrics
         if not path.exists():
             return []
         out = []
@@ -161,7 +162,7 @@ class LocalCluster:
         return recs[-1] if recs else None
 
     def summary(self) -> dict[str, Any]:
-        path = self.run_path / "summary.json"
+        path = RunDir(self.run_path).summary
         try:
             return json.loads(path.read_text())
         except OSError:

@@ -21,6 +21,7 @@ from typing import Any
 
 from traci_ml.core.errors import TraciError
 from traci_ml.core.files import replacing
+from traci_ml.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
 DPI = 120
@@ -174,15 +175,15 @@ class Run:
 
 
 def load_run(run_dir: Path) -> Run:
-    run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
+    run_files = RunDir(run_dir)
+    run_dir, path = run_files.path, run_files.metrics
     records = read_jsonl(path)
     train, resumed = continued([r for r in records if r.get("kind") == "train"])
     evals, _ = continued([r for r in records if r.get("kind") == "eval"])
     if not train and not evals:
         raise TraciError(f"{path} holds no train or eval records: nothing to plot")
     summary: dict[str, Any] = {}
-    summary_path = run_dir / "summary.json"
+    summary_path = run_files.summary
     if summary_path.exists():
         try:
             summary = json.loads(summary_path.read_text())
@@ -192,7 +193,7 @@ def load_run(run_dir: Path) -> Run:
             raise TraciError(f"{summary_path} is not readable JSON: {exc}") from None
     else:
         log.info("%s is missing (run not finished?): plotting without it", summary_path)
-    broker_path = run_dir / "broker.jsonl"
+    broker_path = run_files.broker_metrics
     broker = read_jsonl(broker_path) if broker_path.exists() else None
     return Run(run_dir, train, evals, resumed, summary, broker or None)
 
@@ -206,7 +207,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     naming the file when ``metrics.jsonl`` is missing, empty or ``summary.json`` is corrupt;
     OSError when ``plots/`` cannot be written."""
     run = load_run(Path(run_dir))
-    out = run.path / "plots"
+    out = RunDir(run.path).plots
     out.mkdir(parents=True, exist_ok=True)
     written = [
         _save(_loss(run), out / "loss.png"),

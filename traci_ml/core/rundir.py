@@ -18,7 +18,7 @@ machine (``traci up``), or collected from a cluster. Who writes what:
 ``logs/<service>.log``      ``traci up`` / ``traci serve``: each child's stdout and stderr
 ``pids.json``               ``traci up``: the children's process ids
 ``serve-pids.json``         ``traci serve``: the same for serving
-``*.png``                   ``traci up`` / ``traci plot``: loss, throughput, attention, latency
+``plots/*.png``             ``traci up`` / ``traci plot``: loss, throughput, attention, latency
 ==========================  ==================================================================
 """
 
@@ -47,6 +47,7 @@ class RunDir:
     CHECKPOINTS = "checkpoints"
     EXPERTS = "experts"
     LOGS = "logs"
+    PLOTS = "plots"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -106,6 +107,10 @@ class RunDir:
     @property
     def logs(self) -> Path:
         return self.path / self.LOGS
+
+    @property
+    def plots(self) -> Path:
+        return self.path / self.PLOTS
 
     def log(self, service: str) -> Path:
         """``logs/<service>.log``: ``broker``, ``reducer``, ``expert-<i>``."""
