@@ -243,14 +243,14 @@ def load_worker(config_path: str, expert_id: int) -> None:
     standardise, with RSS and the high-water mark after each step; the result as JSON."""
     out = os.fdopen(os.dup(1), "wb")  # the frames; anything printed goes to stderr
     os.dup2(2, 1)
-    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # as traci_ml.core.parties sets it
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # as traci up sets it
     import pyarrow as pa
     import pyarrow.parquet  # noqa: F401  (read_party's reader, imported before the baseline)
 
     from traci_ml import proto
     from traci_ml.core.config import validate
     from traci_ml.core.data import load_expert_data
-    from traci_ml.core.parties import read_party  # noqa: F401  (load_expert_data's lazy import)
+    from traci_ml.core.data.parties import read_party  # noqa: F401  (load_expert_data's lazy import)
     from traci_ml.services.expert.aligning import Aligner
 
     config = validate(json.loads(Path(config_path).read_text()))

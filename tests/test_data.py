@@ -241,7 +241,7 @@ def test_csv_single_training_class_is_refused(tmp_path: Path) -> None:
 
 def test_csv_classes_are_counted_in_the_training_rows_only(tmp_path: Path) -> None:
     # Two classes in the file, but the only "rare" row is the one the split holds out.
-    from traci_ml.app.predict import split_index
+    from traci_ml.core.data import split_index
 
     probe = csv_config(tmp_path / "table.csv", test_fraction=0.1)
     train, test = split_index(10, probe)

@@ -1,6 +1,7 @@
-"""Party tables (issue 10, first step): traci_ml.core.parties reads one party's own columns from its
-own CSV or Parquet file, with one-line errors naming file, column and row; traci_ml.app.partygen
-writes synthetic vertically split datasets. Real files in tmp_path, all fast."""
+"""Party tables (issue 10, first step): traci_ml.core.data.parties reads one party's own columns
+from its own CSV or Parquet file, with one-line errors naming file, column and row;
+traci_ml.app.partygen writes synthetic vertically split datasets. Real files in tmp_path, all
+fast."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from traci_ml.app import partygen
+from traci_ml.core.data.parties import check_id_types, read_labels, read_party
 from traci_ml.core.errors import DataError
-from traci_ml.core.parties import check_id_types, read_labels, read_party
 
 
 def write_csv(path: Path, text: str) -> Path:
@@ -294,7 +295,7 @@ def test_error_messages_are_single_lines_with_the_path(tmp_path: Path) -> None:
 def test_csv_values_grow_past_a_low_row_estimate(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from traci_ml.core import parties
+    from traci_ml.core.data import parties
 
     monkeypatch.setattr(parties, "_csv_estimate", lambda path: 16)
     rows = "".join(f"{i},{i},{-i}\n" for i in range(30_000))

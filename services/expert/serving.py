@@ -1,9 +1,10 @@
 """An expert's side of served prediction (docs/serving.md): from a QUERY's raw feature rows
 and column names to this expert's standardised view, exactly as training saw its rows.
 
-The statistics are the run's own (``traci_ml.app.predict``'s ``preprocess.json``, written by the
-reducer when the run started, or derived from the data source the same way), so a served
-row and an offline ``traci predict`` row reach the target network as the same numbers.
+The statistics are the run's own (``preprocess.json``, ``traci_ml.core.data.preprocess``,
+written by the reducer when the run started, or derived from the data source the same way),
+so a served row and an offline ``traci predict`` row reach the target network as the same
+numbers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from traci_ml.core.config import Config
+from traci_ml.core.data import load_preprocess
 from traci_ml.core.errors import TraciError
 
 MAX_PICKS = 64  # column lists remembered (clients usually send one)
@@ -29,8 +31,6 @@ class QueryView:
     @classmethod
     def for_expert(cls, config: Config, run_path: Path, expert_id: int) -> QueryView:
         """The view of expert ``expert_id`` with the run's training statistics."""
-        from traci_ml.app.predict import load_preprocess  # library code; imports torch nets
-
         prep = load_preprocess(run_path, config)
         if expert_id >= len(prep.views):
             raise TraciError(f"the run's preprocessing has no view {expert_id}")

@@ -21,7 +21,7 @@ from torch.nn.utils import get_total_norm
 from traci_ml import proto
 from traci_ml.core import checkpoint
 from traci_ml.core.config import Config
-from traci_ml.core.data import load_dataset
+from traci_ml.core.data import load_dataset, write_preprocess
 from traci_ml.core.errors import CheckpointError, PeerTimeout
 from traci_ml.core.files import write_json_atomic
 from traci_ml.core.link import BrokerLink
@@ -150,9 +150,7 @@ class ReducerService:
         if not self.serving:  # serving leaves the run's files as training wrote them
             write_json_atomic(self.run_dir.config_json, self.config.to_dict())
             if self.holder is None:  # parties: each expert keeps its own statistics
-                from traci_ml.app.predict import write_preprocess  # for `traci predict`
-
-                write_preprocess(self.config, self.run_path)
+                write_preprocess(self.config, self.run_dir)  # for `traci predict`, serving
         self.link.connect(timeout=self.config.network.connect_timeout)
         finished = False
         try:

@@ -16,9 +16,6 @@ it lacks), as the cluster does; for a one-table run the id is the row's number i
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -31,173 +28,36 @@ import torch
 import yaml
 from torch import nn
 
-from traci_ml.core import checkpoint, data
+from traci_ml.core import checkpoint
 from traci_ml.core.align import IdIndex
 from traci_ml.core.config import Config, validate
-from traci_ml.core.data import load_expert_data, load_labels, view_specs
+from traci_ml.core.data import (  # noqa: F401 (the preprocessing, as predict's API had it)
+    PARTIES_NO_TABLE,
+    Preprocess,
+    checked_table,
+    derive_preprocess,
+    fmt_cell,
+    label_values,
+    load_expert_data,
+    load_labels,
+    load_preprocess,
+    raw_table,
+    read_csv_table,
+    split_index,
+    split_rows,
+    standardise,
+    write_preprocess,
+)
 from traci_ml.core.errors import CheckpointError, ConfigError, DataError
-from traci_ml.core.files import write_json_atomic
 from traci_ml.core.ids import as_ids, id_kind, parse_ids, read_ids  # noqa: F401 (predict API)
+from traci_ml.core.models.expert import build_expert_net
 from traci_ml.core.models.reducer import Reducer
+from traci_ml.core.rundir import RunDir
 from traci_ml.core.tensors import TORCH_DTYPES
 
 log = logging.getLogger(__name__)
-PREPROCESS_FILE = "preprocess.json"  # written by the reducer when a run starts
-PREPROCESS_FORMAT = 1
+PREPROCESS_FILE = RunDir.PREPROCESS  # written by the reducer when a run starts
 BATCH_ROWS = 4096  # rows through the model at a time
-PARTIES_NO_TABLE = (
-    "a parties run (data.source: parties) has no one table: every expert standardises its own "
-    "file; predict it by id (traci predict --ids / --split, predict_ids)"
-)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """What turns a raw feature row into the experts' inputs, and a logit into a label."""
-
-    task: str  # "classification" | "regression"
-    columns: tuple[str, ...]  # feature columns in training order (the exported model's input)
-    views: tuple[tuple[str, tuple[str, ...]], ...]  # (name, columns) per expert
-    classes: tuple[str, ...]  # class names in id order (classification)
-    mean: np.ndarray  # (F,) float32: x_std = (x - mean) / std, from the training rows
-    std: np.ndarray  # (F,) float32
-    y_mean: float = 0.0  # regression: the reducer predicts (y - y_mean) / y_std
-    y_std: float = 1.0
-    label: str = "label"  # the label column's name (csv: data.label)
-    data_sha256: str | None = None  # csv: digest of the training file
-
-    @property
-    def out_dim(self) -> int:
-        return len(self.classes) if self.task == "classification" else 1
-
-    def view_index(self, i: int) -> list[int]:
-        at = {c: j for j, c in enumerate(self.columns)}
-        return [at[c] for c in self.views[i][1]]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": PREPROCESS_FORMAT,
-            "task": self.task,
-            "columns": list(self.columns),
-            "views": [{"name": n, "columns": list(c)} for n, c in self.views],
-            "classes": list(self.classes),
-            "mean": [float(v) for v in self.mean],  # float32 -> double is exact
-            "std": [float(v) for v in self.std],
-            "y_mean": self.y_mean,
-            "y_std": self.y_std,
-            "label": self.label,
-            "data_sha256": self.data_sha256,
-        }
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any], where: Path) -> Preprocess:
-        if not isinstance(raw, dict) or raw.get("format") != PREPROCESS_FORMAT:
-            raise CheckpointError(f"{where} has an unknown format")
-        try:
-            prep = cls(
-                task=raw["task"],
-                columns=tuple(raw["columns"]),
-                views=tuple((v["name"], tuple(v["columns"])) for v in raw["views"]),
-                classes=tuple(raw["classes"]),
-                mean=np.asarray(raw["mean"], dtype=np.float32),
-                std=np.asarray(raw["std"], dtype=np.float32),
-                y_mean=float(raw["y_mean"]),
-                y_std=float(raw["y_std"]),
-                label=raw["label"],
-                data_sha256=raw.get("data_sha256"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where} is malformed: {exc!r}") from None
-        if prep.mean.shape != (len(prep.columns),) or prep.std.shape != prep.mean.shape:
-            raise CheckpointError(f"{where}: mean/std do not match its {len(prep.columns)} columns")
-        return prep
-
-
-# -- preprocessing, derived exactly as traci_ml.core.data does it ------------------------------
-
-
-def raw_table(config: Config) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]:
-    """The unstandardised table training reads: (x (n, F) float32, y, columns, classes)."""
-    cfg = config.data
-    if cfg.source == "parties":
-        raise DataError(PARTIES_NO_TABLE)
-    if cfg.source == "digits":
-        return data._digits()
-    if cfg.source == "synthetic":
-        return data._synthetic(cfg, config.seed)
-    return data._read_csv(cfg)
-
-
-def split_index(n: int, config: Config) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, test rows) of the table, as ``traci_ml.core.data._split`` draws them."""
-    order = np.random.default_rng([config.seed, 0xDA7A]).permutation(n)
-    n_test = max(1, int(round(n * config.data.test_fraction)))
-    return order[n_test:], order[:n_test]
-
-
-def derive_preprocess(config: Config) -> Preprocess:
-    """The statistics training used, recomputed from the config and the data source."""
-    x, y, columns, classes = raw_table(config)
-    train, _ = split_index(len(x), config)
-    mean, std = x[train].mean(axis=0), x[train].std(axis=0)
-    std[std < 1e-8] = 1.0  # as data._split: constant columns stay at zero
-    task = "classification" if config.data.source != "csv" else config.data.task
-    y_mean, y_std = 0.0, 1.0
-    if task == "regression":
-        y_mean, y_std = float(y[train].mean()), float(y[train].std() or 1.0)
-    digest = None
-    if config.data.source == "csv":
-        digest = hashlib.sha256(Path(config.data.path or "").read_bytes()).hexdigest()
-    return Preprocess(
-        task=task,
-        columns=tuple(columns),
-        views=tuple((v.name, tuple(v.columns)) for v in view_specs(config.data)),
-        classes=tuple(classes) if task == "classification" else (),
-        mean=mean.astype(np.float32),
-        std=std.astype(np.float32),
-        y_mean=y_mean,
-        y_std=y_std,
-        label=config.data.label or "label",
-        data_sha256=digest,
-    )
-
-
-def write_preprocess(config: Config, run_path: Path) -> None:
-    """RUN_DIR/preprocess.json: what ``traci predict`` needs even once the data is gone."""
-    write_json_atomic(run_path / PREPROCESS_FILE, derive_preprocess(config).to_json())
-
-
-def split_rows(config: Config, prep: Preprocess, split: str) -> tuple[np.ndarray, list[str]]:
-    """Raw feature rows (n, F) of the run's own train or test split, and their labels."""
-    x, y, _, classes = checked_table(config, prep, "--split")
-    train, test = split_index(len(x), config)
-    rows = train if split == "train" else test
-    labels = [fmt_cell(v) for v in label_values(y[rows], prep)]
-    return x[rows], labels
-
-
-def checked_table(
-    config: Config, prep: Preprocess, what: str
-) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]:
-    """``raw_table``, refused when a csv file is gone or changed since training."""
-    if config.data.source == "csv" and prep.data_sha256 is not None:
-        path = Path(config.data.path or "")
-        try:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        except OSError as exc:
-            raise DataError(f"{what} needs the training file {path}: {exc.strerror}") from None
-        if digest != prep.data_sha256:
-            raise DataError(f"data file {path} changed since training: cannot rebuild its split")
-    return raw_table(config)
-
-
-def label_values(y: np.ndarray, prep: Preprocess) -> list[Any]:
-    """The labels of raw ``y`` as the reducer writes them (eval_predictions.csv): class names,
-    or regression targets standardised in float32 as training did, then de-standardised."""
-    if prep.task == "classification":
-        return [prep.classes[int(k)] for k in y]
-    ys = ((y - prep.y_mean) / prep.y_std).astype(np.float32)  # as data._split
-    return [float(t) * prep.y_std + prep.y_mean for t in ys]
 
 
 # -- the model ----------------------------------------------------------------------------
@@ -268,17 +128,6 @@ def read_config(run_path: Path) -> Config:
     raise CheckpointError(f"{run_path} holds no config.json or launch.yaml: not a run directory")
 
 
-def load_preprocess(run_path: Path, config: Config) -> Preprocess:
-    path = run_path / PREPROCESS_FILE
-    if path.exists():
-        try:
-            return Preprocess.from_json(json.loads(path.read_text()), path)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read {path}: {exc}") from None
-    log.warning("%s has no %s: deriving it from the data source", run_path, PREPROCESS_FILE)
-    return derive_preprocess(config)  # a csv that cannot be read raises a DataError naming it
-
-
 def load_predictor(run_dir: str | Path, *, device: str = "cpu") -> Predictor:
     """The run's full model taking raw feature rows; see ``Predictor``."""
     run_path = Path(run_dir)
@@ -301,10 +150,6 @@ def _assemble(
 ) -> tuple[TraciModel, list[dict[str, Any]]]:
     """The model from the checkpoints, and each expert's checkpoint (its other contents:
     a party's standardisation)."""
-    # Here, not at the top: the reducer imports this module (write_preprocess), and services
-    # do not import each other.
-    from traci_ml.core.models.expert import build_expert_net
-
     ckpt = run_path / "checkpoints"
     names = [f"expert-{i}.pt" for i in range(len(in_dims))] + ["reducer.pt"]
     missing = [n for n in names if not (ckpt / n).exists()]
@@ -422,32 +267,16 @@ def predict_frame(model: Predictor | str | Path, frame: Mapping[str, Any]) -> di
     return predict_array(predictor, features_from(frame, predictor.preprocess.columns))
 
 
-def fmt_cell(v: Any) -> str:
-    """A CSV cell as eval_predictions.csv writes it: floats with 9 significant digits (a
-    float32 round-trips), None (no label) empty."""
-    if v is None:
-        return ""
-    return f"{float(v):.9g}" if isinstance(v, (float, np.floating)) else str(v)
-
-
 def read_csv(path: Path, columns: tuple[str, ...]) -> tuple[np.ndarray, dict[str, list[str]]]:
-    """Feature rows (n, F) from a CSV file with a header, and every column as text."""
-    try:
-        with Path(path).open(newline="") as fh:
-            lines = [(n, row) for n, row in enumerate(csv.reader(fh), start=1) if row]
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}") from None
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not a readable CSV: {exc}") from None
-    if not lines:
+    """Feature rows (n, F) from a CSV file with a header (the one table reader), and every
+    column as text."""
+    table = read_csv_table(path)
+    if not table.header:
         raise DataError(f"{path} is empty: it needs a header row with the feature columns")
-    header = [h.strip() for h in lines[0][1]]
-    for n, row in lines[1:]:
-        if len(row) != len(header):
-            raise DataError(f"{path} line {n}: {len(row)} fields, the header has {len(header)}")
-    frame = {h: [row[k] for _, row in lines[1:]] for k, h in enumerate(header)}
-    x = features_from(frame, columns, where=str(path), lines=[n for n, _ in lines[1:]])
-    return x, frame
+    table.require(columns)
+    table.check_unique(columns)
+    x = table.numbers(columns, row_numbers=True)
+    return x, {h: [row[k] for row in table.records] for k, h in enumerate(table.header)}
 
 
 # -- prediction by id: parties runs, and one-table runs by row number ------------------------
@@ -611,7 +440,7 @@ def _one_table_ids(run_path: Path, config: Config, dev: torch.device) -> IdPredi
     if tuple(columns) != prep.columns:
         raise DataError(f"the run's table has columns {list(columns)[:5]}..., not those it "
                         "trained on (preprocess.json)")  # fmt: skip
-    xs = (x - prep.mean) / prep.std  # float32, as data._split standardises
+    xs = standardise(x, prep.mean, prep.std)  # as the dataset's split
     ids = np.arange(len(x), dtype=np.int64)
     index = IdIndex(ids)
     train, test = split_index(len(x), config)

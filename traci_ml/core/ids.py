@@ -4,7 +4,6 @@ by the rule a party's CSV id column is read with (``traci_ml.core.parties``). No
 
 from __future__ import annotations
 
-import csv
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,34 +72,15 @@ def read_ids(spec: str, id_column: str = "id") -> np.ndarray:
 
 
 def _csv_ids(path: Path, id_column: str) -> np.ndarray:
-    header: list[str] | None = None
-    cells, lines = [], []
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            for record in reader:
-                if not record:
-                    continue
-                if header is None:
-                    header = [h.strip() for h in record]
-                    if id_column not in header:
-                        shown = header[:10] + (["..."] if len(header) > 10 else [])
-                        raise DataError(f"{path}: no id column {id_column!r} (data.id); the "
-                                        f"file has {shown}")  # fmt: skip
-                    at = header.index(id_column)
-                    continue
-                if len(record) != len(header):
-                    raise DataError(f"{path} line {reader.line_num}: {len(record)} fields, the "
-                                    f"header has {len(header)}")  # fmt: skip
-                cells.append(record[at])
-                lines.append(f"{path} line {reader.line_num}")
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}") from None
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not a readable CSV: {exc}") from None
-    if header is None:
+    from traci_ml.core.data.reader import read_csv_table  # the one CSV reader
+
+    table = read_csv_table(path)
+    if not table.header:
         raise DataError(f"{path} is empty: it needs a header with the id column {id_column!r}")
-    return parse_ids(cells, lines)
+    if id_column not in table.header:
+        shown = list(table.header[:10]) + (["..."] if len(table.header) > 10 else [])
+        raise DataError(f"{path}: no id column {id_column!r} (data.id); the file has {shown}")
+    return parse_ids(table.cells(id_column), [f"{path} line {n}" for n in table.lines])
 
 
 def _parquet_ids(path: Path, id_column: str) -> np.ndarray:

@@ -1,0 +1,109 @@
+"""The one-table sources (``data.source``): scikit-learn's digits, a synthetic table, a CSV file.
+
+``raw_table(config)`` is the whole table, unstandardised: ``(x (n, F) float32, y, columns,
+classes)``, the same in every process. The CSV file is read with the one table reader
+(``reader.read_csv_table``). A ``parties`` run has no one table: each party reads its own
+file (``parties``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from traci_ml.core.config import Config, DataConfig, ViewConfig
+from traci_ml.core.data.reader import AUDIT_EVENT, read_csv_table
+from traci_ml.core.errors import DataError
+
+RawTable = tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]
+PARTIES_NO_TABLE = (
+    "a parties run (data.source: parties) has no one table: every expert standardises its own "
+    "file; predict it by id (traci predict --ids / --split, predict_ids)"
+)
+
+
+def raw_table(config: Config) -> RawTable:
+    """The unstandardised table training reads: (x (n, F) float32, y, columns, classes)."""
+    cfg = config.data
+    if cfg.source == "parties":
+        raise DataError(PARTIES_NO_TABLE)
+    if cfg.source == "digits":
+        return digits()
+    if cfg.source == "synthetic":
+        return synthetic(cfg, config.seed)
+    return read_csv(cfg)
+
+
+def table_task(cfg: DataConfig) -> str:
+    """The one table's task: digits and synthetic tables are classification."""
+    return cfg.task if cfg.source == "csv" else "classification"
+
+
+def digits() -> RawTable:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    sys.audit(AUDIT_EVENT, "digits")
+    bunch = load_digits()
+    columns = tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8))
+    classes = tuple(str(i) for i in range(10))
+    return bunch.data.astype(np.float32), bunch.target.astype(np.int64), columns, classes
+
+
+def synthetic(cfg: DataConfig, seed: int) -> RawTable:
+    spec = cfg.synthetic
+    rng = np.random.default_rng([seed, 0x5A7])
+    x = rng.standard_normal((spec.rows, spec.features), dtype=np.float32)
+    hidden = np.tanh(x @ rng.standard_normal((spec.features, 64)).astype(np.float32) / 8)
+    logits = hidden @ rng.standard_normal((64, spec.classes)).astype(np.float32)
+    y = logits.argmax(axis=1).astype(np.int64)
+    columns = tuple(f"x{j}" for j in range(spec.features))
+    return x, y, columns, tuple(str(c) for c in range(spec.classes))
+
+
+def read_csv(cfg: DataConfig) -> RawTable:
+    """The views' columns (in the file's order) and the label column of ``data.path``."""
+    path = Path(cfg.path or "")
+    views: list[ViewConfig] = list(cfg.views)  # type: ignore[arg-type]  # csv: always a list
+    for v in views:  # before any cell is read: a label among the features is the config's fault
+        if cfg.label in v.columns:
+            raise DataError(
+                f"data.views: view {v.name!r} reads the label column {cfg.label!r} as a "
+                f"feature: the model would be handed the answer (remove {cfg.label!r} from it)"
+            )
+    sys.audit(AUDIT_EVENT, str(path))  # who reads what (tests listen)
+    table = read_csv_table(path, name=f"data file {path}")
+    if table.rows < 2:
+        raise DataError(f"data file {path} needs a header and at least two rows")
+    table.check_unique()  # every name, read or not: which one would a view read?
+    if cfg.label not in table.header:
+        raise DataError(f"data file {path} has no label column {cfg.label!r}")
+    wanted = {c for v in views for c in v.columns}
+    table.require(sorted(wanted))
+    used = sorted(wanted, key=table.header.index)
+    x = table.numbers(used, about=lambda column: _readers(views, column))
+    labels = [v.strip() for v in table.cells(cfg.label)]
+    if cfg.task == "classification":
+        classes = tuple(sorted(set(labels), key=natural_order))
+        ids = {c: i for i, c in enumerate(classes)}
+        return x, np.array([ids[v] for v in labels], dtype=np.int64), tuple(used), classes
+    try:
+        y = np.array([float(v) for v in labels], dtype=np.float32)
+    except ValueError:
+        raise DataError(f"data file {path}: label column {cfg.label!r} is not numeric") from None
+    return x, y, tuple(used), ()
+
+
+def natural_order(label: str) -> tuple[int, float, str]:
+    """Sort key of class names: numbers by value ("2" < "10"), then the rest as text."""
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def _readers(views: list[ViewConfig], column: str) -> str:
+    """``view 'a'`` or ``views 'a', 'b'``: who reads ``column``."""
+    names = [repr(v.name) for v in views if column in v.columns]
+    return ("view " if len(names) == 1 else "views ") + ", ".join(names)
