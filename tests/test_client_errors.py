@@ -82,7 +82,7 @@ def test_named_missing_columns_stay_missing(tmp_path, capsys) -> None:
     rows = tmp_path / "rows.csv"
     rows.write_text("a,b\n1,2\n")
     assert request("tcp://127.0.0.1:9", rows, "--columns", "a,zz") == 2
-    assert "lacks column(s) zz" in capsys.readouterr().err
+    assert "lacks 1 feature column(s): zz" in capsys.readouterr().err
 
 
 def test_missing_columns_details_are_parsed() -> None:

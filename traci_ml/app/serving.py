@@ -137,42 +137,20 @@ def _watch(children: list[Child], config: Config, out: TextIO) -> int:
 
 
 def read_rows(path: str, columns: list[str] | None) -> tuple[np.ndarray, list[str]]:
-    """Feature rows of a CSV with a header: the ``columns`` given, else every column whose
-    values are all numbers (a label column of names is left out)."""
-    try:
-        with open(path, newline="") as fh:
-            lines = [row for row in csv.reader(fh) if row]
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}") from None
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not a readable CSV: {exc}") from None
-    if len(lines) < 2:
+    """Feature rows of a CSV with a header (the one table reader): the ``columns`` given,
+    else every column whose values are all numbers (a label column of names is left out).
+    NaN and Inf cells are sent as they are: the cluster answers ``non_finite``."""
+    from traci_ml.core.data import read_csv_table
+
+    table = read_csv_table(path)
+    if table.rows < 1:
         raise DataError(f"{path} needs a header row and at least one row")
-    header = [h.strip() for h in lines[0]]
-    body = lines[1:]
-    for n, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise DataError(f"{path} line {n}: {len(row)} fields, the header has {len(header)}")
-    cols = {h: [row[k] for row in body] for k, h in enumerate(header)}
     if columns:
-        lacking = [c for c in columns if c not in cols]
-        if lacking:
-            raise DataError(f"{path} lacks column(s) {', '.join(lacking)}")
+        table.require(columns)
     else:
-        columns = [h for h in header if _numeric(cols[h])]
-    try:
-        x = np.array([[float(v) for v in cols[c]] for c in columns], dtype=np.float64).T
-    except ValueError as exc:
-        raise DataError(f"{path}: {exc}") from None
-    return np.ascontiguousarray(x, dtype=np.float32), columns
-
-
-def _numeric(values: list[str]) -> bool:
-    try:
-        [float(v) for v in values]
-    except ValueError:
-        return False
-    return True
+        columns = [h for h in table.header if table.numeric(h)]
+    table.check_unique(columns)
+    return table.numbers(columns, finite=False), columns
 
 
 def request(args: argparse.Namespace, config: Config) -> int:
