@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from traci_ml.core.observe import LATENCY_BUCKETS
-from traci_ml.proto import ALIGN_STAGES, KINDS, REJECT_REASONS
+from traci_ml.proto import ALIGN_STAGES, BROKER_DROP_REASONS, KINDS, REJECT_REASONS
 
 # Reasons the broker adds to proto.REJECT_REASONS in traci_broker_rejections_total{reason}.
 BROKER_REASONS = (
@@ -45,20 +45,10 @@ BROKER_REASONS = (
     "align_undeliverable",  # the reducer's ALIGN for an expert that is not registered (dropped)
 )
 # Reasons a step is dropped (DROP to its experts): traci_broker_steps_dropped_total{reason}.
-DROP_REASONS = (
-    "late",
-    "too_far_ahead",
-    "conflict",
-    "window",
-    "reducer_lost",
-    "grad_mismatch",
-    "timeout",
-    "reducer_rejected",  # the reducer answered a BATCH with DROP
-    "non_finite",  # the expert's EMB held NaN/Inf: its token is masked in that step
-    "too_large",  # the expert's EMB held a value beyond security.max_abs_value
-    "grad_rejected",  # the reducer's GRAD held NaN/Inf or a value beyond the bound
-    "oversize",  # the step's row bitmaps would not fit one BATCH header
-)
+# The broker's own are the protocol's; a step the reducer refused (its experts get the
+# reducer's reason) is counted once here, as reducer_rejected. An EMB refused for another
+# reason (malformed, not_started) counts that reason too, its series made when first seen.
+DROPPED_REASONS = (*BROKER_DROP_REASONS, "reducer_rejected")
 DIRECTIONS = ("in", "out")
 
 
@@ -144,7 +134,7 @@ class BrokerMetrics:
             reason: self.rejections.labels(reason=reason)
             for reason in (*REJECT_REASONS, *BROKER_REASONS)
         }
-        for reason in DROP_REASONS:
+        for reason in DROPPED_REASONS:
             self.steps_dropped.labels(reason=reason)
         for expert_id in range(n_experts):
             self.expert_up.labels(expert=str(expert_id))

@@ -36,7 +36,7 @@ class Outcome:
         self.join_waits: list[float] = []  # one per released step
         self.queue_latencies: list[float] = []  # one per dispatched step
         self.skipped = 0
-        self.dropped: list[str] = []  # one DROP_REASONS label per dropped step
+        self.dropped: list[str] = []  # one metrics.DROPPED_REASONS label per dropped step
         self.notes: list[str] = []  # state changes worth an INFO line
         self.done = False  # the reducer said GOODBYE("done")
 

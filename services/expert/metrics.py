@@ -9,11 +9,11 @@ from traci_ml.core.observe import LATENCY_BUCKETS
 
 EXPERT_REASONS = ("unknown_step", "misrouted", "conflict", "unexpected_kind", "internal",
                   *proto.VALUE_REASONS)  # fmt: skip
-# Reasons a step ends without a reply applied: the broker's DROP reasons (the reducer's are
-# forwarded as they are), the expert's own, and a GRAD refused for its values (VALUE_REASONS).
-DROP_REASONS = ("timeout", "late", "too_far_ahead", "conflict", "reducer_lost", "broker_lost",
-                "resync", "shutdown", "non_finite_loss", "non_finite_grad",
-                *proto.VALUE_REASONS)  # fmt: skip
+# Reasons a step ends without a reply applied (traci_expert_steps_dropped{reason}): every
+# reason a DROP carries (the broker's, and the reducer's it forwards), a GRAD refused for its
+# values (VALUE_REASONS, among them), no reply within expert.step_timeout ("timeout", as the
+# broker's), and the expert's own: the broker went away, a resync, its own shutdown.
+LOST_REASONS = (*proto.DROP_REASONS, "broker_lost", "resync", "shutdown")
 
 
 class ExpertMetrics:
@@ -92,7 +92,7 @@ class ExpertMetrics:
             self.queries.labels(status=status, **labels)
         for phase in proto.PHASES:
             self.sent.labels(phase=phase, **labels)
-        for reason in DROP_REASONS:
+        for reason in LOST_REASONS:
             self.dropped.labels(reason=reason, **labels)
         for reason in (*proto.REJECT_REASONS, *EXPERT_REASONS):
             self.rejections.labels(reason=reason, **labels)
