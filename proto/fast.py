@@ -10,15 +10,23 @@ any doubt at all -- goes to ``wire.decode``, which then accepts it or raises the
 
 What makes these cheap: one ``msgpack`` unpack straight from the frame (no copy), type
 checks with ``type(x) is int`` instead of ``isinstance`` loops over a schema, the frame
-size from ``len`` (``bytes`` and ``zmq.Frame``), and the finiteness check as one numpy
-reduction over a zero-copy view of the frame (``finite``).
+size from ``len`` (``bytes`` and ``zmq.Frame``), the finiteness check as one numpy
+reduction over a zero-copy view of the frame (``finite``), and messages built without the
+frozen dataclasses' checked ``__init__`` (``_constructor``).
+
+Nothing here restates a message's layout: the header sizes the decoder expects and the
+order of the fields it builds come from the classes in ``messages.py`` (``_header_size``,
+``_constructor``), and the fields the hand-written paths read and write are checked against
+those classes when this module loads (``_fields``), so a field added to a hot kind fails the
+import instead of desyncing these paths from ``wire``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -65,6 +73,73 @@ _vdot = np.vdot
 _all = np.logical_and.reduce
 _max = np.maximum.reduce
 _isfinite_scalar = math.isfinite
+_new = object.__new__
+
+
+# ---- the layouts the hand-written paths rely on, taken from (or checked against) messages.py
+
+
+def _fields(cls: type, *names: str) -> None:
+    """Fail the import unless ``cls``'s header fields (``FIELDS``, then ``OPTIONAL``) are
+    ``names``, in this order: the paths below read and write exactly those, by hand."""
+    have = (*cls.FIELDS, *getattr(cls, "OPTIONAL", {}))
+    if have != names:
+        raise TypeError(f"proto/fast.py reads and writes {cls.KIND} as {names}, but the class "
+                        f"has {have}: update its fast paths")  # fmt: skip
+
+
+def _header_size(cls: type) -> int:
+    """Keys of a header of ``cls`` as ``wire.encode`` writes it with tensors and without its
+    optional fields: "v", "k", each of ``FIELDS``, and "t" when the class carries tensors."""
+    carries = any(f.name in ("tensor", "tensors") for f in dataclasses.fields(cls))
+    return 2 + len(cls.FIELDS) + carries
+
+
+def _setters(cls: type, *names: str) -> tuple[Callable[[Any, Any], None], ...]:
+    """The slot setters of frozen slotted dataclass ``cls``, when its fields are ``names`` in
+    this order and it has no ``__post_init__`` (else the import fails): for the constructors
+    below, which skip the frozen ``__init__``'s ``object.__setattr__`` per field (it costs more
+    than the rest of decoding an EMB) and make the very same object."""
+    have = tuple(f.name for f in dataclasses.fields(cls))
+    if have != names or hasattr(cls, "__post_init__"):
+        raise TypeError(f"proto/fast.py builds {cls.__name__} from {names}, but its fields "
+                        f"are {have}: update its constructor")  # fmt: skip
+    return tuple(getattr(cls, name).__set__ for name in names)
+
+
+_fields(Emb, "seq", "expert_id", "phase", "rows")
+_fields(Batch, "seq", "phase", "present", "rows")
+_fields(Grad, "seq", "expert_id")
+_fields(Ack, "seq")
+_fields(Heartbeat)
+_EMB_SIZE, _BATCH_SIZE, _GRAD_SIZE, _ACK_SIZE, _HEARTBEAT_SIZE = map(
+    _header_size, (Emb, Batch, Grad, Ack, Heartbeat)
+)
+_EMB_ROWS_SIZE = _EMB_SIZE + len(Emb.OPTIONAL)  # with its row bitmap
+_SET_DTYPE, _SET_SHAPE, _SET_DATA = _setters(Tensor, "dtype", "shape", "data")
+_SET_SEQ, _SET_EXPERT, _SET_PHASE, _SET_TENSOR, _SET_ROWS = _setters(
+    Emb, "seq", "expert_id", "phase", "tensor", "rows"
+)
+
+
+def _new_tensor(dtype: str, shape: tuple[int, ...], data: FrameLike) -> Tensor:
+    """``Tensor(dtype, shape, data)``, built faster (``_setters``)."""
+    tensor = _new(Tensor)
+    _SET_DTYPE(tensor, dtype)
+    _SET_SHAPE(tensor, shape)
+    _SET_DATA(tensor, data)
+    return tensor
+
+
+def _new_emb(seq: int, expert_id: int, phase: str, tensor: Tensor, rows: bytes) -> Emb:
+    """``Emb(seq, expert_id, phase, tensor, rows)``, built faster (``_setters``)."""
+    emb = _new(Emb)
+    _SET_SEQ(emb, seq)
+    _SET_EXPERT(emb, expert_id)
+    _SET_PHASE(emb, phase)
+    _SET_TENSOR(emb, tensor)
+    _SET_ROWS(emb, rows)
+    return emb
 
 
 def nbytes(frame: FrameLike) -> int:
@@ -112,7 +187,7 @@ def _tensor(spec: Any, frame: FrameLike, check_finite: bool) -> Tensor | None:
         return None
     if check_finite and not finite(dtype, frame):
         return None
-    return Tensor(dtype, (rows, cols), frame)
+    return _new_tensor(dtype, (rows, cols), frame)
 
 
 def _same_tensors(specs: Any, frames: Sequence[FrameLike], check_finite: bool) -> tuple | None:
@@ -136,41 +211,20 @@ def _seq(header: dict, key: str = "seq") -> int | None:
     return value if type(value) is int and 0 <= value <= MAX_SEQ else None
 
 
-def emb_fields(
-    frames: Sequence[FrameLike], check_finite: bool = True
-) -> tuple[int, int, str, Tensor, bytes] | None:
-    """``(seq, expert_id, phase, tensor, rows)`` of a well-formed EMB, without building the
-    ``Emb`` (the broker's hot path); None for anything else, which ``decode`` then accepts
-    or rejects with its reason. Never raises."""
-    if len(frames) != 2:
-        return None
-    head = frames[0]
-    try:
-        if (len(head) if type(head) in _SIZED else memoryview(head).nbytes) > MAX_HEADER_BYTES:
-            return None
-        header = _unpackb(head, raw=False, strict_map_key=True)
-        if type(header) is not dict or header.get("k") != "EMB":
-            return None
-        return _emb(header, frames[1], check_finite)
-    except Exception:  # e.g. not msgpack
-        return None
-
-
-def _emb(header: dict, frame: FrameLike, check_finite: bool) -> tuple | None:
-    version, seq, eid = header.get("v"), header.get("seq"), header.get("expert_id")
-    size = len(header)
-    if size == 6:
+def _emb(header: dict, frame: FrameLike, check_finite: bool) -> Emb | None:
+    """The EMB ``header`` (version checked) and its tensor ``frame`` describe; None if
+    anything is off."""
+    size, seq, eid = len(header), header.get("seq"), header.get("expert_id")
+    if size == _EMB_SIZE:
         rows = b""
-    elif size == 7:  # with its row bitmap (an absent key makes another one missing)
+    elif size == _EMB_ROWS_SIZE:  # with its row bitmap (an absent key makes another one missing)
         rows = header.get("rows")
         if type(rows) is not bytes:
             return None
     else:
         return None
-    if type(version) is not int or type(seq) is not int:
-        return None
     phase, specs = header.get("phase"), header.get("t")
-    if type(eid) is not int or version != VERSION or not 0 <= seq <= MAX_SEQ:
+    if type(seq) is not int or type(eid) is not int or not 0 <= seq <= MAX_SEQ:
         return None
     if not -1 <= eid <= MAX_SEQ or type(phase) is not str or phase not in PHASES:
         return None
@@ -179,7 +233,7 @@ def _emb(header: dict, frame: FrameLike, check_finite: bool) -> tuple | None:
     tensor = _tensor(specs[0], frame, check_finite)
     if tensor is None or (rows and not _rows_ok(rows, tensor.shape[0])):
         return None
-    return seq, eid, phase, tensor, rows
+    return _new_emb(seq, eid, phase, tensor, rows)
 
 
 def _rows_ok(bits: bytes, n: int) -> bool:
@@ -190,23 +244,29 @@ def _rows_ok(bits: bytes, n: int) -> bool:
 
 def _fast(frames: Sequence[FrameLike], check_finite: bool) -> Message | None:
     count = len(frames)
-    if not 0 < count <= MAX_TENSORS + 1 or nbytes(frames[0]) > MAX_HEADER_BYTES:
+    if not 0 < count <= MAX_TENSORS + 1:
         return None
-    header = _unpackb(frames[0], raw=False, strict_map_key=True)
-    if type(header) is not dict or header.get("v") != VERSION or type(header["v"]) is not int:
+    head = frames[0]
+    if (len(head) if type(head) in _SIZED else memoryview(head).nbytes) > MAX_HEADER_BYTES:
         return None
-    kind, size = header.get("k"), len(header)
-    if kind == "EMB":
-        fields = _emb(header, frames[1], check_finite) if count == 2 else None
-        return None if fields is None else Emb(*fields)
+    header = _unpackb(head, raw=False, strict_map_key=True)
+    if type(header) is not dict:
+        return None
+    version = header.get("v")
+    if type(version) is not int or version != VERSION:
+        return None
+    kind = header.get("k")
+    if kind == "EMB":  # first: the bulk of the traffic
+        return _emb(header, frames[1], check_finite) if count == 2 else None
+    size = len(header)
     if kind == "ACK":
         seq = _seq(header)
-        return Ack(seq) if size == 3 and count == 1 and seq is not None else None
+        return Ack(seq) if size == _ACK_SIZE and count == 1 and seq is not None else None
     if kind == "HEARTBEAT":
-        return _HEARTBEAT if size == 2 and count == 1 else None
+        return _HEARTBEAT if size == _HEARTBEAT_SIZE and count == 1 else None
     if kind == "GRAD":
         seq, eid = _seq(header), header.get("expert_id")
-        if size != 5 or seq is None or type(eid) is not int or not -1 <= eid <= MAX_SEQ:
+        if size != _GRAD_SIZE or seq is None or type(eid) is not int or not -1 <= eid <= MAX_SEQ:
             return None
         tensors = _same_tensors(header.get("t"), frames[1:], check_finite)
         if tensors is None or (eid != -1 and len(tensors) != 1):
@@ -214,7 +274,7 @@ def _fast(frames: Sequence[FrameLike], check_finite: bool) -> Message | None:
         return Grad(seq, eid, tensors)
     if kind == "BATCH":
         seq, phase, present = _seq(header), header.get("phase"), header.get("present")
-        if size != 6 or seq is None or type(phase) is not str or phase not in PHASES:
+        if size != _BATCH_SIZE or seq is None or type(phase) is not str or phase not in PHASES:
             return None
         if type(present) is not list or not 0 < len(present) <= MAX_EXPERTS:
             return None
@@ -228,6 +288,27 @@ def _fast(frames: Sequence[FrameLike], check_finite: bool) -> Message | None:
             return None
         return Batch(seq, phase, tuple(present), tensors)
     return None
+
+
+def quick(frames: Sequence[FrameLike], check_finite: bool = True) -> Message | None:
+    """The message, when ``frames`` hold a hot kind (EMB, BATCH, GRAD, ACK, HEARTBEAT) in the
+    exact shape the services send it; None for anything else, which ``wire.decode`` then
+    accepts or rejects with its reason. Never raises."""
+    try:
+        return _fast(frames, check_finite)
+    except Exception:  # e.g. not msgpack
+        return None
+
+
+def emb_fields(
+    frames: Sequence[FrameLike], check_finite: bool = True
+) -> tuple[int, int, str, Tensor, bytes] | None:
+    """``(seq, expert_id, phase, tensor, rows)`` of a well-formed EMB (``quick``'s), None
+    for anything else. Never raises."""
+    msg = quick(frames, check_finite)
+    if type(msg) is not Emb:
+        return None
+    return msg.seq, msg.expert_id, msg.phase, msg.tensor, msg.rows
 
 
 def decode(frames: Sequence[FrameLike], *, check_finite: bool = True) -> Message:

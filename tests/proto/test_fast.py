@@ -39,9 +39,9 @@ def verdict(decoder: Any, frames: list[Any]) -> tuple[str, Any]:
 def same_verdict(frames: list[Any]) -> None:
     """The property: fast.decode and wire.decode agree on the message or the reason."""
     assert verdict(fast.decode, frames) == verdict(wire.decode, frames)
-    fields = fast.emb_fields(frames)  # never raises; a result only for a valid EMB
-    if fields is not None:
-        assert wire.decode(frames) == proto.Emb(*fields)
+    msg = fast.quick(frames)  # never raises; a result only for a valid hot-path message
+    if msg is not None:
+        assert wire.decode(frames) == msg
 
 
 # ---- encode: byte for byte what wire.encode makes ------------------------------------------
@@ -201,10 +201,10 @@ def test_emb_row_bitmaps_fast_and_wire_agree_on_every_padding_bit(rows: int) -> 
                       "rows": candidate, "t": [["float32", [rows, 2]]]}  # fmt: skip
             frames = [msgpack.packb(header, use_bin_type=True), tensor.data]
             same_verdict(frames)
-            fields = fast.emb_fields(frames)
-            assert (fields is not None) == (wire.rows_problem(candidate, rows) is None)
-            if fields is not None:
-                assert fields[4] == candidate
+            msg = fast.quick(frames)
+            assert (msg is not None) == (wire.rows_problem(candidate, rows) is None)
+            if msg is not None:
+                assert msg.rows == candidate  # type: ignore[union-attr]
 
 
 def test_fast_encode_of_rows_matches_wire_and_caches_no_bitmap() -> None:
@@ -234,20 +234,41 @@ def test_zmq_frames_decode_like_bytes() -> None:
     assert verdict(fast.decode, short) == ("rejected", "size_mismatch")
 
 
-def test_emb_fields_of_an_emb_and_of_anything_else() -> None:
+def test_quick_takes_an_emb_and_leaves_anything_else() -> None:
     tensor = proto.Tensor("float32", (2, 3), np.ones(6, np.float32).tobytes())
     frames = wire.encode(proto.Emb(9, 2, "eval", tensor))
-    assert fast.emb_fields(frames) == (9, 2, "eval", tensor, b"")
+    assert fast.quick(frames) == proto.Emb(9, 2, "eval", tensor, b"")
     with_rows = wire.encode(proto.Emb(9, 2, "eval", tensor, b"\x02"))
-    assert fast.emb_fields(with_rows) == (9, 2, "eval", tensor, b"\x02")
-    assert fast.emb_fields(wire.encode(proto.Emb(9, 2, "eval", tensor, b"\x00"))) is not None
-    assert fast.emb_fields(wire.encode(proto.Ack(9))) is None
-    assert fast.emb_fields([b"\xc1", bytes(24)]) is None  # not msgpack: no exception
-    assert fast.emb_fields([frames[0]]) is None
+    assert fast.quick(with_rows) == proto.Emb(9, 2, "eval", tensor, b"\x02")
+    assert fast.quick(wire.encode(proto.Emb(9, 2, "eval", tensor, b"\x00"))) is not None
+    assert fast.quick(wire.encode(proto.Drop(9, "late"))) is None  # not a hot kind
+    assert fast.quick([b"\xc1", bytes(24)]) is None  # not msgpack: no exception
+    assert fast.quick([frames[0]]) is None
+    assert fast.quick([]) is None
     nan = np.ones(6, np.float32)
     nan[4] = np.nan
-    assert fast.emb_fields([frames[0], nan.tobytes()]) is None
-    assert fast.emb_fields([frames[0], nan.tobytes()], check_finite=False) is not None
+    assert fast.quick([frames[0], nan.tobytes()]) is None
+    assert fast.quick([frames[0], nan.tobytes()], check_finite=False) is not None
+
+
+def test_the_fast_layouts_are_the_classes() -> None:
+    """The header sizes the fast decoder expects are derived from the message classes, and a
+    class whose fields differ from what the hand-written paths handle fails the import."""
+    assert (fast._EMB_SIZE, fast._EMB_ROWS_SIZE) == (6, 7)  # v, k, seq, expert_id, phase, t
+    assert (fast._GRAD_SIZE, fast._BATCH_SIZE, fast._ACK_SIZE, fast._HEARTBEAT_SIZE) == (5, 6, 3, 2)
+    for msg in (proto.Emb(1, 0, "train", proto.Tensor("float32", (1, 1), bytes(4))),
+                proto.Ack(3), proto.Heartbeat()):  # fmt: skip
+        header = msgpack.unpackb(wire.encode(msg)[0])
+        assert len(header) == fast._header_size(type(msg))
+    with pytest.raises(TypeError, match="update its fast paths"):
+        fast._fields(proto.Emb, "seq", "expert_id")
+    with pytest.raises(TypeError, match="update its constructor"):
+        fast._setters(proto.Emb, "seq", "expert_id", "phase", "tensor")
+    made = fast._new_emb(1, 2, "eval", proto.Tensor("float32", (1, 1), bytes(4)), b"")
+    assert made == proto.Emb(1, 2, "eval", proto.Tensor("float32", (1, 1), bytes(4)))
+    assert hash(made) == hash(proto.Emb(1, 2, "eval", made.tensor))
+    with pytest.raises(AttributeError):  # still frozen
+        made.seq = 3  # type: ignore[misc]
 
 
 # ---- finite: the same verdict as wire.is_finite ----------------------------------------------
