@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 from traci_ml.core.errors import ConfigError, DataError, TraciError
 
-DATA_ERROR = 3  # a service's exit code for bad data (traci_ml/app/launcher.py: never restarted)
+DATA_ERROR = 3  # a service's exit code for bad data (traci_ml/app/supervisor.py: not restarted)
 
 SERVICES = ("broker", "reducer", "expert")
 

@@ -2,124 +2,70 @@
 
 Starts the broker, the reducer and every expert as child processes (exactly the commands a
 container runs), shows live progress, and stops them all cleanly on Ctrl-C, when training ends,
-or when one of them fails (exiting non-zero with the failed service's log tail).
+or when one of them fails (exiting non-zero with the failed service's log tail). The processes
+and their supervision are ``traci_ml.app.supervisor``'s; here: the fresh/resume checks,
+launch.yaml, the training policy (done when the reducer exits 0), progress, plots, summary.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
 from traci_ml.app.plot import bucket_deltas, histogram_quantile
+from traci_ml.app.supervisor import Child, Console, Policy, children, supervise
 from traci_ml.core.config import Config
 from traci_ml.core.errors import ConfigError
-from traci_ml.core.files import write_json_atomic
-from traci_ml.core.signals import PARENT_ENV
+from traci_ml.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
-POLL = 0.2
-GRACE = 15.0  # seconds the others get to finish after the reducer is done
-STABLE = 30.0  # a service up this long has its restart back-off reset
-CONFIG_ERROR = 2  # the exit code of every TraciError (traci_ml/app/cli.py)
-DATA_ERROR = 3  # a DataError in a service: never restarted
 QUEUE_LATENCY = "traci_broker_queue_latency_seconds"
 LIVE_EXPERTS = "traci_broker_live_experts"
 
 
-@dataclass
-class Child:
-    """One supervised service process. Restarts run ``restart_argv`` (with ``--resume``)."""
-
-    name: str
-    argv: list[str]
-    restart_argv: list[str]
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen | None = None
-    log_file: TextIO | None = None
-    restarts: int = 0
-    streak: int = 0  # restarts since the service last ran for STABLE seconds (back-off)
-    started_at: float = 0.0
-    restart_at: float | None = None  # monotonic time of a scheduled restart
-
-    def start(self) -> None:
-        if self.log_file is None:
-            self.log_file = self.log_path.open("ab")  # type: ignore[assignment]
-        argv = self.restart_argv if self.restarts else self.argv
-        self.proc = subprocess.Popen(
-            argv, stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env,
-            stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C reaches us alone
-        )  # fmt: skip
-        self.restart_at = None
-        self.started_at = time.monotonic()
-
-    @property
-    def code(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
-
-    def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
 def up(config: Config, *, argv: list[str], args: Any) -> int:
-    run_path = config.run_path
-    if args.fresh and run_path.exists():
-        shutil.rmtree(run_path)
-    if not args.resume and (run_path / "checkpoints").exists():
+    run = RunDir(config.run_path)
+    if args.fresh and run.path.exists():
+        shutil.rmtree(run.path)
+    if not args.resume and run.checkpoints.exists():
         raise ConfigError(
-            f"run directory {run_path} already holds checkpoints: pass --fresh to start over "
+            f"run directory {run.path} already holds checkpoints: pass --fresh to start over "
             "or --resume to continue"
         )
-    (run_path / "logs").mkdir(parents=True, exist_ok=True)
-    launch = run_path / "launch.yaml"
-    launch.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    children = _children(config, launch, resume=args.resume, gpus=args.gpus)
+    run.logs.mkdir(parents=True, exist_ok=True)
+    run.launch.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    services = children(config, run.launch, resume=args.resume, gpus=args.gpus)
     progress = Progress(config, sys.stdout)
-    _write_pids(run_path, children)
-    interrupted = False
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for child in children:
-            child.start()
-        _write_pids(run_path, children)
-        progress.line(f"started {', '.join(c.name for c in children)}; logs in {run_path}/logs")
-        code = _watch(children, progress, config)
-    except KeyboardInterrupt:
-        interrupted = True
-        progress.line("interrupted: stopping every service")
-        code = 130
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        _stop_all(children)
-    if interrupted or code:
+    reducer = next(c for c in services if c.name == "reducer")
+
+    def finished(_: list[Child]) -> bool:
+        """Training ends when the reducer exits 0, with a last queue-latency sample."""
+        if reducer.code != 0:
+            return False
+        progress._broker_live()  # a last queue-latency sample, with the run's final steps
+        return True
+
+    names = ", ".join(c.name for c in services)
+    code = supervise(services, Policy(
+        config.launcher, run.pids, progress,
+        started=f"started {names}; logs in {run.path}/{RunDir.LOGS}",
+        done=finished, on_tick=progress.update,
+    ))  # fmt: skip
+    if code is None:  # interrupted
+        return 130
+    if code:
         return code
-    code = progress.final(run_path)
+    code = progress.final(run.path)
     if code == 0:
-        _plot(run_path, progress)
+        _plot(run.path, progress)
     return code
 
 
@@ -133,121 +79,21 @@ def _plot(run_path: Path, progress: Progress) -> None:
         log.warning("plots of %s not written: %s", run_path, exc or type(exc).__name__)
 
 
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _children(config: Config, launch: Path, *, resume: bool, gpus: int) -> list[Child]:
-    from traci_ml.core.data import expert_count
-
-    n = expert_count(config)
-    base = [sys.executable, "-m", "traci_ml.app.cli"]
-    logs = config.run_path / "logs"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
-    # pyarrow's allocator, fixed at its import: the system one gives a party file's read
-    # buffers back to the OS (mimalloc keeps ~40 MiB of a 2M-row read; bench data section)
-    env.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
-    first = ["--resume"] if resume else []
-    specs = [("broker", ["broker"], False), ("reducer", ["reducer"], True)]
-    specs += [(f"expert-{i}", ["expert", "--id", str(i)], True) for i in range(n)]
-    children = []
-    for name, command, resumable in specs:
-        argv = [*base, *command, "--config", str(launch)]
-        child_env = dict(env)
-        if gpus and name.startswith("expert-"):
-            child_env["CUDA_VISIBLE_DEVICES"] = str(int(name.split("-")[1]) % gpus)
-        children.append(Child(
-            name, argv + (first if resumable else []),
-            argv + (["--resume"] if resumable else []), logs / f"{name}.log", child_env,
-        ))  # fmt: skip
-    return children
-
-
-def _write_pids(run_path: Path, children: list[Child]) -> None:
-    """RUN_DIR/pids.json: the live pid of every service (for operators and fault tests)."""
-    write_json_atomic(
-        run_path / "pids.json", {c.name: c.pid for c in children if c.pid is not None}
-    )
-
-
-def _watch(children: list[Child], progress: Progress, config: Config) -> int:
-    """Supervise until the reducer finishes (0) or a service fails for good (1)."""
-    policy = config.launcher
-    reducer = next(c for c in children if c.name == "reducer")
-    while True:
-        now = time.monotonic()
-        for child in children:
-            code = child.code
-            if child.restart_at is not None:
-                if now >= child.restart_at:
-                    child.start()
-                    _write_pids(config.run_path, children)
-                continue
-            if code in (None, 0):  # exiting 0 is a service's normal end of the run
-                continue
-            # Exit code 2 is a usage or config error (a bad key, a missing module, a port
-            # in use): on a first start that never got going, a restart fails the same way.
-            config_error = (
-                code == CONFIG_ERROR and not child.restarts and now - child.started_at < STABLE
-            ) or code == DATA_ERROR  # bad data (docs/parties.md): a restart reads it again
-            if policy.restart == "never" or child.restarts >= policy.max_restarts or config_error:
-                progress.line(
-                    f"{child.name} exited with code {code}"
-                    + (f" after {child.restarts} restarts" if child.restarts else "")
-                    + f"; last log lines:\n{child.tail()}"
-                )
-                return 1
-            child.restarts += 1
-            child.streak = 1 if now - child.started_at >= STABLE else child.streak + 1
-            delay = policy.restart_delay * 2 ** (child.streak - 1)
-            child.restart_at = now + delay
-            progress.restarted(child.name, code, child.restarts, policy.max_restarts, delay)
-        if reducer.code == 0:
-            progress._broker_live()  # a last queue-latency sample, with the run's final steps
-            deadline = time.monotonic() + GRACE
-            while time.monotonic() < deadline and any(c.code is None for c in children):
-                time.sleep(POLL)
-            return 0
-        progress.update(children)
-        time.sleep(POLL)
-
-
-def _stop_all(children: list[Child], timeout: float = 10.0) -> None:
-    for child in children:
-        child.signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for child in children:
-        if child.proc is None:
-            continue
-        try:
-            child.proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in %.0fs: killing it", child.name, timeout)
-            child.proc.kill()
-            child.proc.wait()
-        if child.log_file is not None:
-            child.log_file.close()
-
-
-class Progress:
-    """Follows the reducer's metrics.jsonl and the broker's metrics; prints a status line."""
+class Progress(Console):
+    """Follows the reducer's metrics.jsonl and the broker's metrics; prints a status line (and
+    what the supervisor says: restarts, failures)."""
 
     def __init__(self, config: Config, out: TextIO, every: float = 2.0) -> None:
-        self.config, self.out, self.every = config, out, every
-        self.path = config.run_path / "metrics.jsonl"
+        super().__init__(out)
+        self.config, self.every = config, every
+        run = RunDir(config.run_path)
+        self.path = run.metrics
         self.offset = 0
         self.last_train: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
         self.printed = 0.0
-        self.broker_log = config.run_path / "broker.jsonl"
+        self.broker_log = run.broker_metrics
         self.latency_prev: dict[float, float] | None = None  # the last scrape's buckets
-
-    def line(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
-
-    def restarted(self, name: str, code: int, n: int, limit: int, delay: float) -> None:
-        how = f"signal {-code}" if code < 0 else f"code {code}"
-        self.line(f"{name} exited with {how}: restart {n}/{limit} in {delay:.1f}s")
 
     def update(self, children: list[Child]) -> None:
         self._follow()
@@ -330,16 +176,16 @@ class Progress:
 
     def final(self, run_path: Path) -> int:
         try:
-            summary = json.loads((run_path / "summary.json").read_text())
+            summary = json.loads(RunDir(run_path).summary.read_text())
         except (OSError, ValueError):
-            self.line(f"training ended but {run_path}/summary.json is missing")
+            self.line(f"training ended but {run_path}/{RunDir.SUMMARY} is missing")
             return 1
         metric = next((k for k in ("test_accuracy", "test_rmse") if k in summary), None)
         value = f"{metric} {summary[metric]:.4f}, " if metric else ""
         self.line(
             f"done: {value}{summary['steps']} steps in {summary['wall_seconds']:.1f}s "
             f"({summary['samples_per_sec']:,.0f} samples/s); summary in "
-            f"{run_path}/summary.json"
+            f"{run_path}/{RunDir.SUMMARY}"
         )
         return 0
 

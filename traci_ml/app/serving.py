@@ -1,7 +1,7 @@
 """``traci serve`` and ``traci request``: served prediction from the command line.
 
 ``traci serve --run RUN_DIR`` is ``traci up``'s serve mode: the same supervised processes
-(``traci_ml.app.launcher.Child``), each started with ``--serve`` so it loads the run's latest
+(``traci_ml.app.supervisor``), each started with ``--serve`` so it loads the run's latest
 checkpoint and only answers queries -- nothing is trained and no run file is rewritten. It
 serves until Ctrl-C (or SIGTERM). An expert that fails for good is left down (the broker
 masks it, replies say who took part); the broker or reducer failing for good ends it (1).
@@ -14,123 +14,63 @@ from __future__ import annotations
 
 import argparse
 import csv
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 import yaml
 
-from traci_ml.app.launcher import POLL, STABLE, Child, _interrupt, _stop_all
-from traci_ml.app.launcher import _children as _up_children
-from traci_ml.core.config import Config, load_config, parse_set
+from traci_ml.app.supervisor import Child, Console, Policy, children, supervise
+from traci_ml.core.config import Config, parse_set
 from traci_ml.core.errors import CheckpointError, ConfigError, DataError
-from traci_ml.core.files import write_json_atomic
-
-SERVE_CONFIG = "serve.yaml"  # the effective config `traci serve` hands its services
-SERVE_PIDS = "serve-pids.json"
+from traci_ml.core.rundir import RunDir
 
 
 def serve_config(run: str | Path, overrides: list[str], *, insecure: bool = False) -> Config:
-    """The run's own config (launch.yaml, else the reducer's config.json) with ``run_dir``
-    set to ``run`` and the ``--set`` overrides applied."""
-    run_path = Path(run)
-    found = [run_path / n for n in ("launch.yaml", "config.json") if (run_path / n).exists()]
-    if not found:
-        raise CheckpointError(f"{run_path} holds no launch.yaml or config.json: not a run")
-    sets = {**parse_set(overrides), "run_dir": str(run_path)}
+    """The run's own config (``RunDir.config``: the reducer's config.json, else launch.yaml) with
+    ``run_dir`` set to ``run``, the ``TRACI_*`` environment and the ``--set`` overrides applied."""
+    sets = parse_set(overrides)
     if insecure:
         sets["security.insecure"] = "true"
-    return load_config(found[0], overrides=sets)
+    return RunDir(run).config(sets, environment=True)
 
 
 def serve(config: Config, *, out: TextIO = sys.stdout) -> int:
     """Run broker, reducer and experts in serve mode until interrupted; the exit code."""
     from traci_ml.core.data import expert_count
+    from traci_ml.core.security import tcp_endpoint
 
-    run_path = config.run_path
+    run = RunDir(config.run_path)
     n = expert_count(config)
-    ckpt = run_path / "checkpoints"
-    missing = [p for p in ["reducer.pt", *(f"expert-{i}.pt" for i in range(n))]
-               if not (ckpt / p).exists()]  # fmt: skip
+    missing = run.missing_checkpoints(n)
     if missing:
-        raise CheckpointError(f"{ckpt} lacks {', '.join(missing)}: train the run first")
+        raise CheckpointError(f"{run.checkpoints} lacks {', '.join(missing)}: train the run first")
     if not config.network.serve_port:
         raise ConfigError("traci serve needs network.serve_port (it is 0)")
-    path = run_path / SERVE_CONFIG
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    (run_path / "logs").mkdir(parents=True, exist_ok=True)
-    children = _children(config, path)
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    code = 0
-    try:
-        for child in children:
-            child.start()
-        _write_pids(run_path, children)
-        net = config.network
-        from traci_ml.core.security import tcp_endpoint
-
-        where = tcp_endpoint(net.broker_host, net.serve_port)
-        print(f"serving {run_path} on {where} ({n} experts; logs in {run_path}/logs); "
-              "Ctrl-C to stop", file=out, flush=True)  # fmt: skip
-        code = _watch(children, config, out)
-    except KeyboardInterrupt:
-        print("interrupted: stopping every service", file=out, flush=True)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        _stop_all(children)
-    return code
+    run.serve.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    run.logs.mkdir(parents=True, exist_ok=True)
+    where = tcp_endpoint(config.network.broker_host, config.network.serve_port)
+    code = supervise(children(config, run.serve, serve=True), Policy(
+        config.launcher, run.serve_pids, _ServeConsole(out),
+        started=f"serving {run.path} on {where} ({n} experts; logs in {run.path}/"
+        f"{RunDir.LOGS}); Ctrl-C to stop",
+        # an expert that fails for good is left down: the broker masks it, replies say who
+        # took part; the broker or reducer failing for good ends serving (1)
+        expendable=lambda child: child.name.startswith("expert-"),
+        exit_0_ends=False, bad_start_final=False, live_pids_only=True,
+    ))  # fmt: skip
+    return 0 if code is None else code  # None: interrupted, the normal end of serving
 
 
-def _children(config: Config, path: Path) -> list[Child]:
-    """``traci up``'s processes (``launcher._children``), each with ``--serve``; a restart
-    runs the same command (serving always starts from the latest checkpoint)."""
-    children = _up_children(config, path, resume=False, gpus=0)
-    for child in children:
-        child.argv = child.restart_argv = [*child.argv, "--serve"]
-        child.log_path = child.log_path.with_name(f"serve-{child.name}.log")
-    return children
+class _ServeConsole(Console):
+    """``traci serve``'s wording: exit codes as numbers, no restart count on giving up."""
 
+    def restarted(self, name: str, code: int, n: int, limit: int, delay: float) -> None:
+        self.line(f"{name} exited with code {code}: restart {n}/{limit} in {delay:.1f}s")
 
-def _write_pids(run_path: Path, children: list[Child]) -> None:
-    pids = {c.name: c.pid for c in children if c.pid is not None and c.code is None}
-    write_json_atomic(run_path / SERVE_PIDS, pids)
-
-
-def _watch(children: list[Child], config: Config, out: TextIO) -> int:
-    """Restart what fails (``launcher`` policy); 1 when the broker or reducer is gone."""
-    policy, gone = config.launcher, set()
-    while True:
-        now = time.monotonic()
-        for child in children:
-            if child.name in gone:
-                continue
-            if child.restart_at is not None:
-                if now >= child.restart_at:
-                    child.start()
-                    _write_pids(config.run_path, children)
-                continue
-            code = child.code
-            if code is None:
-                continue
-            if policy.restart == "never" or child.restarts >= policy.max_restarts:
-                print(f"{child.name} exited with code {code}; last log lines:\n{child.tail()}",
-                      file=out, flush=True)  # fmt: skip
-                if not child.name.startswith("expert-"):
-                    return 1
-                gone.add(child.name)  # the broker masks it; replies say who took part
-                _write_pids(config.run_path, children)
-                continue
-            child.restarts += 1
-            child.streak = 1 if now - child.started_at >= STABLE else child.streak + 1
-            delay = policy.restart_delay * 2 ** (child.streak - 1)
-            child.restart_at = now + delay
-            print(f"{child.name} exited with code {code}: restart {child.restarts}/"
-                  f"{policy.max_restarts} in {delay:.1f}s", file=out, flush=True)  # fmt: skip
-        time.sleep(POLL)
+    def gave_up(self, child: Child, code: int) -> None:
+        self.line(f"{child.name} exited with code {code}; last log lines:\n{child.tail()}")
 
 
 # -- traci request --------------------------------------------------------------------------

@@ -1,0 +1,278 @@
+"""One supervisor for ``traci up`` and ``traci serve``: child processes on this machine.
+
+``children`` builds the broker, the reducer and one process per expert (exactly the commands a
+container runs), ``supervise`` starts them, watches them and stops them all: on Ctrl-C or
+SIGTERM, when the run is done, or when one fails for good. What ``traci up`` and ``traci serve``
+do differently (when the run is done, what is printed, whether a failed expert ends it, which
+exit codes are never restarted, the pid file) is a ``Policy``; the loop (``watch``) is one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from traci_ml.core.config import Config, LauncherConfig
+from traci_ml.core.files import write_json_atomic
+from traci_ml.core.rundir import RunDir
+from traci_ml.core.signals import PARENT_ENV
+
+log = logging.getLogger(__name__)
+POLL = 0.2
+GRACE = 15.0  # seconds the others get to finish once the run is done
+STABLE = 30.0  # a service up this long has its restart back-off reset
+CONFIG_ERROR = 2  # the exit code of every TraciError (traci_ml/app/cli.py)
+DATA_ERROR = 3  # a DataError in a service: a restart reads the same data again
+
+
+@dataclass
+class Child:
+    """One supervised service process. Restarts run ``restart_argv`` (with ``--resume``)."""
+
+    name: str
+    argv: list[str]
+    restart_argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    log_file: TextIO | None = None
+    restarts: int = 0
+    streak: int = 0  # restarts since the service last ran for STABLE seconds (back-off)
+    started_at: float = 0.0
+    restart_at: float | None = None  # monotonic time of a scheduled restart
+
+    def start(self) -> None:
+        if self.log_file is None:
+            self.log_file = self.log_path.open("ab")  # type: ignore[assignment]
+        argv = self.restart_argv if self.restarts else self.argv
+        self.proc = subprocess.Popen(
+            argv, stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env,
+            stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C reaches us alone
+        )  # fmt: skip
+        self.restart_at = None
+        self.started_at = time.monotonic()
+
+    @property
+    def code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class Console:
+    """Where the supervisor says what happens to its services, one line at a time."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def line(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def restarted(self, name: str, code: int, n: int, limit: int, delay: float) -> None:
+        how = f"signal {-code}" if code < 0 else f"code {code}"
+        self.line(f"{name} exited with {how}: restart {n}/{limit} in {delay:.1f}s")
+
+    def gave_up(self, child: Child, code: int) -> None:
+        self.line(
+            f"{child.name} exited with code {code}"
+            + (f" after {child.restarts} restarts" if child.restarts else "")
+            + f"; last log lines:\n{child.tail()}"
+        )
+
+
+def _never(children: list[Child]) -> bool:
+    return False
+
+
+def _nothing(children: list[Child]) -> None:
+    return None
+
+
+def _nobody(child: Child) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How one supervisor treats its services (``traci up`` and ``traci serve`` differ here).
+
+    ``restart``: the config's ``launcher`` section (on-failure or never, max_restarts,
+    restart_delay). ``pid_file``: rewritten at every start and restart. ``console``: says what
+    happens. ``started``: the line printed once every service is started. ``done``: asked every
+    tick, True when the run has finished (``watch`` returns 0 once the others exit, ``GRACE`` at
+    most). ``on_tick``: every tick the run goes on. ``expendable``: a service that fails for good
+    is left down instead of ending the watch (1). ``exit_0_ends``: a service exiting 0 has ended
+    its part (else it is restarted like a failure). ``bad_start_final``: a config error on a
+    first start, or a data error, is never restarted. ``live_pids_only``: the pid file lists the
+    running services only (else every one started).
+    """
+
+    restart: LauncherConfig
+    pid_file: Path
+    console: Console
+    started: str
+    done: Callable[[list[Child]], bool] = _never
+    on_tick: Callable[[list[Child]], None] = _nothing
+    expendable: Callable[[Child], bool] = _nobody
+    exit_0_ends: bool = True
+    bad_start_final: bool = True
+    live_pids_only: bool = False
+
+
+def children(
+    config: Config, config_file: Path, *, resume: bool = False, gpus: int = 0, serve: bool = False
+) -> list[Child]:
+    """Broker, reducer and one process per expert, each reading ``config_file``. ``resume``: the
+    first start continues from the checkpoints (a restart always does); ``gpus``: experts spread
+    over that many GPUs; ``serve``: every one started with ``--serve`` (a restart runs the same
+    command: serving always loads the latest checkpoint), logging to ``logs/serve-<name>.log``."""
+    from traci_ml.core.data import expert_count
+
+    n = expert_count(config)
+    run = RunDir(config.run_path)
+    base = [sys.executable, "-m", "traci_ml.app.cli"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
+    # pyarrow's allocator, fixed at its import: the system one gives a party file's read
+    # buffers back to the OS (mimalloc keeps ~40 MiB of a 2M-row read; bench data section)
+    env.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    first = ["--resume"] if resume else []
+    specs = [("broker", ["broker"], False), ("reducer", ["reducer"], True)]
+    specs += [(f"expert-{i}", ["expert", "--id", str(i)], True) for i in range(n)]
+    out = []
+    for name, command, resumable in specs:
+        argv = [*base, *command, "--config", str(config_file)]
+        child_env = dict(env)
+        if gpus and name.startswith("expert-"):
+            child_env["CUDA_VISIBLE_DEVICES"] = str(int(name.split("-")[1]) % gpus)
+        if serve:
+            argv.append("--serve")
+            out.append(Child(name, argv, argv, run.log(f"serve-{name}"), child_env))
+            continue
+        out.append(Child(
+            name, argv + (first if resumable else []),
+            argv + (["--resume"] if resumable else []), run.log(name), child_env,
+        ))  # fmt: skip
+    return out
+
+
+def supervise(children: list[Child], policy: Policy) -> int | None:
+    """Start every child, ``watch`` them, then stop them all. The watch's exit code; None when
+    interrupted (Ctrl-C or SIGTERM), after saying so."""
+    write_pids(children, policy)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for child in children:
+            child.start()
+        write_pids(children, policy)
+        policy.console.line(policy.started)
+        return watch(children, policy)
+    except KeyboardInterrupt:
+        policy.console.line("interrupted: stopping every service")
+        return None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop_all(children)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def write_pids(children: list[Child], policy: Policy) -> None:
+    """The pid of every service (``policy.pid_file``; for operators and fault tests)."""
+    pids = {
+        c.name: c.pid
+        for c in children
+        if c.pid is not None and (not policy.live_pids_only or c.code is None)
+    }
+    write_json_atomic(policy.pid_file, pids)
+
+
+def watch(children: list[Child], policy: Policy) -> int:
+    """Restart what fails, with back-off, until the run is done (0) or a service that is not
+    expendable fails for good (1)."""
+    settings = policy.restart
+    gone: set[str] = set()  # expendable services that failed for good: left down
+    while True:
+        now = time.monotonic()
+        for child in children:
+            if child.name in gone:
+                continue
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    child.start()
+                    write_pids(children, policy)
+                continue
+            code = child.code
+            if code is None or (code == 0 and policy.exit_0_ends):
+                continue
+            if (
+                settings.restart == "never"
+                or child.restarts >= settings.max_restarts
+                or (policy.bad_start_final and _bad_start(child, code, now))
+            ):
+                policy.console.gave_up(child, code)
+                if not policy.expendable(child):
+                    return 1
+                gone.add(child.name)  # e.g. an expert the broker masks while serving
+                write_pids(children, policy)
+                continue
+            child.restarts += 1
+            child.streak = 1 if now - child.started_at >= STABLE else child.streak + 1
+            delay = settings.restart_delay * 2 ** (child.streak - 1)
+            child.restart_at = now + delay
+            policy.console.restarted(child.name, code, child.restarts, settings.max_restarts, delay)
+        if policy.done(children):
+            deadline = time.monotonic() + GRACE
+            while time.monotonic() < deadline and any(c.code is None for c in children):
+                time.sleep(POLL)
+            return 0
+        policy.on_tick(children)
+        time.sleep(POLL)
+
+
+def _bad_start(child: Child, code: int, now: float) -> bool:
+    """An exit no restart mends: bad data (docs/parties.md: a restart reads it again), or a
+    usage or config error (a bad key, a missing module, a port in use) on a first start that
+    never got going."""
+    first = not child.restarts and now - child.started_at < STABLE
+    return code == DATA_ERROR or (code == CONFIG_ERROR and first)
+
+
+def stop_all(children: list[Child], timeout: float = 10.0) -> None:
+    """SIGTERM to every service; after ``timeout`` seconds SIGKILL to those still running."""
+    for child in children:
+        child.signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        if child.proc is None:
+            continue
+        try:
+            child.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs: killing it", child.name, timeout)
+            child.proc.kill()
+            child.proc.wait()
+        if child.log_file is not None:
+            child.log_file.close()
