@@ -2,9 +2,11 @@
 
 No sockets here. The server hands in every decoded message with its peer's routing id (opaque
 bytes) and ``now`` from ``time.monotonic()``; every call returns an ``Outcome`` saying what to
-send and what to count, so the server only does I/O. Registration, the start gate and liveness
-(HELLO, GOODBYE, HEARTBEAT) are ``peers.PeerBook``'s, the base ``JoinBook`` extends. The rules
-are docs/protocol.md's "Broker semantics"; in short::
+send and what to count, so the server only does I/O. Who is registered is the book's own
+``peers.PeerRegistry`` (``book.peers``, which also answers HEARTBEAT and ALIGN by itself); a
+HELLO, GOODBYE or tick goes through the book, which hands it to the registry and reacts to the
+``PeerEvent``s it returns (an expert gone: mask its tokens; the reducer gone: drop what it
+held; the gate open: start). The rules are docs/protocol.md's "Broker semantics"; in short::
 
     EMB(seq, i) -> pending[seq] --(all expected experts in, in seq order)--> ready (no reducer)
                 -> dispatched[seq] --BATCH--> reducer --GRAD/ACK--> slice k to k-th present expert
@@ -30,7 +32,9 @@ from traci_ml.proto import (
     Emb,
     Goodbye,
     Grad,
+    Hello,
     Tensor,
+    Welcome,
     value_problem,
 )
 from traci_ml.services.broker.outcomes import (
@@ -45,11 +49,19 @@ from traci_ml.services.broker.outcomes import (
     Send,
     batch_fits,
 )
-from traci_ml.services.broker.peers import PeerBook
+from traci_ml.services.broker.peers import (
+    ExpertGone,
+    ExpertJoined,
+    GateOpened,
+    PeerEvent,
+    PeerRegistry,
+    ReducerGone,
+    ReducerJoined,
+)
 
 
-class JoinBook(PeerBook):
-    """All broker state that is not a socket (the peers' side is inherited from PeerBook)."""
+class JoinBook:
+    """All broker state that is not a socket: the steps, and (``peers``) who is registered."""
 
     def __init__(
         self,
@@ -65,7 +77,7 @@ class JoinBook(PeerBook):
         max_abs: float = DEFAULT_MAX_ABS,
         keys_bound: bool = False,
     ) -> None:
-        super().__init__(
+        self.peers = PeerRegistry(
             n_experts=n_experts,
             run_id=run_id,
             embed_dim=embed_dim,
@@ -73,6 +85,13 @@ class JoinBook(PeerBook):
             liveness=liveness,
             keys_bound=keys_bound,
         )
+        self.n_experts, self.embed_dim, self.dtype = n_experts, embed_dim, dtype
+        # The registry's records, read here on every EMB and reply (only the registry
+        # changes them), and its roster of who each step waits for.
+        self._experts, self._by_routing = self.peers.experts, self.peers.by_routing
+        self._expected = self.peers.expected
+        self.started = False  # the start gate is open (GateOpened)
+        self._gate_opened = 0.0
         self.max_abs = max_abs  # the bound on every embedding and gradient value
         self.window, self.max_pending_steps = window, max_pending_steps
         self.step_timeout = step_timeout
@@ -110,6 +129,56 @@ class JoinBook(PeerBook):
     @property
     def dispatched_steps(self) -> int:
         return len(self._dispatched)
+
+    # ---- peers coming and going: the registry decides, the book reacts -------------------
+
+    def hello(
+        self, socket: str, routing_id: bytes, msg: Hello, now: float, key: str | None = None
+    ) -> Outcome:
+        """Register a peer (``peers.hello``); ``key``: with CURVE, the role of its key."""
+        join_seq = max(self.next_seq, self.highest_seq + 1)  # the first step nobody has sent
+        out, events = self.peers.hello(socket, routing_id, msg, now, key, join_seq=join_seq)
+        return self._react(events, now, out)
+
+    def goodbye(self, socket: str, routing_id: bytes, msg: Goodbye, now: float) -> Outcome:
+        out, events = self.peers.goodbye(socket, routing_id, msg, now)
+        self._react(events, now, out)
+        if socket == EXPERT and events:  # an expert left: steps that waited for it may go
+            self._advance(now, out)
+        return out
+
+    def _react(self, events: list[PeerEvent], now: float, out: Outcome) -> Outcome:
+        """Bring the steps in line with what the registry changed, in order."""
+        for event in events:
+            match event:
+                case ExpertGone(expert_id):
+                    self._forget(expert_id)
+                case ReducerGone(why):
+                    self._lose_reducer(out, why)
+                case ExpertJoined():
+                    self._advance(now, out)
+                case GateOpened(start):
+                    self.started, self._gate_opened, self._head_since = True, now, now
+                    self.next_seq, self.highest_seq = start, max(self.highest_seq, start - 1)
+                    self._advance(now, out)
+                case ReducerJoined(routing_id, token):  # it starts at the oldest unsent step
+                    start = self._ready[0].seq if self._ready else self.next_seq
+                    out.notes.append(f"reducer registered, start_seq {start}")
+                    welcome = Welcome(ok=True, start_seq=start, token=token)
+                    out.sends.append(Send(REDUCER, routing_id, welcome))
+                    self._dispatch(now, out)
+        return out
+
+    def _forget(self, eid: int) -> None:
+        """Expert ``eid``'s registration is gone: its tokens in unreleased steps are masked
+        (a step left with none and no forfeit is forgotten)."""
+        for seq in [s for s, step in self._pending.items() if eid in step.tokens]:
+            step = self._pending[seq]
+            del step.tokens[eid]
+            if not step.tokens:
+                step.spec = None
+                if not step.forfeited:
+                    del self._pending[seq]
 
     # ---- expert traffic ------------------------------------------------------------------
 
@@ -263,7 +332,8 @@ class JoinBook(PeerBook):
         out = Outcome()
         problem = value_problem(msg.tensors, self.max_abs)
         if problem is not None:  # never forwarded; the reducer's own step: DROP to its experts
-            step = self._dispatched.pop(msg.seq, None) if self._is_reducer(routing_id) else None
+            is_reducer = self.peers.is_reducer(routing_id)
+            step = self._dispatched.pop(msg.seq, None) if is_reducer else None
             if step is not None:
                 self._drop_step(step, "grad_rejected", out)
             return out.reject(problem[0], f"GRAD for step {msg.seq}: {problem[1]}")
@@ -313,7 +383,7 @@ class JoinBook(PeerBook):
         return out
 
     def _answerable(self, routing_id: bytes, seq: int, out: Outcome) -> ReleasedStep | None:
-        if not self._is_reducer(routing_id):
+        if not self.peers.is_reducer(routing_id):
             out.sends.append(Send(REDUCER, routing_id, Goodbye("unregistered")))
             out.reject("unregistered", "reply from a peer that is not the registered reducer")
             return None
@@ -326,13 +396,8 @@ class JoinBook(PeerBook):
 
     def tick(self, now: float) -> Outcome:
         """Expire silent peers and overdue steps; release what that unblocks."""
-        out = Outcome()
-        for expert in [e for e in self._experts.values() if e.live]:
-            if now - expert.last_seen > self.liveness:
-                self._retire(expert.expert_id, out, f"expert {expert.expert_id} timed out")
-        if self._reducer is not None and now - self._reducer.last_seen > self.liveness:
-            self._lose_reducer(out, "reducer timed out")
-            self._reducer = None
+        out, events = self.peers.expire(now)
+        self._react(events, now, out)
         self._expire_steps(now, out)
         self._advance(now, out)
         while self.started and self._head_overdue(now):
@@ -375,16 +440,6 @@ class JoinBook(PeerBook):
         if self._dispatched:
             oldest = min(oldest, next(iter(self._dispatched)))
         return oldest
-
-    def _expected(self, seq: int) -> frozenset[int] | set[int]:
-        roster = self._roster
-        if roster is None:
-            live = [e for e in self._experts.values() if e.live]
-            first = max((e.join_seq for e in live), default=0)
-            roster = self._roster = (first, frozenset(e.expert_id for e in live))
-        if seq >= roster[0]:  # the usual case: every live expert is expected
-            return roster[1]
-        return {e.expert_id for e in self._experts.values() if e.live and e.join_seq <= seq}
 
     def _advance(self, now: float, out: Outcome) -> None:
         """Release (or skip) head steps in seq order while they are complete; then dispatch."""
@@ -430,10 +485,11 @@ class JoinBook(PeerBook):
         out.join_waits.append(now - step.first_arrival)
 
     def _dispatch(self, now: float, out: Outcome) -> None:
-        while self._reducer is not None and self._ready:
+        reducer = self.peers.reducer
+        while reducer is not None and self._ready:
             step = self._ready.popleft()
             batch = Batch(step.seq, step.phase, step.present, step.tensors, step.rows)
-            out.sends.append(Send(REDUCER, self._reducer.routing_id, batch))
+            out.sends.append(Send(REDUCER, reducer.routing_id, batch))
             self._dispatched[step.seq] = step
             out.queue_latencies.append(now - step.first_arrival)
 

@@ -2,7 +2,7 @@
 
 No sockets here (like ``join.py``): the server hands in every decoded message on the client
 socket (QUERY), every QEMB from an expert and every QOUT from the reducer, with the live peers
-the ``JoinBook`` knows, and sends what the returned ``Outcome`` says. The flow::
+the ``PeerRegistry`` knows, and sends what the returned ``Outcome`` says. The flow::
 
     QUERY (client) -> group by column list (<= max_batch_rows rows, <= max_wait_ms)
         -> one batched QUERY to every live expert -> QEMB per expert (or timeout: masked)

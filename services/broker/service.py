@@ -5,12 +5,13 @@ One loop in the Majordomo shape::
     poll (heartbeat-length timeout) -> recv -> strip routing id -> decode -> on_<kind>
         -> send what the book decided -> tick (expiries, heartbeats, gauges)
 
-All decisions live in ``join.JoinBook``; this module only moves frames. Tensor frames are
-forwarded as the very ``zmq.Frame`` objects that arrived (received with ``copy=False``; a
-Frame is always sent by reference). A well-formed EMB -- the bulk of the traffic -- takes a
-short path: ``proto.fast.emb_fields`` straight into ``JoinBook.emb_fields``, no ``Emb`` made;
-anything else goes through ``decode``. A bad message -- undecodable, the wrong kind for its
-socket, or one that trips a bug -- is counted, logged and dropped; the loop keeps running.
+All decisions live in ``join.JoinBook`` (and its ``peers.PeerRegistry``); this module only
+moves frames. Tensor frames are forwarded as the very ``zmq.Frame`` objects that arrived
+(received with ``copy=False``; a Frame is always sent by reference). A well-formed EMB -- the
+bulk of the traffic -- takes a short path: ``proto.fast.emb_fields`` straight into
+``JoinBook.emb_fields``, no ``Emb`` made; anything else goes through ``decode``. A bad message
+-- undecodable, the wrong kind for its socket, or one that trips a bug -- is counted, logged
+and dropped; the loop keeps running.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ class BrokerService:
             and not self._same_key(socket, routing_id, frames[0])
         ):
             return
-        self.book.touch(socket, routing_id, now)
+        self.book.peers.touch(socket, routing_id, now)
         if socket == EXPERT:  # the hot path: a well-formed EMB, no Emb object made
             fields = emb_fields(frames, False)  # values: the book checks them (DROP if bad)
             if fields is not None:
@@ -284,7 +285,7 @@ class BrokerService:
                 self._rejected(exc.reason, socket, routing_id, None, detail)
                 self._apply(self.serve.malformed(routing_id, exc.reason, detail, now))
             elif exc.kind == "HELLO":  # a refusal naming the problem, not silence
-                self._apply(self.book.refuse_hello(socket, routing_id, exc.message), socket,
+                self._apply(self.book.peers.refuse_hello(socket, routing_id, exc.message), socket,
                             routing_id)  # fmt: skip
             elif exc.kind == "EMB" and exc.seq is not None and socket == EXPERT:
                 outcome = self.book.refuse_emb(routing_id, exc.seq, exc.reason, detail, now,
@@ -319,7 +320,7 @@ class BrokerService:
         except zmq.ZMQError:  # no ZAP metadata: never admitted under CURVE
             key = None
         self._key = key
-        held = self.book.key_of(socket, routing_id)
+        held = self.book.peers.key_of(socket, routing_id)
         if held is None or held == key:
             return True
         detail = f"key of {key!r} on the route of {held!r}"
@@ -329,17 +330,17 @@ class BrokerService:
     def _tick(self, now: float) -> None:
         try:
             self._apply(self.book.tick(now))
-            for socket, routing_id in self.book.live_peers():
+            for socket, routing_id in self.book.peers.live_peers():
                 self._send(socket, routing_id, Heartbeat())
         except Exception:
             self.metrics.reject("internal")
             log.exception("broker: internal error in tick")
         self._serve_tick(now)
-        book = self.book
+        book, peers = self.book, self.book.peers
         self.metrics.set_state(
             pending=book.pending_steps, dispatched=book.dispatched_steps,
-            registered=book.registered_experts, live=book.live_experts,
-            expert_up=book.expert_up(), reducer_up=book.reducer_up,
+            registered=peers.registered_experts, live=peers.live_experts,
+            expert_up=peers.expert_up(), reducer_up=peers.reducer_up,
         )  # fmt: skip
 
     # ---- handlers: hand the message to the book ------------------------------------------
@@ -360,14 +361,14 @@ class BrokerService:
         return self.book.reducer_drop(routing_id, msg, now)
 
     def on_align(self, socket: str, routing_id: bytes, msg: Align, now: float) -> Outcome:
-        outcome = self.book.align(socket, routing_id, msg)
+        outcome = self.book.peers.align(socket, routing_id, msg, now)
         for send in outcome.sends:
             if type(send.message) is Align:
                 self.metrics.align(send.message.stage)
         return outcome
 
     def on_heartbeat(self, socket: str, routing_id: bytes, msg: Heartbeat, now: float) -> Outcome:
-        return self.book.heartbeat(socket, routing_id)
+        return self.book.peers.heartbeat(socket, routing_id, msg, now)
 
     def on_goodbye(self, socket: str, routing_id: bytes, msg: Goodbye, now: float) -> Outcome:
         outcome = self.book.goodbye(socket, routing_id, msg, now)
@@ -404,26 +405,26 @@ class BrokerService:
         if problem is not None:
             out = self.serve.malformed(routing_id, problem[0], f"request rows: {problem[1]}", now)
             return out.reject(problem[0], problem[1])
-        return self.serve.request(routing_id, msg, now, self.book.serve_targets())
+        return self.serve.request(routing_id, msg, now, self.book.peers.serve_targets())
 
     def on_qemb(self, socket: str, routing_id: bytes, msg: QEmb, now: float) -> Outcome:
         problem = value_problem(msg.tensors, self.book.max_abs)
         if problem is not None:  # that expert fails this query, naming why
             detail = f"its embedding of the rows: {problem[1]} (rows out of the trained range?)"
             msg = QEmb(msg.qid, msg.expert_id, problem[0], detail, ())
-        outcome = self.serve.qemb(routing_id, msg, now, self.book.serve_targets())
+        outcome = self.serve.qemb(routing_id, msg, now, self.book.peers.serve_targets())
         return outcome if problem is None else outcome.reject(problem[0], problem[1])
 
     def on_qout(self, socket: str, routing_id: bytes, msg: QOut, now: float) -> Outcome:
         problem = value_problem(msg.tensors, float("inf"))  # outputs: finite is the bound
         if problem is not None:
             msg = QOut(msg.qid, problem[0], f"outputs: {problem[1]}", msg.task, (), ())
-        outcome = self.serve.qout(routing_id, msg, now, self.book.serve_targets())
+        outcome = self.serve.qout(routing_id, msg, now, self.book.peers.serve_targets())
         return outcome if problem is None else outcome.reject(problem[0], problem[1])
 
     def _serve_tick(self, now: float) -> None:
         try:
-            self._apply(self.serve.tick(now, self.book.serve_targets()))
+            self._apply(self.serve.tick(now, self.book.peers.serve_targets()))
         except Exception:
             self.metrics.reject("internal")
             log.exception("broker: internal error in the serve tick")
@@ -463,7 +464,7 @@ class BrokerService:
         self.metrics.message(msg.KIND, "out")
 
     def _say_goodbye(self, reason: str) -> None:
-        for socket, routing_id in self.book.live_peers():
+        for socket, routing_id in self.book.peers.live_peers():
             self._send(socket, routing_id, Goodbye(reason))
 
     def _rejected(

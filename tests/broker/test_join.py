@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from traci_ml.proto import Ack, Batch, Drop, Emb, Goodbye, Grad, Hello, Tensor, Welcome
+from traci_ml.proto import Ack, Batch, Drop, Emb, Goodbye, Grad, Heartbeat, Hello, Tensor, Welcome
 from traci_ml.services.broker.join import JoinBook
 from traci_ml.services.broker.outcomes import EXPERT, REDUCER, Outcome
 
@@ -130,7 +130,7 @@ def test_hello_refused_with_reason(socket: str, message: Hello, words: str) -> N
     assert out.rejected == "refused"
     [(to, welcome)] = sent(out, Welcome)
     assert to == b"peer" and not welcome.ok and words in welcome.reason  # type: ignore[attr-defined]
-    assert book.registered_experts == 0 and not book.reducer_up
+    assert book.peers.registered_experts == 0 and not book.peers.reducer_up
 
 
 def test_id_held_by_live_peer_is_refused_but_free_after_it_leaves() -> None:
@@ -165,10 +165,10 @@ def test_rejoin_on_a_new_route_needs_the_registration_secret() -> None:
     rejoin = book.hello(EXPERT, b"b", dataclasses.replace(hello(0), token=token), 0.2)
     assert rejoin.rejected is None
     new_token = welcomed_token(rejoin)
-    assert new_token != token and book.serve_targets()[0] == {0: b"b"}  # the new route
-    assert book.key_of(EXPERT, b"b") is None and book.live_experts == 1
+    assert new_token != token and book.peers.serve_targets()[0] == {0: b"b"}  # the new route
+    assert book.peers.key_of(EXPERT, b"b") is None and book.peers.live_experts == 1
     # the old route is retired: its messages are unregistered now
-    assert book.heartbeat(EXPERT, b"a").rejected == "unregistered"
+    assert book.peers.heartbeat(EXPERT, b"a", Heartbeat(), 0.3).rejected == "unregistered"
     # the old secret is spent
     again = book.hello(EXPERT, b"c", dataclasses.replace(hello(0), token=token), 0.3)
     assert again.rejected == "held"
@@ -178,7 +178,7 @@ def test_reducer_rejoin_with_its_secret_replaces_the_old_route() -> None:
     book = make_book(2)
     token = welcomed_token(book.hello(REDUCER, b"r1", reducer_hello(), 0.0))
     out = book.hello(REDUCER, b"r2", dataclasses.replace(reducer_hello(), token=token), 0.1)
-    assert out.rejected is None and book.live_peers() == [(REDUCER, b"r2")]
+    assert out.rejected is None and book.peers.live_peers() == [(REDUCER, b"r2")]
 
 
 def test_keys_bound_hello_must_match_its_key_role() -> None:
@@ -191,10 +191,10 @@ def test_keys_bound_hello_must_match_its_key_role() -> None:
     assert book.hello(REDUCER, b"r", reducer_hello(), 0.0, key="expert-0").rejected == "wrong_key"
     assert book.hello(EXPERT, b"a", hello(1), 0.0, key=None).rejected == "wrong_key"
     assert book.hello(EXPERT, b"a", hello(0), 0.0, key="expert-0").rejected is None
-    assert book.key_of(EXPERT, b"a") == "expert-0"
+    assert book.peers.key_of(EXPERT, b"a") == "expert-0"
     # the same key on a new route is the same party (one key per role): it takes over
     assert book.hello(EXPERT, b"b", hello(0), 0.1, key="expert-0").rejected is None
-    assert book.key_of(EXPERT, b"a") is None and book.key_of(EXPERT, b"b") == "expert-0"
+    assert book.peers.key_of(EXPERT, b"a") is None and book.peers.key_of(EXPERT, b"b") == "expert-0"
 
 
 def test_rejoin_starts_at_next_unsent_step() -> None:
@@ -217,10 +217,10 @@ def test_rejoin_before_send_is_expected_at_its_join_seq() -> None:
     book = started(2)
     book.emb(rid(0), emb(0, 0), 0.1)
     book.emb(rid(0), emb(1, 0), 0.1)
-    book.touch(EXPERT, rid(0), 1.0)
-    book.touch(REDUCER, RED, 1.0)
+    book.peers.touch(EXPERT, rid(0), 1.0)
+    book.peers.touch(REDUCER, RED, 1.0)
     book.tick(1.05)  # expert 1 was last seen at 0.0: gone; steps 0, 1 release without it
-    assert book.next_seq == 2 and book.live_experts == 1
+    assert book.next_seq == 2 and book.peers.live_experts == 1
     out = book.hello(EXPERT, rid(1), hello(1), 1.1)  # same routing id, back again
     assert sent(out, Welcome)[0][1].start_seq == 2  # type: ignore[attr-defined]
 
@@ -256,17 +256,17 @@ def test_expiry_masks_a_dead_expert_and_releases_waiting_steps() -> None:
         book.emb(rid(1), emb(seq, 1), 0.5)
     book.emb(rid(2), emb(1, 2), 0.5)  # expert 2 sent step 1 but not 0, then went silent
     for expert_id in range(3):
-        book.touch(EXPERT, rid(expert_id), 0.5)
-    book.touch(EXPERT, rid(0), 1.2)
-    book.touch(EXPERT, rid(1), 1.2)
-    book.touch(REDUCER, RED, 1.2)
+        book.peers.touch(EXPERT, rid(expert_id), 0.5)
+    book.peers.touch(EXPERT, rid(0), 1.2)
+    book.peers.touch(EXPERT, rid(1), 1.2)
+    book.peers.touch(REDUCER, RED, 1.2)
     assert not batches(book.tick(1.2))
     out = book.tick(1.6)  # expert 2 silent for 1.1 s > liveness 1.0
     assert [(b.seq, b.present) for b in batches(out)] == [
         (0, (True, True, False)),
         (1, (True, True, False)),  # its token for step 1 is masked too: it is gone
     ]
-    assert book.expert_up() == {0: True, 1: True, 2: False} and book.live_experts == 2
+    assert book.peers.expert_up() == {0: True, 1: True, 2: False} and book.peers.live_experts == 2
 
 
 def test_skip_when_no_live_expert_is_expected() -> None:
@@ -307,9 +307,9 @@ def test_unregistered_is_told_goodbye() -> None:
     out = book.emb(b"stranger", emb(0, 0), 0.0)
     assert out.rejected == "unregistered"
     assert sent(out, Goodbye) == [(b"stranger", Goodbye("unregistered"))]
-    out = book.heartbeat(EXPERT, b"stranger")
+    out = book.peers.heartbeat(EXPERT, b"stranger", Heartbeat(), 0.0)
     assert out.rejected == "unregistered" and sent(out, Goodbye)
-    assert book.heartbeat(EXPERT, rid(0)).rejected is None
+    assert book.peers.heartbeat(EXPERT, rid(0), Heartbeat(), 0.0).rejected is None
 
 
 def test_impersonation_and_duplicate() -> None:
@@ -437,9 +437,9 @@ def test_reducer_loss_drops_dispatched_steps_and_ready_ones_wait() -> None:
     book.emb(rid(0), emb(0, 0), 0.0)
     book.emb(rid(1), emb(0, 1), 0.0)
     for expert_id in (0, 1):
-        book.touch(EXPERT, rid(expert_id), 1.5)
+        book.peers.touch(EXPERT, rid(expert_id), 1.5)
     out = book.tick(1.5)  # reducer silent for 1.5 s
-    assert not book.reducer_up
+    assert not book.peers.reducer_up
     assert sorted(sent(out, Drop)) == both(Drop(0, "reducer_lost"))
     book.emb(rid(0), emb(1, 0), 1.6)
     assert not batches(book.emb(rid(1), emb(1, 1), 1.6))  # ready, no reducer

@@ -89,15 +89,15 @@ def make_book(n_experts: int = N, *, reducer: bool = True) -> JoinBook:
 def test_book_relays_align_and_answers_wait_without_a_reducer() -> None:
     book = make_book(reducer=False)
     ask = Align(1, "plain", "int", (3,), (Tensor.from_numpy(np.arange(3, dtype="<i8")),))
-    out = book.align(EXPERT, EXPERTS[1], ask)
+    out = book.peers.align(EXPERT, EXPERTS[1], ask, 0.0)
     assert out.rejected is None
     assert sends(out) == [(EXPERTS[1], Align(1, "wait", "no reducer is registered yet"))]
     book.hello(REDUCER, RED, Hello("reducer", "run", D, "float32", n_experts=N), 0.0)
-    out = book.align(EXPERT, EXPERTS[1], ask)
+    out = book.peers.align(EXPERT, EXPERTS[1], ask, 0.0)
     [(to, relayed)] = sends(out, REDUCER)
     assert to == RED and relayed is ask  # the very message: its frames go on as they came
     answer = Align(1, "answer", "", (2,), ask.tensors)
-    out = book.align(REDUCER, RED, answer)
+    out = book.peers.align(REDUCER, RED, answer, 0.0)
     assert sends(out) == [(EXPERTS[1], answer)] and out.rejected is None
 
 
@@ -114,7 +114,7 @@ def test_book_relays_align_and_answers_wait_without_a_reducer() -> None:
     ],
 )
 def test_book_refuses_align_with_a_named_reason(socket, routing_id, msg, reason, goodbye) -> None:
-    out = make_book().align(socket, routing_id, msg)
+    out = make_book().peers.align(socket, routing_id, msg, 0.0)
     assert out.rejected == reason
     assert sends(out) == ([(routing_id, Goodbye("unregistered"))] if goodbye else [])
 
@@ -122,7 +122,7 @@ def test_book_refuses_align_with_a_named_reason(socket, routing_id, msg, reason,
 def test_book_sends_no_align_to_a_gone_expert() -> None:
     book = make_book()
     book.goodbye(EXPERT, EXPERTS[2], Goodbye("shutdown"), 0.1)
-    out = book.align(REDUCER, RED, Align(2, "error", "no labels"))
+    out = book.peers.align(REDUCER, RED, Align(2, "error", "no labels"), 0.0)
     assert out.rejected == "align_undeliverable" and not out.sends
 
 
@@ -439,7 +439,7 @@ def test_hostile_align_is_refused_counted_and_the_run_goes_on(net: Net) -> None:
         send(sock, Emb(0, i, "train", emb_tensor(2, i)))
     batch = recv(reducer)
     assert isinstance(batch, Batch) and batch.present == (True,) * N and batch.rows == ()
-    assert net.broker.book.live_experts == N and net.thread.is_alive()
+    assert net.broker.book.peers.live_experts == N and net.thread.is_alive()
 
 
 def test_batch_carries_the_row_bitmaps_of_the_embs(net: Net) -> None:
