@@ -300,17 +300,6 @@ def quick(frames: Sequence[FrameLike], check_finite: bool = True) -> Message | N
         return None
 
 
-def emb_fields(
-    frames: Sequence[FrameLike], check_finite: bool = True
-) -> tuple[int, int, str, Tensor, bytes] | None:
-    """``(seq, expert_id, phase, tensor, rows)`` of a well-formed EMB (``quick``'s), None
-    for anything else. Never raises."""
-    msg = quick(frames, check_finite)
-    if type(msg) is not Emb:
-        return None
-    return msg.seq, msg.expert_id, msg.phase, msg.tensor, msg.rows
-
-
 def decode(frames: Sequence[FrameLike], *, check_finite: bool = True) -> Message:
     """``wire.decode``, faster for well-formed hot-path messages: same result, same errors."""
     try:

@@ -33,7 +33,6 @@ from traci_ml.proto import (
     Goodbye,
     Grad,
     Hello,
-    Tensor,
     Welcome,
     value_problem,
 )
@@ -183,40 +182,14 @@ class JoinBook:
     # ---- expert traffic ------------------------------------------------------------------
 
     def emb(self, routing_id: bytes, msg: Emb, now: float) -> Outcome:
-        return self.emb_checked(
-            routing_id, msg.seq, msg.expert_id, msg.phase, msg.tensor, msg.rows, now
-        )
-
-    def emb_checked(
-        self,
-        routing_id: bytes,
-        seq: int,
-        expert_id: int,
-        phase: str,
-        tensor: Tensor,
-        rows: bytes,
-        now: float,
-    ) -> Outcome:
-        """An EMB whose values are checked first: NaN/Inf or beyond ``max_abs`` is refused
-        like a malformed one (``refuse_emb``: DROP when it is its expert's own open step).
-        The fields are ``proto.fast.emb_fields``'s; ``rows`` is the EMB's row bitmap, already
-        checked against the tensor's rows by decoding."""
+        """An expert's EMB (the hot path: one per expert per step). Its values are checked
+        first: NaN/Inf or beyond ``max_abs`` is refused like a malformed EMB (``refuse_emb``:
+        DROP when it is its expert's own open step). ``msg.rows`` is already checked against
+        the tensor's rows by decoding."""
+        seq, expert_id, tensor = msg.seq, msg.expert_id, msg.tensor
         problem = value_problem((tensor,), self.max_abs)
         if problem is not None:
             return self.refuse_emb(routing_id, seq, *problem, now, expert_id=expert_id)
-        return self.emb_fields(routing_id, seq, expert_id, phase, tensor, rows, now)
-
-    def emb_fields(
-        self,
-        routing_id: bytes,
-        seq: int,
-        expert_id: int,
-        phase: str,
-        tensor: Tensor,
-        rows: bytes,
-        now: float,
-    ) -> Outcome:
-        """``emb`` from the decoded fields, values already checked (``emb_checked``)."""
         eid = self._by_routing.get(routing_id)
         if eid is None:
             out = Outcome()
@@ -243,7 +216,7 @@ class JoinBook:
             return self._refuse_emb(
                 Outcome(), expert, seq, "too_far_ahead", f"limit is {limit - 1}"
             )
-        spec = (phase, tensor.shape, tensor.dtype)
+        spec = (msg.phase, tensor.shape, tensor.dtype)
         if (
             tensor.dtype != self.dtype
             or tensor.shape[1] != self.embed_dim
@@ -258,7 +231,7 @@ class JoinBook:
             step = self._pending[seq] = PendingStep(seq, now, spec, now)
         elif step.spec is None:
             step.spec, step.first_arrival = spec, now
-        step.tokens[eid] = (expert.holder, tensor, rows)
+        step.tokens[eid] = (expert.holder, tensor, msg.rows)
         in_flight.add(seq)
         if seq > self.highest_seq:
             self.highest_seq = seq

@@ -2,16 +2,17 @@
 
 One loop in the Majordomo shape::
 
-    poll (heartbeat-length timeout) -> recv -> strip routing id -> decode -> on_<kind>
-        -> send what the book decided -> tick (expiries, heartbeats, gauges)
+    poll (heartbeat-length timeout) -> recv -> strip routing id -> decode -> its kind's
+        handler -> send what the book decided -> tick (expiries, heartbeats, gauges)
 
-All decisions live in ``join.JoinBook`` (and its ``peers.PeerRegistry``); this module only
-moves frames. Tensor frames are forwarded as the very ``zmq.Frame`` objects that arrived
-(received with ``copy=False``; a Frame is always sent by reference). A well-formed EMB -- the
-bulk of the traffic -- takes a short path: ``proto.fast.emb_fields`` straight into
-``JoinBook.emb_fields``, no ``Emb`` made; anything else goes through ``decode``. A bad message
--- undecodable, the wrong kind for its socket, or one that trips a bug -- is counted, logged
-and dropped; the loop keeps running.
+All decisions live in ``join.JoinBook`` (and its ``peers.PeerRegistry``) and, for served
+queries, ``serve.ServeDesk``; this module only moves frames. Every decoded message, of every
+kind, enters through one table, socket -> kind -> handler (``_handlers``): an EMB -- the bulk of
+the traffic, decoded by ``proto.fast`` -- is one dict lookup away from ``JoinBook.emb``. Tensor
+frames are forwarded as the very ``zmq.Frame`` objects that arrived (received with
+``copy=False``; a Frame is always sent by reference). A bad message -- undecodable, the wrong
+kind for its socket, or one that trips a bug -- is counted, logged and dropped; the loop keeps
+running.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -55,7 +58,7 @@ from traci_ml.proto import (
     tensors_of,
     value_problem,
 )
-from traci_ml.proto.fast import decode, emb_fields, encode, register_frame_type
+from traci_ml.proto.fast import decode, encode, register_frame_type
 from traci_ml.services.broker.join import JoinBook
 from traci_ml.services.broker.metrics import BrokerMetrics
 from traci_ml.services.broker.outcomes import EXPERT, REDUCER, Outcome
@@ -74,11 +77,10 @@ _zmq_poll = zmq.zmq_poll  # the poll itself, without zmq.Poller's bookkeeping
 # them in a Frame); a received zmq.Frame is always forwarded by reference, whatever copy says.
 _socket_send = zmq.backend.Socket.send
 register_frame_type(zmq.Frame)  # proto may take len(frame) as its byte count
-Handler = Callable[[str, bytes, Message, float], Outcome]
-# Kinds whose handlers check their values themselves (with the step, query or bound in hand),
-# and ALIGN, whose tensors are opaque (ids, hashes: the broker never looks inside them); any
-# other kind with NaN/Inf tensors is refused non_finite before its handler.
-_CHECKS_VALUES = frozenset({Emb, Grad, Query, QEmb, QOut, Align})
+# handler(routing_id, message, now): every kind a socket takes, by its class. Each handler
+# checks the values it uses (EMB, GRAD, QUERY, QEMB, QOUT, with the step, query or bound in
+# hand) or gets none (ALIGN's tensors are opaque ids and hashes; the rest carry no tensor).
+Handler = Callable[[bytes, Any, float], Outcome]
 
 
 def seed_auto_ids() -> None:
@@ -151,16 +153,29 @@ class BrokerService:
         except Exception:  # e.g. a ConfigError from check_bind: release what was opened
             self.close()
             raise
+        book, peers = self.book, self.book.peers
+        self._touch = peers.touch
         self._handlers: dict[str, dict[type, Handler]] = {
-            EXPERT: {Hello: self.on_hello, Emb: self.on_emb, Heartbeat: self.on_heartbeat,
-                     Goodbye: self.on_goodbye},
-            REDUCER: {Hello: self.on_hello, Grad: self.on_grad, Ack: self.on_ack,
-                      Drop: self.on_drop, Heartbeat: self.on_heartbeat, Goodbye: self.on_goodbye},
-            CLIENT: {Query: self.on_query},
-        }  # fmt: skip
-        self._handlers[EXPERT][QEmb] = self.on_qemb  # served queries (serve.py)
-        self._handlers[REDUCER][QOut] = self.on_qout
-        self._handlers[EXPERT][Align] = self._handlers[REDUCER][Align] = self.on_align
+            EXPERT: {
+                Emb: book.emb,
+                Hello: partial(self._hello, EXPERT),
+                Heartbeat: partial(peers.heartbeat, EXPERT),
+                Goodbye: partial(self._goodbye, EXPERT),
+                Align: partial(self._align, EXPERT),
+                QEmb: self._qemb,  # served queries (serve.py)
+            },
+            REDUCER: {
+                Grad: book.grad,
+                Ack: book.ack,
+                Drop: book.reducer_drop,
+                Hello: partial(self._hello, REDUCER),
+                Heartbeat: partial(peers.heartbeat, REDUCER),
+                Goodbye: partial(self._goodbye, REDUCER),
+                Align: partial(self._align, REDUCER),
+                QOut: self._qout,
+            },
+            CLIENT: {Query: self._query},
+        }
         self._encoded: tuple[Message | None, list] = (None, [])  # one ACK to N experts
         self._last_warned: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
@@ -261,56 +276,53 @@ class BrokerService:
                           socket, routing_id.hex())  # fmt: skip
 
     def _handle(self, socket: str, routing_id: bytes, frames: list[zmq.Frame], now: float) -> None:
-        """Decode one message (routing id stripped) and hand it to its ``on_<kind>``."""
+        """Decode one message (routing id stripped) and hand it to its kind's handler."""
         if (
             self._curve is not None
             and socket != CLIENT
             and not self._same_key(socket, routing_id, frames[0])
         ):
             return
-        self.book.peers.touch(socket, routing_id, now)
-        if socket == EXPERT:  # the hot path: a well-formed EMB, no Emb object made
-            fields = emb_fields(frames, False)  # values: the book checks them (DROP if bad)
-            if fields is not None:
-                self.metrics.message("EMB", "in")
-                self._apply(self.book.emb_checked(routing_id, *fields, now), socket, routing_id,
-                            fields[0])  # fmt: skip
-                return
+        self._touch(socket, routing_id, now)
         try:
             msg = decode(frames, check_finite=False)  # values: checked where they are used
         except ProtocolError as exc:
-            self.metrics.message("invalid", "in")
-            detail = exc.message.removeprefix(f"{exc.reason}: ")
-            if socket == CLIENT:  # a client gets an answer naming the cause
-                self._rejected(exc.reason, socket, routing_id, None, detail)
-                self._apply(self.serve.malformed(routing_id, exc.reason, detail, now))
-            elif exc.kind == "HELLO":  # a refusal naming the problem, not silence
-                self._apply(self.book.peers.refuse_hello(socket, routing_id, exc.message), socket,
-                            routing_id)  # fmt: skip
-            elif exc.kind == "EMB" and exc.seq is not None and socket == EXPERT:
-                outcome = self.book.refuse_emb(routing_id, exc.seq, exc.reason, detail, now,
-                                               expert_id=exc.expert_id)  # fmt: skip
-                self._apply(outcome, socket, routing_id, exc.seq)  # DROP: the step goes on
-            else:
-                self._rejected(exc.reason, socket, routing_id, None, detail)
-            return
+            return self._malformed(socket, routing_id, exc, now)
         self.metrics.message(msg.KIND, "in")
-        seq = getattr(msg, "seq", None)
         handler = self._handlers[socket].get(type(msg))
-        if handler is None or type(msg) not in _CHECKS_VALUES:  # e.g. a wrong kind: NaN first
-            problem = value_problem(tensors_of(msg), float("inf"))  # ALIGN's blobs: skipped
-            if problem is not None:
-                self._rejected(problem[0], socket, routing_id, seq, problem[1])
-                if socket == CLIENT:
-                    self._apply(self.serve.malformed(routing_id, *problem, now))
-                return
         if handler is None:
-            detail = f"{msg.KIND} is not expected on the {socket} socket"
-            self._rejected("unexpected_kind", socket, routing_id, seq, detail)
-            if socket == CLIENT:
-                self._apply(self.serve.malformed(routing_id, "unexpected_kind", detail, now))
-            return
-        self._apply(handler(socket, routing_id, msg, now), socket, routing_id, seq)
+            return self._unexpected(socket, routing_id, msg, now)
+        self._apply(handler(routing_id, msg, now), socket, routing_id, msg)
+        return None
+
+    def _malformed(self, socket: str, routing_id: bytes, exc: ProtocolError, now: float) -> None:
+        """A message that failed decoding: counted, and answered where its sender can use an
+        answer."""
+        self.metrics.message("invalid", "in")
+        detail = exc.message.removeprefix(f"{exc.reason}: ")
+        if socket == CLIENT:  # a client gets an answer naming the cause
+            self._rejected(exc.reason, socket, routing_id, None, detail)
+            self._apply(self.serve.malformed(routing_id, exc.reason, detail, now))
+        elif exc.kind == "HELLO":  # a refusal naming the problem, not silence
+            self._apply(self.book.peers.refuse_hello(socket, routing_id, exc.message), socket,
+                        routing_id)  # fmt: skip
+        elif exc.kind == "EMB" and exc.seq is not None and socket == EXPERT:
+            outcome = self.book.refuse_emb(routing_id, exc.seq, exc.reason, detail, now,
+                                           expert_id=exc.expert_id)  # fmt: skip
+            self._apply(outcome, socket, routing_id, exc)  # DROP: the step goes on
+        else:
+            self._rejected(exc.reason, socket, routing_id, None, detail)
+
+    def _unexpected(self, socket: str, routing_id: bytes, msg: Message, now: float) -> None:
+        """A kind this socket does not take: ``unexpected_kind``, unless its values are bad
+        (NaN/Inf first, whatever the kind; ALIGN's blobs hold none)."""
+        problem = value_problem(tensors_of(msg), float("inf"))
+        if problem is None:
+            problem = ("unexpected_kind", f"{msg.KIND} is not expected on the {socket} socket")
+        reason, detail = problem
+        self._rejected(reason, socket, routing_id, getattr(msg, "seq", None), detail)
+        if socket == CLIENT:
+            self._apply(self.serve.malformed(routing_id, reason, detail, now))
 
     def _same_key(self, socket: str, routing_id: bytes, first: zmq.Frame) -> bool:
         """CURVE: the key of this message's connection (its role, the ZAP User-Id) must be
@@ -343,36 +355,22 @@ class BrokerService:
             expert_up=peers.expert_up(), reducer_up=peers.reducer_up,
         )  # fmt: skip
 
-    # ---- handlers: hand the message to the book ------------------------------------------
+    # ---- handlers that add what only the server knows ------------------------------------
 
-    def on_hello(self, socket: str, routing_id: bytes, msg: Hello, now: float) -> Outcome:
+    def _hello(self, socket: str, routing_id: bytes, msg: Hello, now: float) -> Outcome:
+        """HELLO, with the role of the key its connection came with (CURVE; None without)."""
         return self.book.hello(socket, routing_id, msg, now, key=self._key)
 
-    def on_emb(self, socket: str, routing_id: bytes, msg: Emb, now: float) -> Outcome:
-        return self.book.emb(routing_id, msg, now)
-
-    def on_grad(self, socket: str, routing_id: bytes, msg: Grad, now: float) -> Outcome:
-        return self.book.grad(routing_id, msg, now)
-
-    def on_ack(self, socket: str, routing_id: bytes, msg: Ack, now: float) -> Outcome:
-        return self.book.ack(routing_id, msg, now)
-
-    def on_drop(self, socket: str, routing_id: bytes, msg: Drop, now: float) -> Outcome:
-        return self.book.reducer_drop(routing_id, msg, now)
-
-    def on_align(self, socket: str, routing_id: bytes, msg: Align, now: float) -> Outcome:
-        outcome = self.book.peers.align(socket, routing_id, msg, now)
-        for send in outcome.sends:
-            if type(send.message) is Align:
-                self.metrics.align(send.message.stage)
+    def _goodbye(self, socket: str, routing_id: bytes, msg: Goodbye, now: float) -> Outcome:
+        outcome = self.book.goodbye(socket, routing_id, msg, now)
+        self._done = self._done or outcome.done  # the reducer said GOODBYE("done")
         return outcome
 
-    def on_heartbeat(self, socket: str, routing_id: bytes, msg: Heartbeat, now: float) -> Outcome:
-        return self.book.peers.heartbeat(socket, routing_id, msg, now)
-
-    def on_goodbye(self, socket: str, routing_id: bytes, msg: Goodbye, now: float) -> Outcome:
-        outcome = self.book.goodbye(socket, routing_id, msg, now)
-        self._done = self._done or outcome.done
+    def _align(self, socket: str, routing_id: bytes, msg: Align, now: float) -> Outcome:
+        outcome = self.book.peers.align(socket, routing_id, msg, now)
+        for send in outcome.sends:  # counted by stage: relayed, or "wait" answered
+            if type(send.message) is Align:
+                self.metrics.align(send.message.stage)
         return outcome
 
     # ---- served prediction: the front door (serve.py decides, this only moves frames) ----
@@ -398,7 +396,7 @@ class BrokerService:
         log.info("broker: front door for served prediction on %s", bound)
         return bound
 
-    def on_query(self, socket: str, routing_id: bytes, msg: Query, now: float) -> Outcome:
+    def _query(self, routing_id: bytes, msg: Query, now: float) -> Outcome:
         # Raw feature values: only NaN/Inf is refused here (a raw column may be large);
         # what the experts make of them is bounded below, on QEMB.
         problem = value_problem(msg.tensors, float("inf"))
@@ -407,7 +405,7 @@ class BrokerService:
             return out.reject(problem[0], problem[1])
         return self.serve.request(routing_id, msg, now, self.book.peers.serve_targets())
 
-    def on_qemb(self, socket: str, routing_id: bytes, msg: QEmb, now: float) -> Outcome:
+    def _qemb(self, routing_id: bytes, msg: QEmb, now: float) -> Outcome:
         problem = value_problem(msg.tensors, self.book.max_abs)
         if problem is not None:  # that expert fails this query, naming why
             detail = f"its embedding of the rows: {problem[1]} (rows out of the trained range?)"
@@ -415,7 +413,7 @@ class BrokerService:
         outcome = self.serve.qemb(routing_id, msg, now, self.book.peers.serve_targets())
         return outcome if problem is None else outcome.reject(problem[0], problem[1])
 
-    def on_qout(self, socket: str, routing_id: bytes, msg: QOut, now: float) -> Outcome:
+    def _qout(self, routing_id: bytes, msg: QOut, now: float) -> Outcome:
         problem = value_problem(msg.tensors, float("inf"))  # outputs: finite is the bound
         if problem is not None:
             msg = QOut(msg.qid, problem[0], f"outputs: {problem[1]}", msg.task, (), ())
@@ -432,12 +430,14 @@ class BrokerService:
     # ---- output --------------------------------------------------------------------------
 
     def _apply(
-        self, outcome: Outcome, socket: str = "", routing_id: bytes = b"", seq: int | None = None
+        self, outcome: Outcome, socket: str = "", routing_id: bytes = b"", about: object = None
     ) -> None:
-        """Send what the book decided and count it."""
+        """Send what the book decided and count it. ``about``: the message (or decode error)
+        it answers, whose ``seq``, if any, a rejection's log line names."""
         for send in outcome.sends:
             self._send(send.socket, send.routing_id, send.message)
         if outcome.rejected is not None:
+            seq = getattr(about, "seq", None)
             self._rejected(outcome.rejected, socket, routing_id, seq, outcome.detail)
         for note in outcome.notes:
             log.info("broker: %s", note)

@@ -1,6 +1,6 @@
 """The broker's hot-path shortcuts keep its contract: buffered metrics show every message and
-step on the next scrape, the shared empty outcome cannot be written, and the EMB fast path
-decides exactly what ``JoinBook.emb`` decides."""
+step on the next scrape, the shared empty outcome cannot be written, and an EMB from the fast
+decoder (built without ``Emb.__init__``) gets exactly what a constructed ``Emb`` gets."""
 
 from __future__ import annotations
 
@@ -9,10 +9,27 @@ import threading
 import numpy as np
 import pytest
 
-from traci_ml.proto import Emb, Hello, Tensor
+from traci_ml.core.config import load_config
+from traci_ml.proto import (
+    Ack,
+    Align,
+    Drop,
+    Emb,
+    Goodbye,
+    Grad,
+    Heartbeat,
+    Hello,
+    QEmb,
+    QOut,
+    Query,
+    Tensor,
+    fast,
+    wire,
+)
 from traci_ml.services.broker.join import JoinBook
 from traci_ml.services.broker.metrics import BrokerMetrics
 from traci_ml.services.broker.outcomes import EXPERT, NOTHING, REDUCER
+from traci_ml.services.broker.service import BrokerService
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -103,12 +120,13 @@ EMBS = [  # (routing id, message) in order, with every kind of refusal along the
 ]  # fmt: skip
 
 
-def test_emb_fields_decides_what_emb_decides() -> None:
+def test_a_fast_decoded_emb_decides_what_emb_decides() -> None:
     slow, quick = book_with(2), book_with(2)
     for routing_id, msg in EMBS:
+        decoded = fast.quick(wire.encode(msg), False)  # the broker's decode of an EMB
+        assert type(decoded) is Emb and decoded == msg
         a = slow.emb(routing_id, msg, 1.0)
-        b = quick.emb_fields(routing_id, msg.seq, msg.expert_id, msg.phase, msg.tensor,
-                             msg.rows, 1.0)  # fmt: skip
+        b = quick.emb(routing_id, decoded, 1.0)
         assert (a.rejected, a.detail, a.skipped, list(a.dropped)) == (
             b.rejected, b.detail, b.skipped, list(b.dropped))  # fmt: skip
         assert [(s.socket, s.routing_id, s.message) for s in a.sends] == [
@@ -127,3 +145,19 @@ def test_an_emb_that_releases_nothing_gets_the_shared_empty_outcome() -> None:
     assert [s.message.seq for s in out.sends] == [0]  # type: ignore[attr-defined]
     out = book.emb(b"e1", emb(1, 1), 0.0)
     assert [s.message.seq for s in out.sends] == [1]  # type: ignore[attr-defined]
+
+
+def test_every_kind_enters_through_one_table_and_emb_straight_to_the_book() -> None:
+    config = load_config(overrides={"run_id": "run", "embed_dim": "4", "reducer.heads": "1",
+                                    "data.views": "[{name: v0, columns: [c0]}]",
+                                    "metrics.broker_port": "0"}, env={})  # fmt: skip
+    broker = BrokerService(config, expert_endpoint="tcp://127.0.0.1:*",
+                           reducer_endpoint="tcp://127.0.0.1:*")  # fmt: skip
+    try:
+        table = broker._handlers
+        assert table[EXPERT][Emb] == broker.book.emb  # no wrapper on the hot path
+        assert set(table[EXPERT]) == {Emb, Hello, Heartbeat, Goodbye, Align, QEmb}
+        assert set(table[REDUCER]) == {Grad, Ack, Drop, Hello, Heartbeat, Goodbye, Align, QOut}
+        assert set(table["client"]) == {Query}
+    finally:
+        broker.close()

@@ -32,6 +32,7 @@ from traci_ml.proto import (
     encode,
 )
 from traci_ml.services.broker import main as broker_main
+from traci_ml.services.broker.outcomes import EXPERT
 from traci_ml.services.broker.service import BrokerService
 
 D = 8  # embed_dim
@@ -346,8 +347,8 @@ def test_garbage_is_rejected_and_counted_while_good_traffic_flows(net, broker) -
 
 def test_a_bug_on_one_message_is_counted_and_the_loop_goes_on(net, broker, monkeypatch) -> None:
     experts, reducer = cluster(net, broker)
-    book = broker.broker.book
-    real_emb, calls = book.emb_fields, []  # the server's EMB path: decoded fields, no Emb
+    handlers = broker.broker._handlers[EXPERT]  # every EMB's way in: its handler
+    real_emb, calls = handlers[Emb], []
 
     def flaky_emb(*args: object) -> object:
         calls.append(args)
@@ -355,12 +356,12 @@ def test_a_bug_on_one_message_is_counted_and_the_loop_goes_on(net, broker, monke
             raise RuntimeError("boom")
         return real_emb(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(book, "emb_fields", flaky_emb)
+    monkeypatch.setitem(handlers, Emb, flaky_emb)
     for i, expert in enumerate(experts):
         expert.send(Emb(0, i, "train", tensor(i)))
     wait_for(lambda: broker.rejections("internal") == 1)
-    _, seq, eid, phase, data, _, _ = calls[0]
-    experts[eid].send(Emb(seq, eid, phase, data))  # the EMB that hit the bug, again
+    _, msg, _ = calls[0]
+    experts[msg.expert_id].send(msg)  # the EMB that hit the bug, again
     batch = reducer.recv()
     assert isinstance(batch, Batch) and batch.present == (True, True, True)
 
