@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from traci_ml.core.errors import TraciError
+from traci_ml.core.rundir import RunDir
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     if args.input is not None:
-        config = P.read_config(Path(args.run))
+        config = RunDir(args.run).config()
         if config.data.source == "parties":
             raise DataError("--input takes raw feature rows of a one-table run; a parties run "
                             "predicts its parties' rows by id: --ids or --split")  # fmt: skip

@@ -43,7 +43,7 @@ def split_run(
     labelled: float = 1.0,
 ) -> Path:
     """Write the party files and ``parties.yaml``; returns the config's path."""
-    from traci_ml.app.predict import raw_table
+    from traci_ml.core.data import raw_table
 
     if not 0.0 < overlap <= 1.0 or not 0.0 < labelled <= 1.0:
         raise DataError(f"partysplit: overlap {overlap} and labelled {labelled} must be in (0, 1]")

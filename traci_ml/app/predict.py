@@ -25,12 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from traci_ml.core import checkpoint
 from traci_ml.core.align import IdIndex
-from traci_ml.core.config import Config, validate
+from traci_ml.core.config import Config
 from traci_ml.core.data import (  # noqa: F401 (the preprocessing, as predict's API had it)
     PARTIES_NO_TABLE,
     Preprocess,
@@ -48,7 +47,7 @@ from traci_ml.core.data import (  # noqa: F401 (the preprocessing, as predict's 
     standardise,
     write_preprocess,
 )
-from traci_ml.core.errors import CheckpointError, ConfigError, DataError
+from traci_ml.core.errors import CheckpointError, DataError
 from traci_ml.core.ids import as_ids, id_kind, parse_ids, read_ids  # noqa: F401 (predict API)
 from traci_ml.core.models.expert import build_expert_net
 from traci_ml.core.models.reducer import Reducer
@@ -110,28 +109,10 @@ class Predictor(nn.Module):
         return logits, logits[:, 0] * self.y_std + self.y_mean
 
 
-def read_config(run_path: Path) -> Config:
-    """The config the run trained with: config.json (the reducer's), else launch.yaml."""
-    if not run_path.is_dir():
-        raise CheckpointError(f"run directory {run_path} does not exist")
-    for name in ("config.json", "launch.yaml"):
-        path = run_path / name
-        if path.exists():
-            try:
-                raw = yaml.safe_load(path.read_text())  # JSON is YAML
-            except (OSError, yaml.YAMLError) as exc:
-                raise CheckpointError(f"cannot read {path}: {exc}") from None
-            try:
-                return validate(raw if isinstance(raw, dict) else {})
-            except ConfigError as exc:
-                raise ConfigError(f"{path}: {exc}") from None
-    raise CheckpointError(f"{run_path} holds no config.json or launch.yaml: not a run directory")
-
-
 def load_predictor(run_dir: str | Path, *, device: str = "cpu") -> Predictor:
     """The run's full model taking raw feature rows; see ``Predictor``."""
     run_path = Path(run_dir)
-    config = read_config(run_path)
+    config = RunDir(run_path).config()
     if config.data.source == "parties":
         raise DataError(f"{run_path}: {PARTIES_NO_TABLE}")
     prep = load_preprocess(run_path, config)
@@ -150,9 +131,9 @@ def _assemble(
 ) -> tuple[TraciModel, list[dict[str, Any]]]:
     """The model from the checkpoints, and each expert's checkpoint (its other contents:
     a party's standardisation)."""
-    ckpt = run_path / "checkpoints"
-    names = [f"expert-{i}.pt" for i in range(len(in_dims))] + ["reducer.pt"]
-    missing = [n for n in names if not (ckpt / n).exists()]
+    run = RunDir(run_path)
+    ckpt, names = run.checkpoints, run.model_checkpoints(len(in_dims))
+    missing = run.missing_checkpoints(len(in_dims))
     if len(missing) == len(names):
         raise CheckpointError(f"{run_path} has no checkpoints: train it first (traci up)")
     if missing:
@@ -160,7 +141,7 @@ def _assemble(
     experts, seqs, states = [], [], []
     with torch.random.fork_rng(devices=[]):  # building nets draws initial weights
         for i, in_dim in enumerate(in_dims):
-            path = ckpt / f"expert-{i}.pt"
+            path = run.expert_checkpoint(i)
             state = checkpoint.load(path, run_id=config.run_id, expert_id=i)
             net = build_expert_net(
                 config.expert_model(i),
@@ -175,7 +156,7 @@ def _assemble(
         reducer = Reducer(
             n_experts=len(in_dims), d=config.embed_dim, out_dim=out_dim, cfg=config.reducer
         )
-    path = ckpt / "reducer.pt"
+    path = run.reducer_checkpoint
     state = checkpoint.load(path, run_id=config.run_id)
     _load_state(reducer, state, "model", path)
     if any(s != state.get("last_seq", -1) + 1 for s in seqs):
@@ -392,7 +373,7 @@ def load_id_predictor(run_dir: str | Path, *, device: str | torch.device = "cpu"
     from traci_ml.core.tensors import resolve_device
 
     run_path = Path(run_dir)
-    config = read_config(run_path)
+    config = RunDir(run_path).config()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if config.data.source != "parties":
         return _one_table_ids(run_path, config, dev)
@@ -409,7 +390,7 @@ def load_id_predictor(run_dir: str | Path, *, device: str | torch.device = "cpu"
             raise DataError(f"{party.source}: {party.id_type} ids, but the label holder's are "
                             f"{kind} ({ids_of})")  # fmt: skip
         if state.get("mean") is None or state.get("std") is None:
-            raise CheckpointError(f"{run_path / 'checkpoints' / f'expert-{i}.pt'} holds no "
+            raise CheckpointError(f"{RunDir(run_path).expert_checkpoint(i)} holds no "
                                   "standardisation (mean, std) of its party's table: was the "
                                   "expert ever aligned?")  # fmt: skip
         mean, std = state["mean"].numpy(), state["std"].numpy()
