@@ -364,28 +364,26 @@ def _cell(column: str, found: tuple[int, str, bool]) -> str:
 def non_numeric_cells(path: str) -> dict[str, tuple[int, str, bool]]:
     """Columns of a CSV (header on line 1) holding a cell that is not a number: column ->
     (file line of the first such cell, its value, whether the column holds any number).
-    Empty when the file cannot be read as a CSV (``serving.read_rows`` says why)."""
-    import csv
+    Empty when the file cannot be read as a CSV (``serving.read_rows`` says why). Read with
+    the one table reader (``core.data.read_csv_table``)."""
+    from traci_ml.core.data import read_csv_table
 
-    found: dict[str, tuple[int, str, bool]] = {}
-    numeric: set[str] = set()
     try:
-        with open(path, newline="") as fh:
-            reader = csv.reader(fh)
-            header = [h.strip() for h in next(reader, [])]
-            for row in reader:
-                if len(row) != len(header):
-                    continue  # a blank line, or a ragged row serving.read_rows reports
-                for name, value in zip(header, row, strict=True):
-                    try:
-                        float(value)
-                        numeric.add(name)
-                    except ValueError:
-                        if name not in found:
-                            found[name] = (reader.line_num, value, False)
-    except (OSError, csv.Error, UnicodeDecodeError):
+        table = read_csv_table(path)
+    except (DataError, OSError):
         return {}
-    return {c: (line, value, c in numeric) for c, (line, value, _) in found.items()}
+    found: dict[str, tuple[int, str, bool]] = {}
+    for k, name in enumerate(table.header):
+        first, numeric = None, False
+        for line, record in zip(table.lines, table.records, strict=True):
+            try:
+                float(record[k])
+                numeric = True
+            except ValueError:
+                first = first or (line, record[k])
+        if first is not None and name not in found:
+            found[name] = (*first, numeric)
+    return found
 
 
 def lacking_columns(detail: str) -> tuple[set[str], bool]:
