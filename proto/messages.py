@@ -201,6 +201,30 @@ class Drop:
     reason: str
 
 
+# What ``wire.value_problem`` can say of well-formed tensors (non_finite is decode's reason too).
+VALUE_REASONS = ("non_finite", "too_large")
+# What a DROP says (``Drop.reason``; docs/protocol.md). From the broker, which gave the step up
+# or refused the expert's EMB of it (an EMB refused as malformed, or before the start gate, is
+# answered with its rejection reason instead: one of wire.REJECT_REASONS, or "not_started"):
+BROKER_DROP_REASONS = (
+    "late",
+    "too_far_ahead",
+    "conflict",
+    "window",
+    "reducer_lost",
+    "grad_mismatch",
+    "timeout",
+    *VALUE_REASONS,  # the expert's EMB held NaN/Inf or a value beyond the bound
+    "grad_rejected",  # the reducer's GRAD did
+    "oversize",  # the step's row bitmaps would not fit one BATCH header
+)
+# From the reducer, which refused a BATCH (for its values) or would not train on it; the
+# broker forwards it to the step's experts as it is.
+REDUCER_DROP_REASONS = (*VALUE_REASONS, "non_finite_loss", "non_finite_grad")
+# Every reason a DROP can carry on the wire, each once.
+DROP_REASONS = tuple(dict.fromkeys((*BROKER_DROP_REASONS, *REDUCER_DROP_REASONS)))
+
+
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     KIND: ClassVar[str] = "HEARTBEAT"

@@ -90,29 +90,6 @@ REJECT_REASONS = (
     "frame_count",
     "non_finite",
 )
-# What ``value_problem`` can say of well-formed tensors (non_finite is decode's reason too).
-VALUE_REASONS = ("non_finite", "too_large")
-# What a DROP says (``Drop.reason``: this step will never be answered; docs/protocol.md).
-# From the broker, which gave the step up or refused the expert's EMB of it (an EMB refused
-# as malformed, or before the start gate, is answered with its rejection reason instead:
-# one of REJECT_REASONS, or "not_started"):
-BROKER_DROP_REASONS = (
-    "late",
-    "too_far_ahead",
-    "conflict",
-    "window",
-    "reducer_lost",
-    "grad_mismatch",
-    "timeout",
-    *VALUE_REASONS,  # the expert's EMB held NaN/Inf or a value beyond the bound
-    "grad_rejected",  # the reducer's GRAD did
-    "oversize",  # the step's row bitmaps would not fit one BATCH header
-)
-# From the reducer, which refused a BATCH (for its values, VALUE_REASONS) or would not train
-# on it; the broker forwards it to the step's experts as it is.
-REDUCER_DROP_REASONS = (*VALUE_REASONS, "non_finite_loss", "non_finite_grad")
-# Every reason a DROP can carry on the wire, each once.
-DROP_REASONS = tuple(dict.fromkeys((*BROKER_DROP_REASONS, *REDUCER_DROP_REASONS)))
 
 # The default bound on any value a peer sends (``security.max_abs_value`` overrides it):
 # finite values this large are no embedding or gradient a sane network makes, and one of
