@@ -142,13 +142,6 @@ def _new_emb(seq: int, expert_id: int, phase: str, tensor: Tensor, rows: bytes) 
     return emb
 
 
-def nbytes(frame: FrameLike) -> int:
-    """Byte length of a frame (``bytes``, ``bytearray``, ``zmq.Frame`` or any buffer)."""
-    if type(frame) in _SIZED:
-        return len(frame)
-    return memoryview(frame).nbytes
-
-
 def finite(dtype: str, frame: FrameLike) -> bool:
     """True when no element of ``frame`` (raw ``dtype`` values) is NaN or Inf; the same
     verdict as ``wire.is_finite``, from one pass over a zero-copy view of the frame.
@@ -416,7 +409,7 @@ def encode(msg: Message) -> list[FrameLike]:
 
 
 def register_frame_type(frame_type: type) -> None:
-    """Let ``nbytes`` use ``len`` for ``frame_type`` (e.g. ``zmq.Frame``, whose ``len`` is
-    its byte count). proto imports no zmq; services that do call this once."""
+    """Let the fast paths take a frame's byte count as ``len`` for ``frame_type`` (e.g.
+    ``zmq.Frame``, whose ``len`` is it). proto imports no zmq; services that do call this once."""
     global _SIZED
     _SIZED = _SIZED | {frame_type}
