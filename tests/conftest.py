@@ -1,17 +1,14 @@
-"""Shared test helpers: free loopback ports and small run configs written to files."""
+"""Shared fixtures: small run configs on fresh loopback ports, written to files."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/fused.py, tests/support.py, ...
-
-from support import deep_update, free_ports  # noqa: E402
+from tests.helpers.support import deep_update, free_ports
 
 
 @pytest.fixture

@@ -3,15 +3,10 @@ one party's load in a fresh process with its RSS figures. No time is asserted.""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
-
-from bench import data  # noqa: E402
+from bench import data
 
 
 def test_id_sets_share_exactly_the_overlap():

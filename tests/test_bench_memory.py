@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
-
-from bench.memory import last_train_step, slope_mib_per_1000, summarise  # noqa: E402
+from bench.memory import last_train_step, slope_mib_per_1000, summarise
 
 MIB = 1024  # KiB
 

@@ -267,7 +267,7 @@ def test_progress_samples_queue_latency_into_broker_jsonl(tmp_path):
 
 
 def test_progress_without_a_broker_writes_nothing_and_does_not_raise(tmp_path):
-    from support import free_ports
+    from tests.helpers.support import free_ports
 
     progress = progress_for(tmp_path, free_ports(1)[0])  # nothing listens there
     assert progress._broker_live() is None

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import zmq
 import zmq.auth
-from support import free_ports
 
+from tests.helpers.support import free_ports
 from traci_ml.core.config import Config, load_config
 from traci_ml.core.errors import ConfigError, PeerTimeout
 from traci_ml.core.link import BrokerLink

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploytools import K8S, OVERLAYS, render
+
+from tests.helpers.deploytools import K8S, OVERLAYS, render
 
 CURVE_LINE = "# - ../../components/curve"
 

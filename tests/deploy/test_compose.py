@@ -6,7 +6,7 @@ iptables, no bridge), builds a stand-in for the CPU base image from Debian packa
 (debootstrap, cached under /var/cache/traci-ci), runs `docker compose build` and `up` with
 deploy/docker-compose.ci.yml (every container on the host's network, on loopback), and has
 the host's prometheus scrape the services. Prometheus and Grafana images cannot be pulled
-here, so their compose services are not started; compose_env.py has the pieces.
+here, so their compose services are not started; tests/helpers/compose_env.py has the pieces.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-import compose_env as ce  # noqa: E402
-
-from traci_ml.core import security  # noqa: E402
+from tests.helpers import compose_env as ce
+from tests.helpers.support import free_ports
+from traci_ml.core import security
 
 FILES = {
     "base": ["docker-compose.yml"],
@@ -160,7 +159,7 @@ def test_health_asks_the_service_not_the_port() -> None:
     from traci_ml.services.broker.metrics import BrokerMetrics
     from traci_ml.services.expert.metrics import ExpertMetrics
 
-    broker_port, expert_base = ce.free_port(), ce.free_port()
+    broker_port, expert_base = free_ports(2)
     servers = [
         start_http_server(broker_port, addr="127.0.0.1", registry=BrokerMetrics(4).registry),
         start_http_server(expert_base + 2, addr="127.0.0.1", registry=ExpertMetrics(2).registry),
@@ -177,7 +176,7 @@ def test_health_asks_the_service_not_the_port() -> None:
             "expert", "--id", "1", "--set", f"metrics.expert_base_port={expert_base + 1}"
         )
         assert other.returncode == 1 and "not expert" in other.stderr  # expert 2's endpoint
-        down = health("broker", "--set", f"metrics.broker_port={ce.free_port()}")
+        down = health("broker", "--set", f"metrics.broker_port={free_ports(1)[0]}")
         assert down.returncode == 1 and "broker at http://127.0.0.1:" in down.stderr
     finally:
         for server, thread in servers:

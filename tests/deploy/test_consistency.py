@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
-from deploytools import (
+
+from tests.helpers.deploytools import (
     DEPLOY,
     GRAFANA,
     PROMETHEUS,
@@ -23,7 +24,7 @@ from deploytools import (
     compose_files,
     compose_projects,
 )
-from invocations import (
+from tests.helpers.invocations import (
     Invocation,
     Resolved,
     compose_invocations,
@@ -32,7 +33,6 @@ from invocations import (
     parse,
     resolve,
 )
-
 from traci_ml.core import security
 from traci_ml.core.config import load_config
 from traci_ml.core.data import expert_count

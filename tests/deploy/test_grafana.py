@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import yaml
-from deploytools import GRAFANA, SYNTHETIC, exported_metric_names, promql_metric_names
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.models.dashboard import Dashboard
+
+from tests.helpers.deploytools import GRAFANA, SYNTHETIC, exported_metric_names, promql_metric_names
 
 DASHBOARD = GRAFANA / "dashboards" / "traci.json"
 

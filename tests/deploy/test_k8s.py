@@ -12,7 +12,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from deploytools import (
+from kubernetes_validate.utils import SchemaNotFoundError
+
+from tests.helpers.deploytools import (
     K8S,
     OVERLAYS,
     PROMETHEUS,
@@ -23,7 +25,6 @@ from deploytools import (
     run,
     workloads,
 )
-from kubernetes_validate.utils import SchemaNotFoundError
 
 # Kinds kubernetes-validate has no schema for that these manifests may use: the Prometheus
 # Operator's CRDs (their content is checked by the tests below and by promtool instead).

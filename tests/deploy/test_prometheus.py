@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -17,8 +16,9 @@ from typing import Any
 
 import pytest
 import yaml
-from cluster import Cluster
-from deploytools import (
+
+from tests.helpers.cluster import Cluster
+from tests.helpers.deploytools import (
     GRAFANA,
     PROMETHEUS,
     SYNTHETIC,
@@ -27,6 +27,7 @@ from deploytools import (
     promql_metric_names,
     run,
 )
+from tests.helpers.support import free_ports
 
 RULES = PROMETHEUS / "rules" / "traci.rules.yml"
 
@@ -106,12 +107,6 @@ def test_promql_metric_names_finds_metrics_not_functions_labels_or_durations() -
 # ---- a real Prometheus against a real cluster ---------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def scrape_config(ports: dict[str, int], prometheus_port: int, targets_file: Path) -> dict:
     """deploy/prometheus/prometheus.yml with its targets moved to this machine's ports, the
     scrape interval at 1 s, plus kubernetes.yml's annotation relabeling over a file of
@@ -151,7 +146,7 @@ def scrape_config(ports: dict[str, int], prometheus_port: int, targets_file: Pat
 
 class Prometheus:
     def __init__(self, config: dict, workdir: Path) -> None:
-        self.port = free_port()
+        (self.port,) = free_ports(1)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = (workdir / "prometheus.log").open("w")

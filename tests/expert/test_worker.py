@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import FakeBroker, free_ports
 
+from tests.helpers.support import FakeBroker, free_ports
 from traci_ml import proto
 from traci_ml.core import checkpoint
 from traci_ml.core.config import Config, load_config

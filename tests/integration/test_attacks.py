@@ -1,7 +1,7 @@
 """Attacks on a live cluster, as an outsider or a broken party would make them (issue 9).
 
 One clean `traci up` run, then the same run with a hostile expert (expert 1 sends 3e38 and
-NaN embeddings, tests/hostile.py) while strangers on loopback try to take routes with
+NaN embeddings, tests/helpers/hostile.py) while strangers on loopback try to take routes with
 libzmq's predictable routing ids, register as held experts and the reducer, send a 3e38 EMB
 and a 1e30 GRAD, and ask the front door to serve rows of 3e38. Every attempt must be refused
 and counted, no stranger may receive a GRAD, a BATCH or a QUERY, no service may crash or
@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from cluster import TRACI, Cluster
 
+from tests.helpers.cluster import TRACI, Cluster
 from traci_ml import proto
 from traci_ml.app.client import Client, ServeError
 from traci_ml.core.config import load_config
@@ -33,12 +33,15 @@ from traci_ml.core.link import BrokerLink
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-TESTS = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # tests.helpers.hostile, for the experts
 STEPS = 1500
 RUN = {"train": {"steps": STEPS, "eval_every": 500, "checkpoint_every": 500}}
 HOSTILE = {
     "expert": {
-        "model": {"module": "hostile:PoisonNet", "kwargs": {"victim": 1, "batch": 64}},
+        "model": {
+            "module": "tests.helpers.hostile:PoisonNet",
+            "kwargs": {"victim": 1, "batch": 64},
+        },
     }
 }
 # libzmq's automatic routing ids, the same in every run: 00 + glibc rand() with its seed
@@ -139,9 +142,7 @@ def test_attacks_on_a_live_cluster_are_refused_and_the_run_is_not_poisoned(
     run_config, tmp_path: Path, monkeypatch
 ) -> None:
     clean = clean_accuracy(run_config, tmp_path)
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     path, cfg = run_config({**RUN, **HOSTILE, "run_dir": str(tmp_path / "attacked")}, metrics=True)
     ctx = zmq.Context()
     try:

@@ -13,7 +13,8 @@ import signal
 import time
 
 import pytest
-from cluster import Cluster, assert_at_most_once
+
+from tests.helpers.cluster import Cluster, assert_at_most_once
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(900)]
 

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster import Cluster, assert_at_most_once
 
+from tests.helpers.cluster import Cluster, assert_at_most_once
 from traci_ml.core import checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 import torch
-from cluster import TRACI
 
+from tests.helpers.cluster import TRACI
 from traci_ml.app.cli import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

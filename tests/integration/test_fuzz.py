@@ -24,10 +24,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
-from fuzz_run import FuzzReport, format_report, run_scenario, scrape
-from fuzzing import BROKER_TARGETS, TARGETS, PeerView, RunFacts, batch, draw, emb, grad, reason_of
 
+from tests.helpers.fuzz_run import FuzzReport, format_report, run_scenario, scrape
+from tests.helpers.fuzzing import (
+    BROKER_TARGETS,
+    TARGETS,
+    PeerView,
+    RunFacts,
+    batch,
+    draw,
+    emb,
+    grad,
+    reason_of,
+)
+from tests.helpers.support import FakeBroker
 from traci_ml import proto
 
 TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
@@ -128,38 +138,6 @@ def test_ten_thousand_malformed_messages_during_a_training_run(run_config, tmp_p
 # ---- focused: holes a live run cannot include ---------------------------------------------
 
 
-class FakeBroker:
-    """One ROUTER where the broker would be, heartbeating its one peer."""
-
-    def __init__(self, port: int) -> None:
-        self.context = zmq.Context()
-        self.sock = self.context.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(f"tcp://127.0.0.1:{port}")
-        self.peer = b""
-
-    def send(self, msg: proto.Message) -> None:
-        self.sock.send_multipart([self.peer, *proto.encode(msg)])
-
-    def serve(self, seconds: float) -> list[proto.Message]:
-        """Heartbeat for ``seconds``; returns what the peer sent meanwhile (no HEARTBEATs)."""
-        got, deadline = [], time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.peer:
-                self.send(proto.Heartbeat())
-            if self.sock.poll(100):
-                peer, *frames = self.sock.recv_multipart()
-                self.peer = peer
-                msg = proto.decode(frames)
-                if not isinstance(msg, proto.Heartbeat):
-                    got.append(msg)
-        return got
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        self.context.term()
-
-
 def start_peer(args: list[str], path: Path, log: Path) -> subprocess.Popen:
     with log.open("w") as out:
         return subprocess.Popen([*TRACI, *args, "--config", str(path)], stdout=out,
@@ -204,7 +182,7 @@ def test_reducer_counts_and_survives_kinds_not_meant_for_it(run_config, tmp_path
     finally:
         proc.kill()
         proc.wait()
-        broker.close()
+        broker.close(term=True)
 
 
 @pytest.mark.integration
@@ -247,7 +225,7 @@ def test_expert_refuses_a_forged_answer_and_keeps_the_step(run_config, tmp_path,
     finally:
         proc.kill()
         proc.wait()
-        broker.close()
+        broker.close(term=True)
 
 
 def urlopen_text(port: int) -> str:

@@ -2,7 +2,7 @@
 stranger on the same network tries to get in.
 
 Every service runs from the command line (``traci broker``, ``traci reducer``, ``traci expert
---id I``) in a namespace of its own, and a hub namespace bridges them (``tests/netns.py``):
+--id I``) in a namespace of its own, and a hub namespace bridges them (``tests/helpers/netns.py``):
 peers reach the broker at its bridge address, never over loopback. A "stranger" namespace on
 the same bridge, while training runs, talks to both broker ports with pyzmq directly: a
 plaintext HELLO, plaintext HEARTBEAT and EMB/GRAD under a guessed routing id, a HELLO over
@@ -54,7 +54,7 @@ WRONG_ID = "expert/expert_1_key_as_expert_0"
 
 @pytest.fixture
 def lab():
-    from netns import Lab, unavailable  # tests/netns.py (conftest puts tests/ on the path)
+    from tests.helpers.netns import Lab, unavailable
 
     why = unavailable()
     if why is not None:

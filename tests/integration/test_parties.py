@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from recorder import Recorder
-from support import deep_update, free_ports
 
+from tests.helpers.recorder import Recorder
+from tests.helpers.support import deep_update, free_ports
 from traci_ml.app.partysplit import split_run
 from traci_ml.core.config import load_config
 

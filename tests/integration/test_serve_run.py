@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 import zmq
-from support import free_ports
 
+from tests.helpers.support import free_ports
 from traci_ml import Client
 from traci_ml.app.client import ServeError
 from traci_ml.app.predict import load_predictor, predict_array, split_rows

@@ -3,9 +3,9 @@
 reducer while training goes on. Ends with a table: messages sent by target and category,
 rejections each service counted by reason, crashes, and the run's test accuracy.
 
-Standalone (a ``make fuzz``)::
+Standalone, from the repository root (a ``make fuzz``)::
 
-    .venv/bin/python tests/fuzz_run.py [--messages 10500] [--steps 600] [--seed 0]
+    .venv/bin/python -m tests.helpers.fuzz_run [--messages 10500] [--steps 600] [--seed 0]
 
 ``tests/integration/test_fuzz.py`` runs the same scenario and asserts on the report.
 """
@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from fuzz_proxy import FuzzProxy
-from fuzzing import RunFacts
 
+from tests.helpers.fuzz_proxy import FuzzProxy
+from tests.helpers.fuzzing import RunFacts
+from tests.helpers.support import deep_update, free_ports
 from traci_ml.core.config import load_config
 from traci_ml.core.data import load_dataset
 from traci_ml.core.schedule import schedule_for
@@ -280,9 +281,6 @@ def _service_order(name: str) -> tuple[int, str]:
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from support import deep_update, free_ports
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=10_500)
     parser.add_argument("--steps", type=int, default=600)

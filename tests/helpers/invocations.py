@@ -22,8 +22,8 @@ from typing import Any
 from unittest import mock
 
 import yaml
-from deploytools import DEPLOY
 
+from tests.helpers.deploytools import DEPLOY
 from traci_ml.app import cli
 from traci_ml.core.config import ENV_PREFIX, Config
 from traci_ml.core.data import expert_count

@@ -30,7 +30,8 @@ from typing import Any
 
 import msgpack
 import zmq
-from fuzzing import (
+
+from tests.helpers.fuzzing import (
     BROKER_EXPERTS,
     BROKER_REDUCER,
     EXPERT,
@@ -42,7 +43,6 @@ from fuzzing import (
     RunFacts,
     draw,
 )
-
 from traci_ml import proto
 
 # Share of the malformed messages each target gets.

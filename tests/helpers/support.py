@@ -1,4 +1,4 @@
-"""Helpers shared by the tests (importable as ``support``: tests/ is on sys.path)."""
+"""Free loopback ports, nested config updates and a fake broker, shared by the tests."""
 
 from __future__ import annotations
 
@@ -65,6 +65,14 @@ class FakeBroker:
                 if not isinstance(msg, proto.Heartbeat):
                     return msg
         return None
+
+    def serve(self, seconds: float) -> list[proto.Message]:
+        """Heartbeat for ``seconds``; returns what the peer sent meanwhile (no HEARTBEATs)."""
+        got, deadline = [], time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if (msg := self.next(left)) is not None:
+                got.append(msg)
+        return got
 
     def expect(self, kind: type, timeout: float = 5.0):  # noqa: ANN201 - returns a `kind`
         msg = self.next(timeout)

@@ -1,0 +1,15 @@
+"""Helpers shared by the tests, imported as ``tests.helpers.<module>``.
+
+The repository root is on ``sys.path`` through pytest's ``pythonpath`` setting
+(pyproject.toml); a test that starts Python in a subprocess and needs a helper there
+(``hostile``, ``fuzz_run``) puts the root on that process's ``PYTHONPATH`` or uses ``-m``
+from the root.
+
+- ``support``: free loopback ports, ``deep_update``, a ``FakeBroker`` ROUTER
+- ``cluster``: a ``traci up`` run driven from a test
+- ``fuzzing``, ``fuzz_proxy``, ``fuzz_run``: the malformed-message fuzz scenario
+- ``hostile``: an expert network that poisons what it sends (attack tests)
+- ``netns``: network namespaces for the off-loopback run
+- ``recorder``: a man-in-the-middle that records what the peers say
+- ``deploytools``, ``invocations``, ``compose_env``: the deployment tests' pieces
+"""
