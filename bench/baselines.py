@@ -4,8 +4,8 @@ Two ways to train exactly what TRACI trains (``bench.reference``), step for step
 computes it with ``window: 1`` (the expert sends its *target* net's embedding, the reducer's
 gradient w.r.t. that embedding is applied to the *online* net, then a Polyak update):
 
-* fused: every net in one process, torch using every core. The speed TRACI would have with
-  no split at all.
+* fused: every net in one process, torch using every core: ``traci_ml.core.reference``'s
+  ``ReferenceTrainer``, the algorithm itself. The speed TRACI would have with no split at all.
 * rpc: the same split as TRACI (one process per expert plus the reducer, one torch thread
   each) over ``torch.distributed.rpc`` (TensorPipe) and distributed autograd. What the
   off-the-shelf PyTorch tooling gives for the same job.
@@ -43,10 +43,16 @@ from torch import nn
 from bench.reference import reference_config
 from traci_ml.core.config import Config, validate
 from traci_ml.core.data import load_dataset, view_specs
-from traci_ml.core.models.expert import build_expert_net, make_target, polyak_update
-from traci_ml.core.models.reducer import Reducer, expert_dropout_mask, loss_and_metric
+from traci_ml.core.models.expert import polyak_update
+from traci_ml.core.models.reducer import loss_and_metric
+from traci_ml.core.reference import (
+    ReferenceData,
+    ReferenceTrainer,
+    build_expert,
+    build_reducer,
+    dropout_mask,
+)
 from traci_ml.core.schedule import schedule_for, set_lr
-from traci_ml.core.tensors import derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH_SIZES = (64, 256, 1024)
@@ -84,37 +90,6 @@ def bench_config(*, batch_size: int, steps: int) -> dict[str, Any]:
     )
 
 
-# ---------------------------------------------------------------- model, as TRACI builds it
-
-
-def build_expert(config: Config, expert_id: int, in_dim: int):  # -> (online, target, opt)
-    """Expert ``expert_id``'s online net, its Polyak target and its Adam, seeded as TRACI's
-    expert seeds them (so every baseline starts from TRACI's weights)."""
-    torch.manual_seed(derive_seed(config.seed, "expert", expert_id))
-    online = build_expert_net(config.expert.model, in_dim=in_dim, out_dim=config.embed_dim)
-    opt = torch.optim.Adam(
-        online.parameters(), lr=config.expert.lr, weight_decay=config.expert.weight_decay
-    )
-    return online, make_target(online), opt
-
-
-def build_reducer(config: Config, *, n_experts: int, out_dim: int):  # -> (reducer, opt)
-    torch.manual_seed(derive_seed(config.seed, "reducer"))
-    reducer = Reducer(n_experts=n_experts, d=config.embed_dim, out_dim=out_dim, cfg=config.reducer)
-    opt = torch.optim.Adam(
-        reducer.parameters(), lr=config.reducer.lr, weight_decay=config.reducer.weight_decay
-    )
-    return reducer, opt
-
-
-def _masked(config: Config, absent: torch.Tensor, seq: int) -> torch.Tensor:
-    """The reducer's expert dropout for step ``seq`` (the reference config has none)."""
-    if config.reducer.expert_dropout <= 0:
-        return absent
-    gen = torch.Generator().manual_seed(derive_seed(config.seed, "dropout", seq))
-    return expert_dropout_mask(absent, config.reducer.expert_dropout, gen)
-
-
 def _state(online: nn.Module, target: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     return {
         "online": {k: v.detach().clone() for k, v in online.state_dict().items()},
@@ -144,48 +119,24 @@ def run_fused(
 
 def _fused_loop(config: Config, *, warmup: int, keep_state: bool) -> RunResult:
     ds = load_dataset(config)
-    sched = schedule_for(config, ds)
-    n = ds.n_experts
-    views = [torch.from_numpy(ds.view(i, "train")) for i in range(n)]  # (n_train, F_i)
-    labels = torch.from_numpy(ds.y_train)
-    experts = [build_expert(config, i, views[i].shape[1]) for i in range(n)]
-    reducer, r_opt = build_reducer(config, n_experts=n, out_dim=ds.out_dim)
-    reducer.train()
-    absent = torch.zeros(config.train.batch_size, n, dtype=torch.bool)  # everyone is present
+    data = ReferenceData(config, ds)
+    trainer = ReferenceTrainer.for_dataset(config, ds)
     losses: list[float] = []
     started = time.perf_counter()
     for seq in range(config.train.steps):
         if seq == warmup:
             started = time.perf_counter()
-        step = sched.step(seq)
-        rows = torch.as_tensor(sched.rows(step))  # (B,)
-        # 1. experts: the target nets' embeddings are the tokens (no graph).
-        with torch.no_grad():
-            tokens = torch.stack([t(views[i][rows]) for i, (_, t, _) in enumerate(experts)])
-        tokens.requires_grad_(True)  # (N, B, d)
-        # 2. reducer: forward, backward, step; tokens.grad is what TRACI sends back.
-        logits, _ = reducer(tokens.transpose(0, 1), _masked(config, absent, seq))
-        loss, _ = loss_and_metric(ds.task, logits, labels[rows])
-        r_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        set_lr(r_opt, config.reducer.lr, step.index, config.train)
-        r_opt.step()
-        # 3. experts: the gradient goes into the online net (recomputed), Adam, Polyak.
-        for i, (online, target, opt) in enumerate(experts):
-            out = online(views[i][rows])  # (B, d)
-            opt.zero_grad(set_to_none=True)
-            out.backward(tokens.grad[i])
-            set_lr(opt, config.expert.lr, step.index, config.train)
-            opt.step()
-            polyak_update(target, online, config.expert.tau)
-        losses.append(loss.item())
+        _, batch = data.batch(seq)  # the train views' rows of step seq
+        losses.append(trainer.step(batch))
     seconds = time.perf_counter() - started
     return RunResult(
         batch_size=config.train.batch_size,
         timed_steps=config.train.steps - warmup,
         seconds=seconds,
         losses=losses,
-        experts=[_state(o, t) for o, t, _ in experts] if keep_state else [],
+        experts=[_state(o, t) for o, t in zip(trainer.online, trainer.target, strict=True)]
+        if keep_state
+        else [],
     )
 
 
@@ -276,7 +227,7 @@ def _drive(spec: dict[str, Any]) -> RunResult:
         with dist_autograd.context() as ctx:
             embedded = [_call(e, "forward", rows) for e in experts]
             tokens = torch.stack(torch.futures.wait_all(embedded), dim=1)  # (B, N, d)
-            logits, _ = reducer(tokens, _masked(config, absent, seq))
+            logits, _ = reducer(tokens, dropout_mask(config, absent, seq))
             loss, _ = loss_and_metric(ds.task, logits, labels[rows])
             dist_autograd.backward(ctx, [loss])
             applied = [_call(e, "apply", ctx, step.index) for e in experts]

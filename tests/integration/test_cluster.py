@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from traci_ml.core.config import load_config
+from traci_ml.core.reference import train_reference
 
 pytestmark = pytest.mark.integration
 TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
@@ -78,10 +79,9 @@ def test_services_started_by_hand(run_config, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_window_1_matches_the_fused_computation(run_config):
-    """Lock-step over real sockets equals one process: same losses, same parameters."""
-    from fused import train_fused
-
+def test_window_1_matches_the_reference_computation(run_config):
+    """Lock-step over real sockets equals one process (traci_ml.core.reference): same losses,
+    same parameters."""
     steps = 20
     path, cfg = run_config(
         {
@@ -99,19 +99,20 @@ def test_window_1_matches_the_fused_computation(run_config):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the services run: the same summation order
     try:
-        fused = train_fused(load_config(path))
+        reference = train_reference(load_config(path))
     finally:
         torch.set_num_threads(threads)
-    assert len(dist_losses) == len(fused.losses) == steps
+    trainer = reference.trainer
+    assert len(dist_losses) == len(reference.losses) == steps
     torch.testing.assert_close(
-        torch.tensor(dist_losses), torch.tensor(fused.losses), rtol=1e-5, atol=1e-6
+        torch.tensor(dist_losses), torch.tensor(reference.losses), rtol=1e-5, atol=1e-6
     )
-    for i, (online, target) in enumerate(zip(fused.experts, fused.targets, strict=True)):
+    for i, (online, target) in enumerate(zip(trainer.online, trainer.target, strict=True)):
         state = torch.load(run_dir / "checkpoints" / f"expert-{i}.pt", weights_only=False)
         for name, value in online.state_dict().items():
             torch.testing.assert_close(state["online"][name], value, rtol=1e-5, atol=1e-6)
         for name, value in target.state_dict().items():
             torch.testing.assert_close(state["target"][name], value, rtol=1e-5, atol=1e-6)
     reducer_state = torch.load(run_dir / "checkpoints" / "reducer.pt", weights_only=False)
-    for name, value in fused.reducer.state_dict().items():
+    for name, value in trainer.reducer.state_dict().items():
         torch.testing.assert_close(reducer_state["model"][name], value, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,206 @@
+"""TRACI's training algorithm in one process: the reference the distributed run must equal.
+
+The services compute one training step across processes (the design brief's "Data flow of one
+training step"); here it is whole, with ``window: 1`` semantics. ``ReferenceTrainer.step(batch)``:
+
+1. Each expert ``i`` embeds its own features of the batch with its *target* net, no grad:
+   ``t_i = target_i(x_i)``, (B, d). Rows the expert lacks are zeros and never reach the net.
+2. The tokens are rounded to the wire dtype (``expert.dtype``) and back, as the expert's
+   send and the reducer's receive do; float32 leaves them untouched.
+3. The reducer reads the N tokens of each row with a key padding mask: the absent experts,
+   plus the expert dropout of step ``seq`` (seeded, so every run drops the same tokens).
+4. The loss on the labels; backward; the reducer's Adam steps at the scheduled learning rate.
+5. ``dL/dtokens`` (N, B, d), rounded to the wire dtype like the GRAD, goes back per expert.
+6. Each expert recomputes ``o_i = online_i(x_i)`` on the rows it holds, ``o_i.backward(g_i)``,
+   steps its Adam, then pulls its target along: ``target <- target + tau (online - target)``.
+
+Only target outputs are ever read by the reducer; the gradient only reaches online nets.
+Every net is seeded as its service seeds it, so the first step starts from the same weights.
+``train_reference`` runs a config's whole schedule (eval rounds included) this way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from traci_ml.core.config import Config
+from traci_ml.core.data import Dataset, load_dataset
+from traci_ml.core.models.expert import build_expert_net, make_target, polyak_update
+from traci_ml.core.models.reducer import Reducer, expert_dropout_mask, loss_and_metric
+from traci_ml.core.schedule import Step, schedule_for, set_lr
+from traci_ml.core.tensors import TORCH_DTYPES, derive_seed
+
+
+def build_expert(config: Config, expert_id: int, in_dim: int):  # -> (online, target, opt)
+    """Expert ``expert_id``'s online net, its Polyak target and its Adam, seeded as the
+    expert service seeds them."""
+    torch.manual_seed(derive_seed(config.seed, "expert", expert_id))
+    online = build_expert_net(config.expert.model, in_dim=in_dim, out_dim=config.embed_dim)
+    opt = torch.optim.Adam(
+        online.parameters(), lr=config.expert.lr, weight_decay=config.expert.weight_decay
+    )
+    return online, make_target(online), opt
+
+
+def build_reducer(config: Config, *, n_experts: int, out_dim: int):  # -> (reducer, opt)
+    """The reducer and its Adam, seeded as the reducer service seeds them."""
+    torch.manual_seed(derive_seed(config.seed, "reducer"))
+    reducer = Reducer(n_experts=n_experts, d=config.embed_dim, out_dim=out_dim, cfg=config.reducer)
+    opt = torch.optim.Adam(
+        reducer.parameters(), lr=config.reducer.lr, weight_decay=config.reducer.weight_decay
+    )
+    return reducer, opt
+
+
+def dropout_mask(config: Config, absent: torch.Tensor, seq: int) -> torch.Tensor:
+    """The reducer's padding mask in training step ``seq``: ``absent`` (B, N) plus the expert
+    dropout, drawn from a generator seeded by ``seq`` as the reducer service seeds it."""
+    if config.reducer.expert_dropout <= 0:
+        return absent  # no generator to make (the mask would be ``absent`` anyway)
+    gen = torch.Generator().manual_seed(derive_seed(config.seed, "dropout", seq))
+    return expert_dropout_mask(absent, config.reducer.expert_dropout, gen)
+
+
+@dataclass
+class Batch:
+    """One step's inputs: what each party holds of the batch's rows."""
+
+    xs: list[torch.Tensor]  # per expert, (B, F_i): its own features of the rows
+    y: torch.Tensor  # (B,) the label holder's labels
+    seq: int  # place in the schedule: seeds the expert dropout
+    index: int  # train step number: the learning-rate schedule
+    # (B, N) bool, True where expert i lacks row b (None: all present). Rows no expert holds
+    # are the caller's to drop first, as the reducer service does.
+    absent: torch.Tensor | None = None
+
+
+class ReferenceTrainer:
+    """N experts (online net, target net, Adam each) and the reducer (+ Adam), in one process."""
+
+    def __init__(self, config: Config, *, in_dims: Sequence[int], out_dim: int, task: str):
+        self.config, self.task, self.n = config, task, len(in_dims)
+        self.online, self.target, self.opts = [], [], []
+        for i, in_dim in enumerate(in_dims):  # in expert order: each is seeded on its own
+            online, target, opt = build_expert(config, i, in_dim)
+            self.online.append(online)
+            self.target.append(target)
+            self.opts.append(opt)
+        self.reducer, self.reducer_opt = build_reducer(config, n_experts=self.n, out_dim=out_dim)
+        self.wire = TORCH_DTYPES[config.expert.dtype]
+
+    @classmethod
+    def for_dataset(cls, config: Config, ds: Dataset) -> ReferenceTrainer:
+        in_dims = [len(ds.view_columns(i)) for i in range(ds.n_experts)]
+        return cls(config, in_dims=in_dims, out_dim=ds.out_dim, task=ds.task)
+
+    def _absent(self, batch: Batch) -> torch.Tensor:
+        if batch.absent is not None:
+            return batch.absent
+        return torch.zeros(len(batch.y), self.n, dtype=torch.bool)
+
+    @torch.no_grad()
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """Steps 1-2: the tokens (N, B, d) the reducer receives."""
+        tokens = []
+        for i, x in enumerate(batch.xs):
+            if batch.absent is None:
+                t = self.target[i](x)
+            else:  # the expert embeds only the rows it holds; the rest stay zeros
+                held = ~batch.absent[:, i]
+                t = torch.zeros(len(x), self.config.embed_dim)
+                if held.any():
+                    t[held] = self.target[i](x[held]).to(t.dtype)
+            tokens.append(t)
+        return torch.stack(tokens).to(self.wire).float()  # the wire's rounding
+
+    def step(self, batch: Batch) -> float:
+        """One training step (1-6 above); returns the loss."""
+        cfg = self.config
+        tokens = self.embed(batch).requires_grad_(True)  # (N, B, d)
+        masked = dropout_mask(cfg, self._absent(batch), batch.seq)
+        self.reducer.train()
+        logits, _ = self.reducer(tokens.transpose(0, 1), masked)
+        loss, _ = loss_and_metric(self.task, logits, batch.y)
+        self.reducer_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        set_lr(self.reducer_opt, cfg.reducer.lr, batch.index, cfg.train)
+        self.reducer_opt.step()
+        grads = tokens.grad.to(self.wire)  # the GRAD on the wire, (N, B, d)
+        for i, (online, target, opt) in enumerate(
+            zip(self.online, self.target, self.opts, strict=True)
+        ):
+            x, g = batch.xs[i], grads[i]
+            if batch.absent is not None:  # an absent row's gradient is not this expert's
+                held = ~batch.absent[:, i]
+                x, g = x[held], g[held]
+            if not len(x):
+                continue  # nothing held: no step, no Polyak update (as the expert does)
+            online.train()
+            out = online(x)  # (B_held, d), recomputed with the current weights
+            opt.zero_grad(set_to_none=True)
+            out.backward(g.to(out.dtype))
+            set_lr(opt, cfg.expert.lr, batch.index, cfg.train)
+            opt.step()
+            polyak_update(target, online, cfg.expert.tau)
+        return loss.item()
+
+    @torch.no_grad()
+    def evaluate(self, batch: Batch) -> torch.Tensor:
+        """The reducer's prediction (logits, (B, out)) from the targets' tokens; no update."""
+        self.reducer.eval()
+        logits, _ = self.reducer(self.embed(batch).transpose(0, 1), self._absent(batch))
+        return logits
+
+
+class ReferenceData:
+    """Every party's data, indexed by the schedule: ``batch(seq)`` is step ``seq``'s batch."""
+
+    def __init__(self, config: Config, ds: Dataset) -> None:
+        self.schedule = schedule_for(config, ds)
+        self.views = {
+            phase: [torch.from_numpy(ds.view(i, split)) for i in range(ds.n_experts)]
+            for phase, split in (("train", "train"), ("eval", "test"))
+        }
+        self.labels = {"train": torch.from_numpy(ds.y_train), "eval": torch.from_numpy(ds.y_test)}
+
+    def batch(self, seq: int) -> tuple[Step, Batch]:
+        """Step ``seq`` of the schedule and its batch."""
+        step = self.schedule.step(seq)
+        rows = torch.as_tensor(self.schedule.rows(step))
+        xs = [view[rows] for view in self.views[step.phase]]
+        return step, Batch(xs, self.labels[step.phase][rows], seq, step.index)
+
+
+@dataclass
+class ReferenceRun:
+    trainer: ReferenceTrainer
+    losses: list[float] = field(default_factory=list)  # per train step
+    eval_metrics: list[float] = field(default_factory=list)  # per eval round: accuracy or RMSE
+
+
+def train_reference(config: Config, *, max_seq: int | None = None) -> ReferenceRun:
+    """``config``'s schedule (its first ``max_seq`` steps), trained in this process."""
+    ds = load_dataset(config)
+    data = ReferenceData(config, ds)
+    run = ReferenceRun(ReferenceTrainer.for_dataset(config, ds))
+    total = data.schedule.total if max_seq is None else min(max_seq, data.schedule.total)
+    score = seen = 0.0  # eval round so far: correct rows, or squared error
+    for seq in range(total):
+        step, batch = data.batch(seq)
+        if step.phase == "train":
+            run.losses.append(run.trainer.step(batch))
+            continue
+        logits = run.trainer.evaluate(batch)
+        if ds.task == "classification":
+            score += int((logits.argmax(-1) == batch.y).sum())
+        else:
+            score += float(((logits.squeeze(-1) - batch.y) ** 2).sum())
+        seen += len(batch.y)
+        if step.last_in_round:
+            run.eval_metrics.append(score / seen if ds.task == "classification" else
+                                    (score / seen) ** 0.5)  # fmt: skip
+            score = seen = 0.0
+    return run
