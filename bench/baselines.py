@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 from torch import nn
 
+from bench.e2e import free_ports
 from bench.reference import reference_config
 from traci_ml.core.config import Config, validate
 from traci_ml.core.data import load_dataset, view_specs
@@ -298,13 +298,13 @@ def run_rpc(
             "warmup": warmup,
             "threads": threads,
             "keep_state": keep_state,
-            "port": _free_port(),
+            "port": free_ports(1)[0],
             "world_size": world_size,
             "result": str(result_path),
         }
         spec_path.write_text(json.dumps(spec))
         logs = [Path(tmp) / f"rank{rank}.log" for rank in range(world_size)]
-        _run_processes(
+        run_processes(
             [
                 [sys.executable, "-m", "bench.baselines", "--rpc-worker", str(rank), str(spec_path)]
                 for rank in range(world_size)
@@ -316,7 +316,7 @@ def run_rpc(
         return RunResult(**torch.load(result_path, weights_only=True))
 
 
-def _run_processes(
+def run_processes(
     commands: list[list[str]], *, logs: list[Path], env: dict[str, str], timeout: float
 ) -> None:
     """Run ``commands`` together; raise (after killing the rest) when one fails or time runs
@@ -362,12 +362,6 @@ def _die_with_parent() -> None:
 
 def _tail(log: Path, chars: int = 3000) -> str:
     return log.read_text(errors="replace")[-chars:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rpc_samples_per_sec(

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
-
-from bench.baselines import _run_processes, run_fused, run_rpc  # noqa: E402
+from bench.baselines import run_fused, run_processes, run_rpc
 from bench.reference import reference_config  # noqa: E402
 from traci_ml.core.config import validate  # noqa: E402
 from traci_ml.core.reference import build_expert, train_reference  # noqa: E402
@@ -105,7 +103,7 @@ def test_a_failing_process_takes_the_others_down(tmp_path):
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     started = time.monotonic()
     with pytest.raises(RuntimeError, match="rank 1 failed:\nboom"):
-        _run_processes(commands, logs=logs, env=dict(os.environ), timeout=30)
+        run_processes(commands, logs=logs, env=dict(os.environ), timeout=30)
     assert time.monotonic() - started < 10
     with pytest.raises(ProcessLookupError):  # killed and reaped
         os.kill(int(Path(pid_file).read_text()), 0)
