@@ -433,12 +433,13 @@ class BrokerService:
         self, outcome: Outcome, socket: str = "", routing_id: bytes = b"", about: object = None
     ) -> None:
         """Send what the book decided and count it. ``about``: the message (or decode error)
-        it answers, whose ``seq``, if any, a rejection's log line names."""
-        for send in outcome.sends:
-            self._send(send.socket, send.routing_id, send.message)
+        it answers, whose ``seq``, if any, a rejection's log line names. A rejection is
+        counted before its answer goes out: a peer that reads the answer sees the count."""
         if outcome.rejected is not None:
             seq = getattr(about, "seq", None)
             self._rejected(outcome.rejected, socket, routing_id, seq, outcome.detail)
+        for send in outcome.sends:
+            self._send(send.socket, send.routing_id, send.message)
         for note in outcome.notes:
             log.info("broker: %s", note)
         for wait in outcome.join_waits:
