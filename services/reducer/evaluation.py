@@ -1,7 +1,7 @@
 """The reducer's evaluation bookkeeping: the eval batches of a round accumulated (in the final
 round also the same rows with each single expert masked), the ``eval`` record of a finished
 round (and, after the final one, ``eval_predictions.csv``), the eval history, and the contents
-of ``summary.json`` built from it. The model runs in the reducer loop (``worker.py``); only the
+of ``summary.json`` built from it. The model runs in the reducer loop (``service.py``); only the
 final round's per-missing-expert passes are run here."""
 
 from __future__ import annotations
