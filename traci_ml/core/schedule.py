@@ -14,8 +14,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: the schedule needs no config or data module to run
+    from traci_ml.core.config import Config, TrainConfig
+    from traci_ml.core.data import Dataset
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +95,7 @@ def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return perm
 
 
-def lr_factor(index: int, train) -> float:  # noqa: ANN001 - a TrainConfig
+def lr_factor(index: int, train: TrainConfig) -> float:
     """Multiplier of the base learning rate at train step ``index``: linear warm-up over
     ``train.warmup_steps``, then 1 (constant) or a cosine from 1 down to
     ``train.min_lr_ratio`` at the last step. A pure function of the step, so an expert and
@@ -105,7 +110,7 @@ def lr_factor(index: int, train) -> float:  # noqa: ANN001 - a TrainConfig
     return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def set_lr(optimizer, base: float, index: int, train) -> None:  # noqa: ANN001
+def set_lr(optimizer, base: float, index: int, train: TrainConfig) -> None:  # noqa: ANN001
     """Sets every parameter group of ``optimizer`` to the scheduled rate for train step
     ``index``."""
     lr = base * lr_factor(index, train)
@@ -113,11 +118,11 @@ def set_lr(optimizer, base: float, index: int, train) -> None:  # noqa: ANN001
         group["lr"] = lr
 
 
-def schedule_for(config, dataset) -> Schedule:  # noqa: ANN001 - avoid import cycles
+def schedule_for(config: Config, dataset: Dataset) -> Schedule:
     return make_schedule(config, len(dataset.y_train), len(dataset.y_test))
 
 
-def make_schedule(config, n_train: int, n_test: int) -> Schedule:  # noqa: ANN001
+def make_schedule(config: Config, n_train: int, n_test: int) -> Schedule:
     """The run's schedule over ``n_train`` train and ``n_test`` test rows (the label
     holder's counts; in parties mode an expert learns them when it aligns)."""
     return Schedule(
