@@ -20,9 +20,11 @@ field has one writer) and hand back their timing arrays through a ``multiprocess
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import ctypes
+import json
 import math
 import multiprocessing as mp
 import os
@@ -31,8 +33,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import yaml
+import zmq
 
 from bench.e2e import free_ports
 from traci_ml.proto import Ack, Emb, Grad, Hello, Tensor, encode
@@ -344,6 +348,40 @@ def stop_stacks(procs: Procs, stacks: list[Stack], logs: Path) -> None:
             raise RuntimeError(f"{stack.name}: {errors} unexpected messages\n{tail}")
 
 
+@contextlib.contextmanager
+def started(
+    names: Sequence[str], start: Callable[[Procs, str, Path], Stack]
+) -> Iterator[tuple[Procs, list[Stack], Path]]:
+    """``start(procs, name, folder)`` for each name, each in its own folder of a fresh temporary
+    one; yields the processes, the stacks and that temporary folder, all stopped on exit."""
+    with Procs() as procs, tempfile.TemporaryDirectory(prefix="traci-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        stacks = []
+        for name in names:
+            (tmp / name).mkdir()
+            stacks.append(start(procs, name, tmp / name))
+        yield procs, stacks, tmp
+
+
+def measure_stacks(
+    names: Sequence[str],
+    start: Callable[[Procs, str, Path, Path | None], Stack],
+    *,
+    rounds: int,
+    duration: float,
+    profile: Profile | None = None,
+) -> tuple[list[Stack], dict[str, list[Window]]]:
+    """A stack per name, all started at once (``start(procs, name, folder, cprofile)``, the
+    last the broker's cProfile output or None); ``interleave``d, then stopped."""
+    cprofile = profile.out if profile and profile.tool == "cprofile" else None
+    with started(names, lambda p, name, tmp: start(p, name, tmp, cprofile)) as (procs, stacks, tmp):
+        windows = interleave(procs, stacks, rounds=rounds, duration=duration, profile=profile)
+        stop_stacks(procs, stacks, tmp)
+        if cprofile is not None:
+            procs.stop_broker()
+    return stacks, windows
+
+
 def wait_until(condition: Callable[[], bool], procs: Procs, *, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -402,6 +440,15 @@ def peek(header: bytes | memoryview) -> tuple[str, int]:
     """(kind, seq) of a received header; seq is -1 for kinds without one."""
     fields = msgpack.unpackb(header)
     return fields["k"], fields.get("seq", -1)
+
+
+def drain(sock: Any, most: int, *, copy: bool = True) -> Iterator[list]:
+    """Up to ``most`` multipart messages ``sock`` holds now, without waiting for more."""
+    for _ in range(most):
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+        except zmq.Again:
+            return
 
 
 def hello_expert(expert_id: int, dim: int, window: int) -> list[bytes]:
@@ -505,6 +552,48 @@ def print_profile(title: str, profile: dict) -> None:
     print(f"--- {title}: {profile['samples']} samples; self%  |  total%")
     for (s_pct, s_fn), (t_pct, t_fn) in zip(profile["self"], profile["total"], strict=False):
         print(f"{s_pct:5.1f}  {s_fn[:60]:60}  | {t_pct:5.1f}  {t_fn[:60]}")
+
+
+def show_profile(title: str, profiler: str, out: Path) -> None:
+    """Print the profile ``out`` that ``profiler`` (a ``Profile.tool``) wrote."""
+    if profiler.startswith("pyspy"):
+        print_profile(title, hot_functions(out))
+    else:
+        print_cprofile(title, out)
+
+
+# --------------------------------------------------------------------------------------
+# The command line of transport and scaling
+# --------------------------------------------------------------------------------------
+
+
+def suite_main(
+    argv: list[str] | None,
+    *,
+    doc: str,
+    repeats: int,
+    profile_help: str,
+    run: Callable[..., dict],
+    table: Callable[[dict], str],
+    profile: Callable[[Path, str], None],
+) -> None:
+    """``[--quick] [--repeats N] [--json FILE]``: ``run`` the suite and print its ``table``;
+    ``--profile DIR [--profiler ...]``: ``profile(DIR, profiler)`` instead."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one short repeat")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--json", type=Path, help="also write the full result here")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help=profile_help)
+    parser.add_argument("--profiler", choices=("pyspy", "pyspy-wall", "cprofile"), default="pyspy")
+    args = parser.parse_args(argv)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        profile(args.profile, args.profiler)
+        return
+    result = run(repeats=args.repeats, quick=args.quick)
+    print(table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -32,9 +32,6 @@ dependency: ``.venv/bin/pip install py-spy``; see ``bench.load.Profile`` for wha
 
 from __future__ import annotations
 
-import argparse
-import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -53,16 +50,15 @@ from bench.load import (
     await_welcome,
     broker_config,
     check_grad_header,
+    drain,
     free_ports,
     grad_header,
     hello_expert,
     hello_reducer,
-    hot_functions,
-    interleave,
+    measure_stacks,
     peek,
-    print_cprofile,
-    print_profile,
-    stop_stacks,
+    show_profile,
+    suite_main,
     summary,
 )
 
@@ -105,11 +101,7 @@ def experts(endpoint: str, ids: list[int], shared: Shared, results: Any) -> None
         was_paused = paused
         for sock, _ in poller.poll(POLL_MS):
             k = index[sock]
-            for _ in range(64):
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            for frames in drain(sock, 64):
                 kind, seq = peek(frames[0])
                 if kind == "GRAD":
                     acked[k] = max(acked[k], seq + 1)
@@ -134,11 +126,7 @@ def reducer(endpoint: str, n_experts: int, shared: Shared, results: Any) -> None
     while not shared.stop.value:
         if not sock.poll(POLL_MS):
             continue
-        for _ in range(64):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for frames in drain(sock, 64):
             kind, seq = peek(frames[0])
             if kind != "BATCH":
                 if kind != "HEARTBEAT":
@@ -173,17 +161,13 @@ def session(
 ) -> dict[int, list[dict]]:
     """A broker per expert count, all started at once; each round measures every one for
     ``duration`` s in turn, the others paused."""
-    cprofile = profile.out if profile and profile.tool == "cprofile" else None
-    with Procs() as procs, tempfile.TemporaryDirectory(prefix="traci-bench-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        stacks = []
-        for n in counts:
-            (tmp / str(n)).mkdir()
-            stacks.append(_start(procs, n, tmp / str(n), cprofile=cprofile))
-        windows = interleave(procs, stacks, rounds=rounds, duration=duration, profile=profile)
-        stop_stacks(procs, stacks, tmp)
-        if cprofile is not None:
-            procs.stop_broker()
+    _, windows = measure_stacks(
+        [str(n) for n in counts],
+        lambda procs, name, tmp, cprofile: _start(procs, int(name), tmp, cprofile=cprofile),
+        rounds=rounds,
+        duration=duration,
+        profile=profile,
+    )
     return {n: [_figures(w, n) for w in windows[str(n)]] for n in counts}
 
 
@@ -258,34 +242,24 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _profile(folder: Path, profiler: str) -> None:
+    for n in (EXPERTS[0], EXPERTS[-1]):
+        out = folder / f"broker-{n}-experts.{profiler}"
+        fig = session((n,), rounds=1, duration=5.0, profile=Profile(profiler, out))[n][0]
+        print(n, "experts:", {k: round(v, 6) for k, v in fig.items()})
+        show_profile(f"broker, {n} experts", profiler, out)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one short repeat")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="also write the full result here")
-    parser.add_argument(
-        "--profile",
-        type=Path,
-        metavar="DIR",
-        help="instead: profile the broker at 4 and 64 experts into DIR",
+    suite_main(
+        argv,
+        doc=__doc__,
+        repeats=3,
+        profile_help="instead: profile the broker at 4 and 64 experts into DIR",
+        run=run,
+        table=table,
+        profile=_profile,
     )
-    parser.add_argument("--profiler", choices=("pyspy", "pyspy-wall", "cprofile"), default="pyspy")
-    args = parser.parse_args(argv)
-    if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
-        for n in (EXPERTS[0], EXPERTS[-1]):
-            out = args.profile / f"broker-{n}-experts.{args.profiler}"
-            fig = session((n,), rounds=1, duration=5.0, profile=Profile(args.profiler, out))[n][0]
-            print(n, "experts:", {k: round(v, 6) for k, v in fig.items()})
-            if args.profiler.startswith("pyspy"):
-                print_profile(f"broker, {n} experts", hot_functions(out))
-            else:
-                print_cprofile(f"broker, {n} experts", out)
-        return
-    result = run(repeats=args.repeats, quick=args.quick)
-    print(table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -43,9 +43,6 @@ min/max.
 
 from __future__ import annotations
 
-import argparse
-import json
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,16 +62,16 @@ from bench.load import (
     ack,
     await_welcome,
     broker_config,
+    drain,
     endpoints,
     hello_expert,
     hello_reducer,
-    hot_functions,
-    interleave,
+    measure_stacks,
     peek,
     percentiles_us,
-    print_cprofile,
-    print_profile,
-    stop_stacks,
+    show_profile,
+    started,
+    suite_main,
     summary,
     wait_until,
 )
@@ -157,11 +154,7 @@ def sender(spec: SenderSpec, shared: Shared, results: Any) -> None:
             break
         if not inbox.poll(POLL_MS):
             continue
-        for _ in range(256):
-            try:
-                frames = inbox.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for frames in drain(inbox, 256):
             kind, got = peek(frames[0])
             if kind == "ACK":
                 if timed:
@@ -196,11 +189,7 @@ def receiver(spec: ReceiverSpec, shared: Shared, results: Any) -> None:
     while not shared.stop.value:
         if not sock.poll(POLL_MS):
             continue
-        for _ in range(256):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
+        for frames in drain(sock, 256, copy=False):
             now = time.monotonic_ns()
             head = 1 if routed else 0
             fields = msgpack.unpackb(frames[head].buffer)
@@ -293,20 +282,14 @@ def throughput(
     profile: Profile | None = None,
 ) -> dict[str, list[dict]]:
     """Each path ``rounds`` times for ``duration`` s, all started, one unpaused at a time."""
-    cprofile = profile.out if profile and profile.tool == "cprofile" else None
-    with Procs() as procs, tempfile.TemporaryDirectory(prefix="traci-bench-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        stacks = []
-        for path in paths:
-            (tmp / path).mkdir()
-            stacks.append(
-                _start(procs, path, tmp / path, n_senders=SENDERS, window=WINDOW,
-                       sizes=(nbytes,), cprofile=cprofile if path == "broker" else None)
-            )  # fmt: skip
-        windows = interleave(procs, stacks, rounds=rounds, duration=duration, profile=profile)
-        stop_stacks(procs, stacks, tmp)
-        if cprofile is not None:
-            procs.stop_broker()
+
+    def start(procs: Procs, path: str, tmp: Path, cprofile: Path | None) -> Stack:
+        return _start(procs, path, tmp, n_senders=SENDERS, window=WINDOW, sizes=(nbytes,),
+                      cprofile=cprofile if path == "broker" else None)  # fmt: skip
+
+    stacks, windows = measure_stacks(
+        paths, start, rounds=rounds, duration=duration, profile=profile
+    )
     return {
         stack.name: [
             _figures(w, nbytes, has_forwarder=bool(stack.main)) for w in windows[stack.name]
@@ -333,15 +316,12 @@ def latency(paths: tuple[str, ...], *, warm: int, count: int) -> dict[str, dict[
     per_size = warm + count
     counts = (per_size,) * len(sizes)
     out: dict[str, dict[str, dict]] = {}
-    with Procs() as procs, tempfile.TemporaryDirectory(prefix="traci-bench-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        stacks = []
-        for path in paths:
-            (tmp / path).mkdir()
-            stacks.append(
-                _start(procs, path, tmp / path, n_senders=1, window=1, sizes=sizes,
-                       counts=counts, record=per_size * len(sizes))
-            )  # fmt: skip
+
+    def start(procs: Procs, path: str, tmp: Path) -> Stack:
+        return _start(procs, path, tmp, n_senders=1, window=1, sizes=sizes, counts=counts,
+                      record=per_size * len(sizes))  # fmt: skip
+
+    with started(paths, start) as (procs, stacks, _):
         for stack in stacks:
             what = f"{stack.name}: peers registered"
             wait_until(lambda s=stack: all(s.shared.ready), procs, timeout=60, what=what)
@@ -482,37 +462,27 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _profile(folder: Path, profiler: str) -> None:
+    paths = ("broker", "null") if profiler.startswith("pyspy") else ("broker",)
+    for name, nbytes in SIZES.items():
+        for path in paths:
+            out = folder / f"{path}-{name}.{profiler}"
+            prof = Profile(profiler, out)
+            fig = throughput(nbytes, (path,), rounds=1, duration=5.0, profile=prof)[path][0]
+            print(path, name, {k: v and round(v, 3) for k, v in fig.items()})
+            show_profile(f"{path} {name}", profiler, out)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one short repeat")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path, help="also write the full result here")
-    parser.add_argument(
-        "--profile",
-        type=Path,
-        metavar="DIR",
-        help="instead: profile the broker (py-spy: and the null forwarder)",
+    suite_main(
+        argv,
+        doc=__doc__,
+        repeats=5,
+        profile_help="instead: profile the broker (py-spy: and the null forwarder)",
+        run=run,
+        table=table,
+        profile=_profile,
     )
-    parser.add_argument("--profiler", choices=("pyspy", "pyspy-wall", "cprofile"), default="pyspy")
-    args = parser.parse_args(argv)
-    if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
-        paths = ("broker", "null") if args.profiler.startswith("pyspy") else ("broker",)
-        for name, nbytes in SIZES.items():
-            for path in paths:
-                out = args.profile / f"{path}-{name}.{args.profiler}"
-                prof = Profile(args.profiler, out)
-                fig = throughput(nbytes, (path,), rounds=1, duration=5.0, profile=prof)[path][0]
-                print(path, name, {k: v and round(v, 3) for k, v in fig.items()})
-                if args.profiler.startswith("pyspy"):
-                    print_profile(f"{path} {name}", hot_functions(out))
-                else:
-                    print_cprofile(f"{path} {name}", out)
-        return
-    result = run(repeats=args.repeats, quick=args.quick)
-    print(table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
