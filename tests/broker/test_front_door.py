@@ -3,33 +3,17 @@ errors and bounds, as pure logic; then the same through a real BrokerService ove
 
 from __future__ import annotations
 
-import threading
-import time
+from collections.abc import Iterator
 
 import msgpack
 import numpy as np
 import pytest
-import zmq
 
-from traci_ml.core.config import load_config
-from traci_ml.proto import (
-    SERVE_OK,
-    Heartbeat,
-    Hello,
-    QBatch,
-    QEmb,
-    QOut,
-    Query,
-    Reply,
-    Tensor,
-    Welcome,
-    decode,
-    encode,
-)
+from tests.helpers.broker_net import BrokerNet, recv
+from traci_ml import proto
 from traci_ml.services.broker.metrics import BrokerMetrics
 from traci_ml.services.broker.outcomes import EXPERT, REDUCER
 from traci_ml.services.broker.serve import CLIENT, ServeDesk
-from traci_ml.services.broker.service import BrokerService
 
 pytestmark = pytest.mark.timeout(30)
 D, N = 4, 3
@@ -39,9 +23,9 @@ REDUCER_ID = b"red"
 PEERS = (EXPERTS, REDUCER_ID)
 
 
-def rows(n: int, start: float = 0.0, columns: tuple[str, ...] = COLUMNS) -> Tensor:
+def rows(n: int, start: float = 0.0, columns: tuple[str, ...] = COLUMNS) -> proto.Tensor:
     values = np.arange(n * len(columns), dtype=np.float32).reshape(n, len(columns)) + start
-    return Tensor.from_numpy(values)
+    return proto.Tensor.from_numpy(values)
 
 
 def make_desk(**kw) -> tuple[ServeDesk, BrokerMetrics]:
@@ -65,22 +49,22 @@ def sends(outcome, socket: str) -> list:
     return [s for s in outcome.sends if s.socket == socket]
 
 
-def answer_experts(desk: ServeDesk, query: Query, now: float, skip: tuple[int, ...] = ()):
+def answer_experts(desk: ServeDesk, query: proto.Query, now: float, skip: tuple[int, ...] = ()):
     """Every expert (but ``skip``) answers ``query`` with embeddings of value id+1."""
     out = None
     for eid, rid in EXPERTS.items():
         if eid in skip:
             continue
-        emb = Tensor.from_numpy(np.full((query.tensors[0].shape[0], D), eid + 1, np.float32))
-        out = desk.qemb(rid, QEmb(query.qid, eid, SERVE_OK, "", (emb,)), now, PEERS)
+        emb = proto.Tensor.from_numpy(np.full((query.tensors[0].shape[0], D), eid + 1, np.float32))
+        out = desk.qemb(rid, proto.QEmb(query.qid, eid, proto.SERVE_OK, "", (emb,)), now, PEERS)
     return out
 
 
-def outputs_for(batch: QBatch, columns: int = 2) -> QOut:
+def outputs_for(batch: proto.QBatch, columns: int = 2) -> proto.QOut:
     rows_ = batch.tensors[0].shape[0]
     values = np.arange(rows_ * columns, dtype=np.float32).reshape(rows_, columns)
-    return QOut(batch.qid, SERVE_OK, "", "classification", ("x", "y"),
-                (Tensor.from_numpy(values),))  # fmt: skip
+    return proto.QOut(batch.qid, proto.SERVE_OK, "", "classification", ("x", "y"),
+                (proto.Tensor.from_numpy(values),))  # fmt: skip
 
 
 # ---- batching ----------------------------------------------------------------------------
@@ -90,7 +74,7 @@ def test_concurrent_requests_travel_together_and_split_back() -> None:
     desk, metrics = make_desk()
     for k, n in enumerate((2, 3, 1)):
         out = desk.request(
-            f"c{k}".encode(), Query(100 + k, COLUMNS, (rows(n, 10 * k),)), 0.0, PEERS
+            f"c{k}".encode(), proto.Query(100 + k, COLUMNS, (rows(n, 10 * k),)), 0.0, PEERS
         )
         assert not out.sends  # waiting for company
     assert desk.next_deadline() == pytest.approx(0.01)
@@ -109,7 +93,7 @@ def test_concurrent_requests_travel_together_and_split_back() -> None:
     replies = {s.routing_id: s.message for s in sends(out, CLIENT)}
     assert set(replies) == {b"c0", b"c1", b"c2"}
     assert [replies[f"c{k}".encode()].qid for k in range(3)] == [100, 101, 102]
-    assert all(r.status == SERVE_OK and r.batch_rows == 6 for r in replies.values())
+    assert all(r.status == proto.SERVE_OK and r.batch_rows == 6 for r in replies.values())
     assert replies[b"c1"].tensors[0].numpy().tolist() == [[4, 5], [6, 7], [8, 9]]
     assert replies[b"c0"].experts == (0, 1, 2) and replies[b"c0"].expert_names == ("v0", "v1", "v2")
     assert count(metrics, "ok") == 3
@@ -119,33 +103,33 @@ def test_concurrent_requests_travel_together_and_split_back() -> None:
 
 def test_a_full_group_leaves_at_once_and_the_next_request_opens_another() -> None:
     desk, _ = make_desk(max_batch_rows=4)
-    assert not desk.request(b"c0", Query(1, COLUMNS, (rows(3),)), 0.0, PEERS).sends
-    out = desk.request(b"c1", Query(2, COLUMNS, (rows(2),)), 0.0, PEERS)  # 5 > 4: c0 leaves
+    assert not desk.request(b"c0", proto.Query(1, COLUMNS, (rows(3),)), 0.0, PEERS).sends
+    out = desk.request(b"c1", proto.Query(2, COLUMNS, (rows(2),)), 0.0, PEERS)  # 5 > 4: c0 leaves
     assert [s.message.tensors[0].shape for s in sends(out, EXPERT)][0] == (3, 3)
-    out = desk.request(b"c2", Query(3, COLUMNS, (rows(2),)), 0.0, PEERS)  # 2 + 2 = 4: full
+    out = desk.request(b"c2", proto.Query(3, COLUMNS, (rows(2),)), 0.0, PEERS)  # 2 + 2 = 4: full
     assert sends(out, EXPERT)[0].message.tensors[0].shape == (4, 3)
 
 
 def test_no_batching_sends_each_request_alone_zero_copy() -> None:
     desk, _ = make_desk(max_wait=0.0)
     tensor = rows(2)
-    out = desk.request(b"c0", Query(1, COLUMNS, (tensor,)), 0.0, PEERS)
+    out = desk.request(b"c0", proto.Query(1, COLUMNS, (tensor,)), 0.0, PEERS)
     assert sends(out, EXPERT)[0].message.tensors[0] is tensor  # the client's frame, forwarded
 
 
 def test_column_lists_batch_separately_and_experts_pick_by_name() -> None:
     desk, _ = make_desk(max_wait=0.0)
-    out1 = desk.request(b"c0", Query(1, COLUMNS, (rows(1),)), 0.0, PEERS)
-    out2 = desk.request(b"c1", Query(2, ("c", "b", "a", "z"), (rows(1, 0, ("c", "b", "a", "z")),)),
-                        0.0, PEERS)  # fmt: skip
+    out1 = desk.request(b"c0", proto.Query(1, COLUMNS, (rows(1),)), 0.0, PEERS)
+    columns = ("c", "b", "a", "z")
+    out2 = desk.request(b"c1", proto.Query(2, columns, (rows(1, 0, columns),)), 0.0, PEERS)
     assert sends(out1, EXPERT)[0].message.columns == COLUMNS
     assert sends(out2, EXPERT)[0].message.columns == ("c", "b", "a", "z")
 
 
 def test_inflight_queries_are_bounded_and_launch_as_others_finish() -> None:
     desk, _ = make_desk(max_wait=0.0, max_inflight=1)
-    first = sends(desk.request(b"c0", Query(1, COLUMNS, (rows(1),)), 0.0, PEERS), EXPERT)
-    assert first and not desk.request(b"c1", Query(2, COLUMNS, (rows(1),)), 0.0, PEERS).sends
+    first = sends(desk.request(b"c0", proto.Query(1, COLUMNS, (rows(1),)), 0.0, PEERS), EXPERT)
+    assert first and not desk.request(b"c1", proto.Query(2, COLUMNS, (rows(1),)), 0.0, PEERS).sends
     assert desk.inflight == 1 and desk.queued == 1
     batch = sends(answer_experts(desk, first[0].message, 0.0), REDUCER)[0].message
     out = desk.qout(REDUCER_ID, outputs_for(batch), 0.0, PEERS)
@@ -157,7 +141,7 @@ def test_inflight_queries_are_bounded_and_launch_as_others_finish() -> None:
 
 def test_an_expert_that_does_not_answer_in_time_is_masked() -> None:
     desk, metrics = make_desk(max_wait=0.0)
-    query = sends(desk.request(b"c0", Query(7, COLUMNS, (rows(2),)), 0.0, PEERS), EXPERT)[0]
+    query = sends(desk.request(b"c0", proto.Query(7, COLUMNS, (rows(2),)), 0.0, PEERS), EXPERT)[0]
     assert not sends(answer_experts(desk, query.message, 0.1, skip=(1,)), REDUCER)
     assert desk.next_deadline() == pytest.approx(1.0)
     (batch,) = sends(desk.tick(1.0, PEERS), REDUCER)
@@ -166,13 +150,15 @@ def test_an_expert_that_does_not_answer_in_time_is_masked() -> None:
     (reply,) = sends(desk.qout(REDUCER_ID, outputs_for(batch.message), 1.1, PEERS), CLIENT)
     assert reply.message.experts == (0, 2) and reply.message.expert_names == ("v0", "v2")
     assert metrics.registry.get_sample_value("traci_broker_serve_masked_total", {"expert": "1"})
-    late = QEmb(7, 1, SERVE_OK, "", (Tensor.from_numpy(np.ones((2, D), np.float32)),))
+    late = proto.QEmb(
+        7, 1, proto.SERVE_OK, "", (proto.Tensor.from_numpy(np.ones((2, D), np.float32)),)
+    )
     assert desk.qemb(EXPERTS[1], late, 1.2, PEERS).rejected == "unknown_query"
 
 
 def test_an_expert_gone_from_the_book_is_masked_at_the_next_tick() -> None:
     desk, _ = make_desk(max_wait=0.0)
-    query = sends(desk.request(b"c0", Query(7, COLUMNS, (rows(2),)), 0.0, PEERS), EXPERT)[0]
+    query = sends(desk.request(b"c0", proto.Query(7, COLUMNS, (rows(2),)), 0.0, PEERS), EXPERT)[0]
     answer_experts(desk, query.message, 0.1, skip=(2,))
     fewer = ({0: EXPERTS[0], 1: EXPERTS[1]}, REDUCER_ID)
     (batch,) = sends(desk.tick(0.2, fewer), REDUCER)  # long before the timeout
@@ -181,13 +167,15 @@ def test_an_expert_gone_from_the_book_is_masked_at_the_next_tick() -> None:
 
 def test_answers_only_count_from_the_expert_asked() -> None:
     desk, _ = make_desk(max_wait=0.0)
-    query = sends(desk.request(b"c0", Query(7, COLUMNS, (rows(2),)), 0.0, PEERS), EXPERT)[0]
-    emb = Tensor.from_numpy(np.ones((2, D), np.float32))
+    query = sends(desk.request(b"c0", proto.Query(7, COLUMNS, (rows(2),)), 0.0, PEERS), EXPERT)[0]
+    emb = proto.Tensor.from_numpy(np.ones((2, D), np.float32))
     assert desk.qemb(
-        b"intruder", QEmb(query.message.qid, 0, SERVE_OK, "", (emb,)), 0, PEERS
+        b"intruder", proto.QEmb(query.message.qid, 0, proto.SERVE_OK, "", (emb,)), 0, PEERS
     ).rejected
-    wrong = Tensor.from_numpy(np.ones((3, D), np.float32))  # rows of another query
-    out = desk.qemb(EXPERTS[0], QEmb(query.message.qid, 0, SERVE_OK, "", (wrong,)), 0, PEERS)
+    wrong = proto.Tensor.from_numpy(np.ones((3, D), np.float32))  # rows of another query
+    out = desk.qemb(
+        EXPERTS[0], proto.QEmb(query.message.qid, 0, proto.SERVE_OK, "", (wrong,)), 0, PEERS
+    )
     assert out.rejected == "conflict"  # and expert 0 is masked for this query
     (batch,) = sends(answer_experts(desk, query.message, 0.1, skip=(0,)), REDUCER)
     assert batch.message.present == (False, True, True)
@@ -199,10 +187,10 @@ def test_answers_only_count_from_the_expert_asked() -> None:
 @pytest.mark.parametrize(
     ("query", "peers", "status", "words"),
     [
-        (Query(1, COLUMNS, (rows(17),)), PEERS, "oversize", "17 rows"),
-        (Query(1, ("a", "b"), (rows(2, 0, ("a", "b")),)), PEERS, "missing_columns", "v2"),
-        (Query(1, COLUMNS, (rows(2),)), (EXPERTS, None), "no_reducer", "reducer"),
-        (Query(1, COLUMNS, (rows(2),)), ({}, REDUCER_ID), "no_expert", "expert"),
+        (proto.Query(1, COLUMNS, (rows(17),)), PEERS, "oversize", "17 rows"),
+        (proto.Query(1, ("a", "b"), (rows(2, 0, ("a", "b")),)), PEERS, "missing_columns", "v2"),
+        (proto.Query(1, COLUMNS, (rows(2),)), (EXPERTS, None), "no_reducer", "reducer"),
+        (proto.Query(1, COLUMNS, (rows(2),)), ({}, REDUCER_ID), "no_expert", "expert"),
     ],
 )
 def test_refused_requests_get_an_error_reply_and_are_counted(query, peers, status, words) -> None:
@@ -218,15 +206,15 @@ def test_refused_requests_get_an_error_reply_and_are_counted(query, peers, statu
 def test_a_full_queue_answers_busy() -> None:
     desk, metrics = make_desk(max_queued=2)
     for k in range(2):
-        desk.request(b"c", Query(k, COLUMNS, (rows(1),)), 0.0, PEERS)
-    (reply,) = sends(desk.request(b"c", Query(9, COLUMNS, (rows(1),)), 0.0, PEERS), CLIENT)
+        desk.request(b"c", proto.Query(k, COLUMNS, (rows(1),)), 0.0, PEERS)
+    (reply,) = sends(desk.request(b"c", proto.Query(9, COLUMNS, (rows(1),)), 0.0, PEERS), CLIENT)
     assert reply.message.status == "busy" and count(metrics, "busy") == 1
 
 
 def test_missing_columns_at_an_expert_fails_the_query() -> None:
     desk, metrics = make_desk(max_wait=0.0)
-    query = sends(desk.request(b"c0", Query(7, COLUMNS, (rows(2),)), 0.0, PEERS), EXPERT)[0]
-    refusal = QEmb(query.message.qid, 1, "missing_columns", "expert-1 lacks column(s) b", ())
+    query = sends(desk.request(b"c0", proto.Query(7, COLUMNS, (rows(2),)), 0.0, PEERS), EXPERT)[0]
+    refusal = proto.QEmb(query.message.qid, 1, "missing_columns", "expert-1 lacks column(s) b", ())
     desk.qemb(EXPERTS[1], refusal, 0.1, PEERS)
     (reply,) = sends(answer_experts(desk, query.message, 0.1, skip=(1,)), CLIENT)
     assert reply.message.status == "missing_columns" and "lacks" in reply.message.detail
@@ -235,10 +223,12 @@ def test_missing_columns_at_an_expert_fails_the_query() -> None:
 @pytest.mark.parametrize("answered", [False, True])
 def test_no_usable_expert_answer_is_an_error(answered: bool) -> None:
     desk, _ = make_desk(max_wait=0.0)
-    query = sends(desk.request(b"c0", Query(7, COLUMNS, (rows(2),)), 0.0, PEERS), EXPERT)[0]
+    query = sends(desk.request(b"c0", proto.Query(7, COLUMNS, (rows(2),)), 0.0, PEERS), EXPERT)[0]
     if answered:
         for eid, rid in EXPERTS.items():
-            out = desk.qemb(rid, QEmb(query.message.qid, eid, "internal", "boom", ()), 0.1, PEERS)
+            out = desk.qemb(
+                rid, proto.QEmb(query.message.qid, eid, "internal", "boom", ()), 0.1, PEERS
+            )
     else:
         out = desk.tick(1.0, PEERS)
     (reply,) = sends(out, CLIENT)
@@ -249,12 +239,14 @@ def test_reducer_silence_loss_and_refusal_are_errors() -> None:
     desk, _ = make_desk(max_wait=0.0)
     batches = []
     for k in range(3):
-        query = sends(desk.request(b"c", Query(k, COLUMNS, (rows(1),)), 0.0, PEERS), EXPERT)[0]
+        query = sends(desk.request(b"c", proto.Query(k, COLUMNS, (rows(1),)), 0.0, PEERS), EXPERT)[
+            0
+        ]
         batches.append(sends(answer_experts(desk, query.message, 0.0), REDUCER)[0].message)
-    refused = QOut(batches[0].qid, "conflict", "bad tokens", "classification", (), ())
+    refused = proto.QOut(batches[0].qid, "conflict", "bad tokens", "classification", (), ())
     (reply,) = sends(desk.qout(REDUCER_ID, refused, 0.1, PEERS), CLIENT)
     assert reply.message.status == "reducer_error" and "bad tokens" in reply.message.detail
-    wrong_rows = outputs_for(QBatch(batches[1].qid, (True,), (rows(5),)))
+    wrong_rows = outputs_for(proto.QBatch(batches[1].qid, (True,), (rows(5),)))
     (reply,) = sends(desk.qout(REDUCER_ID, wrong_rows, 0.1, PEERS), CLIENT)
     assert reply.message.status == "reducer_error"
     (reply,) = sends(desk.tick(0.2, (EXPERTS, b"another")), CLIENT)
@@ -264,8 +256,8 @@ def test_reducer_silence_loss_and_refusal_are_errors() -> None:
 
 def test_close_answers_everything_waiting_with_shutdown() -> None:
     desk, metrics = make_desk(max_inflight=1)
-    desk.request(b"c0", Query(1, COLUMNS, (rows(8),)), 0.0, PEERS)  # full: in flight
-    desk.request(b"c1", Query(2, COLUMNS, (rows(1),)), 0.0, PEERS)  # waiting
+    desk.request(b"c0", proto.Query(1, COLUMNS, (rows(8),)), 0.0, PEERS)  # full: in flight
+    desk.request(b"c1", proto.Query(2, COLUMNS, (rows(1),)), 0.0, PEERS)  # waiting
     replies = sends(desk.close(0.1), CLIENT)
     assert sorted(r.message.qid for r in replies) == [1, 2]
     assert count(metrics, "shutdown") == 2 and desk.queued == desk.inflight == 0
@@ -274,85 +266,54 @@ def test_close_answers_everything_waiting_with_shutdown() -> None:
 # ---- through a real BrokerService ----------------------------------------------------------------
 
 
-class Net:
-    """A broker on random loopback ports (its loop in a thread) and the test's sockets."""
-
-    def __init__(self) -> None:
-        views = ", ".join(f"{{name: v{i}, columns: [{c}]}}" for i, c in enumerate(COLUMNS))
-        config = load_config(overrides={
-            "run_id": "serve-test", "embed_dim": str(D), "reducer.heads": "1",
-            "data.views": f"[{views}]", "network.heartbeat_interval": "0.05",
-            "metrics.broker_port": "0", "serve.max_wait_ms": "30",
-        }, env={})  # fmt: skip
-        any_port = "tcp://127.0.0.1:*"
-        self.broker = BrokerService(config, expert_endpoint=any_port, reducer_endpoint=any_port,
-                             client_endpoint=any_port)  # fmt: skip
-        self.thread = threading.Thread(target=self.broker.run)
-        self.thread.start()
-        self.ctx = zmq.Context()
-        self.sockets: list[zmq.Socket] = []
-
-    def dealer(self, endpoint: str) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
-        self.sockets.append(sock)
-        return sock
-
-    def close(self) -> None:
-        self.broker.stop()
-        self.thread.join(5)
-        for sock in self.sockets:
-            sock.close(linger=0)
-        self.ctx.term()
-
-
 @pytest.fixture
-def running():
-    net = Net()
+def running() -> Iterator[BrokerNet]:
+    views = ", ".join(f"{{name: v{i}, columns: [{c}]}}" for i, c in enumerate(COLUMNS))
+    net = BrokerNet({
+        "run_id": "serve-test", "embed_dim": str(D), "reducer.heads": "1",
+        "data.views": f"[{views}]", "network.heartbeat_interval": "0.05",
+        "metrics.broker_port": "0", "serve.max_wait_ms": "30",
+    })  # fmt: skip
     yield net
     net.close()
-
-
-def recv(sock: zmq.Socket, timeout: float = 3.0):
-    deadline = time.monotonic() + timeout
-    while sock.poll(int(max(0.0, deadline - time.monotonic()) * 1000)):
-        msg = decode(sock.recv_multipart())
-        if not isinstance(msg, Heartbeat):
-            return msg
-    raise AssertionError("nothing arrived")
 
 
 def test_front_door_round_trip_and_bad_requests(running) -> None:
     broker, dealer = running.broker, running.dealer
     experts = [dealer(broker.expert_endpoint) for _ in range(N)]
     for i, sock in enumerate(experts):
-        sock.send_multipart(encode(Hello("expert", "serve-test", D, "float32", expert_id=i)))
+        sock.send_multipart(
+            proto.encode(proto.Hello("expert", "serve-test", D, "float32", expert_id=i))
+        )
     for sock in experts:
-        assert isinstance(recv(sock), Welcome)
+        assert isinstance(recv(sock), proto.Welcome)
     reducer = dealer(broker.reducer_endpoint)
-    reducer.send_multipart(encode(Hello("reducer", "serve-test", D, "float32", n_experts=N)))
-    assert isinstance(recv(reducer), Welcome)
+    reducer.send_multipart(
+        proto.encode(proto.Hello("reducer", "serve-test", D, "float32", n_experts=N))
+    )
+    assert isinstance(recv(reducer), proto.Welcome)
     clients = [dealer(broker.client_endpoint) for _ in range(2)]
     for k, client in enumerate(clients):  # within max_wait of each other: one query
-        client.send_multipart(encode(Query(k, COLUMNS, (rows(k + 1),))))
+        client.send_multipart(proto.encode(proto.Query(k, COLUMNS, (rows(k + 1),))))
     for i, sock in enumerate(experts):
         query = recv(sock)
-        assert isinstance(query, Query) and query.tensors[0].shape == (3, 3)
-        emb = Tensor.from_numpy(np.full((3, D), i, np.float32))
-        sock.send_multipart(encode(QEmb(query.qid, i, SERVE_OK, "", (emb,))), copy=False)
+        assert isinstance(query, proto.Query) and query.tensors[0].shape == (3, 3)
+        emb = proto.Tensor.from_numpy(np.full((3, D), i, np.float32))
+        sock.send_multipart(
+            proto.encode(proto.QEmb(query.qid, i, proto.SERVE_OK, "", (emb,))), copy=False
+        )
     batch = recv(reducer)
-    assert isinstance(batch, QBatch) and batch.present == (True,) * N
-    reducer.send_multipart(encode(outputs_for(batch)), copy=False)
+    assert isinstance(batch, proto.QBatch) and batch.present == (True,) * N
+    reducer.send_multipart(proto.encode(outputs_for(batch)), copy=False)
     for k, client in enumerate(clients):
         reply = recv(client)
-        assert isinstance(reply, Reply) and reply.qid == k and reply.status == SERVE_OK
+        assert isinstance(reply, proto.Reply) and reply.qid == k and reply.status == proto.SERVE_OK
         assert reply.batch_rows == 3 and reply.tensors[0].shape == (k + 1, 2)
     clients[0].send_multipart([b"not msgpack", b"x"])
     reply = recv(clients[0])
     assert reply.status == "bad_request" and reply.qid == -1
-    nan = Tensor.from_numpy(np.full((1, 3), np.nan, np.float32))
-    clients[0].send_multipart(encode(Query(5, COLUMNS, (nan,))))
+    nan = proto.Tensor.from_numpy(np.full((1, 3), np.nan, np.float32))
+    clients[0].send_multipart(proto.encode(proto.Query(5, COLUMNS, (nan,))))
     assert recv(clients[0]).status == "bad_request"
     header = msgpack.packb({"v": 1, "k": "ACK", "seq": 1})
     clients[1].send_multipart([header])  # a valid kind, but not for the front door

@@ -9,23 +9,8 @@ import threading
 import numpy as np
 import pytest
 
+from traci_ml import proto
 from traci_ml.core.config import load_config
-from traci_ml.proto import (
-    Ack,
-    Align,
-    Drop,
-    Emb,
-    Goodbye,
-    Grad,
-    Heartbeat,
-    Hello,
-    QEmb,
-    QOut,
-    Query,
-    Tensor,
-    fast,
-    wire,
-)
 from traci_ml.services.broker.join import JoinBook
 from traci_ml.services.broker.metrics import BrokerMetrics
 from traci_ml.services.broker.outcomes import EXPERT, NOTHING, REDUCER
@@ -102,13 +87,17 @@ def book_with(n_experts: int) -> JoinBook:
     book = JoinBook(n_experts=n_experts, run_id="run", embed_dim=4, dtype="float32", window=4,
                     max_pending_steps=8, liveness=1.0, step_timeout=10.0)  # fmt: skip
     for i in range(n_experts):
-        book.hello(EXPERT, f"e{i}".encode(), Hello("expert", "run", 4, "float32", expert_id=i), 0)
-    book.hello(REDUCER, b"red", Hello("reducer", "run", 4, "float32", n_experts=n_experts), 0)
+        book.hello(
+            EXPERT, f"e{i}".encode(), proto.Hello("expert", "run", 4, "float32", expert_id=i), 0
+        )
+    book.hello(REDUCER, b"red", proto.Hello("reducer", "run", 4, "float32", n_experts=n_experts), 0)
     return book
 
 
-def emb(seq: int, expert_id: int, *, width: int = 4, phase: str = "train") -> Emb:
-    return Emb(seq, expert_id, phase, Tensor.from_numpy(np.ones((2, width), np.float32)))
+def emb(seq: int, expert_id: int, *, width: int = 4, phase: str = "train") -> proto.Emb:
+    return proto.Emb(
+        seq, expert_id, phase, proto.Tensor.from_numpy(np.ones((2, width), np.float32))
+    )
 
 
 EMBS = [  # (routing id, message) in order, with every kind of refusal along the way
@@ -123,8 +112,8 @@ EMBS = [  # (routing id, message) in order, with every kind of refusal along the
 def test_a_fast_decoded_emb_decides_what_emb_decides() -> None:
     slow, quick = book_with(2), book_with(2)
     for routing_id, msg in EMBS:
-        decoded = fast.quick(wire.encode(msg), False)  # the broker's decode of an EMB
-        assert type(decoded) is Emb and decoded == msg
+        decoded = proto.fast.quick(proto.wire.encode(msg), False)  # the broker's decode of an EMB
+        assert type(decoded) is proto.Emb and decoded == msg
         a = slow.emb(routing_id, msg, 1.0)
         b = quick.emb(routing_id, decoded, 1.0)
         assert (a.rejected, a.detail, a.skipped, list(a.dropped)) == (
@@ -155,9 +144,13 @@ def test_every_kind_enters_through_one_table_and_emb_straight_to_the_book() -> N
                            reducer_endpoint="tcp://127.0.0.1:*")  # fmt: skip
     try:
         table = broker._handlers
-        assert table[EXPERT][Emb] == broker.book.emb  # no wrapper on the hot path
-        assert set(table[EXPERT]) == {Emb, Hello, Heartbeat, Goodbye, Align, QEmb}
-        assert set(table[REDUCER]) == {Grad, Ack, Drop, Hello, Heartbeat, Goodbye, Align, QOut}
-        assert set(table["client"]) == {Query}
+        assert table[EXPERT][proto.Emb] == broker.book.emb  # no wrapper on the hot path
+        expert_kinds = {proto.Emb, proto.Hello, proto.Heartbeat, proto.Goodbye, proto.Align,
+                        proto.QEmb}  # fmt: skip
+        assert set(table[EXPERT]) == expert_kinds
+        reducer_kinds = {proto.Grad, proto.Ack, proto.Drop, proto.Hello, proto.Heartbeat,
+                         proto.Goodbye, proto.Align, proto.QOut}  # fmt: skip
+        assert set(table[REDUCER]) == reducer_kinds
+        assert set(table["client"]) == {proto.Query}
     finally:
         broker.close()

@@ -14,36 +14,12 @@ import numpy as np
 import pytest
 import zmq
 
+from tests.helpers.broker_net import BrokerNet, recv
+from traci_ml import proto
 from traci_ml.app.client import Client, Prediction, ServeError, _as_ids
-from traci_ml.core.config import load_config
-from traci_ml.proto import (
-    MAX_HEADER_BYTES,
-    SERVE_OK,
-    Align,
-    Batch,
-    Drop,
-    Emb,
-    Goodbye,
-    Grad,
-    Heartbeat,
-    Hello,
-    Message,
-    QBatch,
-    QEmb,
-    QOut,
-    Query,
-    Reply,
-    Tensor,
-    Welcome,
-    decode,
-    encode,
-    pack_rows,
-    unpack_rows,
-)
 from traci_ml.services.broker.join import JoinBook
 from traci_ml.services.broker.outcomes import EXPERT, REDUCER, Outcome
 from traci_ml.services.broker.serve import CLIENT, ServeDesk
-from traci_ml.services.broker.service import BrokerService
 
 pytestmark = pytest.mark.timeout(30)
 D, N = 4, 3
@@ -58,11 +34,11 @@ def mask(*present: int, n: int) -> bytes:
     """The bitmap of ``n`` rows where exactly the rows ``present`` are."""
     rows = np.zeros(n, bool)
     rows[list(present)] = True
-    return pack_rows(rows)
+    return proto.pack_rows(rows)
 
 
-def emb_tensor(rows: int, value: float = 1.0) -> Tensor:
-    return Tensor.from_numpy(np.full((rows, D), value, np.float32))
+def emb_tensor(rows: int, value: float = 1.0) -> proto.Tensor:
+    return proto.Tensor.from_numpy(np.full((rows, D), value, np.float32))
 
 
 def sends(out: Outcome, socket: str | None = None, kind: type | None = None) -> list[Any]:
@@ -80,23 +56,27 @@ def make_book(n_experts: int = N, *, reducer: bool = True) -> JoinBook:
     book = JoinBook(n_experts=n_experts, run_id="run", embed_dim=D, dtype="float32", window=4,
                     max_pending_steps=8, liveness=100.0, step_timeout=10.0)  # fmt: skip
     for i in range(n_experts):
-        book.hello(EXPERT, EXPERTS[i], Hello("expert", "run", D, "float32", expert_id=i), 0.0)
+        book.hello(EXPERT, EXPERTS[i], proto.Hello("expert", "run", D, "float32", expert_id=i), 0.0)
     if reducer:
-        book.hello(REDUCER, RED, Hello("reducer", "run", D, "float32", n_experts=n_experts), 0.0)
+        book.hello(
+            REDUCER, RED, proto.Hello("reducer", "run", D, "float32", n_experts=n_experts), 0.0
+        )
     return book
 
 
 def test_book_relays_align_and_answers_wait_without_a_reducer() -> None:
     book = make_book(reducer=False)
-    ask = Align(1, "plain", "int", (3,), (Tensor.from_numpy(np.arange(3, dtype="<i8")),))
+    ask = proto.Align(
+        1, "plain", "int", (3,), (proto.Tensor.from_numpy(np.arange(3, dtype="<i8")),)
+    )
     out = book.peers.align(EXPERT, EXPERTS[1], ask, 0.0)
     assert out.rejected is None
-    assert sends(out) == [(EXPERTS[1], Align(1, "wait", "no reducer is registered yet"))]
-    book.hello(REDUCER, RED, Hello("reducer", "run", D, "float32", n_experts=N), 0.0)
+    assert sends(out) == [(EXPERTS[1], proto.Align(1, "wait", "no reducer is registered yet"))]
+    book.hello(REDUCER, RED, proto.Hello("reducer", "run", D, "float32", n_experts=N), 0.0)
     out = book.peers.align(EXPERT, EXPERTS[1], ask, 0.0)
     [(to, relayed)] = sends(out, REDUCER)
     assert to == RED and relayed is ask  # the very message: its frames go on as they came
-    answer = Align(1, "answer", "", (2,), ask.tensors)
+    answer = proto.Align(1, "answer", "", (2,), ask.tensors)
     out = book.peers.align(REDUCER, RED, answer, 0.0)
     assert sends(out) == [(EXPERTS[1], answer)] and out.rejected is None
 
@@ -104,60 +84,62 @@ def test_book_relays_align_and_answers_wait_without_a_reducer() -> None:
 @pytest.mark.parametrize(
     ("socket", "routing_id", "msg", "reason", "goodbye"),
     [
-        (EXPERT, b"stranger", Align(0, "plain"), "unregistered", True),
-        (EXPERT, EXPERTS[0], Align(1, "plain"), "impersonation", False),
-        (EXPERT, EXPERTS[0], Align(0, "answer"), "unexpected_kind", False),
-        (EXPERT, EXPERTS[0], Align(0, "wait"), "unexpected_kind", False),
-        (REDUCER, b"stranger", Align(0, "answer"), "unregistered", True),
-        (REDUCER, RED, Align(0, "psi"), "unexpected_kind", False),
-        (REDUCER, RED, Align(7, "answer"), "align_undeliverable", False),
+        (EXPERT, b"stranger", proto.Align(0, "plain"), "unregistered", True),
+        (EXPERT, EXPERTS[0], proto.Align(1, "plain"), "impersonation", False),
+        (EXPERT, EXPERTS[0], proto.Align(0, "answer"), "unexpected_kind", False),
+        (EXPERT, EXPERTS[0], proto.Align(0, "wait"), "unexpected_kind", False),
+        (REDUCER, b"stranger", proto.Align(0, "answer"), "unregistered", True),
+        (REDUCER, RED, proto.Align(0, "psi"), "unexpected_kind", False),
+        (REDUCER, RED, proto.Align(7, "answer"), "align_undeliverable", False),
     ],
 )
 def test_book_refuses_align_with_a_named_reason(socket, routing_id, msg, reason, goodbye) -> None:
     out = make_book().peers.align(socket, routing_id, msg, 0.0)
     assert out.rejected == reason
-    assert sends(out) == ([(routing_id, Goodbye("unregistered"))] if goodbye else [])
+    assert sends(out) == ([(routing_id, proto.Goodbye("unregistered"))] if goodbye else [])
 
 
 def test_book_sends_no_align_to_a_gone_expert() -> None:
     book = make_book()
-    book.goodbye(EXPERT, EXPERTS[2], Goodbye("shutdown"), 0.1)
-    out = book.peers.align(REDUCER, RED, Align(2, "error", "no labels"), 0.0)
+    book.goodbye(EXPERT, EXPERTS[2], proto.Goodbye("shutdown"), 0.1)
+    out = book.peers.align(REDUCER, RED, proto.Align(2, "error", "no labels"), 0.0)
     assert out.rejected == "align_undeliverable" and not out.sends
 
 
 def test_batch_rows_carry_each_present_experts_bitmap() -> None:
     book = make_book()
     bits0, none = mask(0, 2, n=3), mask(n=3)  # expert 2 lacks every row of step 0: valid
-    book.emb(EXPERTS[0], Emb(0, 0, "train", emb_tensor(3), bits0), 0.0)
-    book.emb(EXPERTS[1], Emb(0, 1, "train", emb_tensor(3)), 0.0)
-    out = book.emb(EXPERTS[2], Emb(0, 2, "train", emb_tensor(3), none), 0.0)
-    [(_, batch)] = sends(out, REDUCER, Batch)
+    book.emb(EXPERTS[0], proto.Emb(0, 0, "train", emb_tensor(3), bits0), 0.0)
+    book.emb(EXPERTS[1], proto.Emb(0, 1, "train", emb_tensor(3)), 0.0)
+    out = book.emb(EXPERTS[2], proto.Emb(0, 2, "train", emb_tensor(3), none), 0.0)
+    [(_, batch)] = sends(out, REDUCER, proto.Batch)
     assert batch.present == (True, True, True) and batch.rows == (bits0, b"", none)
     for i in range(N):  # nobody sends a bitmap: rows is (), the BATCH is today's
-        out = book.emb(EXPERTS[i], Emb(1, i, "train", emb_tensor(3)), 0.0)
-    [(_, batch)] = sends(out, REDUCER, Batch)
+        out = book.emb(EXPERTS[i], proto.Emb(1, i, "train", emb_tensor(3)), 0.0)
+    [(_, batch)] = sends(out, REDUCER, proto.Batch)
     assert batch.rows == ()
 
 
 def test_batch_rows_follow_the_present_experts_when_one_is_masked() -> None:
     book = make_book()
-    book.emb(EXPERTS[0], Emb(0, 0, "eval", emb_tensor(3)), 0.0)
-    book.emb(EXPERTS[2], Emb(0, 2, "eval", emb_tensor(3), mask(1, n=3)), 0.0)
-    [(_, batch)] = sends(book.tick(11.0), REDUCER, Batch)  # expert 1 overdue: masked
+    book.emb(EXPERTS[0], proto.Emb(0, 0, "eval", emb_tensor(3)), 0.0)
+    book.emb(EXPERTS[2], proto.Emb(0, 2, "eval", emb_tensor(3), mask(1, n=3)), 0.0)
+    [(_, batch)] = sends(book.tick(11.0), REDUCER, proto.Batch)  # expert 1 overdue: masked
     assert batch.present == (True, False, True) and batch.rows == (b"", mask(1, n=3))
-    assert decode(encode(batch)) == batch
+    assert proto.decode(proto.encode(batch)) == batch
 
 
 def test_bitmaps_too_large_for_one_header_drop_the_step() -> None:
     book = make_book()
-    rows = 8 * (MAX_HEADER_BYTES // 3) + 8  # three bitmaps of more than a third each
+    rows = 8 * (proto.MAX_HEADER_BYTES // 3) + 8  # three bitmaps of more than a third each
     bits = mask(0, n=rows)
-    tensor = Tensor.from_numpy(np.zeros((rows, D), np.float32))
+    tensor = proto.Tensor.from_numpy(np.zeros((rows, D), np.float32))
     for i in range(N):
-        out = book.emb(EXPERTS[i], Emb(0, i, "train", tensor, bits), 0.0)
+        out = book.emb(EXPERTS[i], proto.Emb(0, i, "train", tensor, bits), 0.0)
     assert not sends(out, REDUCER)
-    assert sorted(sends(out, EXPERT, Drop)) == [(EXPERTS[i], Drop(0, "oversize")) for i in range(N)]
+    assert sorted(sends(out, EXPERT, proto.Drop)) == [
+        (EXPERTS[i], proto.Drop(0, "oversize")) for i in range(N)
+    ]
     assert out.dropped == ["oversize"] and book.dispatched_steps == book.pending_steps == 0
 
 
@@ -172,20 +154,20 @@ def make_desk(**kw: Any) -> ServeDesk:
                      **settings)  # fmt: skip
 
 
-def by_ids(qid: int, *ids: Any) -> Query:
-    return Query(qid, (), (), ids)
+def by_ids(qid: int, *ids: Any) -> proto.Query:
+    return proto.Query(qid, (), (), ids)
 
 
-def outputs(qid: int, rows: int) -> QOut:
+def outputs(qid: int, rows: int) -> proto.QOut:
     """The reducer's answer: row k's value is 10 k."""
     values = np.arange(rows, dtype=np.float32).reshape(rows, 1) * 10
-    return QOut(qid, SERVE_OK, "", "regression", (), (Tensor.from_numpy(values),))
+    return proto.QOut(qid, proto.SERVE_OK, "", "regression", (), (proto.Tensor.from_numpy(values),))
 
 
 def test_id_requests_batch_apart_from_columns_and_by_id_type() -> None:
     desk = make_desk()
-    rows = Tensor.from_numpy(np.ones((1, 3), np.float32))
-    desk.request(b"c0", Query(1, COLUMNS, (rows,)), 0.0, PEERS)
+    rows = proto.Tensor.from_numpy(np.ones((1, 3), np.float32))
+    desk.request(b"c0", proto.Query(1, COLUMNS, (rows,)), 0.0, PEERS)
     desk.request(b"c1", by_ids(2, 5, 6), 0.0, PEERS)
     desk.request(b"c2", by_ids(3, "5", "x"), 0.0, PEERS)  # "5" is no 5: another group
     desk.request(b"c3", by_ids(4, 6, 7), 0.0, PEERS)  # 6 again: one row for both
@@ -197,12 +179,16 @@ def test_id_requests_batch_apart_from_columns_and_by_id_type() -> None:
     assert desk.inflight == 3 and desk.queued == 0
 
 
-def answer(desk: ServeDesk, query: Query, rows: dict[int, bytes], now: float = 0.0) -> Outcome:
+def answer(
+    desk: ServeDesk, query: proto.Query, rows: dict[int, bytes], now: float = 0.0
+) -> Outcome:
     """Every expert answers ``query``; ``rows``: the bitmap of each expert that sends one."""
     n = len(query.ids) if query.ids else query.tensors[0].shape[0]
     out = Outcome()
     for eid, rid in EXPERTS.items():
-        qemb = QEmb(query.qid, eid, SERVE_OK, "", (emb_tensor(n, eid),), rows.get(eid, b""))
+        qemb = proto.QEmb(
+            query.qid, eid, proto.SERVE_OK, "", (emb_tensor(n, eid),), rows.get(eid, b"")
+        )
         out = desk.qemb(rid, qemb, now, PEERS)
     return out
 
@@ -216,8 +202,8 @@ def test_id_query_rows_go_to_the_reducer_and_back_per_request() -> None:
     # expert 0 holds 5 and 7; expert 1 every row; expert 2 none of them (still listed)
     held = {0: mask(0, 2, n=4), 2: mask(n=4)}
     [(_, batch)] = sends(answer(desk, query, held), REDUCER)
-    assert isinstance(batch, QBatch) and batch.rows == (held[0], b"", held[2])
-    assert decode(encode(batch)) == batch
+    assert isinstance(batch, proto.QBatch) and batch.rows == (held[0], b"", held[2])
+    assert proto.decode(proto.encode(batch)) == batch
     replies = dict(sends(desk.qout(RED, outputs(batch.qid, 4), 0.1, PEERS), CLIENT))
     first, second = replies[b"c0"], replies[b"c1"]
     assert first.experts == second.experts == (0, 1, 2) and first.batch_rows == 4
@@ -227,7 +213,7 @@ def test_id_query_rows_go_to_the_reducer_and_back_per_request() -> None:
     assert first.rows == (mask(0, n=2), b"", mask(n=2))
     assert second.rows == (mask(0, 1, n=3), b"", mask(n=3))
     for reply in (first, second):
-        assert decode(encode(reply)) == reply
+        assert proto.decode(proto.encode(reply)) == reply
 
 
 def test_replies_carry_no_rows_when_every_expert_held_every_row() -> None:
@@ -237,14 +223,14 @@ def test_replies_carry_no_rows_when_every_expert_held_every_row() -> None:
     [(_, batch)] = sends(out, REDUCER)
     assert batch.rows == ()
     [(_, reply)] = sends(desk.qout(RED, outputs(batch.qid, 2), 0.1, PEERS), CLIENT)
-    assert reply.status == SERVE_OK and reply.rows == ()
+    assert reply.status == proto.SERVE_OK and reply.rows == ()
 
 
 def test_column_queries_carry_bitmaps_too() -> None:
     desk = make_desk()
     for k, n in enumerate((2, 1)):
-        rows = Tensor.from_numpy(np.ones((n, 3), np.float32))
-        desk.request(f"c{k}".encode(), Query(k, COLUMNS, (rows,)), 0.0, PEERS)
+        rows = proto.Tensor.from_numpy(np.ones((n, 3), np.float32))
+        desk.request(f"c{k}".encode(), proto.Query(k, COLUMNS, (rows,)), 0.0, PEERS)
     query = sends(desk.tick(0.02, PEERS), EXPERT)[0][1]
     [(_, batch)] = sends(answer(desk, query, {2: mask(0, 2, n=3)}), REDUCER)
     replies = dict(sends(desk.qout(RED, outputs(batch.qid, 3), 0.1, PEERS), CLIENT))
@@ -259,7 +245,7 @@ def test_column_queries_carry_bitmaps_too() -> None:
         (by_ids(1, *(f"{k:0>1000}" for k in range(66))), "bytes > 65280 for one query"),
     ],
 )
-def test_id_requests_are_bounded(query: Query, words: str) -> None:
+def test_id_requests_are_bounded(query: proto.Query, words: str) -> None:
     desk = make_desk()
     desk.max_request_rows = 6 if len(query.ids) == 7 else 100
     [(_, reply)] = sends(desk.request(b"c", query, 0.0, PEERS), CLIENT)
@@ -286,40 +272,26 @@ def test_a_full_id_group_leaves_and_the_next_opens() -> None:
 # ---- through a real BrokerService ----------------------------------------------------------------
 
 
-class Net:
+class Net(BrokerNet):
     """A broker on random loopback ports (its loop in a thread) and the test's DEALERs."""
 
     def __init__(self, n_experts: int = N) -> None:
         views = ", ".join(f"{{name: v{i}, columns: [{COLUMNS[i]}]}}" for i in range(n_experts))
-        config = load_config(overrides={
+        super().__init__({
             "run_id": RUN_ID, "embed_dim": str(D), "reducer.heads": "1",
             "data.views": f"[{views}]", "network.heartbeat_interval": "0.05",
             "network.liveness": "5.0", "metrics.broker_port": "0", "serve.max_wait_ms": "30",
-        }, env={})  # fmt: skip
-        any_port = "tcp://127.0.0.1:*"
-        self.broker = BrokerService(config, expert_endpoint=any_port, reducer_endpoint=any_port,
-                             client_endpoint=any_port)  # fmt: skip
-        self.thread = threading.Thread(target=self.broker.run)
-        self.thread.start()
-        self.ctx = zmq.Context()
-        self.sockets: list[zmq.Socket] = []
-
-    def dealer(self, endpoint: str) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
-        self.sockets.append(sock)
-        return sock
+        })  # fmt: skip
 
     def expert(self, expert_id: int) -> zmq.Socket:
         sock = self.dealer(self.broker.expert_endpoint)
-        send(sock, Hello("expert", RUN_ID, D, "float32", expert_id=expert_id))
+        send(sock, proto.Hello("expert", RUN_ID, D, "float32", expert_id=expert_id))
         return sock
 
     def reducer(self) -> zmq.Socket:
         sock = self.dealer(self.broker.reducer_endpoint)
-        send(sock, Hello("reducer", RUN_ID, D, "float32", n_experts=N))
-        assert isinstance(recv(sock), Welcome)
+        send(sock, proto.Hello("reducer", RUN_ID, D, "float32", n_experts=N))
+        assert isinstance(recv(sock), proto.Welcome)
         return sock
 
     def sample(self, name: str, **labels: str) -> float:
@@ -327,13 +299,6 @@ class Net:
 
     def rejections(self, reason: str) -> float:
         return self.sample("traci_broker_rejections_total", reason=reason)
-
-    def close(self) -> None:
-        self.broker.stop()
-        self.thread.join(5)
-        for sock in self.sockets:
-            sock.close(linger=0)
-        self.ctx.term()
 
 
 @pytest.fixture
@@ -343,17 +308,8 @@ def net() -> Iterator[Net]:
     network.close()
 
 
-def send(sock: zmq.Socket, msg: Message) -> None:
-    sock.send_multipart(encode(msg), copy=False)
-
-
-def recv(sock: zmq.Socket, timeout: float = 3.0) -> Message:
-    deadline = time.monotonic() + timeout
-    while sock.poll(int(max(0.0, deadline - time.monotonic()) * 1000)):
-        msg = decode(sock.recv_multipart())
-        if not isinstance(msg, Heartbeat):
-            return msg
-    raise AssertionError("nothing arrived")
+def send(sock: zmq.Socket, msg: proto.Message) -> None:
+    sock.send_multipart(proto.encode(msg), copy=False)
 
 
 def quiet(sock: zmq.Socket, wait: float = 0.2) -> None:
@@ -369,13 +325,13 @@ def wait_for(condition: Any, timeout: float = 3.0) -> None:
         time.sleep(0.01)
 
 
-def blobs() -> tuple[Tensor, ...]:
+def blobs() -> tuple[proto.Tensor, ...]:
     ids = np.array([3, -1, 2**63 - 1], "<i8")
     raw = np.frombuffer(bytes(range(256)), np.uint8)
-    return Tensor.from_numpy(ids), Tensor.from_numpy(raw)
+    return proto.Tensor.from_numpy(ids), proto.Tensor.from_numpy(raw)
 
 
-def same_tensors(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
+def same_tensors(a: tuple[proto.Tensor, ...], b: tuple[proto.Tensor, ...]) -> bool:
     return [(t.dtype, t.shape, bytes(t.buffer)) for t in a] == [
         (t.dtype, t.shape, bytes(t.buffer)) for t in b
     ]
@@ -383,22 +339,22 @@ def same_tensors(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
 
 def test_align_waits_for_a_reducer_then_travels_both_ways(net: Net) -> None:
     experts = [net.expert(i) for i in range(N - 1)]  # the start gate is still closed:
-    ask = Align(1, "psi", "str", (3, 256), blobs())  # alignment comes before training
+    ask = proto.Align(1, "psi", "str", (3, 256), blobs())  # alignment comes before training
     send(experts[1], ask)
-    assert recv(experts[1]) == Align(1, "wait", "no reducer is registered yet")
+    assert recv(experts[1]) == proto.Align(1, "wait", "no reducer is registered yet")
     experts.append(net.expert(N - 1))
     for sock in experts:  # every expert registered: the gate opens
-        assert isinstance(recv(sock), Welcome)
+        assert isinstance(recv(sock), proto.Welcome)
     reducer = net.reducer()
     send(experts[1], ask)
     got = recv(reducer)
-    assert isinstance(got, Align) and (got.expert_id, got.stage, got.detail, got.counts) == (
+    assert isinstance(got, proto.Align) and (got.expert_id, got.stage, got.detail, got.counts) == (
         1, "psi", "str", (3, 256))  # fmt: skip
     assert same_tensors(got.tensors, ask.tensors)
-    answer = Align(1, "answer", "", (2,), (Tensor.from_numpy(np.array([0, 2], "<i8")),))
+    answer = proto.Align(1, "answer", "", (2,), (proto.Tensor.from_numpy(np.array([0, 2], "<i8")),))
     send(reducer, answer)
     back = recv(experts[1])
-    assert isinstance(back, Align) and back.stage == "answer" and back.counts == (2,)
+    assert isinstance(back, proto.Align) and back.stage == "answer" and back.counts == (2,)
     assert same_tensors(back.tensors, answer.tensors)
     quiet(experts[0], 0.1)
     wait_for(lambda: net.sample("traci_broker_align_total", stage="answer") == 1)
@@ -412,22 +368,24 @@ def test_hostile_align_is_refused_counted_and_the_run_goes_on(net: Net) -> None:
     experts = [net.expert(i) for i in range(N)]
     reducer = net.reducer()
     for sock in experts:
-        assert isinstance(recv(sock), Welcome)
-    send(experts[0], Align(2, "plain"))  # impersonation
-    send(experts[0], Align(0, "answer"))  # a reducer's stage from an expert
-    send(reducer, Align(0, "plain"))  # an expert's stage from the reducer
-    send(reducer, Align(9, "answer"))  # nobody to deliver to (and no expert 9 at all)
-    experts[0].send_multipart(encode(Align(0, "plain"))[:1] + [b"x"])  # a frame too many
+        assert isinstance(recv(sock), proto.Welcome)
+    send(experts[0], proto.Align(2, "plain"))  # impersonation
+    send(experts[0], proto.Align(0, "answer"))  # a reducer's stage from an expert
+    send(reducer, proto.Align(0, "plain"))  # an expert's stage from the reducer
+    send(reducer, proto.Align(9, "answer"))  # nobody to deliver to (and no expert 9 at all)
+    experts[0].send_multipart(
+        proto.encode(proto.Align(0, "plain"))[:1] + [b"x"]
+    )  # a frame too many
     stranger = net.dealer(net.broker.expert_endpoint)
-    send(stranger, Align(0, "plain"))
-    assert recv(stranger) == Goodbye("unregistered")
+    send(stranger, proto.Align(0, "plain"))
+    assert recv(stranger) == proto.Goodbye("unregistered")
     fake_reducer = net.dealer(net.broker.reducer_endpoint)
-    send(fake_reducer, Align(0, "answer"))
-    assert recv(fake_reducer) == Goodbye("unregistered")
+    send(fake_reducer, proto.Align(0, "answer"))
+    assert recv(fake_reducer) == proto.Goodbye("unregistered")
     client = net.dealer(net.broker.client_endpoint)
-    send(client, Align(0, "plain", tensors=blobs()))  # the front door takes QUERY only
+    send(client, proto.Align(0, "plain", tensors=blobs()))  # the front door takes QUERY only
     reply = recv(client)
-    assert isinstance(reply, Reply) and reply.status == "bad_request"
+    assert isinstance(reply, proto.Reply) and reply.status == "bad_request"
     assert "ALIGN is not expected" in reply.detail
     expected = {"impersonation": 1, "unexpected_kind": 3, "align_undeliverable": 1,
                 "unregistered": 2, "frame_count": 1}  # fmt: skip
@@ -436,9 +394,9 @@ def test_hostile_align_is_refused_counted_and_the_run_goes_on(net: Net) -> None:
     for sock in experts:
         quiet(sock, 0.05)
     for i, sock in enumerate(experts):  # training is untouched
-        send(sock, Emb(0, i, "train", emb_tensor(2, i)))
+        send(sock, proto.Emb(0, i, "train", emb_tensor(2, i)))
     batch = recv(reducer)
-    assert isinstance(batch, Batch) and batch.present == (True,) * N and batch.rows == ()
+    assert isinstance(batch, proto.Batch) and batch.present == (True,) * N and batch.rows == ()
     assert net.broker.book.peers.live_experts == N and net.thread.is_alive()
 
 
@@ -446,19 +404,27 @@ def test_batch_carries_the_row_bitmaps_of_the_embs(net: Net) -> None:
     experts = [net.expert(i) for i in range(N)]
     reducer = net.reducer()
     for sock in experts:
-        assert isinstance(recv(sock), Welcome)
+        assert isinstance(recv(sock), proto.Welcome)
     held = [mask(0, 4, n=5), b"", mask(n=5)]
     for i, sock in enumerate(experts):
-        send(sock, Emb(0, i, "train", emb_tensor(5, i), held[i]))
+        send(sock, proto.Emb(0, i, "train", emb_tensor(5, i), held[i]))
     batch = recv(reducer)
-    assert isinstance(batch, Batch) and batch.rows == tuple(held)
-    assert [unpack_rows(b, 5).tolist() for b in batch.rows][0] == [True, False, False, False, True]
-    send(reducer, Grad(0, -1, tuple(emb_tensor(5) for _ in range(N))))
+    assert isinstance(batch, proto.Batch) and batch.rows == tuple(held)
+    assert [proto.unpack_rows(b, 5).tolist() for b in batch.rows][0] == [
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]
+    send(reducer, proto.Grad(0, -1, tuple(emb_tensor(5) for _ in range(N))))
     for sock in experts:
-        assert isinstance(recv(sock), Grad)
-    bad = encode(Emb(1, 0, "train", emb_tensor(5), b"\xff"))  # padding bits set: malformed
+        assert isinstance(recv(sock), proto.Grad)
+    bad = proto.encode(
+        proto.Emb(1, 0, "train", emb_tensor(5), b"\xff")
+    )  # padding bits set: malformed
     experts[0].send_multipart(bad, copy=False)
-    assert recv(experts[0]) == Drop(1, "bad_field")
+    assert recv(experts[0]) == proto.Drop(1, "bad_field")
     wait_for(lambda: net.rejections("bad_field") == 1)
 
 
@@ -466,37 +432,42 @@ def serve_cluster(net: Net) -> tuple[list[zmq.Socket], zmq.Socket]:
     experts = [net.expert(i) for i in range(N)]
     reducer = net.reducer()
     for sock in experts:
-        assert isinstance(recv(sock), Welcome)
+        assert isinstance(recv(sock), proto.Welcome)
     return experts, reducer
 
 
 def play_parties(
     experts: list[zmq.Socket], reducer: zmq.Socket, holds: dict[int, set], done: Any
-) -> list[QBatch]:
+) -> list[proto.QBatch]:
     """Fake parties until ``done()``: expert ``e`` answers each query by id with a bitmap of
     the ids in ``holds[e]`` (an expert 1 that holds every row sends none); the reducer
     answers each row with its id as the value. Returns the QBATCHes the reducer saw."""
     ids_of: dict[int, tuple] = {}
-    batches: list[QBatch] = []
+    batches: list[proto.QBatch] = []
     deadline = time.monotonic() + 10.0
     while not done():
         assert time.monotonic() < deadline, "the clients got no answer"
         for eid, sock in enumerate(experts):
             while sock.poll(0):
-                query = decode(sock.recv_multipart())
-                if isinstance(query, Query):
+                query = proto.decode(sock.recv_multipart())
+                if isinstance(query, proto.Query):
                     assert query.ids and not query.tensors and query.columns == ()
                     ids_of[query.qid] = query.ids
-                    bits = pack_rows(np.array([i in holds[eid] for i in query.ids]))
+                    bits = proto.pack_rows(np.array([i in holds[eid] for i in query.ids]))
                     tensor = emb_tensor(len(query.ids), eid)
-                    send(sock, QEmb(query.qid, eid, SERVE_OK, "", (tensor,), bits))
+                    send(sock, proto.QEmb(query.qid, eid, proto.SERVE_OK, "", (tensor,), bits))
         if reducer.poll(5):
-            batch = decode(reducer.recv_multipart())
-            if isinstance(batch, QBatch):
+            batch = proto.decode(reducer.recv_multipart())
+            if isinstance(batch, proto.QBatch):
                 batches.append(batch)
                 values = np.array([[float(i)] for i in ids_of[batch.qid]], np.float32)
-                answer = QOut(
-                    batch.qid, SERVE_OK, "", "regression", (), (Tensor.from_numpy(values),)
+                answer = proto.QOut(
+                    batch.qid,
+                    proto.SERVE_OK,
+                    "",
+                    "regression",
+                    (),
+                    (proto.Tensor.from_numpy(values),),
                 )
                 send(reducer, answer)
     return batches
@@ -529,7 +500,7 @@ def test_client_predicts_by_id_through_the_broker(net: Net) -> None:
     assert more.row_experts == ((0, 1), (1,))
     for batch in batches:
         assert batch.present == (True,) * N and batch.rows[1] == b""
-        assert not unpack_rows(batch.rows[2], batch.tensors[0].shape[0]).any()
+        assert not proto.unpack_rows(batch.rows[2], batch.tensors[0].shape[0]).any()
     if len(batches) == 1:  # within serve.max_wait_ms of each other: one query, 13 once
         assert ints.batch_rows == more.batch_rows == 4
 
@@ -546,12 +517,12 @@ def test_client_predict_by_str_id_and_errors_name_the_cause(net: Net) -> None:
     thread.start()
     for eid, sock in enumerate(experts):
         query = recv(sock)
-        assert isinstance(query, Query) and query.ids == ("x", "y")
-        send(sock, QEmb(query.qid, eid, SERVE_OK, "", (emb_tensor(2, eid),)))
+        assert isinstance(query, proto.Query) and query.ids == ("x", "y")
+        send(sock, proto.QEmb(query.qid, eid, proto.SERVE_OK, "", (emb_tensor(2, eid),)))
     batch = recv(reducer)
-    assert isinstance(batch, QBatch) and batch.rows == ()
-    probs = Tensor.from_numpy(np.array([[0.2, 0.8], [0.6, 0.4]], np.float32))
-    send(reducer, QOut(batch.qid, SERVE_OK, "", "classification", ("n", "p"), (probs,)))
+    assert isinstance(batch, proto.QBatch) and batch.rows == ()
+    probs = proto.Tensor.from_numpy(np.array([[0.2, 0.8], [0.6, 0.4]], np.float32))
+    send(reducer, proto.QOut(batch.qid, proto.SERVE_OK, "", "classification", ("n", "p"), (probs,)))
     thread.join(10)
     [pred] = result
     assert pred.labels == ["p", "n"] and pred.row_experts == ((0, 1, 2), (0, 1, 2))

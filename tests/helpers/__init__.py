@@ -6,6 +6,7 @@ The repository root is on ``sys.path`` through pytest's ``pythonpath`` setting
 from the root.
 
 - ``support``: free loopback ports, ``deep_update``, a ``FakeBroker`` ROUTER
+- ``broker_net``: a real BrokerService on loopback and ``recv`` from its sockets
 - ``cluster``: a ``traci up`` run driven from a test
 - ``fuzzing``, ``fuzz_proxy``, ``fuzz_run``: the malformed-message fuzz scenario
 - ``hostile``: an expert network that poisons what it sends (attack tests)
