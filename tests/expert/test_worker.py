@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zmq
 
-from tests.helpers.support import FakeBroker, free_ports
+from tests.helpers.support import ServiceRig, free_ports
 from traci_ml import proto
 from traci_ml.core import checkpoint
 from traci_ml.core.config import Config, load_config
@@ -50,38 +51,17 @@ def make_config(tmp_path: Path, **extra: str) -> Config:
     return load_config(overrides=settings, env={})
 
 
-class Rig:
+class Rig(ServiceRig):
     """An Expert whose run() is in a background thread, and the fake broker it talks to."""
 
     def __init__(self, config: Config, *, resume: bool = False) -> None:
         self.config = config
-        self.broker = FakeBroker(config.network.expert_port)
-        self.stop = threading.Event()
-        self.expert = ExpertService(
-            config, 0, resume=resume, context=self.broker.context, stop=self.stop
-        )
-        self.result: int | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
 
-    def _run(self) -> None:
-        try:
-            self.result = self.expert.run()
-        except BaseException as exc:  # re-raised in the test thread by join()
-            self.error = exc
+        def make(context: zmq.Context, stop: threading.Event) -> ExpertService:
+            return ExpertService(config, 0, resume=resume, context=context, stop=stop)
 
-    def welcome(self, start_seq: int = 0) -> proto.Hello:
-        hello = self.broker.expect(proto.Hello)
-        self.broker.send(proto.Welcome(ok=True, start_seq=start_seq))
-        return hello
-
-    def join(self, timeout: float = 10.0) -> int | None:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "Expert.run() did not return"
-        if self.error is not None:
-            raise self.error
-        return self.result
+        super().__init__(config.network.expert_port, make, "Expert")
+        self.expert = self.service
 
     def rejections(self, reason: str) -> float:
         value = self.expert.metrics.registry.get_sample_value(
@@ -98,11 +78,6 @@ class Rig:
     def balanced(self) -> bool:
         a = self.expert.accounts
         return a.sent == a.applied + a.acked + a.dropped + len(self.expert.inflight)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(15)
-        self.broker.close(term=not self.thread.is_alive())
 
 
 @pytest.fixture

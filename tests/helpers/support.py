@@ -1,9 +1,12 @@
-"""Free loopback ports, nested config updates and a fake broker, shared by the tests."""
+"""Free loopback ports, nested config updates, a fake broker and a service run against it,
+shared by the tests."""
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -87,3 +90,43 @@ class FakeBroker:
         self.sock.close(linger=0)
         if term:
             self.context.term()
+
+
+class ServiceRig:
+    """A service whose run() is in a background thread, and the ``FakeBroker`` it talks to.
+
+    ``make(context, stop)`` builds the service on the broker's zmq context with ``stop`` as
+    its stop event; ``name`` is what a run() that does not return is called in the failure."""
+
+    def __init__(self, port: int, make: Callable[[zmq.Context, threading.Event], Any], name: str):
+        self.broker = FakeBroker(port)
+        self.stop = threading.Event()
+        self.service = make(self.broker.context, self.stop)
+        self.name = name
+        self.result: int | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self.service.run()
+        except BaseException as exc:  # re-raised in the test thread by join()
+            self.error = exc
+
+    def welcome(self, start_seq: int = 0) -> proto.Hello:
+        hello = self.broker.expect(proto.Hello)
+        self.broker.send(proto.Welcome(ok=True, start_seq=start_seq))
+        return hello
+
+    def join(self, timeout: float = 10.0) -> int | None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"{self.name}.run() did not return"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(15)
+        self.broker.close(term=not self.thread.is_alive())

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zmq
 
-from tests.helpers.support import FakeBroker, free_ports
+from tests.helpers.support import ServiceRig, free_ports
 from traci_ml import proto
 from traci_ml.core import checkpoint
 from traci_ml.core.config import Config, load_config
@@ -46,31 +47,18 @@ def make_config(tmp_path: Path, **extra: str) -> Config:
     return load_config(overrides=settings, env={})
 
 
-class Rig:
+class Rig(ServiceRig):
     """A ReducerService whose run() is in a background thread, and its fake broker."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.dataset = load_dataset(config)
         self.schedule: Schedule = schedule_for(config, self.dataset)
-        self.broker = FakeBroker(config.network.reducer_port)
-        self.stop = threading.Event()
-        self.service = ReducerService(config, context=self.broker.context, stop=self.stop)
-        self.result: int | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
 
-    def _run(self) -> None:
-        try:
-            self.result = self.service.run()
-        except BaseException as exc:  # re-raised in the test thread by join()
-            self.error = exc
+        def make(context: zmq.Context, stop: threading.Event) -> ReducerService:
+            return ReducerService(config, context=context, stop=stop)
 
-    def welcome(self) -> proto.Hello:
-        hello = self.broker.expect(proto.Hello)
-        self.broker.send(proto.Welcome(ok=True, start_seq=0))
-        return hello
+        super().__init__(config.network.reducer_port, make, "ReducerService")
 
     def rows(self, seq: int) -> np.ndarray:
         return self.schedule.rows(self.schedule.step(seq))
@@ -99,18 +87,6 @@ class Rig:
             "traci_reducer_rejections_total", {"reason": reason}
         )
         return value or 0.0
-
-    def join(self, timeout: float = 10.0) -> int | None:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "ReducerService.run() did not return"
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(15)
-        self.broker.close(term=not self.thread.is_alive())
 
 
 @pytest.fixture
