@@ -8,13 +8,11 @@ in-flight timeouts, checkpoints), all on ``time.monotonic()``.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import TextIO
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -30,40 +28,16 @@ from traci_ml.core.files import write_json_atomic
 from traci_ml.core.link import BrokerLink
 from traci_ml.core.models.expert import build_expert_net, make_target, polyak_update
 from traci_ml.core.rundir import RunDir
-from traci_ml.core.schedule import Schedule, Step, make_schedule, set_lr
+from traci_ml.core.schedule import Schedule, make_schedule, set_lr
 from traci_ml.core.security import peer_keys, tcp_endpoint
 from traci_ml.core.tensors import derive_seed, from_wire, resolve_device, to_wire
 from traci_ml.services.expert.aligning import Aligner
+from traci_ml.services.expert.ledger import Accounts, InFlight, Ledger
 from traci_ml.services.expert.metrics import ExpertMetrics
 from traci_ml.services.expert.serving import QueryView
 
 log = logging.getLogger(__name__)
 ALIGN_RESEND = 60.0  # seconds without an answer before an ALIGN request is sent again
-
-
-@dataclass(slots=True)
-class InFlight:
-    step: Step
-    rows: torch.Tensor  # (B,) this expert's own rows (an absent row's: 0, never read)
-    held: torch.Tensor | None  # positions (in the batch) of the rows it holds; None: all
-    sent_at: float  # monotonic
-    applied_at_send: int  # optimizer steps taken when sent (for staleness)
-
-
-@dataclass(slots=True)
-class Accounts:
-    """sent == applied + acked + dropped + in flight, at every moment, across restarts too:
-    a restore counts the steps the checkpoint had in flight as dropped (``lost_in_restart``).
-    ``rolled_back``: gradients applied after the last checkpoint by a life that then died,
-    lost with it (the model went back to the checkpoint, the ledger was cut to match); they
-    are not in ``applied``, which is what the current model holds."""
-
-    sent: int = 0
-    applied: int = 0  # train gradients applied (and held by the model)
-    acked: int = 0  # eval steps acknowledged
-    dropped: int = 0
-    rejected: int = 0
-    rolled_back: int = 0
 
 
 class ExpertService:
@@ -107,10 +81,9 @@ class ExpertService:
         self.seq_next = 0
         self.run_dir = RunDir(config.run_path)
         self.ckpt_path = self.run_dir.expert_checkpoint(expert_id)
-        # The applied ledger: one line per gradient applied, across restarts (append-only,
-        # line-buffered so a SIGKILL loses nothing written). It proves "at most once".
-        self.ledger_path = self.run_dir.ledger(expert_id)
-        self.ledger: TextIO | None = None  # opened by run()
+        # The applied ledger: one line per gradient applied, across restarts. It proves
+        # "at most once". Opened by run().
+        self.ledger = Ledger(self.run_dir.ledger(expert_id), self.name)
         # Its length in bytes that agrees with the model: the checkpoint's, or 0 when the
         # nets are fresh. run() cuts the file to it before appending (None: leave it as is).
         self.ledger_at: int | None = 0
@@ -390,8 +363,7 @@ class ExpertService:
             set_lr(self.optimizer, self.config.expert.lr, pending.step.index, self.config.train)
             self.optimizer.step()
             polyak_update(self.target, self.online, self.config.expert.tau)
-        if self.ledger is not None:
-            self.ledger.write(f"{msg.seq}\n")
+        self.ledger.write(msg.seq)
         self._answered(pending, "applied")
         self.metrics.staleness.observe(self.accounts.applied - 1 - pending.applied_at_send)
         every = self.config.train.checkpoint_every
@@ -560,7 +532,7 @@ class ExpertService:
                 # steps sent and not answered: a restore counts them dropped (lost_in_restart)
                 "inflight": len(self.inflight),
                 # the ledger's length now (every line flushed): a restore cuts it back to this
-                "ledger_bytes": self._ledger_bytes(),
+                "ledger_bytes": self.ledger.size(),
                 # parties: this party's standardisation (its own training rows), for serving
                 "mean": None if self.data.mean is None else torch.from_numpy(self.data.mean),
                 "std": None if self.data.std is None else torch.from_numpy(self.data.std),
@@ -588,34 +560,12 @@ class ExpertService:
             "%s resumed from %s (applied %d)", self.name, self.ckpt_path, self.accounts.applied
         )
 
-    def _ledger_bytes(self) -> int | None:
-        if self.ledger is None:
-            return None
-        self.ledger.flush()  # line-buffered: a no-op, unless a write is half done
-        return os.fstat(self.ledger.fileno()).st_size
-
     def _open_ledger(self) -> None:
-        """Open the ledger for appending, first cut back to what the model holds: lines a
-        dead life appended after its last checkpoint name gradients the restored model never
-        saw. They are counted in ``accounts.rolled_back`` and logged, then a checkpoint
-        records the cut (so a second crash does not count them again)."""
-        self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
-        at, cut = self.ledger_at, []
-        size = self.ledger_path.stat().st_size if self.ledger_path.exists() else 0
-        if at is not None and size < at:  # not ours to invent lines: say so, append on
-            log.error("%s: ledger %s is %d bytes, shorter than the checkpoint's %d; left as it is",
-                      self.name, self.ledger_path, size, at)  # fmt: skip
-        elif at is not None and size > at:
-            with self.ledger_path.open("rb") as fh:
-                fh.seek(at)
-                cut = fh.read().split()
-            os.truncate(self.ledger_path, at)
-        self.ledger = self.ledger_path.open("a", buffering=1)
-        if cut:
-            self.accounts.rolled_back += len(cut)
-            log.warning("%s: %d applied gradients rolled back with the restore (seqs %s..%s), "
-                        "cut from the ledger", self.name, len(cut), cut[0].decode(),
-                        cut[-1].decode())  # fmt: skip
+        """Open the ledger cut back to what the model holds (``Ledger.open``); the cut lines
+        count as rolled back, and a checkpoint records the cut (so a second crash does not
+        count them again)."""
+        cut = self.ledger.open(self.ledger_at)
+        self.accounts.rolled_back += len(cut)
         if cut or self.restored:
             self.save()  # the cut, the drops of the restore and the ledger's length, on disk
 
@@ -634,8 +584,7 @@ class ExpertService:
         except zmq.ZMQError:
             pass
         self.link.close()
-        if self.ledger is not None:
-            self.ledger.close()
+        self.ledger.close()
         log.info("%s stopped: %s", self.name, self.accounts)
 
     def _write_accounts(self) -> None:
