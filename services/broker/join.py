@@ -1,12 +1,13 @@
 """The broker's step bookkeeping: join, order, flow control and reply routing.
 
-No sockets here. The server hands in every decoded message with its peer's routing id (opaque
-bytes) and ``now`` from ``time.monotonic()``; every call returns an ``Outcome`` saying what to
-send and what to count, so the server only does I/O. Who is registered is the book's own
-``peers.PeerRegistry`` (``book.peers``, which also answers HEARTBEAT and ALIGN by itself); a
-HELLO, GOODBYE or tick goes through the book, which hands it to the registry and reacts to the
-``PeerEvent``s it returns (an expert gone: mask its tokens; the reducer gone: drop what it
-held; the gate open: start). The rules are docs/protocol.md's "Broker semantics"; in short::
+No sockets here. The service (``service.py``) hands in every decoded message with its peer's
+routing id (opaque bytes) and ``now`` from ``time.monotonic()``; every call returns an
+``Outcome`` saying what to send and what to count, so the service only does I/O. Who is
+registered is the book's own ``peers.PeerRegistry`` (``book.peers``, which also answers
+HEARTBEAT and ALIGN by itself); a HELLO, GOODBYE or tick goes through the book, which hands it
+to the registry and reacts to the ``PeerEvent``s it returns (an expert gone: mask its tokens;
+the reducer gone: drop what it held; the gate open: start). The rules are docs/protocol.md's
+"Broker semantics"; in short::
 
     EMB(seq, i) -> pending[seq] --(all expected experts in, in seq order)--> ready (no reducer)
                 -> dispatched[seq] --BATCH--> reducer --GRAD/ACK--> slice k to k-th present expert
@@ -118,7 +119,7 @@ class JoinBook:
             keys_bound=keys_bound,
         )
 
-    # ---- views for the server and metrics ------------------------------------------------
+    # ---- views for the service and metrics ------------------------------------------------
 
     @property
     def pending_steps(self) -> int:

@@ -16,7 +16,7 @@ REDUCER = "reducer"
 
 @dataclass(slots=True)
 class Send:
-    """One message for the server to encode and send to ``routing_id`` on ``socket``."""
+    """One message for the service to encode and send to ``routing_id`` on ``socket``."""
 
     socket: str
     routing_id: bytes

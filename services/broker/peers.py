@@ -114,7 +114,7 @@ class PeerRegistry:
         # (first seq every live expert is expected in, their ids); None: recompute
         self._roster: tuple[int, frozenset[int]] | None = None
 
-    # ---- views for the join book, the server and metrics ---------------------------------
+    # ---- views for the join book, the service and metrics ---------------------------------
 
     @property
     def registered_experts(self) -> int:

@@ -1,6 +1,6 @@
 """The broker's front door: served prediction requests, dynamic batching and the serve join.
 
-No sockets here (like ``join.py``): the server hands in every decoded message on the client
+No sockets here (like ``join.py``): the service hands in every decoded message on the client
 socket (QUERY), every QEMB from an expert and every QOUT from the reducer, with the live peers
 the ``PeerRegistry`` knows, and sends what the returned ``Outcome`` says. The flow::
 

@@ -355,7 +355,7 @@ class BrokerService:
             expert_up=peers.expert_up(), reducer_up=peers.reducer_up,
         )  # fmt: skip
 
-    # ---- handlers that add what only the server knows ------------------------------------
+    # ---- handlers that add what only the service knows -----------------------------------
 
     def _hello(self, socket: str, routing_id: bytes, msg: Hello, now: float) -> Outcome:
         """HELLO, with the role of the key its connection came with (CURVE; None without)."""
