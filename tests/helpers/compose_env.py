@@ -77,6 +77,13 @@ def run(argv: list[str], *, env: dict[str, str], timeout: float, log: Path | Non
     return out
 
 
+def start_logged(argv: list[str], log: Path) -> subprocess.Popen:
+    """Start a server in its own session, its output (both streams) into ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+
+
 # ---- the engine -------------------------------------------------------------------------
 
 
@@ -109,11 +116,7 @@ class Dockerd:
             "DOCKER_HOST": f"unix://{self.socket}",
             "DOCKER_CONFIG": str(self.root / "docker-config"),  # not ~/.docker
         }
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
+        self.proc = start_logged(argv, self.log)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -308,13 +311,11 @@ class Prometheus:
         path = workdir / "prometheus.yml"
         path.write_text(json.dumps(config))  # JSON is YAML
         self.log = workdir / "prometheus.log"
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [binary, f"--config.file={path}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
+        self.proc = start_logged(
+            [binary, f"--config.file={path}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            self.log,
+        )  # fmt: skip
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
