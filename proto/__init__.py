@@ -34,19 +34,16 @@ from traci_ml.proto.messages import (
     Tensor,
     Welcome,
 )
+from traci_ml.proto.rows import pack_rows, unpack_rows
+from traci_ml.proto.values import DEFAULT_MAX_ABS, is_finite, value_problem
 from traci_ml.proto.wire import (
-    DEFAULT_MAX_ABS,
     MAX_EXPERTS,
     MAX_HEADER_BYTES,
     MAX_TENSOR_BYTES,
     PHASES,
     REJECT_REASONS,
     VERSION,
-    is_finite,
-    pack_rows,
     tensors_of,
-    unpack_rows,
-    value_problem,
 )
 
 __all__ = [

@@ -15,7 +15,8 @@ dtype, shape against frame length, finite values) and raises ``ProtocolError`` w
 ``reason`` is a short stable label, used as a metric label by every service.
 
 The message classes, ``Tensor`` and the kind table ``KINDS`` are in ``messages.py``; this
-module holds the version, the limits and the code that turns them into frames and back.
+module holds the version, the limits and the code that turns them into frames and back;
+``rows.py`` the row bitmaps, ``values.py`` the value checks (NaN/Inf, the bound).
 This module imports neither torch nor zmq: the broker holds no model.
 """
 
@@ -26,13 +27,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgpack
-import numpy as np
 
 from traci_ml.core.errors import ProtocolError
 from traci_ml.proto.messages import (
     ALIGN_STAGES,
     ALL_DTYPES,
-    BLOB_DTYPES,
     DTYPES,
     KINDS,
     SERVE_KINDS,
@@ -51,6 +50,8 @@ from traci_ml.proto.messages import (
     Tensor,
     _buffer,
 )
+from traci_ml.proto.rows import ids_bytes, pack_rows, rows_problem, unpack_rows  # noqa: F401
+from traci_ml.proto.values import DEFAULT_MAX_ABS, is_finite, value_problem  # noqa: F401
 
 VERSION = 1
 
@@ -91,10 +92,6 @@ REJECT_REASONS = (
     "non_finite",
 )
 
-# The default bound on any value a peer sends (``security.max_abs_value`` overrides it):
-# finite values this large are no embedding or gradient a sane network makes, and one of
-# them is enough to turn a Transformer's loss into NaN (docs/security.md).
-DEFAULT_MAX_ABS = 1e6
 
 # Kinds that may omit some of their FIELDS: only these are required (others: every field).
 _REQUIRED: dict[str, frozenset[str]] = {
@@ -136,53 +133,6 @@ def tensors_of(msg: Message) -> tuple[Tensor, ...]:
     if isinstance(msg, (Batch, Grad, Align, *SERVE_KINDS)):
         return msg.tensors
     return ()
-
-
-# --------------------------------------------------------------------------------------
-# Row bitmaps: which of a tensor's rows a party holds (docs/protocol.md, "Row bitmaps").
-# --------------------------------------------------------------------------------------
-
-
-def pack_rows(mask: Any) -> bytes:
-    """The row bitmap of a 1-D boolean ``mask`` (``mask[i]``: row i present):
-    ``np.packbits(mask, bitorder="little")``, ceil(B/8) bytes, padding bits zero; b"" when
-    every row is present (the same meaning, and what the wire omits)."""
-    mask = np.asarray(mask)
-    if mask.dtype != np.bool_ or mask.ndim != 1:
-        raise ValueError(f"a row mask is a 1-D bool array, got {mask.dtype} of shape {mask.shape}")
-    if mask.all():
-        return b""
-    return np.packbits(mask, bitorder="little").tobytes()
-
-
-def unpack_rows(bits: bytes, n: int) -> np.ndarray:
-    """The ``n`` booleans of row bitmap ``bits`` (b"": all True). A bitmap of the wrong
-    length or with padding bits set is ``ProtocolError("bad_field")``."""
-    problem = rows_problem(bits, n)
-    if problem is not None:
-        raise ProtocolError("bad_field", f"row bitmap: {problem}")
-    if not bits:
-        return np.ones(n, dtype=bool)
-    packed = np.frombuffer(bits, dtype=np.uint8)
-    return np.unpackbits(packed, count=n, bitorder="little").astype(bool)
-
-
-def ids_bytes(ids: Sequence[Any]) -> int:
-    """The bytes a QUERY's ``ids`` take in its header (msgpack), for ``MAX_IDS_BYTES``."""
-    return len(msgpack.packb(list(ids), use_bin_type=True))
-
-
-def rows_problem(bits: bytes, n: int) -> str | None:
-    """What is wrong with ``bits`` as the row bitmap of ``n`` rows; None when it is one."""
-    if not bits:
-        return None
-    need = (n + 7) >> 3
-    if len(bits) != need:
-        return f"{len(bits)} bytes for {n} rows, needs {need}"
-    tail = n & 7
-    if tail and bits[-1] >> tail:
-        return f"padding bits beyond row {n} are set"
-    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -317,64 +267,6 @@ def _check_tensors(
             raise ProtocolError("non_finite", f"tensor {i} holds NaN or Inf")
         tensors.append(tensor)
     return tuple(tensors)
-
-
-def value_problem(tensors: Sequence[Tensor], max_abs: float) -> tuple[str, str] | None:
-    """``(reason, detail)`` when a tensor holds NaN/Inf (``non_finite``) or a finite value
-    with ``|x| > max_abs`` (``too_large``); None when every value is in bounds.
-
-    The protocol's structural checks (``decode``) cannot know a service's bound, so each
-    service calls this where values enter it: the broker on EMB/GRAD/QEMB/QOUT/QUERY, the
-    experts on GRAD, the reducer on BATCH. Blob tensors (int64/uint8, ALIGN's) hold no
-    values: they are skipped."""
-    bound = max_abs * max_abs
-    for i, tensor in enumerate(tensors):
-        dtype = tensor.dtype
-        if dtype == "float32":
-            # One BLAS pass, the usual verdict: every x*x <= the sum of squares, so a sum
-            # within max_abs**2 proves each |x| within max_abs (and finite; NaN fails <=).
-            flat = _frombuffer(tensor.buffer, _F4)
-            if flat.size <= _DOT_MAX:
-                squares = float(_vdot(flat, flat))
-                if squares <= bound and _isfinite_scalar(squares):
-                    continue
-        elif dtype not in DTYPES:
-            continue  # a blob: ids or bytes, not values
-        values = _as_float(tensor)
-        if not values.size:
-            continue
-        hi, lo = float(np.max(values)), float(np.min(values))
-        if hi <= max_abs and -lo <= max_abs and math.isfinite(hi - lo):  # NaN: False
-            continue
-        if not math.isfinite(hi - lo):  # NaN anywhere makes max/min NaN; Inf makes it Inf
-            return "non_finite", f"tensor {i} holds NaN or Inf"
-        worst = hi if hi >= -lo else lo
-        return "too_large", f"tensor {i} holds {worst:.3g}, beyond the bound {max_abs:.3g}"
-    return None
-
-
-_DOT_MAX = 1 << 16  # float32 values checked by one dot first (OpenBLAS: one thread there)
-_F4 = np.dtype("<f4")
-_frombuffer, _vdot, _isfinite_scalar = np.frombuffer, np.vdot, math.isfinite
-
-
-def _as_float(tensor: Tensor) -> np.ndarray:
-    """The tensor's values as a float numpy view (bfloat16: widened to float32)."""
-    if tensor.dtype == "bfloat16":
-        bits = np.frombuffer(tensor.buffer, dtype="<u2").astype(np.uint32) << 16
-        return bits.view("<f4")
-    return tensor.numpy()
-
-
-def is_finite(tensor: Tensor) -> bool:
-    """True when no element is NaN or Inf (bfloat16: exponent bits not all ones); always
-    for a blob (int64/uint8), which holds no floats."""
-    if tensor.dtype in BLOB_DTYPES:
-        return True
-    if tensor.dtype == "bfloat16":
-        bits = np.frombuffer(tensor.buffer, dtype="<u2")
-        return not bool(np.any((bits & 0x7F80) == 0x7F80))
-    return bool(np.isfinite(tensor.numpy()).all())
 
 
 def _build(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...]) -> Message:

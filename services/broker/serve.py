@@ -41,7 +41,8 @@ from traci_ml.proto import (
     pack_rows,
     unpack_rows,
 )
-from traci_ml.proto.wire import MAX_IDS_BYTES, ids_bytes
+from traci_ml.proto.rows import ids_bytes
+from traci_ml.proto.wire import MAX_IDS_BYTES
 from traci_ml.services.broker.outcomes import EXPERT, REDUCER, Outcome, Send, batch_fits
 
 CLIENT = "client"  # the front door socket, as named in Send.socket

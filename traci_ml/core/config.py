@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from traci_ml.core.errors import ConfigError
-from traci_ml.proto.wire import DEFAULT_MAX_ABS
+from traci_ml.proto.values import DEFAULT_MAX_ABS
 
 ENV_PREFIX = "TRACI_"
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
