@@ -12,5 +12,6 @@ from the root.
 - ``hostile``: an expert network that poisons what it sends (attack tests)
 - ``netns``: network namespaces for the off-loopback run
 - ``recorder``: a man-in-the-middle that records what the peers say
+- ``middleman``: what ``recorder`` and ``fuzz_proxy`` share: the broker's ports, stood in
 - ``deploytools``, ``invocations``, ``compose_env``: the deployment tests' pieces
 """

@@ -43,6 +43,7 @@ from tests.helpers.fuzzing import (
     RunFacts,
     draw,
 )
+from tests.helpers.middleman import MiddleMan
 from traci_ml import proto
 
 # Share of the malformed messages each target gets.
@@ -87,7 +88,7 @@ def header_of(frames: list[bytes]) -> dict[str, Any]:
     return header if isinstance(header, dict) else {}
 
 
-class FuzzProxy:
+class FuzzProxy(MiddleMan):
     def __init__(
         self,
         *,
@@ -100,14 +101,9 @@ class FuzzProxy:
     ) -> None:
         self.run, self.messages, self.skip = run, messages, skip or {}
         self.rng = random.Random(seed)
-        self.endpoints = {EXPERT: broker_experts, REDUCER: broker_reducer}
-        self.context = zmq.Context()
-        self.poller = zmq.Poller()
-        self.front = {side: self._socket(zmq.ROUTER) for side in (EXPERT, REDUCER)}
-        self.ports = {}
-        for side, sock in self.front.items():
-            self.ports[side] = sock.bind_to_random_port("tcp://127.0.0.1")
-            self.poller.register(sock, zmq.POLLIN)
+        super().__init__(
+            broker_experts=broker_experts, broker_reducer=broker_reducer, name="fuzz-proxy"
+        )
         self.raw = {
             target: [self._dealer(self.endpoints[side]) for _ in range(RAW_PEERS[target])]
             for target, side in ((BROKER_EXPERTS, EXPERT), (BROKER_REDUCER, REDUCER))
@@ -129,32 +125,16 @@ class FuzzProxy:
         self.reactions: Counter[str] = Counter()  # service -> rejections our fuzz provoked
         self.stolen = 0  # raw HELLOs the broker accepted (an id whose holder was gone)
         self.fuzz_window = (0.0, 0.0)
-        self.error: BaseException | None = None
         # control, set by this thread / by the test
         self.started = threading.Event()  # the first BATCH went by: injection on
         self.fuzz_done = threading.Event()  # budget spent, final BATCH held: read counters
         self.release = threading.Event()  # counters read: let the final BATCH go
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="fuzz-proxy", daemon=True)
 
     @property
     def total_sent(self) -> int:
         return sum(self.sent.values())
 
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(10)
-
     # ---- sockets -----------------------------------------------------------------------
-
-    def _socket(self, kind: int) -> zmq.Socket:
-        sock = self.context.socket(kind)
-        for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
-            sock.setsockopt(opt, value)
-        return sock
 
     def _dealer(self, endpoint: str) -> zmq.Socket:
         sock = self._socket(zmq.DEALER)

@@ -12,47 +12,25 @@ test_parties.py).
 
 from __future__ import annotations
 
-import threading
 from collections import defaultdict
 
 import msgpack
 import zmq
 
-EXPERT, REDUCER = "expert", "reducer"
+from tests.helpers.middleman import EXPERT, REDUCER, MiddleMan
 
 
-class Recorder:
+class Recorder(MiddleMan):
     def __init__(self, *, broker_experts: str, broker_reducer: str) -> None:
-        self.endpoints = {EXPERT: broker_experts, REDUCER: broker_reducer}
-        self.context = zmq.Context()
-        self.poller = zmq.Poller()
-        self.front = {side: self._socket(zmq.ROUTER) for side in (EXPERT, REDUCER)}
-        self.ports = {}
-        for side, sock in self.front.items():
-            self.ports[side] = sock.bind_to_random_port("tcp://127.0.0.1")
-            self.poller.register(sock, zmq.POLLIN)
+        super().__init__(
+            broker_experts=broker_experts, broker_reducer=broker_reducer, name="recorder"
+        )
         self.links: dict[tuple[str, bytes], zmq.Socket] = {}
         self.back: dict[zmq.Socket, tuple[str, bytes]] = {}
         self.party: dict[tuple[str, bytes], str] = {}
         # (party, "up" | "down") -> frames seen, in order
         self.frames: dict[tuple[str, str], list[bytes]] = defaultdict(list)
         self.kinds: dict[tuple[str, str], list[str]] = defaultdict(list)
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="recorder", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(10)
-
-    def _socket(self, kind: int) -> zmq.Socket:
-        sock = self.context.socket(kind)
-        for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
-            sock.setsockopt(opt, value)
-        return sock
 
     def _loop(self) -> None:
         try:
