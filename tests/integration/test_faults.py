@@ -29,13 +29,20 @@ def finish_ok(cluster: Cluster) -> dict:
     return summary
 
 
-def test_killed_expert_is_restarted_and_rejoins(run_config):
+def killed_midway(run_config, service: str, step: int) -> tuple[Cluster, dict]:
+    """A fault run whose ``service`` is killed at ``step``: it must be restarted and the run
+    must end well; returns the cluster (stopped) and the run's summary."""
     path, cfg = run_config(FAULT_RUN, metrics=True)
     with Cluster(path, cfg) as cluster:
-        cluster.wait_for_step(300)
-        old = cluster.kill("expert-2")
-        cluster.wait_restarted("expert-2", old)
+        cluster.wait_for_step(step)
+        old = cluster.kill(service)
+        cluster.wait_restarted(service, old)
         summary = finish_ok(cluster)
+    return cluster, summary
+
+
+def test_killed_expert_is_restarted_and_rejoins(run_config):
+    cluster, summary = killed_midway(run_config, "expert-2", 300)
     assert "expert-2 exited with signal 9: restart 1/5" in cluster.output
     assert summary["test_accuracy"] >= 0.97
     ledger = cluster.ledger(2)
@@ -45,12 +52,7 @@ def test_killed_expert_is_restarted_and_rejoins(run_config):
 
 
 def test_killed_broker_is_restarted_and_peers_reconnect(run_config):
-    path, cfg = run_config(FAULT_RUN, metrics=True)
-    with Cluster(path, cfg) as cluster:
-        cluster.wait_for_step(300)
-        old = cluster.kill("broker")
-        cluster.wait_restarted("broker", old)
-        summary = finish_ok(cluster)
+    cluster, summary = killed_midway(run_config, "broker", 300)
     assert summary["test_accuracy"] >= 0.97
     logs = cluster.run_dir / "logs"
     gates = re.findall(r"start gate open at (\d+)", (logs / "broker.log").read_text())
@@ -62,12 +64,7 @@ def test_killed_broker_is_restarted_and_peers_reconnect(run_config):
 
 
 def test_killed_reducer_resumes_from_its_checkpoint(run_config):
-    path, cfg = run_config(FAULT_RUN, metrics=True)
-    with Cluster(path, cfg) as cluster:
-        cluster.wait_for_step(350)
-        old = cluster.kill("reducer")
-        cluster.wait_restarted("reducer", old)
-        summary = finish_ok(cluster)
+    cluster, summary = killed_midway(run_config, "reducer", 350)
     assert "resumed from" in (cluster.run_dir / "logs" / "reducer.log").read_text()
     assert summary["test_accuracy"] >= 0.97
     assert summary["steps_skipped"] > 0  # what died with the reducer is counted, not replayed
