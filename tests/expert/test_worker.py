@@ -16,10 +16,10 @@ import pytest
 import torch
 import zmq
 
-from tests.helpers.support import ServiceRig, free_ports
+from tests.helpers.support import ServiceRig, fake_broker_config
 from traci_ml import proto
 from traci_ml.core import checkpoint
-from traci_ml.core.config import Config, load_config
+from traci_ml.core.config import Config
 from traci_ml.core.data import load_dataset
 from traci_ml.core.models.expert import build_expert_net, make_target, polyak_update
 from traci_ml.core.schedule import schedule_for, set_lr
@@ -35,20 +35,14 @@ TRAIN_SEQS, EVAL_SEQS = (0, 1, 2, 4, 5, 6), (3, 7)
 
 
 def make_config(tmp_path: Path, **extra: str) -> Config:
-    expert_port, reducer_port = free_ports(2)
     settings = {
         "run_id": RUN_ID, "seed": "3", "run_dir": str(tmp_path / "run"), "embed_dim": str(D),
         "reducer.heads": "2", "expert.model.hidden": "[16]", "expert.device": "cpu",
         "expert.torch_threads": "1", "expert.window": "2", "expert.tau": "0.25",
         "train.steps": "6", "train.eval_every": "3", "train.batch_size": str(BATCH),
         "train.checkpoint_every": "0", "reducer.eval_batch_size": "512",
-        "network.expert_port": str(expert_port), "network.reducer_port": str(reducer_port),
-        "network.heartbeat_interval": "0.05", "network.liveness": "2.0",
-        "network.connect_timeout": "10", "metrics.broker_port": "0",
-        "metrics.reducer_port": "0", "metrics.expert_base_port": "0",
     }  # fmt: skip
-    settings.update(extra)
-    return load_config(overrides=settings, env={})
+    return fake_broker_config(settings, extra)
 
 
 class Rig(ServiceRig):

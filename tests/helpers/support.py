@@ -4,14 +4,17 @@ shared by the tests."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import zmq
 
 from traci_ml import proto
+from traci_ml.core.config import Config, load_config
 
 
 def free_ports(n: int) -> list[int]:
@@ -36,6 +39,32 @@ def deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
             else value
         )
     return out
+
+
+def fake_broker_config(settings: dict[str, str], extra: dict[str, str]) -> Config:
+    """The config of a service run against a ``FakeBroker``: ``settings``, then ``extra``, over
+    two fresh loopback ports, quick heartbeats (0.05 s, 2 s liveness) and no metrics servers."""
+    expert_port, reducer_port = free_ports(2)
+    network = {
+        "network.expert_port": str(expert_port), "network.reducer_port": str(reducer_port),
+        "network.heartbeat_interval": "0.05", "network.liveness": "2.0",
+        "network.connect_timeout": "10", "metrics.broker_port": "0",
+        "metrics.reducer_port": "0", "metrics.expert_base_port": "0",
+    }  # fmt: skip
+    return load_config(overrides={**settings, **network, **extra}, env={})
+
+
+def generate_keys(traci: list[str], keys: Path, config: Path) -> str:
+    """``traci keys generate KEYS --config CONFIG`` (``traci``: how to run the CLI), which must
+    succeed; returns what it printed."""
+    made = subprocess.run(
+        [*traci, "keys", "generate", str(keys), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    return made.stdout
 
 
 class FakeBroker:

@@ -13,10 +13,10 @@ import pytest
 import torch
 import zmq
 
-from tests.helpers.support import ServiceRig, free_ports
+from tests.helpers.support import ServiceRig, fake_broker_config
 from traci_ml import proto
 from traci_ml.core import checkpoint
-from traci_ml.core.config import Config, load_config
+from traci_ml.core.config import Config
 from traci_ml.core.data import load_dataset
 from traci_ml.core.models.reducer import Reducer, expert_dropout_mask, loss_and_metric
 from traci_ml.core.schedule import Schedule, schedule_for
@@ -31,20 +31,14 @@ ALL = (True,) * N_EXPERTS
 
 
 def make_config(tmp_path: Path, **extra: str) -> Config:
-    expert_port, reducer_port = free_ports(2)
     settings = {
         "run_id": RUN_ID, "seed": "5", "run_dir": str(tmp_path / "run"), "embed_dim": str(D),
         "reducer.layers": "1", "reducer.heads": "2", "reducer.ff": "16",
         "reducer.device": "cpu", "reducer.eval_batch_size": "512",
         "expert.torch_threads": "1", "train.steps": "6", "train.eval_every": "3",
         "train.batch_size": str(BATCH), "train.log_every": "1", "train.checkpoint_every": "0",
-        "network.expert_port": str(expert_port), "network.reducer_port": str(reducer_port),
-        "network.heartbeat_interval": "0.05", "network.liveness": "2.0",
-        "network.connect_timeout": "10", "metrics.broker_port": "0",
-        "metrics.reducer_port": "0", "metrics.expert_base_port": "0",
     }  # fmt: skip
-    settings.update(extra)
-    return load_config(overrides=settings, env={})
+    return fake_broker_config(settings, extra)
 
 
 class Rig(ServiceRig):
