@@ -142,26 +142,18 @@ class FuzzProxy(MiddleMan):
         self.poller.register(sock, zmq.POLLIN)
         return sock
 
-    def _close(self) -> None:
-        for sock in [*self.front.values(), *self.by_upstream, *sum(self.raw.values(), [])]:
-            sock.close(linger=0)
-        self.context.term()
+    def _sockets(self) -> list[zmq.Socket]:
+        return [*self.front.values(), *self.by_upstream, *sum(self.raw.values(), [])]
 
     # ---- the loop ----------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        try:
-            while not self._stop.is_set():
-                due = self._due()
-                for sock, _ in self.poller.poll(0 if due else 5):
-                    self._drain(sock)
-                if due:
-                    self._inject(min(due, BURST))
-                self._end_game()
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
-        finally:
-            self._close()
+    def _turn(self) -> None:
+        due = self._due()
+        for sock, _ in self.poller.poll(0 if due else 5):
+            self._drain(sock)
+        if due:
+            self._inject(min(due, BURST))
+        self._end_game()
 
     def _due(self) -> int:
         if not self.started.is_set() or self.fuzz_done.is_set():

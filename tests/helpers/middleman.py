@@ -4,7 +4,8 @@
     reducer  --DEALER--> [ROUTER  middle man  DEALER per peer connection] --> broker ROUTER
 
 ``ports`` are where the peers connect instead of the broker (``EXPERT``, ``REDUCER``);
-``endpoints`` are the broker's. Every socket lives in the one thread that runs ``_loop``;
+``endpoints`` are the broker's. Every socket lives in the one thread that runs the loop
+(``_turn`` again and again until ``stop``, then every socket of ``_sockets`` closed);
 ``SNDHWM``/``RCVHWM`` are 0 so the middle man itself never drops a message."""
 
 from __future__ import annotations
@@ -44,4 +45,20 @@ class MiddleMan:
         return sock
 
     def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._turn()
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+        finally:
+            for sock in self._sockets():
+                sock.close(linger=0)
+            self.context.term()
+
+    def _turn(self) -> None:
+        """One pass of the loop: poll and forward (and whatever else the middle man does)."""
+        raise NotImplementedError
+
+    def _sockets(self) -> list[zmq.Socket]:
+        """Every socket, closed when the loop ends."""
         raise NotImplementedError

@@ -32,17 +32,12 @@ class Recorder(MiddleMan):
         self.frames: dict[tuple[str, str], list[bytes]] = defaultdict(list)
         self.kinds: dict[tuple[str, str], list[str]] = defaultdict(list)
 
-    def _loop(self) -> None:
-        try:
-            while not self._stop.is_set():
-                for sock, _ in self.poller.poll(20):
-                    self._drain(sock)
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
-        finally:
-            for sock in [*self.front.values(), *self.back]:
-                sock.close(linger=0)
-            self.context.term()
+    def _turn(self) -> None:
+        for sock, _ in self.poller.poll(20):
+            self._drain(sock)
+
+    def _sockets(self) -> list[zmq.Socket]:
+        return [*self.front.values(), *self.back]
 
     def _drain(self, sock: zmq.Socket) -> None:
         for _ in range(500):
