@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.support import generate_keys
+
 pytestmark = pytest.mark.integration
 TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 
@@ -22,14 +24,7 @@ def test_traci_up_trains_over_curve(run_config, tmp_path: Path) -> None:
             "train": {"steps": 150, "eval_every": 75, "checkpoint_every": 0},
         }
     )
-    made = subprocess.run(
-        [*TRACI, "keys", "generate", str(keys), "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert made.returncode == 0, made.stderr
-    assert f"curve_dir: {keys.resolve()}" in made.stdout
+    assert f"curve_dir: {keys.resolve()}" in generate_keys(TRACI, keys, path)
     assert sorted(p.name for p in (keys / "authorized").iterdir()) == [
         "client.key",
         *(f"expert-{i}.key" for i in range(4)),

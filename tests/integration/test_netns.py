@@ -104,6 +104,8 @@ def tail(path: Path, n: int = 3000) -> str:
 
 @pytest.mark.timeout(420)
 def test_curve_run_between_namespaces_shuts_out_a_stranger(lab, tmp_path: Path) -> None:
+    from tests.helpers.support import generate_keys  # here: the stranger runs this file
+
     started = time.monotonic()
     hosts = ["broker", "reducer", *(f"expert{i}" for i in range(N_EXPERTS)), "stranger"]
     addr = {host: lab.add(host) for host in hosts}
@@ -112,13 +114,7 @@ def test_curve_run_between_namespaces_shuts_out_a_stranger(lab, tmp_path: Path) 
     keys, run_dir, logs = tmp_path / "keys", tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
     traci = traci_argv()
-    made = subprocess.run(
-        [*traci, "keys", "generate", str(keys), "--config", str(DIGITS)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert made.returncode == 0, made.stderr
+    generate_keys(traci, keys, DIGITS)
 
     common = ["--config", str(DIGITS)]
     for key, value in {
