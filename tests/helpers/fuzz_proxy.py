@@ -174,11 +174,7 @@ class FuzzProxy(MiddleMan):
             self._to_reducer_peer(held)
 
     def _drain(self, sock: zmq.Socket) -> None:
-        for _ in range(200):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in self._ready(sock, 200):
             if sock is self.front[EXPERT] or sock is self.front[REDUCER]:
                 side = EXPERT if sock is self.front[EXPERT] else REDUCER
                 self._upstream(self._link(side, frames[0]), frames[1:])

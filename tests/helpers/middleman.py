@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import zmq
 
@@ -43,6 +44,15 @@ class MiddleMan:
         for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
             sock.setsockopt(opt, value)
         return sock
+
+    @staticmethod
+    def _ready(sock: zmq.Socket, most: int) -> Iterator[list[bytes]]:
+        """Up to ``most`` messages that ``sock`` holds now, without waiting for more."""
+        for _ in range(most):
+            try:
+                yield sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
 
     def _loop(self) -> None:
         try:

@@ -40,11 +40,7 @@ class Recorder(MiddleMan):
         return [*self.front.values(), *self.back]
 
     def _drain(self, sock: zmq.Socket) -> None:
-        for _ in range(500):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in self._ready(sock, 500):
             if sock in self.back:  # broker -> party
                 key = self.back[sock]
                 self._keep(key, "down", frames)
