@@ -196,6 +196,20 @@ def test_every_module_has_a_layer() -> None:
     assert {(1, s) for s in SERVICES} <= rooms
 
 
+def test_every_package_is_installed() -> None:
+    """pyproject's explicit package list names every package folder: a folder left out is
+    missing from a non-editable install (the Docker image), while editable installs hide it."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    folders = {m for m, p in modules().items() if p.name == "__init__.py"}
+    assert folders == listed, (
+        f"not installed: {sorted(folders - listed)}; not a package: {sorted(listed - folders)}"
+    )
+
+
 def external(module: str) -> set[str]:
     """Top-level third-party/stdlib packages one module imports."""
     return {n.split(".")[0] for n in raw_imports(modules()[module]) if not n.startswith("traci_")}
