@@ -18,7 +18,7 @@ from traci_ml.core.data import load_dataset
 from traci_ml.core.errors import DataError
 from traci_ml.services.reducer.aligning import LabelHolder
 
-from .test_worker import BATCH, D, Rig, make_config
+from .test_service import BATCH, D, Rig, make_config
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,7 +13,7 @@ from traci_ml import proto
 from traci_ml.app.partysplit import split_run
 from traci_ml.core.config import load_config
 
-from .test_worker import ALL, BATCH, N_EXPERTS, Rig, make_config
+from .test_service import ALL, BATCH, N_EXPERTS, Rig, make_config
 
 pytestmark = pytest.mark.timeout(60)
 
