@@ -1,5 +1,5 @@
 """Row ids as users give them (``--ids``, ``predict_ids``, ``traci request --ids``): parsed
-by the rule a party's CSV id column is read with (``traci_ml.core.parties``). No torch here.
+by the rule a party's CSV id column is read with (``traci_ml.core.data.parties``). No torch here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 from traci_ml.core.errors import DataError
 
 # A text id is an int when every cell is a plain decimal integer that fits int64 ("007" keeps
-# its zeros, so all of that list's ids stay str); traci_ml.core.parties reads CSV id columns so.
+# its zeros, so all of that list's ids stay str); core.data.parties reads CSV id columns so.
 INT_ID = r"-?(0|[1-9][0-9]{0,17})"
 _INT_ID = re.compile(INT_ID)
 
