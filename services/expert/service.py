@@ -466,7 +466,7 @@ class ExpertService:
             if self.data.mean is None or self.data.std is None:
                 raise DataError(f"{self.name}: no standardisation yet (not aligned)")
             return QueryView(self.data.columns, self.data.mean, self.data.std)
-        return QueryView.for_expert(self.config, self.config.run_path, self.id)
+        return QueryView.for_expert(self.config, self.run_dir.path, self.id)
 
     def on_goodbye(self, msg: proto.Goodbye) -> bool:
         if msg.reason == "done":

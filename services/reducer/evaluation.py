@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from traci_ml.core.data import Dataset
-from traci_ml.core.rundir import RunDir
 from traci_ml.services.reducer.metrics import ReducerMetrics
 from traci_ml.services.reducer.runlog import (
     EvalRound,
@@ -26,9 +25,9 @@ from traci_ml.services.reducer.runlog import (
 class Evaluation:
     """The evaluation round in progress and the ``eval`` records of the finished ones."""
 
-    def __init__(self, dataset: Dataset, run_path: Path, metrics: ReducerMetrics) -> None:
+    def __init__(self, dataset: Dataset, predictions: Path, metrics: ReducerMetrics) -> None:
         self.dataset = dataset
-        self.run_path = run_path
+        self.predictions = predictions  # RUN_DIR/eval_predictions.csv, the final round
         self.metrics = metrics
         self.history: list[dict[str, Any]] = []  # one eval record per round (checkpointed)
         self.round: EvalRound | None = None
@@ -77,7 +76,7 @@ class Evaluation:
         assert self.round is not None
         result = self.round.result()
         if final:  # the rows behind summary.json's test_* figures (docs/predict.md)
-            write_eval_predictions(RunDir(self.run_path).eval_predictions, self.round, self.dataset)
+            write_eval_predictions(self.predictions, self.round, self.dataset)
         name = metric_name(self.dataset.task)
         if self.missing_rounds:
             views = [v.name for v in self.dataset.views]

@@ -80,14 +80,14 @@ class ReducerService:
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=config.reducer.lr, weight_decay=config.reducer.weight_decay
         )
-        self.run_path = config.run_path
-        self.run_dir = RunDir(self.run_path)
+        self.run_dir = RunDir(config.run_path)
         self.ckpt_path = self.run_dir.reducer_checkpoint
         self.last_seq = -1
         self.train_steps = 0
         self.skipped = 0
         self.wall_before = 0.0  # wall seconds of earlier lives (resume)
-        self.evaluation = Evaluation(ds, self.run_path, self.metrics)  # eval rounds, history
+        # eval rounds and their history; the final round also row by row
+        self.evaluation = Evaluation(ds, self.run_dir.eval_predictions, self.metrics)
         self.ema: dict[str, float] = {}
         self.att_train = torch.zeros(self.n)
         # parties (docs/parties.md): answers the experts' ALIGN requests, in a thread
