@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
@@ -95,15 +96,8 @@ def read_rows(path: str, columns: list[str] | None) -> tuple[np.ndarray, list[st
 
 def request(args: argparse.Namespace, config: Config) -> int:
     """``traci request``: CSV rows to the front door, answers as CSV (stdout or --output)."""
-    from traci_ml.app.client import Client
-
     x, columns = read_rows(args.input, args.columns.split(",") if args.columns else None)
-    if args.endpoint:
-        from traci_ml.core.security import peer_keys
-
-        client = Client(args.endpoint, timeout=args.timeout, curve=peer_keys(config, "client"))
-    else:
-        client = Client.from_config(config, timeout=args.timeout)
+    client = _client(args, config)
     with client:
         pred = client.predict(x, columns)
     head = ["row", "prediction"]
@@ -115,15 +109,7 @@ def request(args: argparse.Namespace, config: Config) -> int:
         ]
     else:
         body = [[f"{v:.9g}"] for v in pred.values]
-    out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
-    try:
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(head)
-        for r, cells in enumerate(body):
-            writer.writerow([r, *cells])
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    _write_csv(args.output, head, ([r, *cells] for r, cells in enumerate(body)))
     who = ", ".join(f"{i} ({n})" for i, n in zip(pred.experts, pred.expert_names, strict=True))
     print(f"{len(x)} rows served by experts {who} in a batch of {pred.batch_rows} rows "
           f"({pred.latency * 1000:.1f} ms)", file=sys.stderr)  # fmt: skip
@@ -133,16 +119,10 @@ def request(args: argparse.Namespace, config: Config) -> int:
 def request_ids(args: argparse.Namespace, config: Config) -> int:
     """``traci request --ids``: rows by id; each expert looks its own rows up. The answer
     as CSV: row, id, prediction, probabilities, and the experts that took part per row."""
-    from traci_ml.app.client import Client
     from traci_ml.core.ids import read_ids
 
     ids = read_ids(args.ids, config.data.id).tolist()
-    if args.endpoint:
-        from traci_ml.core.security import peer_keys
-
-        client = Client(args.endpoint, timeout=args.timeout, curve=peer_keys(config, "client"))
-    else:
-        client = Client.from_config(config, timeout=args.timeout)
+    client = _client(args, config)
     with client:
         pred = client.predict_ids(ids)
     rows = pred.row_experts or (tuple(pred.experts),) * len(ids)
@@ -153,16 +133,35 @@ def request_ids(args: argparse.Namespace, config: Config) -> int:
                 for lab, row in zip(pred.labels, pred.outputs, strict=True)]  # fmt: skip
     else:
         body = [[f"{v:.9g}"] for v in pred.values]
-    out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
-    try:
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow([*head, "experts"])
-        for r, (i, cells, took) in enumerate(zip(ids, body, rows, strict=True)):
-            writer.writerow([r, i, *cells, " ".join(str(e) for e in took)])
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    _write_csv(args.output, [*head, "experts"], (
+        [r, i, *cells, " ".join(str(e) for e in took)]
+        for r, (i, cells, took) in enumerate(zip(ids, body, rows, strict=True))
+    ))  # fmt: skip
     lacking = sum(len(t) < len(pred.experts) for t in rows)
     print(f"{len(ids)} ids served by experts {list(pred.experts)}; {lacking} rows with an expert "
           f"masked ({pred.latency * 1000:.1f} ms)", file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _client(args: argparse.Namespace, config: Config):  # -> Client
+    """The front door's client: ``--endpoint`` (with the config's CURVE keys), else the
+    config's own serve endpoint."""
+    from traci_ml.app.client import Client
+
+    if args.endpoint:
+        from traci_ml.core.security import peer_keys
+
+        return Client(args.endpoint, timeout=args.timeout, curve=peer_keys(config, "client"))
+    return Client.from_config(config, timeout=args.timeout)
+
+
+def _write_csv(path: str | None, head: list[str], rows: Iterable[list]) -> None:
+    """``head`` and ``rows`` as CSV to ``path``, or stdout when there is none."""
+    out = open(path, "w", newline="") if path else sys.stdout  # noqa: SIM115
+    try:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(head)
+        writer.writerows(rows)
+    finally:
+        if out is not sys.stdout:
+            out.close()
