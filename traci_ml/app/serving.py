@@ -58,8 +58,7 @@ def serve(config: Config, *, out: TextIO = sys.stdout) -> int:
         f"{RunDir.LOGS}); Ctrl-C to stop",
         # an expert that fails for good is left down: the broker masks it, replies say who
         # took part; the broker or reducer failing for good ends serving (1)
-        expendable=lambda child: child.name.startswith("expert-"),
-        exit_0_ends=False, bad_start_final=False, live_pids_only=True,
+        serving=True,
     ))  # fmt: skip
     return 0 if code is None else code  # None: interrupted, the normal end of serving
 

@@ -108,10 +108,6 @@ def _nothing(children: list[Child]) -> None:
     return None
 
 
-def _nobody(child: Child) -> bool:
-    return False
-
-
 @dataclass(frozen=True)
 class Policy:
     """How one supervisor treats its services (``traci up`` and ``traci serve`` differ here).
@@ -120,11 +116,11 @@ class Policy:
     restart_delay). ``pid_file``: rewritten at every start and restart. ``console``: says what
     happens. ``started``: the line printed once every service is started. ``done``: asked every
     tick, True when the run has finished (``watch`` returns 0 once the others exit, ``GRACE`` at
-    most). ``on_tick``: every tick the run goes on. ``expendable``: a service that fails for good
-    is left down instead of ending the watch (1). ``exit_0_ends``: a service exiting 0 has ended
-    its part (else it is restarted like a failure). ``bad_start_final``: a config error on a
-    first start, or a data error, is never restarted. ``live_pids_only``: the pid file lists the
-    running services only (else every one started).
+    most). ``on_tick``: every tick the run goes on. ``serving`` (``traci serve``): an expert
+    that fails for good is left down instead of ending the watch (1); a service exiting 0 is
+    restarted like a failure (training: it has ended its part); a config error on a first start,
+    or a data error, is restarted too (training: never); the pid file lists the running services
+    only (training: every one started).
     """
 
     restart: LauncherConfig
@@ -133,10 +129,11 @@ class Policy:
     started: str
     done: Callable[[list[Child]], bool] = _never
     on_tick: Callable[[list[Child]], None] = _nothing
-    expendable: Callable[[Child], bool] = _nobody
-    exit_0_ends: bool = True
-    bad_start_final: bool = True
-    live_pids_only: bool = False
+    serving: bool = False
+
+    def expendable(self, child: Child) -> bool:
+        """Left down when it fails for good: an expert while serving (the broker masks it)."""
+        return self.serving and child.name.startswith("expert-")
 
 
 def children(
@@ -204,7 +201,7 @@ def write_pids(children: list[Child], policy: Policy) -> None:
     pids = {
         c.name: c.pid
         for c in children
-        if c.pid is not None and (not policy.live_pids_only or c.code is None)
+        if c.pid is not None and (not policy.serving or c.code is None)
     }
     write_json_atomic(policy.pid_file, pids)
 
@@ -225,12 +222,12 @@ def watch(children: list[Child], policy: Policy) -> int:
                     write_pids(children, policy)
                 continue
             code = child.code
-            if code is None or (code == 0 and policy.exit_0_ends):
+            if code is None or (code == 0 and not policy.serving):
                 continue
             if (
                 settings.restart == "never"
                 or child.restarts >= settings.max_restarts
-                or (policy.bad_start_final and _bad_start(child, code, now))
+                or (not policy.serving and _bad_start(child, code, now))
             ):
                 policy.console.gave_up(child, code)
                 if not policy.expendable(child):
