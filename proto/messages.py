@@ -141,7 +141,7 @@ HELD = "held"
 @dataclass(frozen=True, slots=True)
 class Emb:
     """Expert -> broker: the target embedding ``[B, d]`` of step ``seq``. ``rows``: which
-    of the B rows the expert holds (a row bitmap, ``wire.pack_rows``; b"": all of them)."""
+    of the B rows the expert holds (a row bitmap, ``rows.pack_rows``; b"": all of them)."""
 
     KIND: ClassVar[str] = "EMB"
     FIELDS: ClassVar[dict[str, type]] = {"seq": int, "expert_id": int, "phase": str}
@@ -201,7 +201,7 @@ class Drop:
     reason: str
 
 
-# What ``wire.value_problem`` can say of well-formed tensors (non_finite is decode's reason too).
+# What ``values.value_problem`` can say of well-formed tensors (non_finite is decode's reason too).
 VALUE_REASONS = ("non_finite", "too_large")
 # What a DROP says (``Drop.reason``; docs/protocol.md). From the broker, which gave the step up
 # or refused the expert's EMB of it (an EMB refused as malformed, or before the start gate, is

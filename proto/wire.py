@@ -50,8 +50,8 @@ from traci_ml.proto.messages import (
     Tensor,
     _buffer,
 )
-from traci_ml.proto.rows import ids_bytes, pack_rows, rows_problem, unpack_rows  # noqa: F401
-from traci_ml.proto.values import DEFAULT_MAX_ABS, is_finite, value_problem  # noqa: F401
+from traci_ml.proto.rows import ids_bytes, rows_problem  # noqa: F401  (ids_bytes: app.client)
+from traci_ml.proto.values import is_finite
 
 VERSION = 1
 
