@@ -40,7 +40,6 @@ from traci_ml.core.data import (  # noqa: F401 (the preprocessing, as predict's 
     load_expert_data,
     load_labels,
     load_preprocess,
-    raw_table,
     read_csv_table,
     split_index,
     split_rows,
@@ -48,7 +47,7 @@ from traci_ml.core.data import (  # noqa: F401 (the preprocessing, as predict's 
     write_preprocess,
 )
 from traci_ml.core.errors import CheckpointError, DataError
-from traci_ml.core.ids import as_ids, id_kind, parse_ids, read_ids  # noqa: F401 (predict API)
+from traci_ml.core.ids import as_ids, id_kind, read_ids  # noqa: F401 (predict API)
 from traci_ml.core.models.expert import build_expert_net
 from traci_ml.core.models.reducer import Reducer
 from traci_ml.core.rundir import RunDir
@@ -227,7 +226,7 @@ def _number(value: Any, where: str, column: str) -> float:
 
 
 @torch.no_grad()
-def predict_array(predictor: Predictor, x: np.ndarray, batch: int = 4096) -> dict[str, Any]:
+def predict_array(predictor: Predictor, x: np.ndarray, batch: int = BATCH_ROWS) -> dict[str, Any]:
     """Raw rows (n, F) -> output columns: ``prediction`` and ``prob_<class>`` per class."""
     prep, dev = predictor.preprocess, predictor.mean.device
     out = np.zeros((0, prep.out_dim), np.float32)
@@ -373,7 +372,8 @@ def load_id_predictor(run_dir: str | Path, *, device: str | torch.device = "cpu"
     from traci_ml.core.tensors import resolve_device
 
     run_path = Path(run_dir)
-    config = RunDir(run_path).config()
+    run = RunDir(run_path)
+    config = run.config()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if config.data.source != "parties":
         return _one_table_ids(run_path, config, dev)
@@ -390,13 +390,14 @@ def load_id_predictor(run_dir: str | Path, *, device: str | torch.device = "cpu"
             raise DataError(f"{party.source}: {party.id_type} ids, but the label holder's are "
                             f"{kind} ({ids_of})")  # fmt: skip
         if state.get("mean") is None or state.get("std") is None:
-            raise CheckpointError(f"{RunDir(run_path).expert_checkpoint(i)} holds no "
+            raise CheckpointError(f"{run.expert_checkpoint(i)} holds no "
                                   "standardisation (mean, std) of its party's table: was the "
                                   "expert ever aligned?")  # fmt: skip
         mean, std = state["mean"].numpy(), state["std"].numpy()
         if mean.shape != (party.table.shape[1],) or std.shape != mean.shape:
-            raise CheckpointError(f"expert-{i}.pt: mean/std of {mean.shape[0]} columns, "
-                                  f"{party.source} has {party.table.shape[1]}")  # fmt: skip
+            raise CheckpointError(f"{run.expert_checkpoint(i).name}: mean/std of "
+                                  f"{mean.shape[0]} columns, {party.source} has "
+                                  f"{party.table.shape[1]}")  # fmt: skip
         party.standardise(mean, std)  # in place, as the expert restores its checkpoint
     all_ids = np.concatenate([ds.ids_train, ds.ids_test])
     y = np.concatenate([ds.y_train, ds.y_test])
@@ -420,7 +421,7 @@ def _one_table_ids(run_path: Path, config: Config, dev: torch.device) -> IdPredi
     x, y, columns, _ = checked_table(config, prep, "predicting by id")
     if tuple(columns) != prep.columns:
         raise DataError(f"the run's table has columns {list(columns)[:5]}..., not those it "
-                        "trained on (preprocess.json)")  # fmt: skip
+                        f"trained on ({PREPROCESS_FILE})")  # fmt: skip
     xs = standardise(x, prep.mean, prep.std)  # as the dataset's split
     ids = np.arange(len(x), dtype=np.int64)
     index = IdIndex(ids)
