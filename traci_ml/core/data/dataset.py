@@ -14,7 +14,7 @@ import numpy as np
 
 from traci_ml.core.config import Config, DataConfig, ViewConfig
 from traci_ml.core.data.split import feature_stats, split_index, standardise, target_stats
-from traci_ml.core.data.tables import natural_order, raw_table, table_task
+from traci_ml.core.data.tables import class_ids, raw_table, table_task
 from traci_ml.core.errors import DataError
 
 
@@ -196,11 +196,7 @@ def load_labels(config: Config) -> Dataset:
     views = view_specs(cfg)
     _check_views(views, tuple(c for v in views for c in v.columns), source=spec.path)
     if cfg.task == "classification":  # class ids by the label's text, naturally sorted
-        values, inverse = np.unique(raw, return_inverse=True)
-        names = [str(v) for v in values.tolist()]
-        classes = tuple(sorted(set(names), key=natural_order))
-        index = {c: i for i, c in enumerate(classes)}
-        y = np.array([index[n] for n in names], dtype=np.int64)[inverse.reshape(-1)]
+        y, classes = class_ids(raw)
         y_mean, y_std = 0.0, 1.0
     else:
         if raw.dtype.kind not in "iuf":

@@ -85,14 +85,23 @@ def read_csv(cfg: DataConfig) -> RawTable:
     x = table.numbers(used, about=lambda column: _readers(views, column))
     labels = [v.strip() for v in table.cells(cfg.label)]
     if cfg.task == "classification":
-        classes = tuple(sorted(set(labels), key=natural_order))
-        ids = {c: i for i, c in enumerate(classes)}
-        return x, np.array([ids[v] for v in labels], dtype=np.int64), tuple(used), classes
+        y, classes = class_ids(np.array(labels, dtype=object))
+        return x, y, tuple(used), classes
     try:
         y = np.array([float(v) for v in labels], dtype=np.float32)
     except ValueError:
         raise DataError(f"data file {path}: label column {cfg.label!r} is not numeric") from None
     return x, y, tuple(used), ()
+
+
+def class_ids(labels: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(class id per label (n,) int64, class names): classes by the labels' text, naturally
+    sorted (``natural_order``); each distinct value is named once, not once per row."""
+    values, inverse = np.unique(labels, return_inverse=True)
+    names = [str(v) for v in values.tolist()]
+    classes = tuple(sorted(set(names), key=natural_order))
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[n] for n in names], dtype=np.int64)[inverse.reshape(-1)], classes
 
 
 def natural_order(label: str) -> tuple[int, float, str]:
