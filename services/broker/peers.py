@@ -168,8 +168,10 @@ class PeerRegistry:
 
     def touch(self, socket: str, routing_id: bytes, now: float) -> None:
         """Any message from a registered peer proves it alive."""
-        if socket == EXPERT and routing_id in self.by_routing:
-            self.experts[self.by_routing[routing_id]].last_seen = now
+        if socket == EXPERT:
+            eid = self.by_routing.get(routing_id)
+            if eid is not None:
+                self.experts[eid].last_seen = now
         elif socket == REDUCER and self.reducer is not None:
             if self.reducer.routing_id == routing_id:
                 self.reducer.last_seen = now
@@ -197,13 +199,12 @@ class PeerRegistry:
                 problem = f"the key of {key or 'no role'!r} may not register as {claimed!r}"
                 out.sends.append(Send(socket, routing_id, Welcome(ok=False, reason=problem)))
                 return out.reject("wrong_key", problem), events
-        if problem is None and socket == EXPERT:
+        if problem is not None:
+            return self.refuse_hello(socket, routing_id, problem), events
+        if socket == EXPERT:
             self._hello_expert(routing_id, msg, now, key, join_seq, out, events)
-        elif problem is None:
-            self._hello_reducer(routing_id, msg, now, key, out, events)
         else:
-            out.sends.append(Send(socket, routing_id, Welcome(ok=False, reason=problem)))
-            out.reject("refused", problem)
+            self._hello_reducer(routing_id, msg, now, key, out, events)
         return out, events
 
     def refuse_hello(self, socket: str, routing_id: bytes, problem: str) -> Outcome:
