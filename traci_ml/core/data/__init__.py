@@ -21,9 +21,8 @@ from traci_ml.core.data.dataset import (
     load_labels,
     view_specs,
 )
-from traci_ml.core.data.expert import ExpertData, load_expert_data
+from traci_ml.core.data.expert import load_expert_data
 from traci_ml.core.data.preprocess import (
-    PREPROCESS_FORMAT,
     Preprocess,
     checked_table,
     derive_preprocess,
@@ -33,24 +32,18 @@ from traci_ml.core.data.preprocess import (
     split_rows,
     write_preprocess,
 )
-from traci_ml.core.data.reader import AUDIT_EVENT, CsvTable, read_csv_table
-from traci_ml.core.data.split import feature_stats, split_index, standardise, target_stats
-from traci_ml.core.data.tables import PARTIES_NO_TABLE, RawTable, raw_table, table_task
+from traci_ml.core.data.reader import read_csv_table
+from traci_ml.core.data.split import split_index, standardise
+from traci_ml.core.data.tables import PARTIES_NO_TABLE, raw_table
 
 __all__ = [
-    "AUDIT_EVENT",
     "PARTIES_NO_TABLE",
-    "PREPROCESS_FORMAT",
-    "CsvTable",
     "Dataset",
-    "ExpertData",
     "Preprocess",
-    "RawTable",
     "checked_table",
     "derive_preprocess",
     "digits_views",
     "expert_count",
-    "feature_stats",
     "fmt_cell",
     "label_values",
     "load_dataset",
@@ -62,8 +55,6 @@ __all__ = [
     "split_index",
     "split_rows",
     "standardise",
-    "table_task",
-    "target_stats",
     "view_specs",
     "write_preprocess",
 ]
