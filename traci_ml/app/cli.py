@@ -229,14 +229,15 @@ def check_health(config, args: argparse.Namespace) -> int:  # noqa: ANN001
 
     from prometheus_client.parser import text_string_to_metric_families
 
+    from traci_ml.core.observe import metrics_url
+
     m = config.metrics
     ports = {"broker": m.broker_port, "reducer": m.reducer_port}
     port = ports.get(args.service, m.expert_base_port + args.expert_id if m.expert_base_port else 0)
     if not port:
         print(f"traci health: metrics of {args.service} are disabled (port 0)", file=sys.stderr)
         return 1
-    host = "127.0.0.1" if m.bind in ("0.0.0.0", "::", "") else m.bind  # a wildcard bind
-    url = f"http://{host}:{port}/metrics"
+    url = metrics_url(m.bind, port)
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as resp:
             text = resp.read().decode()

@@ -24,6 +24,7 @@ from traci_ml.app.plot import bucket_deltas, histogram_quantile
 from traci_ml.app.supervisor import Child, Console, Policy, children, supervise
 from traci_ml.core.config import Config
 from traci_ml.core.errors import ConfigError
+from traci_ml.core.observe import metrics_url
 from traci_ml.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -143,10 +144,9 @@ class Progress(Console):
         port = self.config.metrics.broker_port
         if not port:
             return None
-        bind = self.config.metrics.bind
-        host = "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind  # a wildcard bind
+        url = metrics_url(self.config.metrics.bind, port)
         try:  # any failure (refused, timeout, torn response, odd text) skips this tick
-            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=0.2) as resp:
+            with urllib.request.urlopen(url, timeout=0.2) as resp:
                 scrape = parse_broker_scrape(resp.read().decode())
         except Exception:
             return None

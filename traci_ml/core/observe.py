@@ -54,3 +54,10 @@ def serve_metrics(registry: CollectorRegistry, *, bind: str, port: int) -> int |
     except OSError as exc:
         raise ConfigError(f"metrics endpoint {bind}:{port} cannot bind: {exc.strerror}") from None
     return int(server.server_port)
+
+
+def metrics_url(bind: str, port: int) -> str:
+    """Where a process on this machine scrapes ``serve_metrics(bind=bind, port=port)``: a
+    wildcard bind is reached at 127.0.0.1."""
+    host = "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
+    return f"http://{host}:{port}/metrics"
