@@ -43,15 +43,9 @@ from bench.e2e import free_ports
 from bench.reference import reference_config
 from traci_ml.core.config import Config, validate
 from traci_ml.core.data import load_dataset, view_specs
-from traci_ml.core.models.expert import polyak_update
-from traci_ml.core.models.reducer import loss_and_metric
-from traci_ml.core.reference import (
-    ReferenceData,
-    ReferenceTrainer,
-    build_expert,
-    build_reducer,
-    dropout_mask,
-)
+from traci_ml.core.models.expert import build_expert, polyak_update
+from traci_ml.core.models.reducer import build_reducer, dropout_mask, loss_and_metric
+from traci_ml.core.reference import ReferenceData, ReferenceTrainer
 from traci_ml.core.schedule import schedule_for, set_lr
 
 ROOT = Path(__file__).resolve().parents[1]

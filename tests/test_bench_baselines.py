@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from bench.baselines import run_fused, run_processes, run_rpc
-from bench.reference import reference_config  # noqa: E402
-from traci_ml.core.config import validate  # noqa: E402
-from traci_ml.core.reference import build_expert, train_reference  # noqa: E402
+from bench.reference import reference_config
+from traci_ml.core.config import validate
+from traci_ml.core.models.expert import build_expert
+from traci_ml.core.reference import train_reference
 
 STEPS = 30
 

@@ -26,11 +26,11 @@ from traci_ml.core.data import load_expert_data
 from traci_ml.core.errors import CheckpointError, DataError, PeerTimeout
 from traci_ml.core.files import write_json_atomic
 from traci_ml.core.link import BrokerLink
-from traci_ml.core.models.expert import build_expert_net, make_target, polyak_update
+from traci_ml.core.models.expert import build_expert, polyak_update
 from traci_ml.core.rundir import RunDir
 from traci_ml.core.schedule import Schedule, make_schedule, set_lr
 from traci_ml.core.security import peer_keys, tcp_endpoint
-from traci_ml.core.tensors import derive_seed, from_wire, resolve_device, to_wire
+from traci_ml.core.tensors import from_wire, resolve_device, to_wire
 from traci_ml.services.expert.aligning import Aligner
 from traci_ml.services.expert.ledger import Accounts, InFlight, Ledger
 from traci_ml.services.expert.metrics import ExpertMetrics
@@ -65,16 +65,8 @@ class ExpertService:
         self.rows: RowMap | None = None
         self.table: torch.Tensor | None = None  # (n, F_i) standardised, on the device
         self.id_index: IdIndex | None = None  # served queries by id: built on the first
-        torch.manual_seed(derive_seed(config.seed, "expert", expert_id))
-        self.online = build_expert_net(
-            config.expert_model(expert_id),
-            in_dim=self.data.table.shape[1],
-            out_dim=config.embed_dim,
-            key=config.expert_model_key(expert_id),
-        ).to(self.device)
-        self.target = make_target(self.online)
-        self.optimizer = torch.optim.Adam(
-            self.online.parameters(), lr=config.expert.lr, weight_decay=config.expert.weight_decay
+        self.online, self.target, self.optimizer = build_expert(
+            config, expert_id, self.data.table.shape[1], self.device
         )
         self.inflight: OrderedDict[int, InFlight] = OrderedDict()
         self.accounts = Accounts()

@@ -25,14 +25,13 @@ from traci_ml.core.data import load_dataset, write_preprocess
 from traci_ml.core.errors import CheckpointError, PeerTimeout
 from traci_ml.core.files import write_json_atomic
 from traci_ml.core.link import BrokerLink
-from traci_ml.core.models.reducer import Reducer, expert_dropout_mask, loss_and_metric
+from traci_ml.core.models.reducer import build_reducer, dropout_mask, loss_and_metric
 from traci_ml.core.rundir import RunDir
 from traci_ml.core.schedule import schedule_for, set_lr
 from traci_ml.core.security import peer_keys, tcp_endpoint
 from traci_ml.core.tensors import (
     TORCH_DTYPES,
     copy_into,
-    derive_seed,
     host_buffer,
     resolve_device,
     to_wire,
@@ -73,12 +72,8 @@ class ReducerService:
             "train": torch.from_numpy(ds.y_train).to(self.device),
             "eval": torch.from_numpy(ds.y_test).to(self.device),
         }
-        torch.manual_seed(derive_seed(config.seed, "reducer"))
-        self.model = Reducer(
-            n_experts=self.n, d=config.embed_dim, out_dim=ds.out_dim, cfg=config.reducer
-        ).to(self.device)
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=config.reducer.lr, weight_decay=config.reducer.weight_decay
+        self.model, self.optimizer = build_reducer(
+            config, n_experts=self.n, out_dim=ds.out_dim, device=self.device
         )
         self.run_dir = RunDir(config.run_path)
         self.ckpt_path = self.run_dir.reducer_checkpoint
@@ -308,8 +303,7 @@ class ReducerService:
         """One train step over the kept rows; ``keep`` (B,) says which rows of the BATCH
         those are (None: all): the GRAD covers every row, zero for the others."""
         self.model.train()
-        gen = torch.Generator().manual_seed(derive_seed(self.config.seed, "dropout", msg.seq))
-        masked = expert_dropout_mask(absent, self.config.reducer.expert_dropout, gen)
+        masked = dropout_mask(self.config, absent, msg.seq)
         tokens.requires_grad_(True)
         logits, att = self.model(tokens.transpose(0, 1), masked)  # (B, out), (B, N)
         loss, metric = loss_and_metric(self.dataset.task, logits, y)

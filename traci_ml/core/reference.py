@@ -28,40 +28,10 @@ import torch
 
 from traci_ml.core.config import Config
 from traci_ml.core.data import Dataset, load_dataset
-from traci_ml.core.models.expert import build_expert_net, make_target, polyak_update
-from traci_ml.core.models.reducer import Reducer, expert_dropout_mask, loss_and_metric
+from traci_ml.core.models.expert import build_expert, polyak_update
+from traci_ml.core.models.reducer import build_reducer, dropout_mask, loss_and_metric
 from traci_ml.core.schedule import Step, schedule_for, set_lr
-from traci_ml.core.tensors import TORCH_DTYPES, derive_seed
-
-
-def build_expert(config: Config, expert_id: int, in_dim: int):  # -> (online, target, opt)
-    """Expert ``expert_id``'s online net, its Polyak target and its Adam, seeded as the
-    expert service seeds them."""
-    torch.manual_seed(derive_seed(config.seed, "expert", expert_id))
-    online = build_expert_net(config.expert.model, in_dim=in_dim, out_dim=config.embed_dim)
-    opt = torch.optim.Adam(
-        online.parameters(), lr=config.expert.lr, weight_decay=config.expert.weight_decay
-    )
-    return online, make_target(online), opt
-
-
-def build_reducer(config: Config, *, n_experts: int, out_dim: int):  # -> (reducer, opt)
-    """The reducer and its Adam, seeded as the reducer service seeds them."""
-    torch.manual_seed(derive_seed(config.seed, "reducer"))
-    reducer = Reducer(n_experts=n_experts, d=config.embed_dim, out_dim=out_dim, cfg=config.reducer)
-    opt = torch.optim.Adam(
-        reducer.parameters(), lr=config.reducer.lr, weight_decay=config.reducer.weight_decay
-    )
-    return reducer, opt
-
-
-def dropout_mask(config: Config, absent: torch.Tensor, seq: int) -> torch.Tensor:
-    """The reducer's padding mask in training step ``seq``: ``absent`` (B, N) plus the expert
-    dropout, drawn from a generator seeded by ``seq`` as the reducer service seeds it."""
-    if config.reducer.expert_dropout <= 0:
-        return absent  # no generator to make (the mask would be ``absent`` anyway)
-    gen = torch.Generator().manual_seed(derive_seed(config.seed, "dropout", seq))
-    return expert_dropout_mask(absent, config.reducer.expert_dropout, gen)
+from traci_ml.core.tensors import TORCH_DTYPES
 
 
 @dataclass

@@ -8,8 +8,9 @@ import importlib
 import torch
 from torch import nn
 
-from traci_ml.core.config import ExpertModelConfig
+from traci_ml.core.config import Config, ExpertModelConfig
 from traci_ml.core.errors import ConfigError
+from traci_ml.core.tensors import derive_seed
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -77,6 +78,25 @@ def build_expert_net(
     if not isinstance(net, nn.Module):
         raise ConfigError(f"{key}.module: {cfg.module} did not build an nn.Module")
     return net
+
+
+def build_expert(
+    config: Config, expert_id: int, in_dim: int, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, nn.Module, torch.optim.Adam]:
+    """Expert ``expert_id``'s online net (its view's model, else ``expert.model``), its Polyak
+    target and its Adam, seeded by (seed, expert_id): what the expert service, the reference
+    step and the bench all start from."""
+    torch.manual_seed(derive_seed(config.seed, "expert", expert_id))
+    online = build_expert_net(
+        config.expert_model(expert_id),
+        in_dim=in_dim,
+        out_dim=config.embed_dim,
+        key=config.expert_model_key(expert_id),
+    ).to(device)
+    opt = torch.optim.Adam(
+        online.parameters(), lr=config.expert.lr, weight_decay=config.expert.weight_decay
+    )
+    return online, make_target(online), opt
 
 
 def make_target(online: nn.Module) -> nn.Module:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from traci_ml.core.config import ReducerConfig
+from traci_ml.core.config import Config, ReducerConfig
+from traci_ml.core.tensors import derive_seed
 
 
 class SelfAttention(nn.Module):
@@ -92,6 +93,30 @@ class Reducer(nn.Module):
             x, att = block(x, mask, i == last)  # the last block: the [CLS] row only
         cls_att = att[:, :, 0, 1:].mean(dim=1)  # (B, N): last layer, [CLS] query, mean heads
         return self.head(self.ln_out(x[:, 0])), cls_att
+
+
+def build_reducer(
+    config: Config, *, n_experts: int, out_dim: int, device: torch.device | str = "cpu"
+) -> tuple[Reducer, torch.optim.Adam]:
+    """The reducer and its Adam, seeded by the run's seed: what the reducer service, the
+    reference step and the bench all start from."""
+    torch.manual_seed(derive_seed(config.seed, "reducer"))
+    reducer = Reducer(n_experts=n_experts, d=config.embed_dim, out_dim=out_dim, cfg=config.reducer)
+    reducer = reducer.to(device)
+    opt = torch.optim.Adam(
+        reducer.parameters(), lr=config.reducer.lr, weight_decay=config.reducer.weight_decay
+    )
+    return reducer, opt
+
+
+def dropout_mask(config: Config, absent: torch.Tensor, seq: int) -> torch.Tensor:
+    """The padding mask of training step ``seq``: ``absent`` (B, N) plus the expert dropout,
+    drawn from a generator seeded by (seed, seq), so every life and the reference draw alike.
+    Without dropout no generator is made."""
+    if config.reducer.expert_dropout <= 0:
+        return absent
+    gen = torch.Generator().manual_seed(derive_seed(config.seed, "dropout", seq))
+    return expert_dropout_mask(absent, config.reducer.expert_dropout, gen)
 
 
 def expert_dropout_mask(
