@@ -220,7 +220,12 @@ BROKER_DROP_REASONS = (
 )
 # From the reducer, which refused a BATCH (for its values) or would not train on it; the
 # broker forwards it to the step's experts as it is.
-REDUCER_DROP_REASONS = (*VALUE_REASONS, "non_finite_loss", "non_finite_grad")
+REDUCER_DROP_REASONS = (
+    *VALUE_REASONS,
+    "non_finite_loss",
+    "non_finite_grad",
+    "no_rows",  # a parties run: no expert holds any row of this train step
+)
 # Every reason a DROP can carry on the wire, each once.
 DROP_REASONS = tuple(dict.fromkeys((*BROKER_DROP_REASONS, *REDUCER_DROP_REASONS)))
 
