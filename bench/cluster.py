@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from bench.e2e import free_ports
+from traci_ml.core.rundir import RunDir
 
 
 def run_cluster(
@@ -27,6 +28,7 @@ def run_cluster(
     ``sample(pids, run_dir)`` is called every ``every`` seconds while the services run."""
     with tempfile.TemporaryDirectory(prefix="traci-bench-") as tmp:
         run_dir = Path(tmp) / "run"
+        run = RunDir(run_dir)
         cfg = {**cfg, "run_dir": str(run_dir)}
         expert_port, reducer_port = free_ports(2)
         cfg["network"] = {**cfg.get("network", {}), "expert_port": expert_port,
@@ -43,9 +45,9 @@ def run_cluster(
             while proc.poll() is None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"traci up ran past {timeout}s")
-                if sample is not None and (run_dir / "pids.json").exists():
+                if sample is not None and run.pids.exists():
                     try:
-                        sample(json.loads((run_dir / "pids.json").read_text()), run_dir)
+                        sample(json.loads(run.pids.read_text()), run_dir)
                     except (OSError, ValueError):
                         pass
                 time.sleep(every)
@@ -55,8 +57,8 @@ def run_cluster(
             out = proc.communicate()[0]
         if proc.returncode != 0:
             raise RuntimeError(f"traci up failed ({proc.returncode}):\n{out[-3000:]}")
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-        summary = json.loads((run_dir / "summary.json").read_text())
+        records = [json.loads(line) for line in run.metrics.open()]
+        summary = json.loads(run.summary.read_text())
     return records, summary
 
 
