@@ -17,6 +17,7 @@ from typing import Any
 
 from bench.cluster import run_cluster
 from bench.reference import reference_config
+from traci_ml.core.rundir import RunDir
 
 
 def _rss_kib(pid: int) -> tuple[int, int]:
@@ -28,7 +29,7 @@ def _rss_kib(pid: int) -> tuple[int, int]:
 def last_train_step(run_dir: Path) -> int:
     """The step of the last ``train`` record in ``run_dir/metrics.jsonl`` (0: none yet)."""
     try:
-        with (run_dir / "metrics.jsonl").open("rb") as fh:
+        with RunDir(run_dir).metrics.open("rb") as fh:
             fh.seek(0, 2)
             fh.seek(max(fh.tell() - 8192, 0))
             lines = fh.read().splitlines()
