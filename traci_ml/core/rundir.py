@@ -55,9 +55,6 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     # -- the files ---------------------------------------------------------------------------
 
     @property
