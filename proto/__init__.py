@@ -1,6 +1,7 @@
 """The TRACI wire protocol (``traci_ml.proto``): the messages are in ``messages.py``, their
 encoding and checks in ``wire.py``; docs/protocol.md explains both."""
 
+from traci_ml.proto import codec  # the compressed dtype int8
 from traci_ml.proto.fast import decode, encode  # wire's checks, fast for the hot kinds
 from traci_ml.proto.messages import (
     ALIGN_EXPERT_STAGES,
@@ -14,8 +15,10 @@ from traci_ml.proto.messages import (
     HELD,
     KINDS,
     REDUCER_DROP_REASONS,
+    ROW_SCALED,
     SERVE_OK,
     VALUE_REASONS,
+    WIRE_DTYPES,
     Ack,
     Align,
     Batch,
@@ -33,6 +36,7 @@ from traci_ml.proto.messages import (
     Reply,
     Tensor,
     Welcome,
+    frame_nbytes,
 )
 from traci_ml.proto.rows import pack_rows, unpack_rows
 from traci_ml.proto.values import DEFAULT_MAX_ABS, is_finite, value_problem
@@ -64,9 +68,11 @@ __all__ = [
     "PHASES",
     "REDUCER_DROP_REASONS",
     "REJECT_REASONS",
+    "ROW_SCALED",
     "SERVE_OK",
     "VALUE_REASONS",
     "VERSION",
+    "WIRE_DTYPES",
     "Ack",
     "Align",
     "Batch",
@@ -84,8 +90,10 @@ __all__ = [
     "Reply",
     "Tensor",
     "Welcome",
+    "codec",
     "decode",
     "encode",
+    "frame_nbytes",
     "is_finite",
     "pack_rows",
     "tensors_of",

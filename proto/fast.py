@@ -34,7 +34,8 @@ import numpy as np
 
 from traci_ml.proto import wire
 from traci_ml.proto.messages import (
-    DTYPES,
+    ROW_SCALED,
+    WIRE_DTYPES,
     Ack,
     Batch,
     Emb,
@@ -43,6 +44,7 @@ from traci_ml.proto.messages import (
     Heartbeat,
     Message,
     Tensor,
+    frame_nbytes,
 )
 from traci_ml.proto.wire import (
     MAX_DIM,
@@ -60,7 +62,6 @@ _packb = msgpack.packb
 _isfinite = np.isfinite
 _frombuffer = np.frombuffer
 _SIZED = frozenset({bytes, bytearray})  # len() is the byte count; zmq.Frame is added lazily
-_ITEMSIZE = {name: size for name, (size, _) in DTYPES.items()}
 _F4 = np.dtype("<f4")
 _U16 = np.dtype("<u2")
 _EXPONENT = {"float16": 0x7C00, "bfloat16": 0x7F80}  # all ones: Inf or NaN
@@ -161,24 +162,37 @@ def finite(dtype: str, frame: FrameLike) -> bool:
     return not bits.size or int(_max(bits & mask)) != mask
 
 
+_FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def _scales_ok(frame: FrameLike, rows: int) -> bool:
+    """Every row scale of an int8 frame is finite and >= 0 (NaN fails both comparisons)."""
+    scales = _frombuffer(frame, _F4, count=rows)
+    return float(np.min(scales)) >= 0.0 and float(np.max(scales)) <= _FLT_MAX
+
+
 def _tensor(spec: Any, frame: FrameLike, check_finite: bool) -> Tensor | None:
     """The ``[B, d]`` tensor ``spec`` describes, or None if anything is off."""
     if type(spec) is not list or len(spec) != 2:
         return None
     dtype, shape = spec
-    itemsize = _ITEMSIZE.get(dtype) if type(dtype) is str else None
-    if itemsize is None or type(shape) is not list or len(shape) != 2:
+    if type(dtype) is not str or dtype not in WIRE_DTYPES or type(shape) is not list:
+        return None
+    if len(shape) != 2:
         return None
     rows, cols = shape
     if type(rows) is not int or type(cols) is not int:
         return None
     if not (0 <= rows <= MAX_DIM and 0 <= cols <= MAX_DIM):
         return None
-    size = rows * cols * itemsize
+    size = frame_nbytes(dtype, shape)
     got = len(frame) if type(frame) in _SIZED else memoryview(frame).nbytes
     if size > MAX_TENSOR_BYTES or got != size:
         return None
-    if check_finite and not finite(dtype, frame):
+    if dtype in ROW_SCALED:  # its scales: finite and >= 0, or wire.decode names the reason
+        if rows and not _scales_ok(frame, rows):
+            return None
+    elif check_finite and not finite(dtype, frame):
         return None
     return _new_tensor(dtype, (rows, cols), frame)
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from traci_ml.core.errors import ProtocolError
+from traci_ml.proto import codec
 
 # dtype name -> (itemsize, numpy dtype or None where numpy has none)
 DTYPES: dict[str, tuple[int, Any]] = {
@@ -23,15 +24,33 @@ DTYPES: dict[str, tuple[int, Any]] = {
     "float16": (2, np.dtype("<f2")),
     "bfloat16": (2, None),
 }
+# The compressed dtypes (docs/compression.md): dtype -> bytes of side data per row (its
+# scale), stored before the values, one byte each. Their logical shape is the tensor's
+# ([B, d]), so joins and shape checks are those of the floats; ``frame_nbytes`` sizes the frame.
+ROW_SCALED: dict[str, int] = {"int8": 4}  # int8: a float32 scale per row (codec.py)
+# What an embedding or a gradient may travel as (``expert.dtype``): the floats, or compressed.
+WIRE_DTYPES: dict[str, tuple[int, Any]] = {**DTYPES, "int8": (1, None)}
 # Raw (non-float) dtypes, accepted only in ALIGN tensors (ids, hashed ids, ciphertexts): never
 # value-checked, never an embedding. dtype name -> (itemsize, numpy dtype).
 BLOB_DTYPES: dict[str, tuple[int, Any]] = {
     "int64": (8, np.dtype("<i8")),
     "uint8": (1, np.dtype("u1")),
 }
-ALL_DTYPES: dict[str, tuple[int, Any]] = {**DTYPES, **BLOB_DTYPES}
+ALL_DTYPES: dict[str, tuple[int, Any]] = {**WIRE_DTYPES, **BLOB_DTYPES}
 
 FrameLike = Any  # bytes, bytearray, memoryview, or a zmq.Frame (which has .buffer)
+
+
+def frame_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
+    """The bytes of the frame of a ``dtype`` tensor of (logical) ``shape``: the one size rule
+    of ``Tensor.nbytes`` and both decoders. A plain dtype: ``prod(shape) * itemsize``; a
+    compressed one (``ROW_SCALED``): its rows' side data first (a row is the last axis: there
+    are ``prod(shape[:-1])`` rows), then one byte per value. ``dtype`` must be known."""
+    count = math.prod(shape)
+    side = ROW_SCALED.get(dtype)
+    if side is None:
+        return count * ALL_DTYPES[dtype][0]
+    return side * math.prod(shape[:-1]) + count
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +71,13 @@ class Tensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * ALL_DTYPES[self.dtype][0]
+        return frame_nbytes(self.dtype, self.shape)
 
     def numpy(self) -> np.ndarray:
-        """A read-only numpy view (no copy). bfloat16 comes back as raw uint16."""
+        """A read-only numpy view (no copy). bfloat16 comes back as raw uint16; a compressed
+        dtype (int8) as its dequantized float32 values (a new array)."""
+        if self.dtype in ROW_SCALED:
+            return codec.dequantize(self.buffer, self.shape)
         np_dtype = ALL_DTYPES[self.dtype][1] or np.dtype("<u2")
         return np.frombuffer(self.buffer, dtype=np_dtype).reshape(self.shape)
 
@@ -197,8 +219,12 @@ class Drop:
 
     KIND: ClassVar[str] = "DROP"
     FIELDS: ClassVar[dict[str, type]] = {"seq": int, "reason": str}
+    # ``frontier`` (reason late only): the first step no expert has sent yet, so a late
+    # expert can skip ahead to where the others are (-1: not given)
+    OPTIONAL: ClassVar[dict[str, type]] = {"frontier": int}
     seq: int
     reason: str
+    frontier: int = -1
 
 
 # What ``values.value_problem`` can say of well-formed tensors (non_finite is decode's reason too).

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from traci_ml.proto.messages import BLOB_DTYPES, DTYPES, Tensor
+from traci_ml.proto import codec
+from traci_ml.proto.messages import BLOB_DTYPES, DTYPES, ROW_SCALED, Tensor
 
 # The default bound on any value a peer sends (``security.max_abs_value`` overrides it):
 # finite values this large are no embedding or gradient a sane network makes, and one of
@@ -24,10 +25,20 @@ def value_problem(tensors: Sequence[Tensor], max_abs: float) -> tuple[str, str] 
     The protocol's structural checks (``decode``) cannot know a service's bound, so each
     service calls this where values enter it: the broker on EMB/GRAD/QEMB/QOUT/QUERY, the
     experts on GRAD, the reducer on BATCH. Blob tensors (int64/uint8, ALIGN's) hold no
-    values: they are skipped."""
+    values: they are skipped. A compressed tensor (int8) is judged by its row scales
+    (``codec.scale_problem``): each finite, and ``127 * scale <= max_abs``, so that every
+    value it dequantizes to is within the bound."""
     bound = max_abs * max_abs
     for i, tensor in enumerate(tensors):
         dtype = tensor.dtype
+        if dtype in ROW_SCALED:
+            problem = codec.scale_problem(tensor.buffer, codec.rows_of(tensor.shape)[0], max_abs)
+            if problem is None:
+                continue
+            # decode refuses a negative scale (bad_scale); one made here holds values whose
+            # size the scale does not bound
+            return ("too_large" if problem[0] == "bad_scale" else problem[0],
+                    f"tensor {i}: {problem[1]}")  # fmt: skip
         if dtype == "float32":
             # One BLAS pass, the usual verdict: every x*x <= the sum of squares, so a sum
             # within max_abs**2 proves each |x| within max_abs (and finite; NaN fails <=).
@@ -69,6 +80,9 @@ def is_finite(tensor: Tensor) -> bool:
     for a blob (int64/uint8), which holds no floats."""
     if tensor.dtype in BLOB_DTYPES:
         return True
+    if tensor.dtype in ROW_SCALED:  # its values are int8: only the scales can be NaN/Inf
+        scales = codec.scales_of(tensor.buffer, codec.rows_of(tensor.shape)[0])
+        return bool(np.isfinite(scales).all())
     if tensor.dtype == "bfloat16":
         bits = np.frombuffer(tensor.buffer, dtype="<u2")
         return not bool(np.any((bits & 0x7F80) == 0x7F80))

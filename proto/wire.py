@@ -6,8 +6,10 @@ A message is a list of ZeroMQ frames::
 
 ``header`` is a msgpack map ``{"v": VERSION, "k": KIND, <fields>, "t": [[dtype, shape], ...]}``.
 Every tensor is one frame of raw little-endian, C-contiguous bytes whose length must equal
-``prod(shape) * itemsize(dtype)``. Tensor frames are handed to ZeroMQ without copying and,
-on the broker, forwarded as the very frame objects that arrived.
+``messages.frame_nbytes(dtype, shape)`` (``prod(shape) * itemsize(dtype)``; the compressed
+``int8``: its per-row scales, then one byte per value, ``codec.py``). Tensor frames are
+handed to ZeroMQ without copying and, on the broker, forwarded as the very frame objects
+that arrived.
 
 ROUTER sockets prepend the peer's routing id; the service strips it before ``decode`` and
 puts it back after ``encode``. ``decode`` checks everything (size, version, kind, fields,
@@ -22,20 +24,21 @@ This module imports neither torch nor zmq: the broker holds no model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import msgpack
 
 from traci_ml.core.errors import ProtocolError
+from traci_ml.proto import codec
 from traci_ml.proto.messages import (
     ALIGN_STAGES,
     ALL_DTYPES,
-    DTYPES,
     KINDS,
+    ROW_SCALED,
     SERVE_KINDS,
     SERVE_OK,
+    WIRE_DTYPES,
     Align,
     Batch,
     Emb,
@@ -49,6 +52,7 @@ from traci_ml.proto.messages import (
     Reply,
     Tensor,
     _buffer,
+    frame_nbytes,
 )
 from traci_ml.proto.rows import ids_bytes, rows_problem  # noqa: F401  (ids_bytes: app.client)
 from traci_ml.proto.values import is_finite
@@ -90,6 +94,7 @@ REJECT_REASONS = (
     "oversize",
     "frame_count",
     "non_finite",
+    "bad_scale",  # a compressed (int8) tensor with a negative row scale
 )
 
 
@@ -118,7 +123,8 @@ def encode(msg: Message) -> list[FrameLike]:
         header[name] = list(value) if isinstance(value, tuple) else value
     for name in _OPTIONAL[msg.KIND]:
         value = getattr(msg, name)
-        if len(value):  # empty: left out, the frames are those of a message without it
+        # empty (b"", (), or -1 for an int): left out, the frames are those without it
+        if (value >= 0) if isinstance(value, int) else len(value):
             header[name] = list(value) if isinstance(value, tuple) else value
     tensors = tensors_of(msg)
     if tensors:
@@ -223,8 +229,10 @@ def _check_fields(cls: type, header: dict[str, Any]) -> dict[str, Any]:
 def _check_hello(fields: dict[str, Any]) -> None:
     if fields["role"] not in ROLES:
         raise ProtocolError("bad_field", f"HELLO.role={fields['role']!r} not in {ROLES}")
-    if fields["dtype"] not in DTYPES:
-        raise ProtocolError("dtype", f"HELLO.dtype={fields['dtype']!r} not in {sorted(DTYPES)}")
+    if fields["dtype"] not in WIRE_DTYPES:
+        raise ProtocolError(
+            "dtype", f"HELLO.dtype={fields['dtype']!r} not in {sorted(WIRE_DTYPES)}"
+        )
     if not 1 <= fields["embed_dim"] <= MAX_DIM:
         raise ProtocolError("bad_field", f"HELLO.embed_dim={fields['embed_dim']} out of range")
     if fields["role"] == "expert" and not 0 <= fields.get("expert_id", -1) < MAX_EXPERTS:
@@ -237,7 +245,7 @@ def _check_tensors(
     specs: Any,
     frames: Sequence[FrameLike],
     check_finite: bool,
-    dtypes: dict[str, tuple[int, Any]] = DTYPES,
+    dtypes: dict[str, tuple[int, Any]] = WIRE_DTYPES,
 ) -> tuple[Tensor, ...]:
     if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
         raise ProtocolError("bad_header", "tensor list 't' is not a list of at most MAX_TENSORS")
@@ -254,7 +262,7 @@ def _check_tensors(
             isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape
         ):
             raise ProtocolError("bad_shape", f"tensor {i} shape {shape!r} is not valid")
-        nbytes = math.prod(shape) * dtypes[dtype][0]
+        nbytes = frame_nbytes(dtype, shape)
         if nbytes > MAX_TENSOR_BYTES:
             raise ProtocolError("oversize", f"tensor {i} of {nbytes} bytes > {MAX_TENSOR_BYTES}")
         got = len(_buffer(frame))
@@ -263,6 +271,10 @@ def _check_tensors(
                 "size_mismatch", f"tensor {i} {dtype}{shape} needs {nbytes} bytes, frame has {got}"
             )
         tensor = Tensor(dtype, tuple(shape), frame)
+        if dtype in ROW_SCALED:  # its scales: never negative (NaN/Inf: non_finite below)
+            problem = codec.scale_problem(_buffer(frame), codec.rows_of(shape)[0])
+            if problem is not None and problem[0] == "bad_scale":
+                raise ProtocolError("bad_scale", f"tensor {i}: {problem[1]}")
         if check_finite and not is_finite(tensor):
             raise ProtocolError("non_finite", f"tensor {i} holds NaN or Inf")
         tensors.append(tensor)

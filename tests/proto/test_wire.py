@@ -350,7 +350,7 @@ BAD_MESSAGES = [
     ),
     case("dtype/float64", emb(bytes(48), t=[["float64", [2, 3]]]), "dtype"),
     case("dtype/int", emb(F32_2x3, t=[[4, [2, 3]]]), "dtype"),
-    case("dtype/hello", hello(dtype="int8"), "dtype"),
+    case("dtype/hello", hello(dtype="int4"), "dtype"),
     case("bad_shape/rank_5", emb(bytes(4), t=[["float32", [1, 1, 1, 1, 1]]]), "bad_shape"),
     case("bad_shape/negative_dim", emb(F32_2x3, t=[["float32", [-2, -3]]]), "bad_shape"),
     case("bad_shape/float_dim", emb(F32_2x3, t=[["float32", [2.0, 3]]]), "bad_shape"),
@@ -457,6 +457,23 @@ BAD_MESSAGES = [
         )
         for name, bits in BF16_BAD.items()
     ],
+    # the compressed dtype int8 (docs/compression.md): 2 float32 scales, then 2*3 int8 values
+    *[
+        case(
+            f"non_finite/int8_scale_{value}",
+            emb(np.array([0.5, value], "<f4").tobytes() + bytes(6), t=[["int8", [2, 3]]]),
+            "non_finite",
+        )
+        for value in NAN_INF_F32
+    ],
+    case(
+        "bad_scale/int8_negative",
+        emb(np.array([0.5, -0.5], "<f4").tobytes() + bytes(6), t=[["int8", [2, 3]]]),
+        "bad_scale",
+    ),
+    case("size_mismatch/int8_without_scales", emb(bytes(6), t=[["int8", [2, 3]]]),
+         "size_mismatch"),  # fmt: skip
+    case("size_mismatch/int8_as_float32", emb(F32_2x3, t=[["int8", [2, 3]]]), "size_mismatch"),
 ]
 
 

@@ -3,6 +3,10 @@
 Receiving copies each frame once, straight into a preallocated host tensor (pinned when the
 device is CUDA) and then moves it to the device with a non-blocking copy. Sending moves the
 tensor to the host and hands its memory to ZeroMQ without another copy.
+
+The compressed wire dtype ``int8`` (``proto/codec.py``) is held as float32 on this side:
+``to_wire`` quantizes, ``copy_into`` / ``from_wire`` dequantize, so a service names
+``expert.dtype`` and never the codec.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import numpy as np
 import torch
 
 from traci_ml.core.errors import ConfigError
-from traci_ml.proto import Tensor
+from traci_ml.proto import Tensor, codec
+from traci_ml.proto.messages import ROW_SCALED
 
 if sys.byteorder != "little":  # the wire is little-endian; we send raw host memory
     raise ImportError("TRACI needs a little-endian host")
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# wire dtype -> the torch dtype its values are held in (int8: dequantized to float32)
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int8": torch.float32}  # fmt: skip
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -53,7 +60,12 @@ def derive_seed(seed: int, *parts: object) -> int:
 
 
 def to_wire(tensor: torch.Tensor, dtype: str) -> Tensor:
-    """A wire tensor over host memory holding ``tensor`` cast to ``dtype`` (no extra copy)."""
+    """A wire tensor over host memory holding ``tensor`` cast to ``dtype`` (no extra copy;
+    int8: quantized per row, ``codec.quantize``)."""
+    if dtype in ROW_SCALED:
+        host = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        frame = codec.quantize(host.numpy())
+        return Tensor(dtype, tuple(host.shape), memoryview(frame))
     host = tensor.detach().to(device="cpu", dtype=TORCH_DTYPES[dtype]).contiguous()
     raw = host.view(torch.uint8).numpy() if host.numel() else np.empty(0, np.uint8)
     return Tensor(dtype, tuple(host.shape), memoryview(raw).cast("B"))
@@ -65,7 +77,11 @@ def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 
 
 def copy_into(dest: torch.Tensor, wire: Tensor) -> None:
-    """Copy a wire tensor's bytes into the host tensor ``dest`` (same dtype, same size)."""
+    """Copy a wire tensor's bytes into the host tensor ``dest`` (same dtype, same size; int8:
+    its dequantized values into a float32 ``dest``)."""
+    if wire.dtype in ROW_SCALED:
+        dest.copy_(torch.from_numpy(codec.dequantize(wire.buffer, wire.shape)).view_as(dest))
+        return
     dest_bytes = dest.view(torch.uint8).numpy().reshape(-1)
     dest_bytes[:] = np.frombuffer(wire.buffer, dtype=np.uint8)
 
