@@ -191,3 +191,14 @@ def test_mixed_int8_and_float32_tensors_are_refused_in_one_batch() -> None:
     batch = proto.Batch(1, "train", (True, True), (int8_tensor(x), proto.Tensor.from_numpy(x)))
     frames = [bytes(f) for f in proto.encode(batch)]
     assert verdict(proto.decode, frames) == ("rejected", "bad_shape")
+
+
+def test_torch_wire_round_matches_the_codec_bit_for_bit() -> None:
+    torch = pytest.importorskip("torch")
+    from traci_ml.core.tensors import from_wire, to_wire, wire_round
+
+    x = torch.randn(257, 33) * torch.logspace(-3, 3, 257)[:, None]
+    x[5] = 0.0
+    via_wire = from_wire(to_wire(x, "int8"), torch.device("cpu"))
+    assert torch.equal(wire_round(x, "int8"), via_wire)
+    assert torch.equal(wire_round(x, "float16"), x.half().float())

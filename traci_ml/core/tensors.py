@@ -91,3 +91,16 @@ def from_wire(wire: Tensor, device: torch.device) -> torch.Tensor:
     host = host_buffer(wire.shape, TORCH_DTYPES[wire.dtype], device)
     copy_into(host, wire)
     return host.to(device, non_blocking=True)
+
+
+def wire_round(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``tensor`` (float, rows on the last axis) as the receiver reads it after the wire in
+    ``dtype``, in torch (traceable, on any device): what offline prediction applies to the
+    tokens. int8: bit for bit ``codec.quantize`` then ``codec.dequantize``."""
+    if dtype not in ROW_SCALED:
+        return tensor if dtype == "float32" else tensor.to(TORCH_DTYPES[dtype]).float()
+    x = tensor.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / codec.QMAX
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = torch.round(x * inverse).clamp(-codec.QMAX, codec.QMAX)
+    return q * scale
