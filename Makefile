@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= examples/digits.yaml
 
-.PHONY: install run test test-fast test-integration chaos bench lint format clean
+.PHONY: install run test test-fast test-integration chaos bench gpu-check lint format clean
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ chaos: $(STAMP)
 # The benchmark suite: TRACI against its baselines in one invocation (bench/results/latest.json).
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# The GPU path on one CUDA device (< 5 min): digits through traci up and the fused reference,
+# all on cuda, bfloat16 on the wire (bench/results/gpu.json). Needs a CUDA build of torch;
+# exits 2 without a GPU. ARGS="--device cpu --steps 40" is a dry run of the same code.
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
