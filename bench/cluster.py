@@ -57,7 +57,8 @@ def run_cluster(
             out = proc.communicate()[0]
         if proc.returncode != 0:
             raise RuntimeError(f"traci up failed ({proc.returncode}):\n{out[-3000:]}")
-        records = [json.loads(line) for line in run.metrics.open()]
+        with run.metrics.open() as lines:
+            records = [json.loads(line) for line in lines]
         summary = json.loads(run.summary.read_text())
     return records, summary
 
