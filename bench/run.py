@@ -20,7 +20,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("transport", "e2e", "scaling", "staleness", "memory", "serve", "data")
+SECTIONS = (
+    "transport",
+    "e2e",
+    "scaling",
+    "staleness",
+    "memory",
+    "serve",
+    "data",
+    "accel",
+    "bandwidth",
+)
 TARGETS = {"e2e_vs_fused": 0.8, "e2e_vs_rpc": 1.5, "broker_vs_null": 0.8, "scaling_64_vs_4": 0.7}
 
 
@@ -106,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
             from bench import data
 
             results["data"] = data.run(quick=quick)
+        elif name == "accel":
+            from bench import accel
+
+            results["accel"] = accel.run(quick=quick)
+        elif name == "bandwidth":
+            from bench import bandwidth
+
+            results["bandwidth"] = bandwidth.run(quick=quick)
         results.setdefault("seconds", {})[name] = round(time.monotonic() - t, 1)
     results["seconds"]["total"] = round(time.monotonic() - t0, 1)
     results.update(ratios(results))
@@ -130,6 +148,14 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
     s = results.get("scaling")
     if s:
         out["scaling_64_vs_4"] = s["scaling_64_vs_4"]
+    if results.get("accel"):
+        from bench.accel import ratios as accel_ratios
+
+        out.update(accel_ratios(results["accel"]))
+    if results.get("bandwidth"):
+        from bench.bandwidth import ratios as bandwidth_ratios
+
+        out.update(bandwidth_ratios(results["bandwidth"]))
     return out
 
 
@@ -159,6 +185,16 @@ def print_table(results: dict[str, Any]) -> None:
 
         print("  data where it lives (issue 10):")
         for line in summary_lines(results["data"]):
+            print("  " + line)
+    if results.get("accel"):
+        from bench.accel import summary_lines as accel_lines
+
+        for line in accel_lines(results["accel"]):
+            print("  " + line)
+    if results.get("bandwidth"):
+        from bench.bandwidth import summary_lines as bandwidth_lines
+
+        for line in bandwidth_lines(results["bandwidth"]):
             print("  " + line)
     for name, m in results.get("memory", {}).get("services", {}).items():
         print(
