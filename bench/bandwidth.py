@@ -5,7 +5,7 @@ namespace per host): ``core`` holds the broker and the reducer (the reducer reac
 over the namespace's own loopback route), ``expert0`` .. ``expert3`` one expert each. The core's
 veth is shaped in both directions with a token bucket (``tc qdisc ... tbf rate R burst B
 latency 50ms``; ``netem`` is not available everywhere), so every EMB up and every GRAD down
-crosses one link of rate R: a site whose experts share an uplink. Nothing is added to the
+crosses one link of rate R (the broker's, shared by every expert). Nothing is added to the
 namespace the benchmark runs in; the namespaces (and their qdiscs) are deleted at the end.
 
 Model: digits quadrants with ``embed_dim`` 128 and batch 1024 (one reducer layer): one step
@@ -14,7 +14,8 @@ carries ~6 steps/s, below what the cores do, so the link is the bottleneck at 10
 and (mostly) not at 1000 Mbit/s. Per rate and wire dtype (``DTYPES``, ``expert.dtype``):
 train steps/s (``bench.cluster.train_rate`` from the record at ``steps // 5``), the core's
 link bytes per step and the share of the link the run used (``link_utilisation``; near 1:
-link-bound). ``bandwidth_100mbit_speedup`` = steps/s of the compact dtype (the last of
+link-bound; ``raw_tcp_bytes_per_s``: what one plain TCP stream gets across the same link, for
+scale). ``bandwidth_100mbit_speedup`` = steps/s of the compact dtype (the last of
 ``DTYPES``) / float32's at 100 Mbit/s.
 
 Needs root, ``ip netns`` and ``tc``: otherwise the section is ``{"skipped": why}``.
@@ -113,6 +114,50 @@ def _shape(lab: Any, rate_mbit: int) -> None:
         )  # fmt: skip
 
 
+_RECEIVE = """
+import socket, sys, time
+srv = socket.create_server((sys.argv[1], int(sys.argv[2])))
+conn, _ = srv.accept()
+n, first = 0, None
+while chunk := conn.recv(1 << 20):
+    first = first or time.monotonic()
+    n += len(chunk)
+print(n, time.monotonic() - (first or time.monotonic()))
+"""
+_SEND = """
+import socket, sys, time
+for _ in range(100):
+    try:
+        conn = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+        break
+    except OSError:
+        time.sleep(0.05)
+block, end = bytes(1 << 16), time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    conn.sendall(block)
+conn.close()
+"""
+
+
+def raw_throughput(lab: Any, tmp: Path, seconds: float = 2.0) -> float:
+    """Bytes/s one TCP stream gets from ``expert0`` to the core across the shaped link: what
+    the link carries without TRACI, to read ``link_utilisation`` against."""
+    port = EXPERT_PORT + 100
+    log = tmp / f"receive-{time.monotonic_ns()}.log"
+    receiver = lab.popen("core", [sys.executable, "-c", _RECEIVE, lab.hosts["core"], str(port)],
+                         log=log)  # fmt: skip
+    try:
+        lab.run("expert0", [sys.executable, "-c", _SEND, lab.hosts["core"], str(port),
+                            str(seconds)], timeout=seconds + 30, check=True)  # fmt: skip
+        receiver.wait(30)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait(10)
+    n, took = log.read_text().split()
+    return int(n) / max(float(took), 1e-9)
+
+
 def _clean_env() -> dict[str, str]:
     """This environment without TRACI_* (a TRACI_PARENT_PID would tie a service to us)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACI_")}
@@ -204,6 +249,7 @@ def run(*, quick: bool = False, keep: Path | None = None) -> dict[str, Any]:
     dtypes = wire_dtypes()
     steps = QUICK_STEPS if quick else STEPS
     rows: list[dict[str, Any]] = []
+    raw: dict[str, float | None] = {}  # rate -> bytes/s of one plain TCP stream across the link
     with tempfile.TemporaryDirectory(prefix="traci-bandwidth-") as scratch:
         tmp = keep or Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)
@@ -213,6 +259,14 @@ def run(*, quick: bool = False, keep: Path | None = None) -> dict[str, Any]:
             for i in range(N_EXPERTS):
                 lab.add(f"expert{i}")
             for rate in QUICK_RATES_MBIT if quick else RATES_MBIT:
+                _shape(lab, rate)
+                try:
+                    raw[str(rate)] = raw_throughput(lab, tmp)
+                    print(f"  bandwidth {rate} Mbit/s: one TCP stream gets "
+                          f"{raw[str(rate)] * 8 / 1e6:.0f} Mbit/s", flush=True)  # fmt: skip
+                except (subprocess.SubprocessError, OSError, ValueError) as exc:
+                    raw[str(rate)] = None
+                    print(f"  bandwidth {rate} Mbit/s: raw TCP check failed: {exc}", flush=True)
                 for dtype in dtypes:
                     try:
                         row = _one_run(lab, tmp, dtype=dtype, rate_mbit=rate, steps=steps)
@@ -230,6 +284,7 @@ def run(*, quick: bool = False, keep: Path | None = None) -> dict[str, Any]:
             lab.close()
     out: dict[str, Any] = {
         "rows": rows,
+        "raw_tcp_bytes_per_s": raw,
         "settings": {"dtypes": dtypes, "asked_dtypes": list(DTYPES), "embed_dim": EMBED_DIM,
                      "batch_size": BATCH, "experts": N_EXPERTS, "steps": steps,
                      "window": 4, "link": "one tbf-shaped veth, both ways, all experts"},
@@ -255,6 +310,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     if "skipped" in result:
         return [f"bandwidth-limited link: skipped ({result['skipped']})"]
     lines = ["bandwidth-limited link (experts behind one tbf-shaped veth, digits d=128 b=1024):"]
+    for rate, got in result.get("raw_tcp_bytes_per_s", {}).items():
+        if got is not None:
+            lines.append(f"  {rate:>5} Mbit/s link: plain TCP gets {got * 8e-6:.0f} Mbit/s")
     for row in result["rows"]:
         if "error" in row:
             lines.append(f"  {row['rate_mbit']:>5} Mbit/s {row['dtype']:<8} FAILED: "
