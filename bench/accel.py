@@ -149,6 +149,9 @@ class Runner:
                 "test_accuracy": summary.get("test_accuracy"),
                 "steps": summary["steps"],
                 "steps_skipped": summary.get("steps_skipped", 0),
+                # per expert, the share of train steps its token was in (a deadline join
+                # masks a late one); absent from a reducer that does not count it
+                "participation": summary.get("participation"),
                 "run_seconds": round(time.monotonic() - t, 1),
             }
             print(f"  accel {label}: {self.done[key]['steps_per_s']:.1f} steps/s, accuracy "
@@ -263,6 +266,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"{_fmt(s['with']['test_accuracy'], '.4f')} vs "
             f"{_fmt(s['without']['test_accuracy'], '.4f')}"
         )
+        share = s["with"].get("participation")
+        if share:
+            cells = ", ".join(f"{e} {v:.2f}" for e, v in share.items())
+            lines.append(f"    with the straggler, share of train steps per expert: {cells}")
     z = result.get("zero_compute")
     if z:
         w = z["windows"]

@@ -233,6 +233,7 @@ def _one_run(lab: Any, tmp: Path, *, dtype: str, rate_mbit: int, steps: int) -> 
         "link_bytes_up_per_step": up,
         "link_bytes_down_per_step": down,
         "link_utilisation": max(up, down) * steps_per_s / link_bytes_per_s,
+        "wire_bytes_per_step": summary.get("wire_bytes_per_step"),  # the reducer's count
         "run_seconds": round(time.monotonic() - began, 1),
     }
 
