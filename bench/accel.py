@@ -21,6 +21,10 @@ last one, so start-up and the final evaluation are not counted.
   sections both runs share (the broker's join policy once it has one).
 * ``zero_compute``: the plain MLP (no sleep), window 2 against window 1.
 
+``--quick``: pass 10 ms at windows 1 and 4 (100 steps; the straggler pair's run without the
+straggler is the window-4 run), one zero-compute pair (200 steps). Full length: 15 runs of
+``traci up``, each ~15 s of start-up and final evaluation besides its training.
+
 Top level (``bench.run.ratios``): ``pipeline_efficiency_10ms`` (window 4),
 ``pipeline_efficiency_10ms_w1``, ``straggler_ratio``, ``straggler_accuracy``,
 ``no_straggler_accuracy``, ``zero_compute_w2_vs_w1``.
@@ -157,6 +161,8 @@ class Runner:
             print(f"  accel {label}: {self.done[key]['steps_per_s']:.1f} steps/s, accuracy "
                   f"{self.done[key]['test_accuracy']}, {self.done[key]['run_seconds']} s",
                   flush=True)  # fmt: skip
+        else:
+            print(f"  accel {label}: the same run as above, reused", flush=True)
         return dict(self.done[key])
 
 
