@@ -98,3 +98,52 @@ def test_bandwidth_without_namespaces_is_skipped_with_the_reason(monkeypatch):
     assert result == {"skipped": "network namespaces need root"}
     assert bandwidth.ratios(result) == {}
     assert "skipped" in bandwidth.summary_lines(result)[0]
+
+
+def _fake_cluster(calls: list[dict]):
+    def run_cluster(cfg: dict) -> tuple[list[dict], dict]:
+        calls.append(cfg)
+        steps = cfg["train"]["steps"]
+        records = [{"kind": "train", "step": s, "time": s * 0.05} for s in range(10, steps + 1, 10)]
+        return records, {"steps": steps, "test_accuracy": 0.9, "steps_skipped": 0}
+
+    return run_cluster
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_the_section_runs_every_cell_once_and_fills_every_top_level_key(monkeypatch, quick):
+    calls: list[dict] = []
+    monkeypatch.setattr(accel, "run_cluster", _fake_cluster(calls))
+    result = accel.run(quick=quick)
+    grid = len(accel.QUICK_PASSES_MS) * len(accel.QUICK_WINDOWS) if quick else 9
+    # quick: the straggler's baseline is the 10 ms window-4 grid run; full: its own (300 steps)
+    straggler = 1 if quick else 2
+    zero = 2 if quick else 2 * accel.ZERO_REPEATS
+    assert len(calls) == grid + straggler + zero
+    for cfg in calls:
+        Config.model_validate(cfg)
+    figures = accel.ratios(result)
+    assert set(figures) == {"pipeline_efficiency_10ms", "pipeline_efficiency_10ms_w1",
+                            "straggler_ratio", "straggler_accuracy", "no_straggler_accuracy",
+                            "zero_compute_w2_vs_w1"}  # fmt: skip
+    assert all(v is not None for v in figures.values())
+    assert figures["pipeline_efficiency_10ms"] == pytest.approx(20 / (1 / 0.03))  # 20 steps/s
+    assert figures["zero_compute_w2_vs_w1"] == pytest.approx(1.0)
+    assert accel.summary_lines(result)
+
+
+def test_a_failed_run_is_reported_and_the_rest_still_run(monkeypatch):
+    calls: list[dict] = []
+    fake = _fake_cluster(calls)
+
+    def flaky(cfg: dict) -> tuple[list[dict], dict]:
+        if cfg["expert"]["window"] == 1 and cfg["expert"]["model"].get("module"):
+            raise RuntimeError("traci up failed (1)")
+        return fake(cfg)
+
+    monkeypatch.setattr(accel, "run_cluster", flaky)
+    result = accel.run(quick=True)
+    figures = accel.ratios(result)
+    assert figures["pipeline_efficiency_10ms_w1"] is None
+    assert figures["pipeline_efficiency_10ms"] is not None
+    assert any("failed" in line for line in accel.summary_lines(result))
