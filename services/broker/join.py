@@ -37,6 +37,7 @@ from traci_ml.proto import (
     Welcome,
     value_problem,
 )
+from traci_ml.services.broker.deadline import Deadline
 from traci_ml.services.broker.outcomes import (
     EXPERT,
     NOTHING,
@@ -76,6 +77,7 @@ class JoinBook:
         step_timeout: float,
         max_abs: float = DEFAULT_MAX_ABS,
         keys_bound: bool = False,
+        deadline: Deadline | None = None,
     ) -> None:
         self.peers = PeerRegistry(
             n_experts=n_experts,
@@ -102,6 +104,9 @@ class JoinBook:
         self._ready: deque[ReleasedStep] = deque()
         self._dispatched: dict[int, ReleasedStep] = {}  # insertion order is seq order
         self._all_present = (True,) * n_experts
+        # the deadline join (None: wait for every expected expert, as with join.quorum all)
+        self.deadline = deadline if deadline is not None and deadline.quorum < n_experts else None
+        self._wake = float("inf")  # when the head step's deadline passes (next_deadline)
 
     @classmethod
     def from_config(cls, config: Config, *, n_experts: int, keys_bound: bool = False) -> JoinBook:
@@ -117,6 +122,7 @@ class JoinBook:
             step_timeout=config.expert.step_timeout,
             max_abs=config.security.max_abs_value,
             keys_bound=keys_bound,
+            deadline=Deadline.from_config(config.join, n_experts, config.expert.step_timeout),
         )
 
     # ---- views for the service and metrics ------------------------------------------------
@@ -208,9 +214,14 @@ class JoinBook:
         if seq in in_flight or (step is not None and eid in step.forfeited):
             return Outcome().reject("duplicate", f"second EMB from expert {eid}")
         first_ok = max(self.next_seq, expert.join_seq)
-        if seq < first_ok:
+        if seq < first_ok:  # DROP says where the others are: the expert may skip ahead
             return self._refuse_emb(
-                Outcome(), expert, seq, "late", f"first open step is {first_ok}"
+                Outcome(),
+                expert,
+                seq,
+                "late",
+                f"first open step is {first_ok}",
+                frontier=max(first_ok, self.highest_seq + 1),
             )
         limit = self._oldest_open() + self.max_pending_steps
         if seq >= limit:
@@ -234,6 +245,13 @@ class JoinBook:
             step.spec, step.first_arrival = spec, now
         step.tokens[eid] = (expert.holder, tensor, msg.rows)
         in_flight.add(seq)
+        if self.deadline is not None and msg.phase == "train":
+            if step.quorum_at is None:
+                if len(step.tokens) >= min(self.deadline.quorum, len(self._expected(seq))):
+                    step.quorum_at = now
+                self.deadline.arrived(eid, 0.0)
+            else:
+                self.deadline.arrived(eid, now - step.quorum_at)
         if seq > self.highest_seq:
             self.highest_seq = seq
         if seq == self.next_seq or self.next_seq not in self._pending:
@@ -289,10 +307,11 @@ class JoinBook:
         detail: str,
         *,
         forfeit_at: float | None = None,
+        frontier: int = -1,
     ) -> Outcome:
         """Refuse an EMB with DROP. With ``forfeit_at`` (the seq is still open), the step
         stops waiting for this expert: it will not send that seq again."""
-        out.sends.append(Send(EXPERT, expert.routing_id, Drop(seq, reason)))
+        out.sends.append(Send(EXPERT, expert.routing_id, Drop(seq, reason, frontier)))
         out.dropped.append(reason)
         if forfeit_at is not None:
             step = self._pending.setdefault(seq, PendingStep(seq, opened=forfeit_at))
@@ -378,7 +397,7 @@ class JoinBook:
             step = self._pending.pop(self.next_seq, None)
             if step is not None and step.tokens:
                 out.notes.append(f"step {self.next_seq} overdue: released with experts masked")
-                self._release(step, now, out)
+                self._release(step, now, out, self._expected(step.seq))
             else:
                 out.skipped += 1
             self.next_seq, self._head_since = self.next_seq + 1, now
@@ -416,7 +435,9 @@ class JoinBook:
         return oldest
 
     def _advance(self, now: float, out: Outcome) -> None:
-        """Release (or skip) head steps in seq order while they are complete; then dispatch."""
+        """Release (or skip) head steps in seq order while they are complete -- or, for a
+        train step, past its deadline (``deadline.py``); then dispatch."""
+        self._wake = float("inf")
         while self.started:
             seq = self.next_seq
             expected = self._expected(seq)
@@ -428,18 +449,47 @@ class JoinBook:
             elif len(step.tokens) + len(step.forfeited) < len(expected) or not (
                 expected <= step.tokens.keys() | step.forfeited
             ):
-                break
+                awaited = expected - step.tokens.keys() - step.forfeited
+                if not step.tokens or not self._past_deadline(step, awaited, now):
+                    break
+                self._release(self._pending.pop(seq), now, out, expected)
             elif step.tokens:
-                self._release(self._pending.pop(seq), now, out)
+                self._release(self._pending.pop(seq), now, out, expected)
             else:
                 del self._pending[seq]
                 out.skipped += 1
             self.next_seq, self._head_since = seq + 1, now
         self._dispatch(now, out)
 
-    def _release(self, step: PendingStep, now: float, out: Outcome) -> None:
+    def _past_deadline(self, step: PendingStep, awaited: set[int], now: float) -> bool:
+        """Whether a train step with its quorum may go without ``awaited``; else note when."""
+        deadline = self.deadline
+        phase = step.spec[0] if step.spec is not None else None
+        if deadline is None or step.quorum_at is None or phase != "train":
+            return False
+        due = step.quorum_at + deadline.allowance(awaited)
+        if now >= due:
+            return True
+        self._wake = due
+        return False
+
+    def next_deadline(self) -> float:
+        """When the head step's deadline passes (``time.monotonic()``; inf: none pending)."""
+        return self._wake
+
+    def release_due(self, now: float) -> Outcome:
+        """Release what a passed deadline allows (the service calls it at ``next_deadline``)."""
+        out = Outcome()
+        self._advance(now, out)
+        return out
+
+    def _release(
+        self, step: PendingStep, now: float, out: Outcome, expected: frozenset[int] | set[int]
+    ) -> None:
         tokens = step.tokens
         phase, shape, _ = step.spec  # type: ignore[misc]  # set with the first token
+        if self.deadline is not None and phase == "train":
+            self.deadline.observe(step.first_arrival, step.quorum_at, now, expected, tokens)
         if len(tokens) == self.n_experts:  # everyone took part: ids 0..n-1
             present = self._all_present
             joined = [tokens[i] for i in range(self.n_experts)]

@@ -101,6 +101,7 @@ class PendingStep:
     # by expert id: who sent it, the embedding, and its row bitmap (b"": every row)
     tokens: dict[int, tuple[Holder, Tensor, bytes]] = field(default_factory=dict)
     forfeited: set[int] = field(default_factory=set)  # told DROP: will not send this seq
+    quorum_at: float | None = None  # when join.quorum tokens were in: the deadline's base
 
 
 @dataclass(slots=True)

@@ -214,11 +214,13 @@ class BrokerService:
         next_tick = time.monotonic()
         try:
             while not self._stop.is_set() and not self._done:
-                wake = min(next_tick, self.serve.next_deadline())
+                wake = min(next_tick, self.serve.next_deadline(), self.book.next_deadline())
                 timeout_ms = max(0.0, wake - time.monotonic()) * 1000
                 for sock, _ in _zmq_poll(polled, int(timeout_ms + 0.999)):  # ready ones
                     self._drain(names[sock], sock)
                 now = time.monotonic()
+                if now >= self.book.next_deadline():  # a straggler's step goes without it
+                    self._release_due(now)
                 if now >= self.serve.next_deadline():
                     self._serve_tick(now)
                 if now >= next_tick:
@@ -338,6 +340,13 @@ class BrokerService:
         detail = f"key of {key!r} on the route of {held!r}"
         self._rejected("wrong_route", socket, routing_id, None, detail)
         return False
+
+    def _release_due(self, now: float) -> None:
+        try:
+            self._apply(self.book.release_due(now))
+        except Exception:
+            self.metrics.reject("internal")
+            log.exception("broker: internal error releasing a step past its deadline")
 
     def _tick(self, now: float) -> None:
         try:

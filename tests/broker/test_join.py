@@ -207,7 +207,7 @@ def test_rejoin_starts_at_next_unsent_step() -> None:
     out = book.hello(EXPERT, b"new-1", hello(1), 0.3)
     assert sent(out, Welcome)[0][1].start_seq == 3  # type: ignore[attr-defined]
     late = book.emb(b"new-1", emb(2, 1), 0.4)
-    assert late.rejected == "late" and sent(late, Drop) == [(b"new-1", Drop(2, "late"))]
+    assert late.rejected == "late" and sent(late, Drop) == [(b"new-1", Drop(2, "late", 3))]
     # A rejoiner is expected from its join_seq on.
     assert not batches(book.emb(rid(0), emb(3, 0), 0.5))
     assert batches(book.emb(b"new-1", emb(3, 1), 0.5))[0].present == (True, True)
@@ -328,7 +328,7 @@ def test_late_after_release_gets_drop() -> None:
     book.emb(rid(1), emb(0, 1), 0.0)
     book.grad(RED, Grad(0, -1, (emb(0, 0).tensor, emb(0, 1).tensor)), 0.1)
     out = book.emb(rid(0), emb(0, 0), 0.2)
-    assert out.rejected == "late" and sent(out, Drop) == [(rid(0), Drop(0, "late"))]
+    assert out.rejected == "late" and sent(out, Drop) == [(rid(0), Drop(0, "late", 1))]
     assert out.dropped == ["late"]
 
 

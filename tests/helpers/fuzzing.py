@@ -252,7 +252,7 @@ def _frame_count(rng, header, tensors):
 
 def _unsupported_dtype(rng, header, tensors):
     t = [list(s) for s in header["t"]]
-    dtype = rng.choice(["float64", "int8", "uint8", "int32", "complex64", "bool", "", "f4", 7])
+    dtype = rng.choice(["float64", "int4", "uint8", "int32", "complex64", "bool", "", "f4", 7])
     t[rng.randrange(len(t))][0] = dtype
     return [pack({**header, "t": t}), *tensors], "dtype"
 

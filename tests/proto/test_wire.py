@@ -471,8 +471,9 @@ BAD_MESSAGES = [
         emb(np.array([0.5, -0.5], "<f4").tobytes() + bytes(6), t=[["int8", [2, 3]]]),
         "bad_scale",
     ),
-    case("size_mismatch/int8_without_scales", emb(bytes(6), t=[["int8", [2, 3]]]),
-         "size_mismatch"),  # fmt: skip
+    case(
+        "size_mismatch/int8_without_scales", emb(bytes(6), t=[["int8", [2, 3]]]), "size_mismatch"
+    ),  # fmt: skip
     case("size_mismatch/int8_as_float32", emb(F32_2x3, t=[["int8", [2, 3]]]), "size_mismatch"),
 ]
 

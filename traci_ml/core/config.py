@@ -153,7 +153,11 @@ class ExpertConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     window: int = Field(2, ge=1, le=1024)  # steps in flight (sent, gradient not yet applied)
     step_timeout: float = Field(30.0, gt=0.0)  # seconds before an in-flight step is dropped
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # embeddings on the wire
+    # embeddings and gradients on the wire; int8: per-row scaled (docs/compression.md)
+    dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float32"
+    # error feedback on the embeddings sent: each row's rounding error is added to its next
+    # send (docs/compression.md)
+    error_feedback: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     torch_threads: int = Field(1, ge=0)  # 0: torch's default
 
@@ -182,6 +186,47 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class JoinConfig(_Section):
+    """The broker's straggler-proof join (docs/protocol.md, "Deadline join"). A train step
+    is released when every expected expert has sent, or ``deadline`` seconds after
+    ``quorum`` of them have (the missing tokens masked). Eval steps always wait for all."""
+
+    # experts whose tokens start the deadline: "all" (no deadline: wait for everyone, as
+    # before), a count, or "auto" (all but one: one straggler is not waited for; a count
+    # lower than that lets more go, at the price of a deadline learned on fewer experts)
+    quorum: Literal["all", "auto"] | int = "auto"
+    # seconds after the quorum; "auto": adaptive, 4 x the 90th percentile of how long recent
+    # steps took to gather their quorum after their first token, never below min_deadline
+    # (the first 16 train steps of a run wait for everyone)
+    deadline: Literal["auto"] | float = "auto"
+    min_deadline: float = Field(0.05, gt=0.0)
+    # an expert on time in its recent steps gets this many deadlines before it is masked
+    # (one hiccup of a punctual expert does not cost it a step; a straggler gets one)
+    grace: float = Field(8.0, ge=1.0)
+
+    @field_validator("quorum")
+    @classmethod
+    def _quorum(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("join.quorum must be >= 1, 'auto' or 'all'")
+        return v
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline(cls, v: str | float) -> str | float:
+        if not isinstance(v, str) and v <= 0:
+            raise ValueError("join.deadline must be > 0 seconds or 'auto'")
+        return v
+
+    def quorum_of(self, n_experts: int) -> int:
+        """How many tokens start the deadline (n_experts: no deadline)."""
+        if self.quorum == "all":
+            return n_experts
+        if self.quorum == "auto":
+            return max(1, n_experts - 1)
+        return min(int(self.quorum), n_experts)
 
 
 class NetworkConfig(_Section):
@@ -252,6 +297,7 @@ class Config(_Section):
     reducer: ReducerConfig = ReducerConfig()
     train: TrainConfig = TrainConfig()
     network: NetworkConfig = NetworkConfig()
+    join: JoinConfig = JoinConfig()
     serve: ServeConfig = ServeConfig()
     metrics: MetricsConfig = MetricsConfig()
     security: SecurityConfig = SecurityConfig()
