@@ -39,6 +39,7 @@ class Accounts:
     dropped: int = 0
     rejected: int = 0
     rolled_back: int = 0
+    skipped: int = 0  # train steps never sent: skipped ahead after a DROP(late) (not in sent)
 
 
 class Ledger:

@@ -36,6 +36,12 @@ class ExpertMetrics:
             ["expert", "reason"],
             registry=r,
         )
+        self.skipped = Counter(
+            "traci_expert_steps_skipped",
+            "train steps never sent: skipped ahead to where the other experts are (late)",
+            ["expert"],
+            registry=r,
+        ).labels(**labels)
         self.inflight = Gauge(
             "traci_expert_inflight_steps", "steps sent, reply pending", ["expert"], registry=r
         ).labels(**labels)
@@ -92,6 +98,14 @@ class ExpertMetrics:
             self.queries.labels(status=status, **labels)
         for phase in proto.PHASES:
             self.sent.labels(phase=phase, **labels)
+        self.wire = Counter(
+            "traci_expert_wire_bytes",
+            "tensor bytes on the wire: EMB sent, GRAD received (docs/compression.md)",
+            ["expert", "direction"],
+            registry=r,
+        )
+        for direction in ("sent", "received"):
+            self.wire.labels(direction=direction, **labels)
         for reason in LOST_REASONS:
             self.dropped.labels(reason=reason, **labels)
         for reason in (*proto.REJECT_REASONS, *EXPERT_REASONS):
@@ -104,6 +118,9 @@ class ExpertMetrics:
     def served(self, status: str, seconds: float) -> None:
         self.queries.labels(status=status, **self._labels).inc()
         self.query_time.observe(seconds)
+
+    def wire_bytes(self, direction: str, n: int) -> None:
+        self.wire.labels(direction=direction, **self._labels).inc(n)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped.labels(reason=reason, **self._labels).inc(n)

@@ -8,11 +8,13 @@ in-flight timeouts, checkpoints), all on ``time.monotonic()``.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,12 +26,14 @@ from traci_ml.core.align import IdIndex, RowMap
 from traci_ml.core.config import Config
 from traci_ml.core.data import load_expert_data
 from traci_ml.core.errors import CheckpointError, DataError, PeerTimeout
+from traci_ml.core.feedback import ErrorFeedback
 from traci_ml.core.files import write_json_atomic
 from traci_ml.core.link import BrokerLink
 from traci_ml.core.models.expert import build_expert, polyak_update
 from traci_ml.core.rundir import RunDir
-from traci_ml.core.schedule import Schedule, make_schedule, set_lr
+from traci_ml.core.schedule import Schedule, Step, make_schedule, set_lr
 from traci_ml.core.security import peer_keys, tcp_endpoint
+from traci_ml.core.stream import Stream
 from traci_ml.core.tensors import from_wire, resolve_device, to_wire
 from traci_ml.services.expert.aligning import Aligner
 from traci_ml.services.expert.ledger import Accounts, InFlight, Ledger
@@ -58,6 +62,9 @@ class ExpertService:
         self.name = f"expert-{expert_id}"
         self.device = resolve_device(config.expert.device)
         self.wire_dtype = config.expert.dtype
+        # error feedback on the embeddings sent (docs/compression.md): a residual per own row
+        self.feedback = (ErrorFeedback(len(self.data.table), config.embed_dim)
+                         if config.expert.error_feedback else None)  # fmt: skip
         self.metrics = metrics or ExpertMetrics(expert_id)
         self.stop_event = stop or threading.Event()
         # Set by _adopt once the rows are aligned (parties: after ALIGN, in run()).
@@ -71,6 +78,19 @@ class ExpertService:
         self.inflight: OrderedDict[int, InFlight] = OrderedDict()
         self.accounts = Accounts()
         self.seq_next = 0
+        # Skipping ahead when late (DROP(late) names the others' frontier): where the frontier
+        # was last seen, how fast it moves (steps/s), and how long one EMB takes to produce.
+        self._frontier: tuple[int, float] | None = None
+        self._frontier_rate = 0.0
+        self._emb_seconds = 0.0
+        # The compute stream (``core/stream.py``): the nets' work, in order, beside this
+        # thread's messages. ``_epoch`` bumps with every registration (queued EMBs of an
+        # older one are not sent); (seq, weights version, online output): _forward_ahead's.
+        self.stream = Stream(f"{self.name}-compute", lambda exc: self._reject("internal"))
+        self._epoch = 0
+        self._ahead: tuple[int, int, torch.Tensor] | None = None
+        self._ahead_asked: InFlight | None = None
+        self._save_due = False
         self.run_dir = RunDir(config.run_path)
         self.ckpt_path = self.run_dir.expert_checkpoint(expert_id)
         # The applied ledger: one line per gradient applied, across restarts. It proves
@@ -131,10 +151,15 @@ class ExpertService:
                 self._align()
             while not finished and not self.stop_event.is_set():
                 self._produce()
+                self._forward_ahead()  # the next gradient's forward, while it travels
                 wait = 0.0 if self._can_send() else self.config.network.heartbeat_interval / 2
                 msg = self.link.recv(wait)
                 if msg is not None:
                     finished = self._guarded(msg)
+                if self._save_due:  # checkpoint_every: at a quiet point of the stream
+                    self._save_due = False
+                    self.stream.drain()
+                    self.save()
                 finished = finished or self._tick()
         finally:
             self._close()
@@ -163,26 +188,74 @@ class ExpertService:
         return True
 
     def _produce(self) -> None:
-        """Fill the window: target embeddings for the next steps, in seq order."""
+        """Fill the window: target embeddings for the next steps, in seq order (made and
+        sent by the compute stream, in the order asked)."""
         while self._can_send():
             assert self.schedule is not None and self.rows is not None  # _can_send says so
             step = self.schedule.step(self.seq_next)
             local, present = self.rows.lookup(step.phase, self.schedule.rows(step))
             rows = torch.as_tensor(local, device=self.device)
             held = self._held(present)
-            with torch.no_grad():
-                emb = self._embed(self.target, rows, held)  # (B, d), zeros where absent
             # Account first, then send: the books balance at every instant.
             self.inflight[step.seq] = InFlight(step, rows, held, time.monotonic(),
                                                self.accounts.applied)  # fmt: skip
             self.accounts.sent += 1
             self.metrics.sent.labels(expert=str(self.id), phase=step.phase).inc()
             self.seq_next += 1
-            bits = b"" if present is None else proto.pack_rows(present)
-            self.link.send(proto.Emb(step.seq, self.id, step.phase,
-                                     to_wire(emb, self.wire_dtype), bits))  # fmt: skip
+            self.stream.submit(self._send_emb, step, local, present, rows, held, self._epoch)
         self.metrics.inflight.set(len(self.inflight))
         self.metrics.seq.set(self.seq_next)
+
+    def _send_emb(self, step: Step, local: np.ndarray, present: np.ndarray | None,
+                  rows: torch.Tensor, held: torch.Tensor | None, epoch: int) -> None:  # fmt: skip
+        """(stream) The target embedding of ``step``'s rows, sent as its EMB -- unless the
+        expert registered again meanwhile (``epoch``): that step is gone."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            emb = self._embed(self.target, rows, held)  # (B, d), zeros where absent
+        wire = self._emb_wire(step.phase, local, present, emb)
+        if epoch != self._epoch:
+            return
+        bits = b"" if present is None else proto.pack_rows(present)
+        self.link.post(proto.Emb(step.seq, self.id, step.phase, wire, bits))
+        self._emb_seconds += 0.2 * (time.perf_counter() - t0 - self._emb_seconds)
+
+    def _emb_wire(self, phase: str, local: np.ndarray, present: np.ndarray | None,
+                  emb: torch.Tensor) -> proto.Tensor:  # fmt: skip
+        """The wire tensor of a step's embedding ``emb`` of own rows ``local``; with error
+        feedback (train steps), each held row's residual added first (docs/compression.md).
+        Its bytes are counted."""
+        if self.feedback is not None and phase == "train":
+            wire = self.feedback.compress(local, emb, self.wire_dtype, present)
+        else:
+            wire = to_wire(emb, self.wire_dtype)
+        self.metrics.wire_bytes("sent", wire.nbytes)
+        return wire
+
+    def _forward_ahead(self) -> None:
+        """Queue the online forward (with its graph) of the oldest train step in flight,
+        whose GRAD comes next (the broker answers in seq order), behind the EMBs: while the
+        gradient travels the stream computes it, and applying it is then the backward only.
+        Once per step in flight."""
+        if not self.inflight:
+            return
+        seq, pending = next(iter(self.inflight.items()))
+        if pending.step.phase == "train" and self._ahead_asked is not pending:
+            self._ahead_asked = pending
+            self.stream.submit(self._ahead_of, seq, pending)
+
+    def _ahead_of(self, seq: int, pending: InFlight) -> None:
+        """(stream) The online output for step ``seq``, kept with the weights' version
+        (``accounts.applied``): valid only if no gradient is applied before its own --
+        always at window 1, where it takes one pass off every step."""
+        ahead = self._ahead
+        if ahead is not None and ahead[:2] == (seq, self.accounts.applied):
+            return
+        assert self.table is not None
+        rows = pending.rows if pending.held is None else pending.rows[pending.held]
+        if len(rows):
+            self.online.train()
+            self._ahead = (seq, self.accounts.applied, self.online(self.table[rows]))
 
     def _held(self, present: np.ndarray | None) -> torch.Tensor | None:
         """The positions of the held rows, found on the host (no device sync per step)."""
@@ -292,6 +365,7 @@ class ExpertService:
     def _dispatch(self, msg: proto.Message) -> bool:
         """Handle one message; True when the run is over."""
         if isinstance(msg, proto.Grad):
+            self.metrics.wire_bytes("received", sum(t.nbytes for t in msg.tensors))
             self.on_grad(msg)
         elif isinstance(msg, proto.Ack):
             self.on_ack(msg)
@@ -301,8 +375,8 @@ class ExpertService:
             return self.on_goodbye(msg)
         elif isinstance(msg, proto.Welcome):
             self.on_welcome(msg)
-        elif isinstance(msg, proto.Query):
-            self.on_query(msg)
+        elif isinstance(msg, proto.Query):  # training: in order with the nets' updates
+            (self.on_query if self.serving else partial(self.stream.submit, self.on_query))(msg)
         elif isinstance(msg, proto.Align):
             self.on_align_late(msg)
         elif not isinstance(msg, proto.Heartbeat):
@@ -340,27 +414,37 @@ class ExpertService:
         ):
             return self._reject("conflict", f"GRAD {grad.dtype}{list(grad.shape)}", msg.seq)
         del self.inflight[msg.seq]
+        self.stream.submit(self._apply, msg.seq, pending, grad)
+
+    def _apply(self, seq: int, pending: InFlight, grad: proto.Tensor) -> None:
+        """(stream) Apply the checked gradient of step ``seq`` to the online net, Adam,
+        soft-update the target, write the ledger line."""
         assert self.table is not None  # a step in flight means the rows are adopted
-        # Recompute the online output with the current weights (with window > 1 the weights
-        # have moved since the send; a cached graph would be stale), then backprop the slice:
-        # the rows this expert holds only (an absent row's gradient is not its own).
+        # The online output with the current weights (with window > 1 the weights have moved
+        # since the send: computed now, or while idle if no weight changed since), then
+        # backprop the slice: the rows this expert holds only (an absent row's gradient is
+        # not its own).
+        ahead, self._ahead = self._ahead, None
         rows, g = pending.rows, from_wire(grad, self.device)
         if pending.held is not None:
             rows, g = rows[pending.held], g[pending.held]
         if len(rows):
-            self.online.train()
-            out = self.online(self.table[rows])  # (B_held, d)
+            if ahead is not None and ahead[:2] == (seq, self.accounts.applied):
+                out = ahead[2]  # the graph built while the gradient travelled: still valid
+            else:
+                self.online.train()
+                out = self.online(self.table[rows])  # (B_held, d)
             self.optimizer.zero_grad(set_to_none=True)
             out.backward(g.to(out.dtype))
             set_lr(self.optimizer, self.config.expert.lr, pending.step.index, self.config.train)
             self.optimizer.step()
             polyak_update(self.target, self.online, self.config.expert.tau)
-        self.ledger.write(msg.seq)
+        self.ledger.write(seq)
         self._answered(pending, "applied")
         self.metrics.staleness.observe(self.accounts.applied - 1 - pending.applied_at_send)
         every = self.config.train.checkpoint_every
         if every and self.accounts.applied % every == 0:
-            self.save()
+            self._save_due = True  # by the main thread, the stream drained
 
     def on_ack(self, msg: proto.Ack) -> None:
         pending = self.inflight.get(msg.seq)
@@ -374,8 +458,33 @@ class ExpertService:
     def on_drop(self, msg: proto.Drop) -> None:
         if self.inflight.pop(msg.seq, None) is None:
             return self._reject("unknown_step", "DROP for a step not in flight", msg.seq)
-        log.warning("%s step %d dropped by the broker: %s", self.name, msg.seq, msg.reason)
         self._count_drop(msg.reason)
+        if msg.reason == "late" and msg.frontier >= 0:  # the others went on without us
+            log.debug("%s step %d late; the others are at %d", self.name, msg.seq, msg.frontier)
+            self._skip_ahead(msg.frontier)
+            return
+        log.warning("%s step %d dropped by the broker: %s", self.name, msg.seq, msg.reason)
+
+    def _skip_ahead(self, frontier: int) -> None:
+        """A late expert does not fall ever further behind: its next step is where the other
+        experts will be once its EMB is made (the frontier, plus how far the frontier moves in
+        one EMB's time). Train steps only: it never skips an eval step (those wait for every
+        expert) nor past the schedule's end. Skipped steps are never sent (``skipped``)."""
+        assert self.schedule is not None  # a step was in flight
+        now = time.monotonic()
+        if self._frontier is not None:
+            seen, at = self._frontier
+            if frontier > seen and now > at:
+                rate = (frontier - seen) / (now - at)
+                self._frontier_rate += 0.3 * (rate - self._frontier_rate)
+        self._frontier = (frontier, now)
+        target = frontier + math.ceil(self._frontier_rate * self._emb_seconds)
+        target = min(target, self.schedule.next_eval_seq(self.seq_next))
+        if target > self.seq_next:
+            n = target - self.seq_next
+            self.accounts.skipped += n
+            self.metrics.skipped.inc(n)
+            self.seq_next = target
 
     def on_welcome(self, msg: proto.Welcome) -> None:
         """An unsolicited WELCOME is a resync: the broker starts the run elsewhere."""
@@ -422,7 +531,7 @@ class ExpertService:
             except Exception as exc:  # the broker masks this expert for the query
                 log.exception("%s: internal error on QUERY %d", self.name, msg.qid)
                 answer = proto.QEmb(msg.qid, self.id, "internal", repr(exc)[:200], ())
-        self.link.send(answer)
+        self._answer(answer)
         self.metrics.served(answer.status, time.monotonic() - t0)
 
     def on_query_ids(self, msg: proto.Query, t0: float) -> None:
@@ -448,8 +557,12 @@ class ExpertService:
         except Exception as exc:  # the broker masks this expert for the query
             log.exception("%s: internal error on QUERY %d (ids)", self.name, msg.qid)
             answer = proto.QEmb(msg.qid, self.id, "internal", repr(exc)[:200], ())
-        self.link.send(answer)
+        self._answer(answer)
         self.metrics.served(answer.status, time.monotonic() - t0)
+
+    def _answer(self, answer: proto.QEmb) -> None:
+        """Send a served query's answer (training: from the compute stream, through post)."""
+        (self.link.post if self.stream.on_thread() else self.link.send)(answer)
 
     def _query_view(self) -> QueryView:
         """Served raw rows: the one table's statistics (preprocess.json), or, for a party,
@@ -498,6 +611,7 @@ class ExpertService:
         self.metrics.drop(reason, n)
 
     def _drop_all(self, reason: str) -> None:
+        self._epoch += 1
         if self.inflight:
             log.warning("%s drops %d in-flight steps (%s)", self.name, len(self.inflight), reason)
             self._count_drop(reason, len(self.inflight))
@@ -528,6 +642,8 @@ class ExpertService:
                 # parties: this party's standardisation (its own training rows), for serving
                 "mean": None if self.data.mean is None else torch.from_numpy(self.data.mean),
                 "std": None if self.data.std is None else torch.from_numpy(self.data.std),
+                # error feedback's residuals (docs/compression.md); None without it
+                "feedback": None if self.feedback is None else self.feedback.state_dict(),
             },
             self.ckpt_path,
         )
@@ -537,6 +653,8 @@ class ExpertService:
         self.online.load_state_dict(state["online"])
         self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.feedback is not None and state.get("feedback") is not None:
+            self.feedback.load_state_dict(state["feedback"])
         if self.data.rows is None and state.get("mean") is not None:  # parties
             self.data.standardise(state["mean"].numpy(), state["std"].numpy())
         self.accounts = Accounts(**state["accounts"])
@@ -562,6 +680,7 @@ class ExpertService:
             self.save()  # the cut, the drops of the restore and the ledger's length, on disk
 
     def _close(self) -> None:
+        self.stream.close()  # what it was given runs first: the gradients received are applied
         self._drop_all("shutdown")
         # serving leaves the run's checkpoints and accounts alone; so does a party that
         # never aligned (nothing trained; its error must not leave a checkpoint behind)

@@ -69,6 +69,12 @@ class ReducerMetrics:
         self.present = Gauge(
             "traci_reducer_experts_present", "experts present in the last batch", registry=r
         )
+        self.participation = Gauge(
+            "traci_reducer_participation",
+            "share of the train steps so far in which this expert took part (its token present)",
+            ["expert"],
+            registry=r,
+        )
         self.attention = Gauge(
             "traci_reducer_attention",
             "mean [CLS] attention weight each expert receives",
@@ -96,6 +102,16 @@ class ReducerMetrics:
             self.step_time.labels(phase=phase)
             for i in range(n_experts):
                 self.attention.labels(expert=str(i), phase=phase)
+        for i in range(n_experts):  # every series from the start (dashboards, alerts)
+            self.participation.labels(expert=str(i))
+        self.wire = Counter(
+            "traci_reducer_wire_bytes",
+            "tensor bytes on the wire: BATCH received, GRAD sent (docs/compression.md)",
+            ["direction"],
+            registry=r,
+        )
+        for direction in ("received", "sent"):
+            self.wire.labels(direction=direction)
         for reason in (*proto.REJECT_REASONS, *REDUCER_REASONS):
             self.rejections.labels(reason=reason)
 

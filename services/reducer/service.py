@@ -79,7 +79,9 @@ class ReducerService:
         self.ckpt_path = self.run_dir.reducer_checkpoint
         self.last_seq = -1
         self.train_steps = 0
+        self.participated = [0] * self.n  # train steps each expert's token was present in
         self.skipped = 0
+        self.wire_train_bytes = 0  # BATCH + GRAD tensor bytes of the train steps taken
         self.wall_before = 0.0  # wall seconds of earlier lives (resume)
         # eval rounds and their history; the final round also row by row
         self.evaluation = Evaluation(ds, self.run_dir.eval_predictions, self.metrics)
@@ -177,6 +179,8 @@ class ReducerService:
             elif isinstance(msg, proto.Batch) and self.serving:
                 self._reject("unexpected_kind", "serving: no training steps", msg)
             elif isinstance(msg, proto.Batch):
+                self.metrics.wire.labels(direction="received").inc(
+                    sum(t.nbytes for t in msg.tensors))  # fmt: skip
                 return self.on_batch(msg)
             elif isinstance(msg, proto.Align):
                 self.on_align(msg)
@@ -241,7 +245,10 @@ class ReducerService:
         if step.phase == "train" and not len(rows):
             self._refuse(msg.seq, "no_rows", "no row of this step is held by the experts")
         elif step.phase == "train":
+            done = self.train_steps
             self._train_step(msg, step.index, tokens, absent, y, keep)
+            if self.train_steps > done:  # not refused
+                self._participation(msg.present)
         else:
             final = step.round == self.schedule.eval_rounds - 1
             self._eval_step(msg, step.last_in_round, tokens, absent, y, rows, final=final)
@@ -249,6 +256,13 @@ class ReducerService:
         self.metrics.step_time.labels(phase=step.phase).observe(time.monotonic() - t0)
         self.metrics.present.set(sum(msg.present))
         return msg.seq == self.schedule.total - 1
+
+    def _participation(self, present: tuple[bool, ...]) -> None:
+        """Count the experts of a train step (the deadline join masks a late one)."""
+        steps = max(self.train_steps, 1)
+        for i, p in enumerate(present):
+            self.participated[i] += p
+            self.metrics.participation.labels(expert=str(i)).set(self.participated[i] / steps)
 
     def _rows_kept(self, phase: str, absent: torch.Tensor) -> torch.Tensor | None:
         """The rows of a step that count (None: all of them): not those no expert holds,
@@ -318,13 +332,11 @@ class ReducerService:
         if problem is not None:
             self._refuse(msg.seq, *problem)
             return
-        self.link.send(
-            proto.Grad(
-                msg.seq,
-                -1,
-                tuple(to_wire(grads[i], self.wire_dtype) for i, p in enumerate(msg.present) if p),
-            )
-        )
+        wire = tuple(to_wire(grads[i], self.wire_dtype) for i, p in enumerate(msg.present) if p)
+        self.link.send(proto.Grad(msg.seq, -1, wire))
+        sent = sum(t.nbytes for t in wire)
+        self.metrics.wire.labels(direction="sent").inc(sent)
+        self.wire_train_bytes += sent + sum(t.nbytes for t in msg.tensors)
         set_lr(self.optimizer, self.config.reducer.lr, index, self.config.train)
         self.optimizer.step()  # after the send: experts apply their slices meanwhile
         self.train_steps += 1
@@ -436,12 +448,18 @@ class ReducerService:
         return self.wall_before + since
 
     def summary(self) -> dict[str, Any]:
-        return self.evaluation.summary(
+        out = self.evaluation.summary(
             run_id=self.config.run_id, steps=self.train_steps, skipped=self.skipped,
             wall=self.wall_seconds(), batch_size=self.config.train.batch_size,
             attention_train=self.att_train.tolist(), overlap=self.aligning.overlap,
             rows_skipped=self.rows_skipped,
         )  # fmt: skip
+        # BATCH + GRAD tensor bytes per train step (docs/compression.md)
+        out["wire_bytes_per_step"] = self.wire_train_bytes / max(self.train_steps, 1)
+        # share of train steps each expert took part in (the deadline join masks late ones)
+        steps = max(self.train_steps, 1)
+        out["participation"] = {str(i): n / steps for i, n in enumerate(self.participated)}
+        return out
 
     # -- checkpoints and exit ---------------------------------------------------------
 
@@ -458,6 +476,8 @@ class ReducerService:
                 "history": self.evaluation.history,
                 "overlap": self.aligning.overlap,
                 "rows_skipped": self.rows_skipped,
+                "wire_train_bytes": self.wire_train_bytes,
+                "participated": self.participated,
             },
             self.ckpt_path,
         )
@@ -471,6 +491,8 @@ class ReducerService:
         self.evaluation.history = state["history"]
         self.aligning.overlap = state.get("overlap", {})
         self.rows_skipped = state.get("rows_skipped", {})
+        self.wire_train_bytes = state.get("wire_train_bytes", 0)
+        self.participated = list(state.get("participated", [0] * self.n))
         log.info("reducer resumed from %s at seq %d", self.ckpt_path, self.last_seq)
 
     def _close(self, finished: bool) -> None:

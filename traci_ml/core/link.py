@@ -16,6 +16,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import zmq
@@ -77,6 +78,11 @@ class BrokerLink:
         self._beat_stop = threading.Event()
         self._beater: threading.Thread | None = None
         self._token = ""  # the last WELCOME's secret: proves a rejoin is this same peer
+        # post(): messages from another thread (an expert's compute stream), sent by the
+        # thread that polls (recv), which an inproc PAIR wakes; made on the first post
+        self._outbox: deque[list] = deque()
+        self._out_lock = threading.Lock()
+        self._wake: tuple[zmq.Socket, zmq.Socket] | None = None  # (poller's end, posters')
 
     # -- connection -------------------------------------------------------------------
 
@@ -147,6 +153,12 @@ class BrokerLink:
             if self.socket is not None:
                 self.socket.close(linger=0)
                 self.socket = None
+        with self._out_lock:  # a new registration: what was posted for the old one is void
+            self._outbox.clear()
+            if self._wake is not None:
+                for sock in self._wake:
+                    sock.close(linger=0)
+                self._wake = None
 
     def _beat(self, stop: threading.Event) -> None:
         """Heartbeat whenever nothing else went out for a heartbeat interval (while waiting
@@ -173,15 +185,53 @@ class BrokerLink:
                 return
             self.last_sent = time.monotonic()
 
+    def post(self, msg: proto.Message) -> None:
+        """``send`` from another thread without waiting for the one in ``recv``: the message
+        is encoded here and handed to the polling thread, which sends it at once (the
+        socket is not thread-safe; ``recv`` holds it while it polls)."""
+        frames = proto.encode(msg)
+        with self._out_lock:
+            if self._wake is None:
+                pull, push = self.context.socket(zmq.PAIR), self.context.socket(zmq.PAIR)
+                address = f"inproc://traci-link-{id(self)}-{secrets.token_hex(4)}"
+                pull.bind(address)
+                push.connect(address)
+                self._wake = (pull, push)
+            self._outbox.append(frames)
+            self._wake[1].send(b"", zmq.NOBLOCK)
+
+    def _flush(self) -> None:
+        """Send what ``post`` handed over (the caller holds ``_lock``)."""
+        while self._outbox:
+            frames = self._outbox.popleft()
+            try:
+                self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)  # type: ignore[union-attr]
+                self.last_sent = time.monotonic()
+            except zmq.Again:
+                log.debug("%s: no connection to the broker, a posted message not sent", self.name)
+
     def recv(self, timeout: float) -> proto.Message | None:
-        """The next valid message within ``timeout`` seconds, or None."""
+        """The next valid message within ``timeout`` seconds, or None. Messages ``post``ed
+        meanwhile are sent as they come."""
         deadline = time.monotonic() + timeout
         while True:  # poll in short slices: the heartbeat thread needs the lock too
             with self._lock:
                 if self.socket is None:
                     raise zmq.ZMQError(zmq.ENOTSOCK, "recv before connect or after close")
+                self._flush()
                 left = min(deadline - time.monotonic(), self.heartbeat_interval / 4)
-                if self.socket.poll(max(0, int(left * 1000))):
+                wake = self._wake
+                if wake is None:
+                    ready = self.socket.poll(max(0, int(left * 1000)))
+                else:
+                    polled = [(self.socket, zmq.POLLIN), (wake[0], zmq.POLLIN)]
+                    events = zmq.zmq_poll(polled, max(0, int(left * 1000)))
+                    ready = any(sock is self.socket for sock, _ in events)
+                    if len(events) > ready:  # woken by post: drain the wake-ups, send
+                        while wake[0].poll(0):
+                            wake[0].recv(zmq.NOBLOCK)
+                        self._flush()
+                if ready:
                     frames = self.socket.recv_multipart(copy=False)
                     break
             if time.monotonic() >= deadline:

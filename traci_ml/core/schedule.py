@@ -82,6 +82,14 @@ class Schedule:
         perm = _permutation(self.n_train, self.seed, epoch)
         return perm[k * self.batch_size : (k + 1) * self.batch_size].copy()
 
+    def next_eval_seq(self, seq: int) -> int:
+        """The first eval step at or after ``seq`` (``total`` when none is left)."""
+        block, offset = divmod(seq, self._block)
+        train_len = self.eval_every if block < self._full_blocks else self._tail
+        if offset >= train_len:
+            return min(seq, self.total)
+        return min(block * self._block + train_len, self.total)
+
     def first_seq_of_train_step(self, index: int) -> int:
         """The ``seq`` of train step ``index`` (used to resume at a step boundary)."""
         block, offset = divmod(index, self.eval_every)

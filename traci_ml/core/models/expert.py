@@ -10,6 +10,7 @@ from torch import nn
 
 from traci_ml.core.config import Config, ExpertModelConfig
 from traci_ml.core.errors import ConfigError
+from traci_ml.core.models.optim import make_adam
 from traci_ml.core.tensors import derive_seed
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -93,9 +94,8 @@ def build_expert(
         out_dim=config.embed_dim,
         key=config.expert_model_key(expert_id),
     ).to(device)
-    opt = torch.optim.Adam(
-        online.parameters(), lr=config.expert.lr, weight_decay=config.expert.weight_decay
-    )
+    opt = make_adam(online.parameters(), lr=config.expert.lr,
+                    weight_decay=config.expert.weight_decay)  # fmt: skip
     return online, make_target(online), opt
 
 

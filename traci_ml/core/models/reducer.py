@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from traci_ml.core.config import Config, ReducerConfig
+from traci_ml.core.models.optim import make_adam
 from traci_ml.core.tensors import derive_seed
 
 
@@ -103,9 +104,8 @@ def build_reducer(
     torch.manual_seed(derive_seed(config.seed, "reducer"))
     reducer = Reducer(n_experts=n_experts, d=config.embed_dim, out_dim=out_dim, cfg=config.reducer)
     reducer = reducer.to(device)
-    opt = torch.optim.Adam(
-        reducer.parameters(), lr=config.reducer.lr, weight_decay=config.reducer.weight_decay
-    )
+    opt = make_adam(reducer.parameters(), lr=config.reducer.lr,
+                    weight_decay=config.reducer.weight_decay)  # fmt: skip
     return reducer, opt
 
 
