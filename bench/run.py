@@ -30,8 +30,12 @@ SECTIONS = (
     "data",
     "accel",
     "bandwidth",
+    "compression",
 )
-TARGETS = {"e2e_vs_fused": 0.8, "e2e_vs_rpc": 1.5, "broker_vs_null": 0.8, "scaling_64_vs_4": 0.7}
+TARGETS = {"e2e_vs_fused": 0.9, "e2e_vs_rpc": 1.5, "broker_vs_null": 0.8, "scaling_64_vs_4": 0.7,
+           "pipeline_efficiency_10ms": 0.9, "pipeline_efficiency_10ms_w1": 0.6,
+           "straggler_ratio": 0.8, "zero_compute_w2_vs_w1": 1.0,
+           "compression_bytes_ratio": 3.5}  # fmt: skip
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -124,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import bandwidth
 
             results["bandwidth"] = bandwidth.run(quick=quick)
+        elif name == "compression":
+            from bench import compression
+
+            results["compression"] = compression.run(quick=quick)
         results.setdefault("seconds", {})[name] = round(time.monotonic() - t, 1)
     results["seconds"]["total"] = round(time.monotonic() - t0, 1)
     results.update(ratios(results))
@@ -156,6 +164,10 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         from bench.bandwidth import ratios as bandwidth_ratios
 
         out.update(bandwidth_ratios(results["bandwidth"]))
+    if results.get("compression"):
+        from bench.compression import ratios as compression_ratios
+
+        out.update(compression_ratios(results["compression"]))
     return out
 
 
@@ -195,6 +207,12 @@ def print_table(results: dict[str, Any]) -> None:
         from bench.bandwidth import summary_lines as bandwidth_lines
 
         for line in bandwidth_lines(results["bandwidth"]):
+            print("  " + line)
+    if results.get("compression"):
+        from bench.compression import summary_lines as compression_lines
+
+        print("  int8 wire against float32:")
+        for line in compression_lines(results["compression"]):
             print("  " + line)
     for name, m in results.get("memory", {}).get("services", {}).items():
         print(

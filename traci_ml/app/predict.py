@@ -51,7 +51,7 @@ from traci_ml.core.ids import as_ids, id_kind, read_ids  # noqa: F401 (predict A
 from traci_ml.core.models.expert import build_expert_net
 from traci_ml.core.models.reducer import Reducer
 from traci_ml.core.rundir import RunDir
-from traci_ml.core.tensors import TORCH_DTYPES
+from traci_ml.core.tensors import wire_round
 
 log = logging.getLogger(__name__)
 PREPROCESS_FILE = RunDir.PREPROCESS  # written by the reducer when a run starts
@@ -69,15 +69,15 @@ class TraciModel(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList(experts)
         self.reducer = reducer
-        # Embeddings cross the wire in expert.dtype: round them the same way.
-        self.wire = None if wire_dtype == "float32" else TORCH_DTYPES[wire_dtype]
+        # Embeddings cross the wire in expert.dtype: round them the same way (int8: per row).
+        self.wire = None if wire_dtype == "float32" else wire_dtype
 
     def forward(self, *views: torch.Tensor) -> torch.Tensor:
         tokens = torch.stack(
             [net(v) for net, v in zip(self.experts, views, strict=True)], dim=1
         )  # (B,N,d)
         if self.wire is not None:
-            tokens = tokens.to(self.wire).float()
+            tokens = wire_round(tokens, self.wire)
         absent = torch.zeros_like(tokens[:, :, 0], dtype=torch.bool)  # (B, N): all present
         logits, _ = self.reducer(tokens, absent)
         return logits
