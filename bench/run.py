@@ -9,6 +9,7 @@ alternate within each repetition so a noisy machine hits them alike. No test ass
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -94,44 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         t = time.monotonic()
         if name == "e2e":
             results["e2e"] = e2e(quick=quick)
-        elif name == "transport":
-            from bench import transport
-
-            results["transport"] = transport.run(quick=quick)
-        elif name == "scaling":
-            from bench import scaling
-
-            results["scaling"] = scaling.run(quick=quick)
         elif name == "staleness":
             from bench import staleness
 
             results["staleness"] = staleness.run(
                 quick=quick, plot=Path(args.out).parent / "staleness.png"
             )
-        elif name == "memory":
-            from bench import memory
-
-            results["memory"] = memory.run(quick=quick)
-        elif name == "serve":
-            from bench import serve
-
-            results["serve"] = serve.run(quick=quick)
-        elif name == "data":
-            from bench import data
-
-            results["data"] = data.run(quick=quick)
-        elif name == "accel":
-            from bench import accel
-
-            results["accel"] = accel.run(quick=quick)
-        elif name == "bandwidth":
-            from bench import bandwidth
-
-            results["bandwidth"] = bandwidth.run(quick=quick)
-        elif name == "compression":
-            from bench import compression
-
-            results["compression"] = compression.run(quick=quick)
+        else:  # bench/<name>.py: run(quick=...)
+            results[name] = importlib.import_module(f"bench.{name}").run(quick=quick)
         results.setdefault("seconds", {})[name] = round(time.monotonic() - t, 1)
     results["seconds"]["total"] = round(time.monotonic() - t0, 1)
     results.update(ratios(results))
