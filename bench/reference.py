@@ -40,12 +40,14 @@ def reference_config(
         },
         "expert": {"model": {"hidden": [hidden], "activation": "relu"}, "tau": 0.1,
                    "lr": 1e-3, "window": window},
-        # The reducer does ~3/4 of the FLOPs and is the bottleneck: it gets every core (torch
-        # default, 0), the four light experts one thread each. On 2 cores at batch 256 this took
-        # TRACI from ~3,300 to ~4,100 samples/s; for the small digits reducer (d=64, batch 64)
-        # one thread stays faster, so the shipped default is 1 (docs/config.md).
+        # The reducer does ~3/4 of the FLOPs and is the bottleneck: its train batch is split
+        # into 2 row slices on 2 threads (one intra-op thread each; core/models/shards.py).
+        # On 2 cores at batch 256 that took TRACI from ~7,600 (one thread) / ~7,900 (torch's
+        # 2 intra-op threads, which spin at their barriers while experts hold a core) to
+        # ~9,300 samples/s. For the small digits reducer (d=64, batch 64) one thread, whole
+        # batch, stays the shipped default (docs/config.md).
         "reducer": {"layers": 2, "heads": 4, "ff": 256, "dropout": 0.0, "expert_dropout": 0.0,
-                    "lr": 1e-3, "eval_batch_size": 4096, "torch_threads": 0},
+                    "lr": 1e-3, "eval_batch_size": 4096, "torch_threads": 1, "shards": 2},
         "train": {"steps": steps, "batch_size": batch_size, "eval_every": 0,
                   "checkpoint_every": 0, "log_every": 10},
         "metrics": {"broker_port": 0, "reducer_port": 0, "expert_base_port": 0},

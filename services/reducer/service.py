@@ -26,6 +26,7 @@ from traci_ml.core.errors import CheckpointError, PeerTimeout
 from traci_ml.core.files import write_json_atomic
 from traci_ml.core.link import BrokerLink
 from traci_ml.core.models.reducer import build_reducer, dropout_mask, loss_and_metric
+from traci_ml.core.models.shards import ShardedStep
 from traci_ml.core.rundir import RunDir
 from traci_ml.core.schedule import schedule_for, set_lr
 from traci_ml.core.security import peer_keys, tcp_endpoint
@@ -75,6 +76,8 @@ class ReducerService:
         self.model, self.optimizer = build_reducer(
             config, n_experts=self.n, out_dim=ds.out_dim, device=self.device
         )
+        shards = config.reducer.shards
+        self.sharded = ShardedStep(self.model, shards) if shards > 1 else None
         self.run_dir = RunDir(config.run_path)
         self.ckpt_path = self.run_dir.reducer_checkpoint
         self.last_seq = -1
@@ -318,12 +321,15 @@ class ReducerService:
         those are (None: all): the GRAD covers every row, zero for the others."""
         self.model.train()
         masked = dropout_mask(self.config, absent, msg.seq)
-        tokens.requires_grad_(True)
-        logits, att = self.model(tokens.transpose(0, 1), masked)  # (B, out), (B, N)
-        loss, metric = loss_and_metric(self.dataset.task, logits, y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = tokens.grad  # (N, B_kept, d)
+        if self.sharded is not None and len(y) >= 2 * self.sharded.shards:
+            loss, metric, att, grads = self.sharded(self.dataset.task, tokens, masked, y)
+        else:
+            tokens.requires_grad_(True)
+            logits, att = self.model(tokens.transpose(0, 1), masked)  # (B, out), (B, N)
+            loss, metric = loss_and_metric(self.dataset.task, logits, y)
+            loss.backward()
+            grads = tokens.grad  # (N, B_kept, d)
         if keep is not None:
             full = grads.new_zeros(grads.shape[0], len(keep), grads.shape[2])
             full[:, keep] = grads
@@ -497,6 +503,8 @@ class ReducerService:
 
     def _close(self, finished: bool) -> None:
         self.aligning.close()
+        if self.sharded is not None:
+            self.sharded.close()
         if not self.serving:
             self.save()
         if finished and not self.serving:

@@ -366,3 +366,18 @@ def test_gradient_beyond_the_bound_is_not_sent_and_the_step_is_dropped(tmp_path:
         assert rig.service.train_steps == 1
     finally:
         rig.close()
+
+
+def test_sharded_reducer_answers_the_same_gradient(tmp_path: Path) -> None:
+    """reducer.shards: the train step split into row slices on threads sends what the
+    whole-batch step would (to float summation order)."""
+    running = Rig(make_config(tmp_path, **{"reducer.shards": "3"}))
+    try:
+        running.welcome()
+        running.broker.send(running.batch(0))
+        grad = running.broker.expect(proto.Grad)
+        for got, want in zip(grad.tensors, replay_first_step(running, 0, ALL), strict=True):
+            torch.testing.assert_close(torch.from_numpy(got.numpy().copy()), want,
+                                       rtol=1e-5, atol=1e-6)  # fmt: skip
+    finally:
+        running.close()

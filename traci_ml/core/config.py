@@ -173,6 +173,9 @@ class ReducerConfig(_Section):
     eval_batch_size: int = Field(512, ge=1)
     device: str = "auto"
     torch_threads: int = Field(1, ge=0)
+    # train batches split into this many row slices on parallel threads (CPU; 1: whole batch;
+    # traci_ml/core/models/shards.py)
+    shards: int = Field(1, ge=1, le=64)
 
 
 class TrainConfig(_Section):
