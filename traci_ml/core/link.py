@@ -187,9 +187,19 @@ class BrokerLink:
 
     def post(self, msg: proto.Message) -> None:
         """``send`` from another thread without waiting for the one in ``recv``: the message
-        is encoded here and handed to the polling thread, which sends it at once (the
-        socket is not thread-safe; ``recv`` holds it while it polls)."""
+        is encoded here and sent now when no thread holds the socket, else handed to the
+        polling thread, which an inproc PAIR wakes to send it at once (the socket is not
+        thread-safe; ``recv`` holds it while it polls). Posts go out in the order posted."""
         frames = proto.encode(msg)
+        if self._lock.acquire(blocking=False):  # nobody in recv: send it now, in order
+            try:
+                if self.socket is not None:
+                    with self._out_lock:
+                        self._outbox.append(frames)
+                    self._flush()
+                    return
+            finally:
+                self._lock.release()
         with self._out_lock:
             if self._wake is None:
                 pull, push = self.context.socket(zmq.PAIR), self.context.socket(zmq.PAIR)
