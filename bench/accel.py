@@ -34,7 +34,6 @@ Top level (``bench.run.ratios``): ``pipeline_efficiency_10ms`` (window 4),
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -44,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from bench.cluster import run_cluster, train_rate
+from bench.cluster import run_cluster, section_main, train_rate
 
 SIMULATED = "traci_ml.core.models.simulated:SimulatedAccelerator"
 BASE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "digits.yaml"
@@ -287,15 +286,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", help="also write the result here")
-    args = parser.parse_args(argv)
-    result = run(quick=args.quick)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print("\n".join(summary_lines(result)))
-    print(json.dumps(ratios(result), indent=2))
+    section_main(__doc__, run, summary_lines, ratios, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Needs root, ``ip netns`` and ``tc``: otherwise the section is ``{"skipped": why}
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -40,7 +39,7 @@ from typing import Any
 import yaml
 
 from bench.accel import base_config
-from bench.cluster import train_rate
+from bench.cluster import section_main, train_rate
 from traci_ml.core.rundir import RunDir
 
 DTYPES = ("float32", "int8")  # expert.dtype, float32 first: the speedup is last / first
@@ -332,16 +331,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", help="also write the result here")
-    parser.add_argument("--keep", type=Path, help="leave the runs' configs and logs here")
-    args = parser.parse_args(argv)
-    result = run(quick=args.quick, keep=args.keep)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print("\n".join(summary_lines(result)))
-    print(json.dumps(ratios(result), indent=2))
+    section_main(__doc__, run, summary_lines, ratios, argv, keep=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -69,3 +70,27 @@ def train_rate(records: list[dict[str, Any]], batch_size: int, warmup: int) -> f
     start = next(r for r in train if r["step"] >= warmup)
     end = train[-1]
     return (end["step"] - start["step"]) * batch_size / max(end["time"] - start["time"], 1e-9)
+
+
+def section_main(
+    doc: str,
+    run: Callable[..., dict[str, Any]],
+    summary_lines: Callable[[dict[str, Any]], list[str]],
+    ratios: Callable[[dict[str, Any]], dict[str, Any]],
+    argv: list[str] | None = None,
+    *,
+    keep: bool = False,
+) -> None:
+    """The command line of one bench section run alone (``python -m bench.<name>``):
+    --quick, --json FILE (and --keep DIR where the section can leave its runs)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter runs")
+    parser.add_argument("--json", help="also write the result here")
+    if keep:
+        parser.add_argument("--keep", type=Path, help="leave the runs' configs and logs here")
+    args = parser.parse_args(argv)
+    result = run(quick=args.quick, **({"keep": args.keep} if keep else {}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print("\n".join(summary_lines(result)))
+    print(json.dumps(ratios(result), indent=2))

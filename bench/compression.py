@@ -13,15 +13,13 @@ heterogeneous, so one seed alone is noise; the seeds average it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bench.cluster import run_cluster
+from bench.cluster import run_cluster, section_main
 
 EXAMPLES = {"digits": "examples/digits.yaml", "heterogeneous": "examples/heterogeneous.yaml"}
 DTYPES = ("float32", "int8")
@@ -88,10 +86,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def main(argv: list[str] | None = None) -> None:
+    section_main(__doc__, run, summary_lines, ratios, argv)
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    result = run(quick=args.quick)
-    print(json.dumps(ratios(result), indent=2))
-    print("\n".join(summary_lines(result)))
+    main()

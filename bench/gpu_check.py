@@ -33,8 +33,10 @@ import yaml
 
 from traci_ml.core.config import Config, validate
 from traci_ml.core.data import load_dataset
+from traci_ml.core.errors import ConfigError
 from traci_ml.core.files import write_json_atomic
 from traci_ml.core.reference import Batch, ReferenceData, ReferenceTrainer
+from traci_ml.core.tensors import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "examples" / "digits.yaml"
@@ -50,23 +52,20 @@ class NoCuda(Exception):
 
 
 def check_device(device: str) -> torch.device:
-    """The device to run on; raises ``NoCuda`` with the reason when CUDA is asked for and absent."""
+    """The device to run on (``core.tensors.resolve_device``, the services' own rule); raises
+    ``NoCuda`` with the reason and what to do when CUDA is asked for and absent."""
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise NoCuda(f"{device!r} is not a torch device (cuda, cuda:N or cpu)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
+        return resolve_device(device)
+    except ConfigError as exc:
+        if device.startswith("cuda") and not torch.cuda.is_available():
             build = (f"built with CUDA {torch.version.cuda}" if torch.version.cuda
                      else "a CPU-only build")  # fmt: skip
             raise NoCuda(
                 f"no CUDA device is visible (torch {torch.__version__}, {build}). Run it on a "
                 "machine with a GPU and a CUDA build of torch, or pass --device cpu for a dry "
                 "run of the same code path on the CPU."
-            )
-        if (dev.index or 0) >= torch.cuda.device_count():
-            raise NoCuda(f"{device} asked for, but only {torch.cuda.device_count()} visible")
-    return dev
+            ) from None
+        raise NoCuda(str(exc)) from None
 
 
 def build_config(

@@ -24,6 +24,11 @@ class InFlight:
     sent_at: float  # monotonic
     applied_at_send: int  # optimizer steps taken when sent (for staleness)
 
+    @property
+    def held_rows(self) -> torch.Tensor:
+        """The own rows this expert holds (what its online net sees for this step)."""
+        return self.rows if self.held is None else self.rows[self.held]
+
 
 @dataclass(slots=True)
 class Accounts:

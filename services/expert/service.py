@@ -248,14 +248,17 @@ class ExpertService:
         """(stream) The online output for step ``seq``, kept with the weights' version
         (``accounts.applied``): valid only if no gradient is applied before its own --
         always at window 1, where it takes one pass off every step."""
-        ahead = self._ahead
-        if ahead is not None and ahead[:2] == (seq, self.accounts.applied):
+        if self._ahead_valid(self._ahead, seq):
             return
         assert self.table is not None
-        rows = pending.rows if pending.held is None else pending.rows[pending.held]
+        rows = pending.held_rows
         if len(rows):
             self.online.train()
             self._ahead = (seq, self.accounts.applied, self.online(self.table[rows]))
+
+    def _ahead_valid(self, ahead: tuple[int, int, torch.Tensor] | None, seq: int) -> bool:
+        """Whether ``ahead`` is step ``seq``'s online output under the current weights."""
+        return ahead is not None and ahead[:2] == (seq, self.accounts.applied)
 
     def _held(self, present: np.ndarray | None) -> torch.Tensor | None:
         """The positions of the held rows, found on the host (no device sync per step)."""
@@ -425,11 +428,11 @@ class ExpertService:
         # backprop the slice: the rows this expert holds only (an absent row's gradient is
         # not its own).
         ahead, self._ahead = self._ahead, None
-        rows, g = pending.rows, from_wire(grad, self.device)
+        rows, g = pending.held_rows, from_wire(grad, self.device)
         if pending.held is not None:
-            rows, g = rows[pending.held], g[pending.held]
+            g = g[pending.held]
         if len(rows):
-            if ahead is not None and ahead[:2] == (seq, self.accounts.applied):
+            if self._ahead_valid(ahead, seq):
                 out = ahead[2]  # the graph built while the gradient travelled: still valid
             else:
                 self.online.train()
