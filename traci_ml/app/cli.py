@@ -30,6 +30,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from traci_ml.core.errors import ConfigError, DataError, TraciError
 
@@ -111,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     count.add_argument("--experts", type=int, help="number of experts (default: 4)")
     count.add_argument("--config", help="take the number of experts from this run config")
     gen.add_argument("--force", action="store_true", help="replace keys already in DIR")
+
+    deploy = sub.add_parser("deploy", help="write the deployment files of a run config")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+    dc = deploy_sub.add_parser(
+        "compose", help="the Docker Compose stack: one expert service per view, its files"
+    )
+    dc.add_argument("config", help="YAML run config (data paths from the working directory)")
+    dc.add_argument("--out", default="deploy/run", help="output folder (default: deploy/run)")
 
     health = sub.add_parser(
         "health", help="exit 0 if SERVICE's metrics endpoint answers as that service"
@@ -411,6 +420,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except TraciError as exc:
             print(f"traci keys: error: {exc}", file=sys.stderr)
             return 2
+    if args.command == "deploy":
+        from traci_ml.app.compose import generate
+
+        try:
+            written = generate(Path(args.config), Path(args.out))
+        except TraciError as exc:
+            print(f"traci deploy: error: {exc}", file=sys.stderr)
+            return 2
+        for path in written:
+            print(f"wrote {path}")
+        print(f"start it: docker compose -f {Path(args.out) / 'docker-compose.yml'} up -d --build")
+        return 0
     from traci_ml.core.observe import setup_logging
 
     if args.command == "serve":

@@ -1,0 +1,152 @@
+"""``traci deploy compose CONFIG``: the Docker Compose stack of one run, generated from its config.
+
+One expert service per data view (expert *i* serves metrics on ``metrics.expert_base_port + i``),
+the broker, the reducer, Prometheus scraping exactly those services, Grafana, and the
+overrides (CPU image, one GPU per expert, CurveZMQ keys per role, the CI test's loopback
+variant) for exactly those experts. A run with its own files gets:
+
+* ``run.yaml``: the config with every data path rewritten to where the container sees it
+  (``/var/lib/traci/data/...``); the services read it as their config;
+* per-service read-only bind mounts of only what that service reads: with ``data.source:
+  parties`` expert *i* its own file, the reducer the labels (the broker nothing); with one
+  ``csv`` table every service the table (each reads the whole table in that mode);
+* the user's expert modules (``model.module`` outside ``traci_ml``) mounted read-only under
+  ``/opt/traci/user`` with ``PYTHONPATH`` set, on the experts that use them.
+
+The files in ``deploy/`` are this generator's output for ``examples/digits.yaml`` (``traci
+deploy compose examples/digits.yaml --out deploy``; tests/deploy/test_generate.py keeps them
+identical). Host paths are written relative to the output folder, so it moves with the data.
+No sockets here; nothing is started.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from traci_ml.app.compose_text import USER, Stack, render
+from traci_ml.core.config import Config, ExpertModelConfig, load_config
+from traci_ml.core.data import expert_count
+from traci_ml.core.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]  # a TRACI checkout: deploy/, the Dockerfile
+DEPLOY = REPO / "deploy"
+DATA = "/var/lib/traci/data"  # where the containers see the run's files
+RUN_HEADER = (
+    "# Written by `traci deploy compose` from the run's config: the same run, with every data\n"
+    "# path where the containers see it (the compose file mounts each file there).\n"
+)
+
+
+# ---- from the config ---------------------------------------------------------------------
+
+
+def stack_for(config: Config, config_path: Path, out: Path) -> tuple[Stack, dict]:
+    """(the Stack, the containers' run config, or {} when ``config_path`` serves as it is)
+    of ``config`` written to folder ``out``. Host files are looked up from the working
+    directory, as ``traci up`` reads them."""
+    out = out.resolve()
+    rel = lambda p: os.path.relpath(Path(p).resolve(), out)  # noqa: E731
+    shipped = out == DEPLOY.resolve()
+    n = expert_count(config)
+    where = os.path.relpath(out)
+    where = str(out) if where.startswith("..") else where
+    stack = Stack(n=n, config_ref=rel(config_path), context=rel(REPO),
+                  keys=rel(REPO / "keys") if shipped else "./keys", where=where,
+                  config_arg=str(config_path),
+                  keys_arg="keys/" if shipped else f"{where}/keys/",
+                  broker_port=config.metrics.broker_port, reducer_port=config.metrics.reducer_port,
+                  expert_base=config.metrics.expert_base_port)  # fmt: skip
+    raw = config.model_dump(mode="json", exclude_none=True)
+    data, changed = raw["data"], False
+
+    def mount(service: str, host: str | None, sub: str) -> str | None:
+        if host is None:
+            return None
+        src = Path(host)
+        if not src.is_file():
+            raise ConfigError(f"{host}: no such file (paths are read from the working "
+                              f"directory, {Path.cwd()})")  # fmt: skip
+        target = f"{DATA}/{sub}/{src.name}"
+        stack.mounts.setdefault(service, []).append(f"{rel(src)}:{target}:ro")
+        return target
+
+    if config.data.source == "parties":
+        assert config.data.labels is not None and isinstance(config.data.views, list)
+        data["labels"]["path"] = mount("reducer", config.data.labels.path, "labels")
+        for i, view in enumerate(config.data.views):
+            data["views"][i]["path"] = mount(f"expert-{i}", view.path, f"expert-{i}")
+        changed = True
+    elif config.data.source == "csv":
+        target = None
+        for service in ("broker", "reducer", *(f"expert-{i}" for i in range(n))):
+            target = mount(service, config.data.path, "table")
+        data["path"] = target
+        changed = True
+    for i, model in enumerate(_expert_models(config)):
+        host = _user_module(model)
+        if host is not None:
+            stack.mounts.setdefault(f"expert-{i}", []).append(f"{rel(host)}:{USER}/{host.name}:ro")
+            stack.pythonpath.add(f"expert-{i}")
+            changed = True
+    if changed:
+        stack.config_ref = "./run.yaml"
+    return stack, (raw if changed else {})
+
+
+def _expert_models(config: Config) -> list[ExpertModelConfig]:
+    views = config.data.views if isinstance(config.data.views, list) else []
+    n = expert_count(config)
+    own = [v.model for v in views] + [None] * (n - len(views))
+    return [m if m is not None else config.expert.model for m in own]
+
+
+def _user_module(model: ExpertModelConfig) -> Path | None:
+    """The host folder or file of ``model``'s module when it is the user's (None: built in)."""
+    spec_text = getattr(model, "module", None)
+    if not spec_text:
+        return None
+    top = spec_text.split(":")[0].split(".")[0]
+    if top == "traci_ml":
+        return None
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        spec = importlib.util.find_spec(top)
+    finally:
+        sys.path.pop(0)
+    if spec is None:
+        raise ConfigError(f"expert model module {spec_text!r}: {top!r} is not importable from "
+                          f"{Path.cwd()}")  # fmt: skip
+    if spec.submodule_search_locations:  # a package (a namespace package too): its folder
+        return Path(next(iter(spec.submodule_search_locations)))
+    assert spec.origin is not None
+    return Path(spec.origin)  # a module file
+
+
+# ---- writing -----------------------------------------------------------------------------
+
+
+def generate(config_path: Path, out: Path) -> list[Path]:
+    """Write the stack of the run config at ``config_path`` into ``out``; returns the files
+    written."""
+    config = load_config(config_path, env={})
+    out.mkdir(parents=True, exist_ok=True)
+    stack, run_config = stack_for(config, config_path, out)
+    files = render(stack)
+    if run_config:
+        files["run.yaml"] = RUN_HEADER + yaml.safe_dump(run_config, sort_keys=False)
+    written = []
+    for name, text in files.items():
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    if out.resolve() != DEPLOY.resolve():  # the monitoring config the stack mounts
+        for part in ("prometheus/rules", "grafana"):
+            shutil.copytree(DEPLOY / part, out / part, dirs_exist_ok=True)
+    return written
