@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers import compose_env as ce
+from tests.helpers.compose_run import Phases
 from tests.helpers.deploytools import K8S, OVERLAYS, render
 
 CURVE_LINE = "# - ../../components/curve"
@@ -43,3 +47,38 @@ def k8s_variants(curve_tree: Path) -> list[tuple[str, list[dict[str, Any]]]]:
     plain = [(f"overlays/{o}", render(K8S / "overlays" / o)) for o in OVERLAYS]
     curve = [(f"overlays/{o}+curve", render(curve_tree / "overlays" / o)) for o in OVERLAYS]
     return plain + curve
+
+
+@pytest.fixture
+def phases(capsys: pytest.CaptureFixture[str]) -> Iterator[Phases]:
+    p = Phases(capsys)
+    yield p
+    total = sum(p.times.values())
+    p.say(
+        "[compose test] phases: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in p.times.items())
+        + f"; total {total:.0f}s"
+    )
+
+
+@pytest.fixture
+def engine(phases: Phases) -> Iterator[tuple[ce.Dockerd, dict[str, str]]]:
+    """A private dockerd; skip (fail when CI=true) if this machine cannot run one."""
+    try:
+        tools = ce.require_tools()
+        with phases("dockerd start"):
+            dockerd = ce.Dockerd(tools["dockerd"], tools["docker"])
+            try:
+                dockerd.wait_ready()
+            except BaseException:
+                dockerd.stop()
+                raise
+    except ce.Unavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"compose test cannot run in CI: {exc}")
+        pytest.skip(f"compose test cannot run here: {exc}")
+    try:
+        yield dockerd, tools
+    finally:
+        with phases("dockerd stop"):
+            dockerd.stop()

@@ -11,20 +11,24 @@ here, so their compose services are not started; tests/helpers/compose_env.py ha
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.helpers import compose_env as ce
+from tests.helpers.compose_run import (
+    Phases,
+    clean_env,
+    containers,
+    prepare_build,
+    volume_dir,
+    watch_run,
+)
 from tests.helpers.support import free_ports
 from traci_ml.core import security
 
@@ -45,9 +49,6 @@ TRACI = ["broker", "reducer", *(f"expert-{i}" for i in range(4))]
 PROJECT = "traci-ci"
 STEPS = 600  # CI run length (TRACI_CI_STEPS): ~20 s of training once every service is up
 CURVE_STEPS = 200  # the second, CURVE run: only that it trains at all
-LATENCY_P99 = (
-    "histogram_quantile(0.99, sum(rate(traci_broker_queue_latency_seconds_bucket[1m])) by (le))"
-)
 
 
 def compose_argv(variant: str) -> list[str]:
@@ -55,16 +56,6 @@ def compose_argv(variant: str) -> list[str]:
     for name in FILES[variant]:
         argv += ["-f", str(ce.DEPLOY / name)]
     return argv
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment minus anything that would change what the compose files mean."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("TRACI_", "COMPOSE_", "GRAFANA_", "PROMETHEUS_"))
-    }
-    return {**env, **extra}
 
 
 def rendered(variant: str) -> dict:
@@ -188,71 +179,6 @@ def test_health_asks_the_service_not_the_port() -> None:
 # ---- compose, really up -----------------------------------------------------------------
 
 
-class Phases:
-    """Wall time of each phase, printed as it ends (straight to the terminal)."""
-
-    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
-        self.capsys = capsys
-        self.times: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.monotonic()
-        try:
-            yield
-        finally:
-            self.times[name] = time.monotonic() - t0
-            self.say(f"[compose test] {name}: {self.times[name]:.1f}s")
-
-    def say(self, line: str) -> None:
-        with self.capsys.disabled():
-            print(line, flush=True)
-
-
-@pytest.fixture
-def phases(capsys: pytest.CaptureFixture[str]) -> Iterator[Phases]:
-    p = Phases(capsys)
-    yield p
-    total = sum(p.times.values())
-    p.say(
-        "[compose test] phases: "
-        + ", ".join(f"{k} {v:.0f}s" for k, v in p.times.items())
-        + f"; total {total:.0f}s"
-    )
-
-
-@pytest.fixture
-def engine(phases: Phases) -> Iterator[tuple[ce.Dockerd, dict[str, str]]]:
-    """A private dockerd; skip (fail when CI=true) if this machine cannot run one."""
-    try:
-        tools = ce.require_tools()
-        with phases("dockerd start"):
-            dockerd = ce.Dockerd(tools["dockerd"], tools["docker"])
-            try:
-                dockerd.wait_ready()
-            except BaseException:
-                dockerd.stop()
-                raise
-    except ce.Unavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"compose test cannot run in CI: {exc}")
-        pytest.skip(f"compose test cannot run here: {exc}")
-    try:
-        yield dockerd, tools
-    finally:
-        with phases("dockerd stop"):
-            dockerd.stop()
-
-
-def containers(docker: str, compose: list[str], env: dict[str, str]) -> dict[str, dict]:
-    """service -> docker inspect of its container."""
-    ids = ce.run([*compose, "ps", "-a", "-q"], env=env, timeout=60).stdout.split()
-    if not ids:
-        return {}
-    out = ce.run([docker, "inspect", *ids], env=env, timeout=60).stdout
-    return {c["Config"]["Labels"]["com.docker.compose.service"]: c for c in json.loads(out)}
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(1500)
 def test_compose_up_trains_and_is_scraped(engine, phases: Phases, tmp_path: Path) -> None:
@@ -262,15 +188,8 @@ def test_compose_up_trains_and_is_scraped(engine, phases: Phases, tmp_path: Path
     assert not busy, f"ports {busy} on 127.0.0.1 are taken: the CI stack needs them"
     compose = compose_argv("ci")
 
-    with phases("base image (debootstrap rootfs, cached)"):
-        tarball, built = ce.rootfs_tarball(tools["debootstrap"])
-        phases.say(f"[compose test] rootfs {tarball} ({'built now' if built else 'from cache'})")
-        links, ca_bundle = ce.pip_settings()
-        wheel = ce.torch_wheel(links)
-        base = rendered("ci")["services"]["broker"]["build"]["args"]["BASE_IMAGE"]
-        ce.build_standin(dockerd, tarball, base, ca_bundle)
-
-    wheels = ce.WheelServer(wheel, tmp_path)
+    base = rendered("ci")["services"]["broker"]["build"]["args"]["BASE_IMAGE"]
+    wheels = prepare_build(dockerd, tools, phases, base, tmp_path)
     env = clean_env(
         **{k: v for k, v in dockerd.env.items() if k.startswith("DOCKER_")},
         TRACI_CI_FIND_LINKS=wheels.url,
@@ -293,7 +212,7 @@ def test_compose_up_trains_and_is_scraped(engine, phases: Phases, tmp_path: Path
         with phases("compose up"):
             ce.run([*compose, "up", "-d"], env=env, timeout=300)
         with phases("training (up -> every container exited)"):
-            seen = watch_run(dockerd.docker, compose, env, prometheus, phases)
+            seen = watch_run(dockerd.docker, compose, env, prometheus, phases, TRACI)
         check_run(dockerd.docker, compose, env, seen, steps=STEPS, accuracy=0.9)
         with phases("compose down -v"):
             ce.run([*compose, "down", "--volumes", "--timeout", "30"], env=env, timeout=180)
@@ -309,7 +228,7 @@ def test_compose_up_trains_and_is_scraped(engine, phases: Phases, tmp_path: Path
         compose = compose_argv("ci+curve")
         with phases("CURVE run (up -> every container exited)"):
             ce.run([*compose, "up", "-d"], env=env, timeout=300)
-            watch_run(dockerd.docker, compose, env, None, phases)
+            watch_run(dockerd.docker, compose, env, None, phases, TRACI)
         check_run(dockerd.docker, compose, env, None, steps=CURVE_STEPS, accuracy=0.5)
         broker_log = ce.run([*compose, "logs", "--no-color", "broker"], env=env, timeout=60)
         # 4 experts, the reducer and the front door's client, each admitted in its own role
@@ -332,36 +251,6 @@ def test_compose_up_trains_and_is_scraped(engine, phases: Phases, tmp_path: Path
         wheels.stop()
 
 
-def watch_run(docker, compose, env, prometheus, phases, timeout=600.0) -> dict:  # noqa: ANN001
-    """Poll containers and Prometheus until every TRACI container has exited. Returns what was
-    seen while they ran: healthy services, scraped targets, the queue latency p99."""
-    seen: dict = {"healthy": set(), "up": set(), "p99": None}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = containers(docker, compose, env)
-        assert set(state) == set(TRACI), f"containers: {sorted(state)}"
-        for name, c in state.items():
-            assert c["RestartCount"] == 0, f"{name} restarted (exit {c['State']['ExitCode']})"
-            if c["State"]["Status"] == "exited":
-                assert c["State"]["ExitCode"] == 0, f"{name} exited {c['State']['ExitCode']}"
-            if (c["State"].get("Health") or {}).get("Status") == "healthy":
-                seen["healthy"].add(name)
-        try:
-            for r in prometheus.query("up == 1") if prometheus else []:
-                seen["up"].add(r["metric"]["instance"])
-            if prometheus and seen["p99"] is None:
-                result = prometheus.query(LATENCY_P99)
-                if result and math.isfinite(float(result[0]["value"][1])):
-                    seen["p99"] = float(result[0]["value"][1])
-                    phases.say(f"[compose test] Prometheus: queue latency p99 {seen['p99']:.6f}s")
-        except OSError:
-            pass  # a slow answer: ask again next round
-        if all(c["State"]["Status"] == "exited" for c in state.values()):
-            return seen
-        time.sleep(2)
-    raise AssertionError(f"the run did not finish within {timeout:.0f}s; seen {seen}")
-
-
 def check_run(docker, compose, env, seen, *, steps: int, accuracy: float) -> None:  # noqa: ANN001
     """After the run: what was seen while it ran (when given), then the reducer's final
     evaluation, summary.json and the experts' accounts in the run volume."""
@@ -377,8 +266,7 @@ def check_run(docker, compose, env, seen, *, steps: int, accuracy: float) -> Non
 
     logs = ce.run([*compose, "logs", "--no-color", "reducer"], env=env, timeout=60).stdout
     assert f"reducer eval after step {steps}:" in logs, logs[-3000:]
-    volume = ce.run([docker, "volume", "inspect", f"{PROJECT}_traci-runs"], env=env, timeout=60)
-    run_dir = Path(json.loads(volume.stdout)[0]["Mountpoint"]) / "ci"
+    run_dir = volume_dir(docker, PROJECT, env) / "ci"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == steps
     assert summary["test_accuracy"] >= accuracy, summary["test_accuracy"]

@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dc.add_argument("config", help="YAML run config (data paths from the working directory)")
     dc.add_argument("--out", default="deploy/run", help="output folder (default: deploy/run)")
+    dk = deploy_sub.add_parser(
+        "k8s", help="the kustomize tree: experts = views, a data volume per pod that reads a file"
+    )
+    dk.add_argument("config", help="YAML run config (data paths from the working directory)")
+    dk.add_argument(
+        "--out", default="deploy/run-k8s", help="output folder (default: deploy/run-k8s)"
+    )
 
     health = sub.add_parser(
         "health", help="exit 0 if SERVICE's metrics endpoint answers as that service"
@@ -408,6 +415,33 @@ def lacking_columns(detail: str) -> tuple[set[str], bool]:
     return {c.strip() for c in tail.split(", ") if c.strip()}, more is not None
 
 
+def deploy(args: argparse.Namespace) -> int:
+    """``traci deploy compose|k8s CONFIG``: write the run's deployment files, say what next."""
+    out, config = Path(args.out), Path(args.config)
+    try:
+        if args.deploy_command == "compose":
+            from traci_ml.app.compose import generate
+
+            written = generate(config, out)
+            then = [f"docker compose -f {out / 'docker-compose.yml'} up -d --build"]
+        else:
+            from traci_ml.app.k8s import data_pods, generate_k8s
+            from traci_ml.app.k8s_text import copy_lines
+            from traci_ml.core.config import load_config
+
+            written = generate_k8s(config, out)
+            pods, _ = data_pods(load_config(config, env={}))
+            then = [f"kubectl apply -k {out / 'overlays' / 'cpu'}   # or overlays/gpu"]
+            then += copy_lines(pods)
+    except TraciError as exc:
+        print(f"traci deploy: error: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    print("then:\n" + "\n".join(f"  {line}" for line in then))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # User expert modules ("package.module:Class") resolve from the current directory, as
@@ -421,17 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"traci keys: error: {exc}", file=sys.stderr)
             return 2
     if args.command == "deploy":
-        from traci_ml.app.compose import generate
-
-        try:
-            written = generate(Path(args.config), Path(args.out))
-        except TraciError as exc:
-            print(f"traci deploy: error: {exc}", file=sys.stderr)
-            return 2
-        for path in written:
-            print(f"wrote {path}")
-        print(f"start it: docker compose -f {Path(args.out) / 'docker-compose.yml'} up -d --build")
-        return 0
+        return deploy(args)
     from traci_ml.core.observe import setup_logging
 
     if args.command == "serve":

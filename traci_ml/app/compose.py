@@ -8,8 +8,9 @@ variant) for exactly those experts. A run with its own files gets:
 * ``run.yaml``: the config with every data path rewritten to where the container sees it
   (``/var/lib/traci/data/...``); the services read it as their config;
 * per-service read-only bind mounts of only what that service reads: with ``data.source:
-  parties`` expert *i* its own file, the reducer the labels (the broker nothing); with one
-  ``csv`` table every service the table (each reads the whole table in that mode);
+  parties`` expert *i* its own file, the reducer the labels; with one ``csv`` table the
+  reducer and every expert the table (each reads it whole in that mode). The broker reads
+  no data file;
 * the user's expert modules (``model.module`` outside ``traci_ml``) mounted read-only under
   ``/opt/traci/user`` with ``PYTHONPATH`` set, on the experts that use them.
 
@@ -84,7 +85,7 @@ def stack_for(config: Config, config_path: Path, out: Path) -> tuple[Stack, dict
         changed = True
     elif config.data.source == "csv":
         target = None
-        for service in ("broker", "reducer", *(f"expert-{i}" for i in range(n))):
+        for service in ("reducer", *(f"expert-{i}" for i in range(n))):  # not the broker
             target = mount(service, config.data.path, "table")
         data["path"] = target
         changed = True
