@@ -1,16 +1,19 @@
 """A user's own run in containers: `traci deploy compose` on a three-party config (each party
 its own CSV with its own ids, one party with a user-written expert module), brought up for
 real with the generated CPU and CI overrides. Each container sees only its own party's file
-(checked on the live containers), the run trains to completion, and the host's Prometheus
-scrapes exactly the generated targets."""
+(checked on the live containers), the run trains to completion, the host's Prometheus
+scrapes exactly the generated targets, and then the same stack with the generated serve
+override answers a request by ids at the front door."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -25,8 +28,10 @@ from tests.helpers.compose_run import (
     watch_run,
 )
 from traci_ml.app import partygen
+from traci_ml.app.client import Client, Prediction
 from traci_ml.app.compose import DATA, generate
 from traci_ml.app.compose_text import USER
+from traci_ml.core.errors import TraciError
 
 PROJECT = "traci-ci-parties"
 STEPS = 400
@@ -60,6 +65,26 @@ def party_run(root: Path) -> Path:
     path = root / "parties.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def labels_ids(root: Path) -> list[int]:
+    """The label holder's ids, in its file's order."""
+    lines = (root / "data" / "labels.csv").read_text().splitlines()[1:]
+    return [int(line.split(",")[0]) for line in lines]
+
+
+def ask_by_ids(ids: list[int], timeout: float = 180.0) -> Prediction:
+    """Ask the front door on 127.0.0.1:5557 until it answers (the served services load their
+    checkpoints first): the answer for ``ids``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with Client("tcp://127.0.0.1:5557", timeout=10) as client:
+                return client.predict_ids(ids)
+        except TraciError as exc:  # ServeError too: not ready yet
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the front door never answered: {exc}") from exc
+            time.sleep(2)
 
 
 def mounts(container: dict) -> dict[str, str]:
@@ -135,6 +160,19 @@ def test_generated_party_stack_trains_each_party_on_its_own_file(
         assert summary["steps"] == STEPS
         assert summary["test_accuracy"] >= 0.6, summary["test_accuracy"]  # 3 classes
         assert set(summary["participation"]) == {str(k) for k in range(N)}
+        # then serving: the same stack with the serve override, asked by id at the front door
+        serve = [*compose, "-f", str(out / "docker-compose.serve.yml")]
+        with phases("serving (up -> the front door answers)"):
+            ce.run([*serve, "up", "-d"], env=env, timeout=300)
+            answer = ask_by_ids(labels_ids(tmp_path)[:50])
+        assert answer.outputs.shape == (50, 3) and answer.task == "classification"
+        assert np.allclose(answer.outputs.sum(axis=1), 1.0, atol=1e-4)
+        assert answer.row_experts is not None
+        assert any(len(e) == N for e in answer.row_experts)  # rows every party holds
+        state = containers(dockerd.docker, serve, env)
+        for name in SERVICES:
+            assert state[name]["State"]["Status"] == "running", name
+            assert state[name]["Config"]["Cmd"][-1] == "--serve", name
         accuracy, skipped = summary["test_accuracy"], summary.get("rows_skipped")
         phases.say(f"[compose test] party run: {STEPS} steps, test_accuracy {accuracy:.4f}, "
                    f"rows skipped {skipped}")  # fmt: skip

@@ -24,7 +24,7 @@ from traci_ml.core.errors import ConfigError
 pytestmark = pytest.mark.timeout(300)
 
 OVERRIDES = ["docker-compose.cpu.yml", "docker-compose.gpu.yml", "docker-compose.curve.yml",
-             "docker-compose.ci.yml"]  # fmt: skip
+             "docker-compose.ci.yml", "docker-compose.serve.yml"]  # fmt: skip
 
 
 def test_the_shipped_files_are_the_generators_output_for_digits(monkeypatch) -> None:
@@ -150,6 +150,12 @@ def test_each_party_mounts_only_its_own_file_and_the_user_module(tmp_path, monke
         assert binds(svc) == want, f"expert-{i}"
         assert all(v["read_only"] for v in svc["volumes"] if v["type"] == "bind")
         assert any(v["source"] == "traci-runs" for v in svc["volumes"])  # the run volume kept
+    # serving the finished run: the same services and files, each with --serve, kept up
+    serving = compose_config(out, "docker-compose.serve.yml")["services"]
+    for name in ("broker", "reducer", "expert-0", "expert-1", "expert-2"):
+        assert serving[name]["command"][-1] == "--serve", name
+        assert serving[name]["restart"] == "unless-stopped", name
+        assert binds(serving[name]) == binds(services[name]), name
     # the services' config: the same run with the container paths, and it loads
     assert compose_config(out)["configs"]["traci-run"]["file"] == str(out / "run.yaml")
     run_config = load_config(out / "run.yaml", env={})

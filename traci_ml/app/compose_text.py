@@ -60,6 +60,7 @@ def render(s: Stack) -> dict[str, str]:
         "docker-compose.gpu.yml": gpu_text(s),
         "docker-compose.curve.yml": curve_text(s),
         "docker-compose.ci.yml": ci_text(s),
+        "docker-compose.serve.yml": serve_text(s),
         "prometheus/prometheus.yml": prometheus_text(s),
     }
 
@@ -367,6 +368,28 @@ services:
   grafana:
     profiles: [monitoring]
 """
+
+
+def serve_text(s: Stack) -> str:
+    w = s.where
+
+    def service(name: str, command: str) -> str:
+        return f"""  {name}:
+    command: [{command}, --config, /etc/traci/run.yaml, --serve]
+    restart: unless-stopped
+"""
+
+    experts = s.each(lambda i: service(f"expert-{i}", f'expert, --id, "{i}"'))
+    return f"""# Serving the finished run, on top of docker-compose.yml (and the CPU, GPU or CURVE override
+# the run trained with): the same services, volume and files, each started with --serve, so
+# it loads the run's checkpoints and only answers queries -- nothing is trained, no run file
+# is rewritten. The front door is the broker's 5557 (127.0.0.1 on the host):
+#   docker compose -f {w}/docker-compose.yml -f {w}/docker-compose.serve.yml up -d
+#   traci request --config {s.config_arg} --ids 12,57,903     # from this host (docs/serving.md)
+# Training ran as one-shot services (exit 0 = done, restart: on-failure); serving runs until
+# stopped (restart: unless-stopped). `docker compose ... down` stops it; the run stays.
+services:
+{service("broker", "broker")}{service("reducer", "reducer")}{experts}"""
 
 
 def prometheus_text(s: Stack) -> str:
