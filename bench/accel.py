@@ -3,8 +3,9 @@
 Digits quadrants (``examples/digits.yaml``: 4 experts, batch 64) through ``traci up``, each
 expert's net a ``traci_ml.core.models.simulated:SimulatedAccelerator``: the digits MLP whose
 forward and backward passes each take ``pass_ms`` of wall time -- the net's arithmetic, then a
-sleep for the rest, using no core -- as a host waits on a GPU kernel. An expert's train step is three passes (target forward, online
-forward, backward), so with perfect pipelining the run goes at
+sleep for the rest, using no core -- as a host waits on a GPU kernel. An expert's train step
+is three passes (target forward, online forward, backward), so with perfect pipelining the
+run goes at
 
     ideal steps/s = 1 / (3 * pass_s)
 
