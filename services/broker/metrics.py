@@ -102,6 +102,11 @@ class BrokerMetrics:
         self.reducer_up = Gauge(
             "traci_broker_reducer_up", "1 while a reducer is registered and alive.", registry=reg
         )
+        self.serve_ready = Gauge(
+            "traci_broker_serve_ready",
+            "1 while the front door can answer: a reducer and a live expert, the run started.",
+            registry=reg,
+        )
         self.messages = Counter(
             "traci_broker_messages_total",
             "Messages by kind and direction (in/out).",
@@ -210,6 +215,7 @@ class BrokerMetrics:
         live: int,
         expert_up: Mapping[int, bool],
         reducer_up: bool,
+        serve_ready: bool = False,
     ) -> None:
         """Refresh the gauges from the join book and flush (called on every tick)."""
         self.flush()
@@ -220,6 +226,7 @@ class BrokerMetrics:
         for expert_id, up in expert_up.items():
             self.expert_up.labels(expert=str(expert_id)).set(1 if up else 0)
         self.reducer_up.set(1 if reducer_up else 0)
+        self.serve_ready.set(1 if serve_ready else 0)
 
 
 class _Flush:

@@ -358,10 +358,12 @@ class BrokerService:
             log.exception("broker: internal error in tick")
         self._serve_tick(now)
         book, peers = self.book, self.book.peers
+        experts, reducer = peers.serve_targets()  # whom a request would go to now
         self.metrics.set_state(
             pending=book.pending_steps, dispatched=book.dispatched_steps,
             registered=peers.registered_experts, live=peers.live_experts,
             expert_up=peers.expert_up(), reducer_up=peers.reducer_up,
+            serve_ready=bool(experts) and reducer is not None,
         )  # fmt: skip
 
     # ---- handlers that add what only the service knows -----------------------------------

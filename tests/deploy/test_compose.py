@@ -176,6 +176,35 @@ def test_health_asks_the_service_not_the_port() -> None:
             thread.join(timeout=10)
 
 
+def test_health_ready_says_whether_the_front_door_can_answer() -> None:
+    """`traci health broker --ready` (the serving healthcheck): up is not enough, the
+    broker's front door must be able to answer (traci_broker_serve_ready)."""
+    from prometheus_client import start_http_server
+
+    from traci_ml.services.broker.metrics import BrokerMetrics
+
+    (port,) = free_ports(1)
+    metrics = BrokerMetrics(3)
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+    try:
+        at = ("--set", f"metrics.broker_port={port}")
+        state = dict(pending=0, dispatched=0, registered=3, live=3,
+                     expert_up={0: True, 1: True, 2: True}, reducer_up=True)  # fmt: skip
+        metrics.set_state(**state, serve_ready=False)
+        assert health("broker", *at).returncode == 0  # up
+        waiting = health("broker", "--ready", *at)
+        assert waiting.returncode == 1 and "cannot answer yet" in waiting.stderr
+        metrics.set_state(**state, serve_ready=True)
+        ready = health("broker", "--ready", *at)
+        assert ready.returncode == 0 and "ready to answer" in ready.stdout
+        other = health("reducer", "--ready", "--set", f"metrics.reducer_port={port}")
+        assert other.returncode == 1  # the broker's endpoint is not the reducer's
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
 # ---- compose, really up -----------------------------------------------------------------
 
 

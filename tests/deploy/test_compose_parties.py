@@ -87,6 +87,17 @@ def ask_by_ids(ids: list[int], timeout: float = 180.0) -> Prediction:
             time.sleep(2)
 
 
+def wait_healthy(docker: str, compose: list[str], env: dict[str, str], name: str,
+                 timeout: float = 300.0) -> None:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = containers(docker, compose, env)[name]["State"].get("Health") or {}
+        if health.get("Status") == "healthy":
+            return
+        time.sleep(1)
+    raise AssertionError(f"{name} never became healthy: {health}")
+
+
 def mounts(container: dict) -> dict[str, str]:
     """container path -> host path of a container's bind mounts, less the run config every
     service gets (compose binds its ``configs:`` outside swarm)."""
@@ -165,9 +176,11 @@ def test_generated_party_stack_trains_each_party_on_its_own_file(
         assert set(summary["participation"]) == {str(k) for k in range(N)}
         # then serving: the same stack with the serve override, asked by id at the front door
         serve = [*compose, "-f", str(out / "docker-compose.serve.yml")]
-        with phases("serving (up -> the front door answers)"):
+        with phases("serving (up -> the broker is ready: healthy)"):
             ce.run([*serve, "up", "-d"], env=env, timeout=300)
-            answer = ask_by_ids(labels_ids(tmp_path)[:50])
+            wait_healthy(dockerd.docker, serve, env, "broker")  # --ready: can answer
+        with phases("serving (a request by ids)"):
+            answer = ask_by_ids(labels_ids(tmp_path)[:50], timeout=30)
         assert answer.outputs.shape == (50, 3) and answer.task == "classification"
         assert np.allclose(answer.outputs.sum(axis=1), 1.0, atol=1e-4)
         assert answer.row_experts is not None

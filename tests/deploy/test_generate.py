@@ -156,6 +156,7 @@ def test_each_party_mounts_only_its_own_file_and_the_user_module(tmp_path, monke
         assert serving[name]["command"][-1] == "--serve", name
         assert serving[name]["restart"] == "unless-stopped", name
         assert binds(serving[name]) == binds(services[name]), name
+    assert "--ready" in serving["broker"]["healthcheck"]["test"]  # healthy = can answer
     # the services' config: the same run with the container paths, and it loads
     assert compose_config(out)["configs"]["traci-run"]["file"] == str(out / "run.yaml")
     run_config = load_config(out / "run.yaml", env={})

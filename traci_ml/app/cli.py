@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--id", dest="expert_id", type=int, default=0, help="expert id")
     health.add_argument("--config", help="YAML run config the service runs with")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for it")
+    health.add_argument(
+        "--ready",
+        action="store_true",
+        help="broker: exit 0 only while its front door can answer (a reducer and a live "
+        "expert registered, the run started)",
+    )
     common(health)
 
     predict = sub.add_parser("predict", help="predict with a trained run, in this process")
@@ -272,6 +278,19 @@ def check_health(config, args: argparse.Namespace) -> int:  # noqa: ANN001
         want = HEALTH_METRIC[args.service]
         print(f"traci health: {url} serves no {want}: not {args.service}", file=sys.stderr)
         return 1
+    if args.ready:
+        if args.service != "broker":
+            print("traci health: --ready is the broker's (its front door)", file=sys.stderr)
+            return 2
+        ready = [s.value for f in text_string_to_metric_families(text)
+                 if f.name == "traci_broker_serve_ready" for s in f.samples]  # fmt: skip
+        if ready != [1.0]:
+            why = "no reducer, no live expert, or the run not started"
+            print(f"traci health: broker at {url} up, but its front door cannot answer yet "
+                  f"({why})", file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"traci health: broker ready to answer at {url}")
+        return 0
     print(f"traci health: {args.service} up at {url}")
     return 0
 

@@ -380,6 +380,9 @@ def serve_text(s: Stack) -> str:
 """
 
     experts = s.each(lambda i: service(f"expert-{i}", f'expert, --id, "{i}"'))
+    ready = """    healthcheck: # healthy = the front door can answer (a reducer and a live expert)
+      test: [CMD, traci, health, broker, --ready, --config, /etc/traci/run.yaml]
+"""
     return f"""# Serving the finished run, on top of docker-compose.yml (and the CPU, GPU or CURVE override
 # the run trained with): the same services, volume and files, each started with --serve, so
 # it loads the run's checkpoints and only answers queries -- nothing is trained, no run file
@@ -389,7 +392,7 @@ def serve_text(s: Stack) -> str:
 # Training ran as one-shot services (exit 0 = done, restart: on-failure); serving runs until
 # stopped (restart: unless-stopped). `docker compose ... down` stops it; the run stays.
 services:
-{service("broker", "broker")}{service("reducer", "reducer")}{experts}"""
+{service("broker", "broker")}{ready}{service("reducer", "reducer")}{experts}"""
 
 
 def prometheus_text(s: Stack) -> str:
