@@ -174,6 +174,12 @@ def test_generated_party_stack_trains_each_party_on_its_own_file(
         assert summary["steps"] == STEPS
         assert summary["test_accuracy"] >= 0.6, summary["test_accuracy"]  # 3 classes
         assert set(summary["participation"]) == {str(k) for k in range(N)}
+        # the whole run out of the stack, as deploy/README.md says: every checkpoint is there
+        # (the services share the run volume)
+        ce.run([*compose, "cp", "reducer:/var/lib/traci/runs/ci", str(tmp_path / "collected")],
+               env=env, timeout=120)  # fmt: skip
+        got = {p.name for p in (tmp_path / "collected" / "checkpoints").iterdir()}
+        assert {"reducer.pt", *(f"expert-{k}.pt" for k in range(N))} <= got, got
         # then serving: the same stack with the serve override, asked by id at the front door
         serve = [*compose, "-f", str(out / "docker-compose.serve.yml")]
         with phases("serving (up -> the broker is ready: healthy)"):
