@@ -71,12 +71,8 @@ def test_n_experts_make_n_services_every_override_and_n_scrape_targets(
     n: int, tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    cfg = {"run_id": f"synthetic-{n}", "embed_dim": 16,
-           "data": {"source": "synthetic", "views": "even",
-                    "synthetic": {"rows": 200, "features": 4 * n, "experts": n}}}  # fmt: skip
-    Path("run.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "stack"
-    generate(Path("run.yaml"), out)
+    generate(synthetic_run(tmp_path, n), out)
     want = [f"expert-{i}" for i in range(n)]
     base = compose_config(out)
     assert experts_of(base) == want
@@ -93,6 +89,16 @@ def test_n_experts_make_n_services_every_override_and_n_scrape_targets(
     run([binary("promtool"), "check", "config", "prometheus.yml"], cwd=out / "prometheus")
     # the run config needs no rewrite: the compose file names it where it lies
     assert base["configs"]["traci-run"]["file"] == str(tmp_path / "run.yaml")
+
+
+def synthetic_run(root: Path, n: int) -> Path:
+    """A run config of ``n`` experts over generated data (no file to carry): root/run.yaml."""
+    cfg = {"run_id": f"synthetic-{n}", "embed_dim": 16,
+           "data": {"source": "synthetic", "views": "even",
+                    "synthetic": {"rows": 200, "features": 4 * n, "experts": n}}}  # fmt: skip
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 def write_parties(root: Path, n: int = 3) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.test_generate import write_parties
+from tests.deploy.test_generate import synthetic_run, write_parties
 from tests.deploy.test_k8s import validate_strict
 from tests.helpers.deploytools import K8S, ROOT, find, render
 from traci_ml.app.cli import main
@@ -54,12 +54,8 @@ def with_curve(tree: Path, n: int) -> None:
 @pytest.mark.parametrize("n", [2, 3, 8])
 def test_n_experts_render_and_validate_with_and_without_curve(n: int, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = {"run_id": f"synthetic-{n}", "embed_dim": 16,
-           "data": {"source": "synthetic", "views": "even",
-                    "synthetic": {"rows": 200, "features": 4 * n, "experts": n}}}  # fmt: skip
-    Path("run.yaml").write_text(yaml.safe_dump(cfg))
     tree = tmp_path / "k8s"
-    generate_k8s(Path("run.yaml"), tree)
+    generate_k8s(synthetic_run(tmp_path, n), tree)
     assert not (tree / "components" / "data").exists()  # synthetic: no file to carry
     for overlay in ("cpu", "gpu"):
         docs = render(tree / "overlays" / overlay)

@@ -141,13 +141,19 @@ def generate(config_path: Path, out: Path) -> list[Path]:
     files = render(stack)
     if run_config:
         files["run.yaml"] = RUN_HEADER + yaml.safe_dump(run_config, sort_keys=False)
-    written = []
-    for name, text in files.items():
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        written.append(path)
+    written = write_files(out, files)
     if out.resolve() != DEPLOY.resolve():  # the monitoring config the stack mounts
         for part in ("prometheus/rules", "grafana"):
             shutil.copytree(DEPLOY / part, out / part, dirs_exist_ok=True)
+    return written
+
+
+def write_files(out: Path, files: dict[str, str]) -> list[Path]:
+    """Write ``files`` (path relative to ``out`` -> text); returns the paths written."""
+    written = []
+    for rel, text in files.items():
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
     return written

@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from traci_ml.app.compose import DEPLOY, REPO, _expert_models, _user_module
+from traci_ml.app.compose import DEPLOY, REPO, _expert_models, _user_module, write_files
 from traci_ml.app.k8s_text import (
     POD_DATA,
     DataPod,
@@ -150,11 +150,4 @@ def generate_k8s(config_path: Path, out: Path) -> list[Path]:
         REPO / "examples" / "digits.yaml"
     ):
         raise ConfigError("deploy/k8s is the digits run's tree: write yours elsewhere (--out)")
-    files = render_tree(config_path)
-    written = []
-    for rel, text in files.items():
-        path = out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        written.append(path)
-    return written
+    return write_files(out, render_tree(config_path))
