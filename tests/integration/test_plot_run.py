@@ -36,7 +36,11 @@ def test_traci_up_leaves_plots_and_broker_samples(run_config):
     assert [s["time"] for s in samples] == sorted(s["time"] for s in samples)
     assert sum(s["interval_count"] for s in samples) == counts[-1]
     assert any(s["p50_seconds"] and s["p99_seconds"] >= s["p50_seconds"] > 0 for s in samples)
-    assert samples[-1]["live_experts"] == 4
+    # every sample says how many experts were live; all 4 while the run trained (the last
+    # sample may come after experts said goodbye at the end: fewer is right there)
+    live = [s["live_experts"] for s in samples]
+    assert all(isinstance(n, int) and 0 <= n <= 4 for n in live), live
+    assert max(live) == 4, live
 
 
 @pytest.mark.timeout(300)
