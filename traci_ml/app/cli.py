@@ -444,14 +444,10 @@ def deploy(args: argparse.Namespace) -> int:
             written = generate(config, out)
             then = [f"docker compose -f {out / 'docker-compose.yml'} up -d --build"]
         else:
-            from traci_ml.app.k8s import data_pods, generate_k8s
-            from traci_ml.app.k8s_text import copy_lines
-            from traci_ml.core.config import load_config
+            from traci_ml.app.k8s import generate_k8s
 
-            written = generate_k8s(config, out)
-            pods, _ = data_pods(load_config(config, env={}))
-            then = [f"kubectl apply -k {out / 'overlays' / 'cpu'}   # or overlays/gpu"]
-            then += copy_lines(pods)
+            written, copies = generate_k8s(config, out)
+            then = [f"kubectl apply -k {out / 'overlays' / 'cpu'}   # or overlays/gpu", *copies]
     except TraciError as exc:
         print(f"traci deploy: error: {exc}", file=sys.stderr)
         return 2

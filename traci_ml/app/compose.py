@@ -26,12 +26,15 @@ import importlib.util
 import os
 import shutil
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from traci_ml.app.compose_text import USER, Stack, render
-from traci_ml.core.config import Config, ExpertModelConfig, load_config
+from traci_ml.core.config import Config, load_config
 from traci_ml.core.data import expert_count
 from traci_ml.core.errors import ConfigError
 
@@ -47,10 +50,62 @@ RUN_HEADER = (
 # ---- from the config ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DataFile:
+    """A file one service of the run reads: ``service`` ("reducer", "expert-<i>"), the host
+    path, and where the config names it: ``("labels",)``, ``("views", i)`` or ``()`` (the one
+    table, ``data.path``)."""
+
+    service: str
+    host: str
+    key: tuple[Any, ...]
+
+    @property
+    def name(self) -> str:
+        return Path(self.host).name
+
+
+def data_files(config: Config) -> list[DataFile]:
+    """Who reads which file: with ``parties`` the reducer the labels and expert *i* its own
+    file; with one ``csv`` table the reducer and every expert the table (each reads it whole
+    in that mode). The broker reads none. Every file must exist (from the working directory,
+    as ``traci up`` reads it)."""
+    d = config.data
+    if d.source == "parties":
+        assert d.labels is not None and isinstance(d.views, list)
+        files = [DataFile("reducer", d.labels.path, ("labels",))]
+        files += [DataFile(f"expert-{i}", str(v.path), ("views", i)) for i, v in enumerate(d.views)]
+    elif d.source == "csv":
+        readers = ("reducer", *(f"expert-{i}" for i in range(expert_count(config))))
+        files = [DataFile(service, str(d.path), ()) for service in readers]
+    else:
+        return []
+    for f in files:
+        if not Path(f.host).is_file():
+            raise ConfigError(f"{f.host}: no such file (paths are read from the working "
+                              f"directory, {Path.cwd()})")  # fmt: skip
+    return files
+
+
+def run_config_with(config: Config, files: list[DataFile], target: Callable[[DataFile], str]):
+    """The run config as a dict, each file's path replaced by ``target(file)``."""
+    raw = config.model_dump(mode="json", exclude_none=True)
+    for f in files:
+        node = raw["data"]
+        for k in f.key:
+            node = node[k]
+        node["path"] = target(f)
+    return raw
+
+
+def _container_path(f: DataFile) -> str:
+    sub = {(): "table", ("labels",): "labels"}.get(f.key, f.service)
+    return f"{DATA}/{sub}/{f.name}"
+
+
 def stack_for(config: Config, config_path: Path, out: Path) -> tuple[Stack, dict]:
     """(the Stack, the containers' run config, or {} when ``config_path`` serves as it is)
-    of ``config`` written to folder ``out``. Host files are looked up from the working
-    directory, as ``traci up`` reads them."""
+    of ``config`` written to folder ``out``."""
     out = out.resolve()
     rel = lambda p: os.path.relpath(Path(p).resolve(), out)  # noqa: E731
     shipped = out == DEPLOY.resolve()
@@ -63,53 +118,31 @@ def stack_for(config: Config, config_path: Path, out: Path) -> tuple[Stack, dict
                   keys_arg="keys/" if shipped else f"{where}/keys/",
                   broker_port=config.metrics.broker_port, reducer_port=config.metrics.reducer_port,
                   expert_base=config.metrics.expert_base_port)  # fmt: skip
-    raw = config.model_dump(mode="json", exclude_none=True)
-    data, changed = raw["data"], False
-
-    def mount(service: str, host: str | None, sub: str) -> str | None:
-        if host is None:
-            return None
-        src = Path(host)
-        if not src.is_file():
-            raise ConfigError(f"{host}: no such file (paths are read from the working "
-                              f"directory, {Path.cwd()})")  # fmt: skip
-        target = f"{DATA}/{sub}/{src.name}"
-        stack.mounts.setdefault(service, []).append(f"{rel(src)}:{target}:ro")
-        return target
-
-    if config.data.source == "parties":
-        assert config.data.labels is not None and isinstance(config.data.views, list)
-        data["labels"]["path"] = mount("reducer", config.data.labels.path, "labels")
-        for i, view in enumerate(config.data.views):
-            data["views"][i]["path"] = mount(f"expert-{i}", view.path, f"expert-{i}")
-        changed = True
-    elif config.data.source == "csv":
-        target = None
-        for service in ("reducer", *(f"expert-{i}" for i in range(n))):  # not the broker
-            target = mount(service, config.data.path, "table")
-        data["path"] = target
-        changed = True
-    for i, model in enumerate(_expert_models(config)):
-        host = _user_module(model)
+    files = data_files(config)
+    for f in files:
+        stack.mounts.setdefault(f.service, []).append(f"{rel(f.host)}:{_container_path(f)}:ro")
+    for i in range(n):
+        host = user_module(config, i)
         if host is not None:
             stack.mounts.setdefault(f"expert-{i}", []).append(f"{rel(host)}:{USER}/{host.name}:ro")
             stack.pythonpath.add(f"expert-{i}")
-            changed = True
-    if changed:
-        stack.config_ref = "./run.yaml"
-    return stack, (raw if changed else {})
+    if not files and not stack.pythonpath:
+        return stack, {}
+    stack.config_ref = "./run.yaml"
+    return stack, run_config_with(config, files, _container_path)
 
 
-def _expert_models(config: Config) -> list[ExpertModelConfig]:
-    views = config.data.views if isinstance(config.data.views, list) else []
-    n = expert_count(config)
-    own = [v.model for v in views] + [None] * (n - len(views))
-    return [m if m is not None else config.expert.model for m in own]
+def user_modules(config: Config) -> list[Path]:
+    """The host folders (or files) of every expert's own module, once each."""
+    found = (user_module(config, i) for i in range(expert_count(config)))
+    return sorted({m for m in found if m is not None})
 
 
-def _user_module(model: ExpertModelConfig) -> Path | None:
-    """The host folder or file of ``model``'s module when it is the user's (None: built in)."""
-    spec_text = getattr(model, "module", None)
+def user_module(config: Config, expert_id: int) -> Path | None:
+    """The host folder (a package) or file (a module) of expert ``expert_id``'s model module
+    when it is the user's, found from the working directory as ``traci up`` finds it; None
+    for a built-in net."""
+    spec_text = config.expert_model(expert_id).module
     if not spec_text:
         return None
     top = spec_text.split(":")[0].split(".")[0]
@@ -121,8 +154,8 @@ def _user_module(model: ExpertModelConfig) -> Path | None:
     finally:
         sys.path.pop(0)
     if spec is None:
-        raise ConfigError(f"expert model module {spec_text!r}: {top!r} is not importable from "
-                          f"{Path.cwd()}")  # fmt: skip
+        raise ConfigError(f"{config.expert_model_key(expert_id)}.module {spec_text!r}: {top!r} "
+                          f"is not importable from {Path.cwd()}")  # fmt: skip
     if spec.submodule_search_locations:  # a package (a namespace package too): its folder
         return Path(next(iter(spec.submodule_search_locations)))
     assert spec.origin is not None

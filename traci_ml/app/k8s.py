@@ -28,10 +28,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-from traci_ml.app.compose import DEPLOY, REPO, _expert_models, _user_module, write_files
+from traci_ml.app.compose import (
+    DEPLOY,
+    REPO,
+    data_files,
+    run_config_with,
+    user_modules,
+    write_files,
+)
 from traci_ml.app.k8s_text import (
     POD_DATA,
     DataPod,
+    copy_lines,
     data_component,
     modules_component,
     run_config_text,
@@ -44,42 +52,25 @@ K8S = DEPLOY / "k8s"
 
 
 def data_pods(config: Config) -> tuple[list[DataPod], dict[str, Any]]:
-    """(the pods that read files with the file each waits for, the run config with the
-    paths the pods see; {} when the run reads no file)."""
-    raw = config.model_dump(mode="json", exclude_none=True)
-    data = raw["data"]
-
-    def pod_path(host: str | None) -> str:
-        assert host is not None
-        if not Path(host).is_file():
-            raise ConfigError(f"{host}: no such file (paths are read from the working "
-                              f"directory, {Path.cwd()})")  # fmt: skip
-        return f"{POD_DATA}/{Path(host).name}"
-
-    pods: list[DataPod] = []
-    if config.data.source == "parties":
-        assert config.data.labels is not None and isinstance(config.data.views, list)
-        data["labels"]["path"] = pod_path(config.data.labels.path)
-        pods.append(DataPod("reducer", {0: config.data.labels.path}))
-        files = {}
-        for i, view in enumerate(config.data.views):
-            data["views"][i]["path"] = pod_path(view.path)
-            files[i] = view.path
-        pods.append(DataPod("expert", files))
-    elif config.data.source == "csv":
-        data["path"] = pod_path(config.data.path)
-        table = config.data.path
-        assert table is not None
-        # the reducer and every expert read the whole table in this mode (not the broker)
-        pods += [DataPod("reducer", {0: table}),
-                 DataPod("expert", dict.fromkeys(range(expert_count(config)), table))]  # fmt: skip
-    else:
+    """(the pods that read files, with the file each waits for; the run config with the
+    paths the pods see, {} when the run reads no file)."""
+    files = data_files(config)
+    if not files:
         return [], {}
-    return pods, raw
+    pods: dict[str, DataPod] = {}  # StatefulSet -> its pods' files, the reducer first
+    for f in files:
+        kind, _, ordinal = f.service.partition("-")
+        pods.setdefault(kind, DataPod(kind, {})).files[int(ordinal or 0)] = f.host
+    return list(pods.values()), run_config_with(config, files, lambda f: f"{POD_DATA}/{f.name}")
 
 
 def render_tree(config_path: Path) -> dict[str, str]:
     """Path (relative to the tree) -> text of every file of the run's kustomize tree."""
+    return _render(config_path)[0]
+
+
+def _render(config_path: Path) -> tuple[dict[str, str], list[DataPod]]:
+    """(the tree's files, the pods that wait for a file)."""
     config = load_config(config_path, env={})
     n = expert_count(config)
     files: dict[str, str] = {}
@@ -102,7 +93,7 @@ def render_tree(config_path: Path) -> dict[str, str]:
         f"# must equal the number of data views in the run config ({n} for this run)",
     )
     _curve(files, n)
-    modules = sorted({m for m in map(_user_module, _expert_models(config)) if m is not None})
+    modules = user_modules(config)
     extra = []
     if pods:
         files.update(data_component(pods))
@@ -113,7 +104,7 @@ def render_tree(config_path: Path) -> dict[str, str]:
     for overlay in ("cpu", "gpu"):
         key = f"overlays/{overlay}/kustomization.yaml"
         files[key] = _one(files[key], r"\ncomponents:\n", "\ncomponents:\n" + "".join(extra))
-    return files
+    return files, pods
 
 
 def _one(text: str, pattern: str, replacement: str) -> str:
@@ -144,10 +135,12 @@ def _curve(files: dict[str, str], n: int) -> None:
     )
 
 
-def generate_k8s(config_path: Path, out: Path) -> list[Path]:
-    """Write the run's kustomize tree into ``out``; returns the files written."""
+def generate_k8s(config_path: Path, out: Path) -> tuple[list[Path], list[str]]:
+    """Write the run's kustomize tree into ``out``; returns (the files written, the ``kubectl
+    cp`` lines that put each pod's file in place)."""
     if out.resolve() == K8S.resolve() and Path(config_path).resolve() != (
         REPO / "examples" / "digits.yaml"
     ):
         raise ConfigError("deploy/k8s is the digits run's tree: write yours elsewhere (--out)")
-    return write_files(out, render_tree(config_path))
+    files, pods = _render(config_path)
+    return write_files(out, files), copy_lines(pods)

@@ -129,10 +129,18 @@ def expert_dropout_mask(
     return absent | drop.to(absent.device)
 
 
+def task_loss(
+    task: str, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy (classification) or MSE (regression), reduced as torch reduces."""
+    if task == "classification":
+        return F.cross_entropy(logits, y, reduction=reduction)
+    return F.mse_loss(logits.squeeze(-1), y, reduction=reduction)
+
+
 def loss_and_metric(task: str, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Cross-entropy and accuracy, or MSE and (standardised) RMSE."""
+    loss = task_loss(task, logits, y)
     if task == "classification":
-        loss = F.cross_entropy(logits, y)
         return loss, float((logits.argmax(dim=-1) == y).float().mean())
-    loss = F.mse_loss(logits.squeeze(-1), y)
     return loss, float(loss.detach().sqrt())

@@ -19,16 +19,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from traci_ml.core.models.reducer import loss_and_metric
-
-
-def _loss_sum(task: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if task == "classification":
-        return F.cross_entropy(logits, y, reduction="sum")
-    return F.mse_loss(logits.squeeze(-1), y, reduction="sum")
+from traci_ml.core.models.reducer import loss_and_metric, task_loss
 
 
 class ShardedStep:
@@ -68,6 +61,6 @@ class ShardedStep:
               rows: slice, total: int) -> tuple:  # fmt: skip
         mine = tokens[:, rows].detach().requires_grad_(True)
         logits, att = self.model(mine.transpose(0, 1), absent[rows])
-        loss = _loss_sum(task, logits, y[rows]) / total
+        loss = task_loss(task, logits, y[rows], reduction="sum") / total
         grads = torch.autograd.grad(loss, [mine, *self.params], allow_unused=True)
         return logits.detach(), att.detach(), grads[0], grads[1:]
