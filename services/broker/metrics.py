@@ -107,6 +107,11 @@ class BrokerMetrics:
             "1 while the front door can answer: a reducer and a live expert, the run started.",
             registry=reg,
         )
+        self.serving = Gauge(
+            "traci_broker_serving",
+            "1 when this broker serves a finished run (--serve): it releases no training step.",
+            registry=reg,
+        )
         self.messages = Counter(
             "traci_broker_messages_total",
             "Messages by kind and direction (in/out).",

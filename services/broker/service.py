@@ -126,6 +126,7 @@ class BrokerService:
         net = config.network
         self.n_experts = n_experts if n_experts is not None else expert_count(config)
         self.metrics = metrics if metrics is not None else BrokerMetrics(self.n_experts)
+        self.metrics.serving.set(1 if serve else 0)
         self._curve = broker_keys(config)  # None: plaintext
         self.book = JoinBook.from_config(
             config, n_experts=self.n_experts, keys_bound=self._curve is not None

@@ -1,7 +1,8 @@
 """`traci deploy k8s CONFIG`: the kustomize tree generated from a run config. deploy/k8s is its
-output for digits; for 2, 3 and 8 experts every overlay renders and passes strict schema
-validation, with CURVE on too; a per-party run gives each pod that reads a file its own
-volume and a waiting init container, and the user's expert modules a ConfigMap."""
+output for digits; for 2, 3 and 8 experts every overlay (training and serving) renders and
+passes strict schema validation, with CURVE on too (each pod only its own key); a per-party
+run gives each process that reads a file its own volume and a waiting init container, in
+training and in serving, and the user's expert modules a ConfigMap."""
 
 from __future__ import annotations
 
@@ -15,16 +16,17 @@ import pytest
 import yaml
 
 from tests.deploy.test_generate import synthetic_run, write_parties
-from tests.deploy.test_k8s import validate_strict
-from tests.helpers.deploytools import K8S, ROOT, find, render
+from tests.deploy.test_k8s import by_name, validate_strict
+from tests.helpers.deploytools import K8S, ROOT, find, render, workloads
 from traci_ml.app.cli import main
 from traci_ml.app.k8s import generate_k8s, render_tree
-from traci_ml.app.k8s_text import POD_DATA, USER
+from traci_ml.app.k8s_components import POD_DATA, USER
 from traci_ml.core.config import load_config
 from traci_ml.core.security import generate as generate_keys
 
 pytestmark = pytest.mark.timeout(300)
 CURVE_LINE = "# - ../../components/curve"
+OVERLAYS = ("cpu", "gpu", "cpu-serve", "gpu-serve")
 
 
 def test_deploy_k8s_is_the_generators_output_for_digits(monkeypatch) -> None:
@@ -46,7 +48,7 @@ def test_deploy_k8s_is_the_generators_output_for_digits(monkeypatch) -> None:
 def with_curve(tree: Path, n: int) -> None:
     """Keys for ``n`` experts and the curve component on in every overlay."""
     generate_keys(tree / "components" / "curve" / "keys", n)
-    for overlay in ("cpu", "gpu"):
+    for overlay in OVERLAYS:
         path = tree / "overlays" / overlay / "kustomization.yaml"
         path.write_text(path.read_text().replace(CURVE_LINE, CURVE_LINE.replace("# ", ""), 1))
 
@@ -57,30 +59,34 @@ def test_n_experts_render_and_validate_with_and_without_curve(n: int, tmp_path, 
     tree = tmp_path / "k8s"
     generate_k8s(synthetic_run(tmp_path, n), tree)
     assert not (tree / "components" / "data").exists()  # synthetic: no file to carry
-    for overlay in ("cpu", "gpu"):
+    for overlay in OVERLAYS:
         docs = render(tree / "overlays" / overlay)
         assert validate_strict(docs) == [], overlay
-        assert find(docs, "StatefulSet", "expert")["spec"]["replicas"] == n
+        experts = sorted(w["metadata"]["name"] for w in workloads(docs)
+                         if w["metadata"]["name"].startswith("expert-"))  # fmt: skip
+        assert experts == sorted(f"expert-{i}" for i in range(n)), overlay
         config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"]
         assert yaml.safe_load(config)["data"]["synthetic"]["experts"] == n
     curve = tmp_path / "k8s-curve"  # a tree of its own: renders are cached by path
     shutil.copytree(tree, curve)
     with_curve(curve, n)
-    docs = render(curve / "overlays" / "cpu")
-    assert validate_strict(docs) == []
-    secret = next(d for d in docs if d["kind"] == "Secret")
-    assert {k for k in secret["data"] if k.startswith("expert-")} == {
-        f"expert-{i}.{s}" for i in range(n) for s in ("key", "key_secret")
-    }
+    for overlay in ("cpu", "gpu-serve"):
+        docs = render(curve / "overlays" / overlay)
+        assert validate_strict(docs) == [], overlay
+        secret = next(d for d in docs if d["kind"] == "Secret")
+        assert {k for k in secret["data"] if k.startswith("expert-")} == {
+            f"expert-{i}.{s}" for i in range(n) for s in ("key", "key_secret")
+        }
 
-    def items(name: str) -> set[str]:
-        kind = "Deployment" if name == "broker" else "StatefulSet"
-        volumes = find(docs, kind, name)["spec"]["template"]["spec"]["volumes"]
-        curve = next(v for v in volumes if v["name"] == "curve")
-        return {i["path"] for i in curve["secret"]["items"]}
+        def items(name: str, docs=docs) -> set[str]:
+            volumes = by_name(docs, name)["spec"]["template"]["spec"]["volumes"]
+            curve = next(v for v in volumes if v["name"] == "curve")
+            return {i["path"] for i in curve["secret"]["items"]}
 
-    assert {f"authorized/expert-{i}.key" for i in range(n)} <= items("broker")
-    assert {f"expert-{i}.key_secret" for i in range(n)} <= items("expert")
+        assert {f"authorized/expert-{i}.key" for i in range(n)} <= items("broker")
+        for i in range(n):  # each expert pod holds its own secret key, no other
+            assert items(f"expert-{i}") == {"broker.key", f"expert-{i}.key_secret"}, overlay
+        assert items("reducer") == {"broker.key", "reducer.key_secret"}
 
 
 def test_party_pods_get_only_their_own_file_and_the_module(tmp_path, monkeypatch, capsys):
@@ -88,31 +94,34 @@ def test_party_pods_get_only_their_own_file_and_the_module(tmp_path, monkeypatch
     write_parties(tmp_path)
     assert main(["deploy", "k8s", "three.yaml", "--out", "k8s"]) == 0
     said = capsys.readouterr().out
+    look = "$(kubectl -n traci get pod -l traci.dev/workload={} -o name | head -n1 | cut -d/ -f2)"
     for i in range(3):  # the command says how each file gets to its pod
-        want = f"kubectl -n traci cp data/party{i}.csv expert-{i}:{POD_DATA}/party{i}.csv -c data"
+        pod = look.format(f"expert-{i}")
+        want = f'kubectl -n traci cp data/party{i}.csv "{pod}:{POD_DATA}/party{i}.csv" -c data'
         assert want in said
-    assert f"cp data/labels.csv reducer-0:{POD_DATA}/labels.csv -c data" in said
-    for overlay in ("cpu", "gpu"):
+    assert f'cp data/labels.csv "{look.format("reducer")}:{POD_DATA}/labels.csv" -c data' in said
+    for overlay in OVERLAYS:
         docs = render(tmp_path / "k8s" / "overlays" / overlay)
         assert validate_strict(docs) == [], overlay
-        expert = find(docs, "StatefulSet", "expert")["spec"]
-        assert expert["replicas"] == 3
-        assert [c["metadata"]["name"] for c in expert["volumeClaimTemplates"]] == ["runs", "data"]
-        pod = expert["template"]["spec"]
-        (init,) = pod["initContainers"]
-        script = init["command"][-1]
         for i in range(3):
-            assert f'{i}) f="party{i}.csv"' in script
-        assert "labels.csv" not in script  # an expert pod never waits for the labels
-        main_mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
-        assert main_mounts[POD_DATA]["readOnly"] is True
-        assert main_mounts[USER]["readOnly"] is True
-        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
-        assert env["PYTHONPATH"] == USER
-        reducer = find(docs, "StatefulSet", "reducer")["spec"]["template"]["spec"]
-        assert 'f="labels.csv"' in reducer["initContainers"][0]["command"][-1]
+            pod = by_name(docs, f"expert-{i}")["spec"]["template"]["spec"]
+            (init,) = pod["initContainers"]
+            script = init["command"][-1]
+            assert f'p="{POD_DATA}/party{i}.csv"' in script, overlay
+            others = [f"party{j}" for j in range(3) if j != i] + ["labels.csv"]
+            assert not any(o in script for o in others)  # a pod never waits for another's file
+            data = next(v for v in pod["volumes"] if v["name"] == "data")
+            assert data["persistentVolumeClaim"]["claimName"] == f"data-expert-{i}"
+            find(docs, "PersistentVolumeClaim", f"data-expert-{i}")
+            main_mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+            assert main_mounts[POD_DATA]["readOnly"] is True
+            assert main_mounts[USER]["readOnly"] is True
+            env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+            assert env["PYTHONPATH"] == USER
+        reducer = by_name(docs, "reducer")["spec"]["template"]["spec"]
+        assert f'p="{POD_DATA}/labels.csv"' in reducer["initContainers"][0]["command"][-1]
         assert "party" not in reducer["initContainers"][0]["command"][-1]
-        broker = find(docs, "Deployment", "broker")["spec"]["template"]["spec"]
+        broker = by_name(docs, "broker")["spec"]["template"]["spec"]
         assert "initContainers" not in broker
         assert all(v["name"] != "data" for v in broker["volumes"])
         modules = next(d for d in docs if d["metadata"]["name"].startswith("traci-user-modules"))
@@ -138,17 +147,17 @@ def test_the_init_container_waits_for_its_own_file_then_lets_the_pod_start(tmp_p
     write_parties(tmp_path)
     tree = tmp_path / "k8s"
     generate_k8s(Path("three.yaml"), tree)
-    patch = yaml.safe_load((tree / "components" / "data" / "expert.yaml").read_text())
+    patch = yaml.safe_load((tree / "components" / "data" / "expert-1.yaml").read_text())
     script = patch["spec"]["template"]["spec"]["initContainers"][0]["command"][-1]
     folder = tmp_path / "pod-data"
     folder.mkdir()
     script = script.replace(POD_DATA, str(folder))
-    env = {**os.environ, "HOSTNAME": "expert-1"}
+    env = {**os.environ, "HOSTNAME": "expert-1-x7k2p"}  # a Job's pod
     with subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE, text=True) as proc:
         try:
             first = proc.stdout.readline()  # type: ignore[union-attr]
             assert f"waiting for {folder}/party1.csv: kubectl -n traci cp" in first
-            assert "expert-1:" in first
+            assert "expert-1-x7k2p:" in first
             (folder / "party0.csv").write_text("id\n1\n")  # another party's file: not awaited
             time.sleep(1)
             assert proc.poll() is None
@@ -156,6 +165,3 @@ def test_the_init_container_waits_for_its_own_file_then_lets_the_pod_start(tmp_p
             assert proc.wait(timeout=30) == 0
         finally:
             proc.kill()
-    proc = subprocess.run(["sh", "-c", script], env={**env, "HOSTNAME": "expert-7"},
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
-    assert proc.returncode == 1 and "no data file is planned for expert-7" in proc.stdout

@@ -1,6 +1,8 @@
 """deploy/k8s: every overlay renders with `kubectl kustomize`, passes kubernetes-validate's
-strict schemas, and holds what the deployment promises (one broker and one reducer, experts
-with volumes and GPUs where asked, probes and resources everywhere, CURVE from a Secret)."""
+strict schemas, and holds what the deployment promises: training as Jobs that end for good,
+serving as Deployments on the same volumes, one broker and one reducer, an expert per view
+with its own volume and a GPU where asked, probes and resources everywhere, CURVE from a
+Secret."""
 
 from __future__ import annotations
 
@@ -76,31 +78,42 @@ def pod_selector(doc: Doc) -> dict[str, str] | None:
     return None
 
 
-EXPECTED = [
-    ("Namespace", "traci"),
-    ("Deployment", "broker"),
-    ("Service", "broker"),
-    ("StatefulSet", "reducer"),
-    ("Service", "reducer"),
-    ("StatefulSet", "expert"),
-    ("Service", "expert"),
-    ("PodMonitor", "traci"),
-    ("PrometheusRule", "traci"),
-    ("NetworkPolicy", "broker-zmq"),
-]
+def expected(overlay: str, n_experts: int = 4) -> list[tuple[str, str]]:
+    """What an overlay renders: the shared objects, and one Job (training overlays) or one
+    Deployment (the -serve overlays) per process, each reducer and expert with its volume."""
+    kind = "Deployment" if overlay.endswith("-serve") else "Job"
+    names = ["broker", "reducer", *(f"expert-{i}" for i in range(n_experts))]
+    return [
+        ("Namespace", "traci"),
+        ("Service", "broker"),
+        ("PodMonitor", "traci"),
+        ("PrometheusRule", "traci"),
+        ("NetworkPolicy", "broker-zmq"),
+        *((kind, name) for name in names),
+        *(("PersistentVolumeClaim", f"runs-{name}") for name in names[1:]),
+    ]
+
+
+def by_name(docs: list[Doc], name: str) -> Doc:
+    """The one workload called ``name`` (a Job or a Deployment)."""
+    (found,) = [w for w in workloads(docs) if w["metadata"]["name"] == name]
+    return found
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_every_part_in_one_namespace(overlay: str) -> None:
     docs = render(K8S / "overlays" / overlay)
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for kind, name in EXPECTED:
-        assert (kind, name) in kinds, f"overlays/{overlay} renders no {kind}/{name}"
+    assert set(expected(overlay)) == {k for k in kinds if k[0] not in ("ConfigMap",)}, overlay
     configs = [d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"]
     assert [c.rsplit("-", 1)[0] for c in configs] == ["traci-config"], configs
     for d in docs:
         if d["kind"] != "Namespace":
             assert d["metadata"].get("namespace") == "traci", f"{d['kind']}/{d['metadata']['name']}"
+
+
+def test_there_is_a_training_and_a_serving_overlay_per_hardware() -> None:
+    assert OVERLAYS == ["cpu", "cpu-serve", "gpu", "gpu-serve"]
 
 
 def test_every_variant_passes_strict_schema_validation(k8s_variants) -> None:
@@ -129,6 +142,9 @@ def test_the_validation_wrapper_rejects_unknown_kinds_and_fields() -> None:
     assert validate_strict([crd]) == []
 
 
+READY = ["traci", "health", "broker", "--ready", "--config", "/etc/traci/config.yaml"]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_container_has_resources_probes_and_no_privileges(overlay: str) -> None:
     docs = render(K8S / "overlays" / overlay)
@@ -136,8 +152,11 @@ def test_every_container_has_resources_probes_and_no_privileges(overlay: str) ->
         requests, limits = c["resources"].get("requests", {}), c["resources"].get("limits", {})
         assert {"cpu", "memory"} <= requests.keys(), f"{where}: requests {requests}"
         assert "memory" in limits, f"{where}: no memory limit"
-        for probe in ("readinessProbe", "livenessProbe"):
-            assert c[probe]["httpGet"]["path"] == "/metrics", f"{where}: {probe}"
+        assert c["livenessProbe"]["httpGet"]["path"] == "/metrics", where
+        if where == "Deployment/broker":  # serving: ready = the front door can answer
+            assert c["readinessProbe"]["exec"]["command"] == READY
+        else:
+            assert c["readinessProbe"]["httpGet"]["path"] == "/metrics", where
         ctx = c["securityContext"]
         assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"]["drop"] == ["ALL"]
         assert c["imagePullPolicy"] == "IfNotPresent", f"{where}: pulls {c['image']} every start"
@@ -147,31 +166,75 @@ def test_every_container_has_resources_probes_and_no_privileges(overlay: str) ->
         assert pod["enableServiceLinks"] is False, "service links inject variables into every pod"
 
 
-def test_one_broker_one_reducer_and_experts_with_their_own_volumes() -> None:
-    docs = render(K8S / "overlays" / OVERLAYS[0])
-    broker = find(docs, "Deployment", "broker")
-    assert broker["spec"]["replicas"] == 1 and broker["spec"]["strategy"]["type"] == "Recreate"
-    assert find(docs, "StatefulSet", "reducer")["spec"]["replicas"] == 1
-    for name in ("reducer", "expert"):
-        sts = find(docs, "StatefulSet", name)
-        claims = [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]]
-        container = sts["spec"]["template"]["spec"]["containers"][0]
-        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-        assert claims == ["runs"] and mounts["runs"] == "/var/lib/traci/runs", name
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_training_jobs_end_for_good_and_fail_fast_on_hopeless_errors(overlay: str) -> None:
+    """A finished run is Complete, not restarted (no restart loop, no stalled-steps alert); a
+    crashed pod is replaced and resumes; exit 2 (config, checkpoint) or 3 (data) fails the Job
+    at once; evictions do not count."""
+    from traci_ml.app.supervisor import CONFIG_ERROR, DATA_ERROR
+
+    for job in workloads(render(K8S / "overlays" / overlay)):
+        name = job["metadata"]["name"]
+        assert job["kind"] == "Job", name
+        pod = job["spec"]["template"]["spec"]
+        assert pod["restartPolicy"] == "Never", name  # podFailurePolicy requires it
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        fail = next(r for r in rules if r["action"] == "FailJob")["onExitCodes"]
+        assert fail["operator"] == "In" and set(fail["values"]) == {CONFIG_ERROR, DATA_ERROR}
+        assert fail["containerName"] == pod["containers"][0]["name"], name
+        evicted = [{"type": "DisruptionTarget", "status": "True"}]
+        assert {"action": "Ignore", "onPodConditions": evicted} in rules
+        assert job["spec"]["backoffLimit"] >= 1
+        args = pod["containers"][0]["args"]
+        assert "--serve" not in args and ("--resume" in args) == (name != "broker"), name
+
+
+@pytest.mark.parametrize("overlay", ["cpu-serve", "gpu-serve"])
+def test_serving_deployments_run_the_finished_run_one_pod_each(overlay: str) -> None:
+    for d in workloads(render(K8S / "overlays" / overlay)):
+        name = d["metadata"]["name"]
+        assert d["kind"] == "Deployment", name
+        assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"]["type"] == "Recreate", name
+        args = d["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert "--serve" in args and "--resume" not in args, name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_process_keeps_its_run_on_its_own_volume(overlay: str) -> None:
+    """Training and serving of one name mount the same claim: serving reads what training
+    wrote; no two processes share one."""
+    docs = render(K8S / "overlays" / overlay)
+    claims = []
+    for w in workloads(docs):
+        name, pod = w["metadata"]["name"], w["spec"]["template"]["spec"]
+        container = pod["containers"][0]
         assert container["workingDir"] == "/var/lib/traci", "run_dir runs/{run_id} is relative"
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        if name == "broker":
+            assert "runs" not in mounts
+            continue
+        assert mounts["runs"] == "/var/lib/traci/runs", name
+        claim = volumes["runs"]["persistentVolumeClaim"]["claimName"]
+        assert claim == f"runs-{name}", name
+        find(docs, "PersistentVolumeClaim", claim)
+        claims.append(claim)
+    assert len(claims) == len(set(claims)) == 5
 
 
-def test_gpu_overlay_gives_each_expert_one_gpu_and_cpu_overlay_none() -> None:
-    gpu = render(K8S / "overlays" / "gpu")
-    expert = find(gpu, "StatefulSet", "expert")["spec"]["template"]["spec"]
-    assert expert["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+@pytest.mark.parametrize("phase", ["", "-serve"])
+def test_gpu_overlay_gives_each_expert_one_gpu_and_cpu_overlay_none(phase: str) -> None:
+    gpu = render(K8S / "overlays" / f"gpu{phase}")
     toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-    assert toleration in expert["tolerations"]
-    for where, c in containers(gpu):
-        assert c["image"] == "traci:latest", where
-        if where != "StatefulSet/expert":
-            assert "nvidia.com/gpu" not in c["resources"].get("limits", {}), where
-    for where, c in containers(render(K8S / "overlays" / "cpu")):
+    for w in workloads(gpu):
+        pod, name = w["spec"]["template"]["spec"], w["metadata"]["name"]
+        limits = pod["containers"][0]["resources"].get("limits", {})
+        if name.startswith("expert-"):
+            assert limits["nvidia.com/gpu"] == 1 and toleration in pod["tolerations"], name
+        else:
+            assert "nvidia.com/gpu" not in limits, name
+        assert pod["containers"][0]["image"] == "traci:latest", name
+    for where, c in containers(render(K8S / "overlays" / f"cpu{phase}")):
         assert c["image"] == "traci:cpu", where
         assert "nvidia.com/gpu" not in c["resources"].get("limits", {}), where
 
@@ -183,10 +246,12 @@ def test_selectors_select_the_pods_they_are_meant_for(overlay: str) -> None:
         w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"] for w in workloads(docs)
     }
     for w in workloads(docs):
+        if w["kind"] == "Job":
+            assert "selector" not in w["spec"], "a Job's selector is generated"
+            continue
         selector = w["spec"]["selector"]["matchLabels"]
-        assert selector.items() <= pods[w["metadata"]["name"]].items(), w["metadata"]["name"]
-        if w["kind"] == "StatefulSet":
-            assert find(docs, "Service", w["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
+        chosen = [name for name, labels in pods.items() if selector.items() <= labels.items()]
+        assert chosen == [w["metadata"]["name"]], f"{w['metadata']['name']} selects {chosen}"
     for d in docs:
         selector = pod_selector(d)
         if selector is None:
@@ -220,7 +285,7 @@ def test_pod_monitor_scrapes_the_named_metrics_port_with_the_component_label() -
 def test_curve_variant_drops_insecure_and_mounts_the_secret(k8s_variants) -> None:
     for label, docs in k8s_variants:
         curve = label.endswith("+curve")
-        broker = find(docs, "Deployment", "broker")["spec"]["template"]["spec"]["containers"][0]
+        broker = by_name(docs, "broker")["spec"]["template"]["spec"]["containers"][0]
         assert ("--insecure" in broker["args"]) != curve, label
         assert len([d for d in docs if d["kind"] == "Secret"]) == (1 if curve else 0), label
         for where, c in containers(docs):

@@ -182,7 +182,7 @@ def k8s_invocations(docs: list[dict[str, Any]], root: Path, label: str) -> list[
             by_kind[doc["kind"]][doc["metadata"]["name"]] = doc
     out = []
     for w in docs:
-        if w["kind"] not in ("Deployment", "StatefulSet"):
+        if w["kind"] not in ("Deployment", "StatefulSet", "Job"):
             continue
         name, template = w["metadata"]["name"], w["spec"]["template"]
         spec = template["spec"]
@@ -204,8 +204,14 @@ def k8s_invocations(docs: list[dict[str, Any]], root: Path, label: str) -> list[
                      for p in c.get("ports", [])}  # fmt: skip
             probes = [c[p]["httpGet"]["port"] for p in _PROBES if "httpGet" in c.get(p, {})]
             for p in _PROBES:
-                if p in c and "httpGet" not in c[p]:
-                    raise Mismatch(f"{where}: {p} is not an HTTP probe")
+                if p in c and "exec" in c[p]:  # e.g. traci health broker --ready
+                    out.append(Invocation(
+                        where=f"{where} {p}", workload=name, resolve_path=lambda _: None,
+                        argv=traci_argv(f"{where} {p}", c[p]["exec"]["command"]), env={},
+                        parse_only=True,
+                    ))  # fmt: skip
+                elif p in c and "httpGet" not in c[p]:
+                    raise Mismatch(f"{where}: {p} is neither an HTTP probe nor a traci command")
             annotations = template["metadata"].get("annotations", {})
             scrape = [int(v) for k, v in annotations.items() if k == "prometheus.io/port"]
             for pod in pods:

@@ -6,6 +6,8 @@
     traci expert  [--config CONFIG] (--id I | --id-from-hostname) [--metrics-port P] [--resume]
     traci keys generate DIR [--experts N | --config CONFIG] [--force]
                                                CurveZMQ keys (docs/security.md)
+    traci collect --config CONFIG [--out DIR] [--namespace NS]
+                                               a Kubernetes run's parts in one run directory
     traci health SERVICE [--id I] [--config CONFIG]
                                                exit 0 if that service's metrics answer
                                                (container health checks)
@@ -127,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     dk.add_argument(
         "--out", default="deploy/run-k8s", help="output folder (default: deploy/run-k8s)"
     )
+
+    col = sub.add_parser(
+        "collect", help="copy a Kubernetes run's parts (every checkpoint) into one run directory"
+    )
+    col.add_argument("--out", default="runs", help="where the run directory goes (default: runs)")
+    col.add_argument("--namespace", default="traci", help="the run's namespace (default: traci)")
+    col.add_argument("--config", required=True, help="the run config (its run_id and views)")
+    common(col)
 
     health = sub.add_parser(
         "health", help="exit 0 if SERVICE's metrics endpoint answers as that service"
@@ -471,6 +481,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     if args.command == "deploy":
         return deploy(args)
+    if args.command == "collect":
+        from traci_ml.app.collect import collect
+
+        try:
+            dest = collect(config_from_args(args), Path(args.out), namespace=args.namespace)
+        except TraciError as exc:
+            print(f"traci collect: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"collected {dest}: traci predict --run {dest} / traci export --run {dest}")
+        return 0
     from traci_ml.core.observe import setup_logging
 
     if args.command == "serve":

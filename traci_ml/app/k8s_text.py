@@ -1,38 +1,40 @@
 # ruff: noqa: E501 (the files' own lines, as they are written)
-"""The text of the run-specific files ``traci deploy k8s`` writes: the run config the
-ConfigMap carries and the ``data`` component (a volume and a waiting init container for
-every pod that reads a file)."""
+"""The text of the files ``traci deploy k8s`` writes around the objects of k8s_objects.py: the
+kustomizations (base, train, serve, the four overlays), the device components and the run
+config the ConfigMap carries. No sockets here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-POD_DATA = "/var/lib/traci/data"
-USER = "/opt/traci/user"  # the user's expert modules (PYTHONPATH), as in compose
-RUNS_SIZE = {"expert": "1Gi", "reducer": "2Gi"}  # base/*.yaml's run volumes (re-listed)
+NS = "traci"
 
 
-@dataclass
-class DataPod:
-    """A StatefulSet whose pods read files: ``files`` maps a pod's ordinal to its host file."""
+class _Dumper(yaml.SafeDumper):
+    """Block style as people write manifests: lists indented under their key, no anchors."""
 
-    kind: str  # "expert" | "reducer" (the StatefulSet and its container)
-    files: dict[int, str]
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
 
-    def pod_name(self, ordinal: int) -> str:
-        return f"{self.kind}-{ordinal}"
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump(*objs: dict[str, Any], head: str = "") -> str:
+    """YAML documents (``---`` between them), after a comment header."""
+    body = yaml.dump_all(objs, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+    return head + body
 
 
 def run_config_text(config_path: Path, run_config: dict[str, Any]) -> str:
     head = f"""# The run every TRACI pod reads (ConfigMap traci-config, mounted at /etc/traci/config.yaml).
 # Written by `traci deploy k8s {config_path}`. Where things run is not set here but
 # in the pods' environment (TRACI_NETWORK__BROKER_HOST=broker, TRACI_METRICS__BIND=0.0.0.0, ...).
-# The number of data views is the number of experts: the generator keeps the expert
-# StatefulSet's replicas and the CURVE keys in step with it (deploy/README.md).
+# The number of data views is the number of experts: the generator writes one Job and one
+# Deployment per expert, and the CURVE keys, for exactly that many (deploy/README.md).
 #
 """
     if not run_config:
@@ -41,124 +43,177 @@ def run_config_text(config_path: Path, run_config: dict[str, Any]) -> str:
     return head + note + yaml.safe_dump(run_config, sort_keys=False)
 
 
-def _wait_script(pod: DataPod) -> str:
-    cases = "".join(f'  {i}) f="{Path(host).name}" ;;\n' for i, host in sorted(pod.files.items()))
-    return f"""i="${{HOSTNAME##*-}}"
-case "$i" in
-{cases}  *) echo "no data file is planned for $HOSTNAME"; exit 1 ;;
-esac
-p="{POD_DATA}/$f"
-last=""
-while true; do
-  if [ -s "$p" ]; then
-    size="$(stat -c %s "$p")"
-    [ "$size" = "$last" ] && break
-    last="$size"
-  else
-    echo "waiting for $p: kubectl -n traci cp YOUR_FILE $HOSTNAME:$p -c data"
-  fi
-  sleep 5
-done
-echo "data: $p is there ($last bytes)"
+BASE = f"""# What training and serving share: the namespace, the run config (a ConfigMap whose name
+# carries a hash of the content), the broker's Service and NetworkPolicy, and the volumes
+# that hold each reducer's and expert's run directory (checkpoints, accounts, summary).
+# ../train (Jobs) and ../serve (Deployments) add the processes; the overlays pick the
+# hardware. See deploy/README.md, "Kubernetes".
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+
+namespace: {NS}
+
+resources:
+  - namespace.yaml
+  - broker-service.yaml
+  - network-policy.yaml
+  - volumes.yaml
+
+configMapGenerator:
+  - name: traci-config
+    files:
+      - config.yaml=run-config.yaml
+
+labels:
+  - pairs:
+      app.kubernetes.io/part-of: traci
+    includeTemplates: true
+"""
+
+_PHASE = {
+    "train": (
+        "jobs.yaml",
+        """# Training: one Job per process (broker, reducer, expert-<i>). Each runs until the run is
+# done and exits 0; the Job is then Complete and nothing restarts it. A pod that crashes or
+# is killed is replaced and resumes from the checkpoint on its volume; a config, checkpoint or
+# data error (exit 2 or 3) fails its Job at once instead of retrying.
+#   kubectl -n traci wait --for=condition=complete job --all --timeout=24h
+""",
+    ),
+    "serve": (
+        "deployments.yaml",
+        """# Serving the finished run: one Deployment per process, started with --serve (load the
+# checkpoints on the same volumes, answer queries, train nothing). The broker is ready when
+# its front door can answer (a reducer and a live expert): `traci health broker --ready`.
+""",
+    ),
+}
+
+
+def phase_kustomization(phase: str) -> str:
+    resource, head = _PHASE[phase]
+    return f"""{head}apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+
+namespace: {NS}
+
+resources:
+  - ../base
+  - {resource}
+
+labels:
+  - pairs:
+      app.kubernetes.io/part-of: traci
+    includeTemplates: true
 """
 
 
-def _patch(pod: DataPod) -> dict[str, Any]:
-    claim = lambda name, size: {  # noqa: E731
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "traci"}},
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}},
+_HARDWARE = {
+    "cpu": (
+        "cpu",
+        "CPU nodes: the CPU image (traci:cpu, see deploy/Dockerfile) and torch on the CPU",
+    ),
+    "gpu": (
+        "latest",
+        "GPU nodes: one GPU per expert (the CUDA image traci:latest, see deploy/Dockerfile)",
+    ),
+}
+
+
+def overlay(hardware: str, phase: str, extra: list[str]) -> str:
+    """overlays/<hardware>[-serve]/kustomization.yaml; ``extra``: the run's own components."""
+    tag, what = _HARDWARE[hardware]
+    name = hardware if phase == "train" else f"{hardware}-serve"
+    verb = "Trains the run (Jobs)" if phase == "train" else "Serves the finished run (Deployments)"
+    then = (
+        f"\n# When every Job is complete: kubectl apply -k deploy/k8s/overlays/{hardware}-serve"
+        if phase == "train"
+        else f"\n# After overlays/{hardware} has trained it (the Jobs are complete)."
+    )
+    comps = "".join(f"  - ../../components/{c}\n" for c in extra)
+    return f"""# {verb} on {what}.
+#   kubectl apply -k deploy/k8s/overlays/{name}{then}
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+
+# Also the namespace of what the components add (the CURVE Secret).
+namespace: {NS}
+
+resources:
+  - ../../{phase}
+
+components:
+  - ../../components/{hardware}
+  - ../../components/monitoring
+{comps}  # - ../../components/curve     # CurveZMQ: generate the keys first (deploy/README.md)
+
+images:
+  - name: traci
+    newTag: {tag}
+"""
+
+
+def _by_role(role: str) -> dict[str, str]:
+    return {"labelSelector": f"app.kubernetes.io/component={role}"}
+
+
+def _env_patch(role: str, env: dict[str, str], extra: dict[str, Any] | None = None) -> str:
+    spec: dict[str, Any] = dict(extra or {})
+    container: dict[str, Any] = {
+        "name": role,
+        "env": [{"name": k, "value": v} for k, v in env.items()],
     }
-    init = {
-        "name": "data",
-        "image": "traci",
-        "imagePullPolicy": "IfNotPresent",
-        "command": ["sh", "-c", _wait_script(pod)],
-        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },  # fmt: skip
-        "volumeMounts": [{"name": "data", "mountPath": POD_DATA}],
-    }
+    if role == "expert" and "resources" in spec:
+        container["resources"] = spec.pop("resources")
+    spec["containers"] = [container]
+    # kind and name are placeholders: the kustomization's target picks the Jobs or
+    # Deployments this applies to.
+    return dump({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": role},
+                 "spec": {"template": {"spec": spec}}})  # fmt: skip
+
+
+def device_components() -> dict[str, str]:
+    """components/cpu and components/gpu: the device settings of the expert (and reducer)
+    pods, Job or Deployment alike."""
+    cpu = """# torch on the CPU for the experts and the reducer (training Jobs and serving Deployments).
+apiVersion: kustomize.config.k8s.io/v1alpha1
+kind: Component
+
+patches:
+  - path: expert.yaml
+    target: {labelSelector: app.kubernetes.io/component=expert}
+  - path: reducer.yaml
+    target: {labelSelector: app.kubernetes.io/component=reducer}
+"""
+    gpu = """# Each expert pod gets one GPU (the NVIDIA device plugin makes it the pod's cuda:0) and
+# tolerates the taint GPU node pools usually carry. expert.device=cuda (not auto): an expert
+# that finds no GPU stops with an error instead of training on the CPU unnoticed. The reducer
+# stays on the CPU (its Transformer over a handful of tokens is small); to give it a GPU too,
+# patch it the same way.
+apiVersion: kustomize.config.k8s.io/v1alpha1
+kind: Component
+
+patches:
+  - path: expert.yaml
+    target: {labelSelector: app.kubernetes.io/component=expert}
+"""
+    toleration = {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                  "resources": {"limits": {"nvidia.com/gpu": 1}}}  # fmt: skip
     return {
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": {"name": pod.kind},
-        "spec": {
-            "template": {"spec": {
-                "initContainers": [init],
-                "containers": [{"name": pod.kind, "volumeMounts": [
-                    {"name": "data", "mountPath": POD_DATA, "readOnly": True}]}],
-            }},
-            # the list is replaced, not merged: the run volume is listed again
-            "volumeClaimTemplates": [claim("runs", RUNS_SIZE[pod.kind]), claim("data", "1Gi")],
-        },
-    }  # fmt: skip
+        "components/cpu/kustomization.yaml": cpu,
+        "components/cpu/expert.yaml": _env_patch("expert", {"TRACI_EXPERT__DEVICE": "cpu"}),
+        "components/cpu/reducer.yaml": _env_patch("reducer", {"TRACI_REDUCER__DEVICE": "cpu"}),
+        "components/gpu/kustomization.yaml": gpu,
+        "components/gpu/expert.yaml": _env_patch(
+            "expert", {"TRACI_EXPERT__DEVICE": "cuda"}, toleration
+        ),
+    }
 
 
-def data_component(pods: list[DataPod]) -> dict[str, str]:
-    """components/data: path -> text."""
-    lines = [f"#   {line}" for pod in pods for line in _cp_lines(pod)]
-    kustomization = (
-        "# This run's files, one volume per pod that reads one (written by `traci deploy k8s`).\n"
-        "# Each pod waits in its init container `data` until its file is there; put them with\n"
-        + "\n".join(lines)
-        + "\n# (a pod's volume holds only its own file: no party's file reaches another's pod).\n"
-        "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\n\npatches:\n"
-        + "".join(f"  - path: {pod.kind}.yaml\n" for pod in pods)
-    )
-    files = {"components/data/kustomization.yaml": kustomization}
-    for pod in pods:
-        files[f"components/data/{pod.kind}.yaml"] = yaml.safe_dump(_patch(pod), sort_keys=False)
-    return files
+def target(kind_free: dict[str, str]) -> str:
+    """A kustomize patch target, written inline."""
+    return "{" + ", ".join(f"{k}: {v}" for k, v in kind_free.items()) + "}"
 
 
-def _cp_lines(pod: DataPod) -> list[str]:
-    return [f"kubectl -n traci cp {host} {pod.pod_name(i)}:{POD_DATA}/{Path(host).name} -c data"
-            for i, host in sorted(pod.files.items())]  # fmt: skip
-
-
-def copy_lines(pods: list[DataPod]) -> list[str]:
-    """The ``kubectl cp`` commands that put every pod's file in place."""
-    return [line for pod in pods for line in _cp_lines(pod)]
-
-
-def modules_component(sources: list[Path]) -> dict[str, str]:
-    """components/modules: the user's expert modules (package folders or module files) as a
-    ConfigMap mounted at /opt/traci/user on the expert pods, with PYTHONPATH set. The
-    experts share one pod template, so every expert pod gets them (code, not data)."""
-    entries: list[tuple[str, str, str]] = []  # (ConfigMap key, path under /opt/traci/user, text)
-    for src in sources:
-        found = sorted(src.rglob("*.py")) if src.is_dir() else [src]
-        for f in found:
-            if "__pycache__" in f.parts:
-                continue
-            rel = (Path(src.name) / f.relative_to(src)).as_posix() if src.is_dir() else f.name
-            entries.append((rel.replace("/", "."), rel, f.read_text()))
-    files = {f"components/modules/files/{key}": text for key, _, text in entries}
-    kustomization = (
-        "# The user's expert modules (written by `traci deploy k8s` from the run config's\n"
-        "# model.module entries): a ConfigMap mounted at /opt/traci/user on the expert pods.\n"
-        "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\n\n"
-        "configMapGenerator:\n  - name: traci-user-modules\n    namespace: traci\n    files:\n"
-        + "".join(f"      - files/{key}\n" for key, _, _ in entries)
-        + "\npatches:\n  - path: expert.yaml\n"
-    )
-    patch = {
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": {"name": "expert"},
-        "spec": {"template": {"spec": {
-            "containers": [{"name": "expert",
-                            "env": [{"name": "PYTHONPATH", "value": USER}],
-                            "volumeMounts": [{"name": "user-modules", "mountPath": USER,
-                                              "readOnly": True}]}],
-            "volumes": [{"name": "user-modules", "configMap": {
-                "name": "traci-user-modules",
-                "items": [{"key": key, "path": rel} for key, rel, _ in entries]}}],
-        }}},
-    }  # fmt: skip
-    files["components/modules/kustomization.yaml"] = kustomization
-    files["components/modules/expert.yaml"] = yaml.safe_dump(patch, sort_keys=False)
-    return files
+def by_role(role: str) -> str:
+    return target(_by_role(role))
