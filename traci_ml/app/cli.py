@@ -34,9 +34,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from traci_ml.core.errors import ConfigError, DataError, TraciError
-
-DATA_ERROR = 3  # a service's exit code for bad data (traci_ml/app/supervisor.py: not restarted)
+from traci_ml.core.errors import ConfigError, DataError, TraciError, exit_code
 
 SERVICES = ("broker", "reducer", "expert")
 
@@ -555,12 +553,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from traci_ml.services.expert.main import run as run_expert
 
         return run_expert(config, expert_id=args.expert_id, resume=args.resume, serve=args.serve)
-    except DataError as exc:  # a service's data will not fix itself: never restarted
+    except TraciError as exc:  # one line; 2 and 3 are never restarted (core/errors.py)
         print(f"traci {args.command}: error: {exc}", file=sys.stderr)
-        return DATA_ERROR if args.command in SERVICES else 2
-    except TraciError as exc:
-        print(f"traci {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc, service=args.command in SERVICES)
 
 
 if __name__ == "__main__":

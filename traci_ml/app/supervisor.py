@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from traci_ml.core.config import Config, LauncherConfig
+from traci_ml.core.errors import CONFIG_ERROR, DATA_ERROR
 from traci_ml.core.files import write_json_atomic
 from traci_ml.core.rundir import RunDir
 from traci_ml.core.signals import PARENT_ENV
@@ -29,8 +30,7 @@ log = logging.getLogger(__name__)
 POLL = 0.2
 GRACE = 15.0  # seconds the others get to finish once the run is done
 STABLE = 30.0  # a service up this long has its restart back-off reset
-CONFIG_ERROR = 2  # the exit code of every TraciError (traci_ml/app/cli.py)
-DATA_ERROR = 3  # a DataError in a service: a restart reads the same data again
+HOPELESS = (CONFIG_ERROR, DATA_ERROR)  # exit codes no restart mends (core/errors.py)
 
 
 @dataclass
@@ -118,9 +118,9 @@ class Policy:
     tick, True when the run has finished (``watch`` returns 0 once the others exit, ``GRACE`` at
     most). ``on_tick``: every tick the run goes on. ``serving`` (``traci serve``): an expert
     that fails for good is left down instead of ending the watch (1); a service exiting 0 is
-    restarted like a failure (training: it has ended its part); a config error on a first start,
-    or a data error, is restarted too (training: never); the pid file lists the running services
-    only (training: every one started).
+    restarted like a failure (training: it has ended its part); a config, checkpoint or data
+    error (``HOPELESS``) is restarted too (training: never, first start or not); the pid file
+    lists the running services only (training: every one started).
     """
 
     restart: LauncherConfig
@@ -227,7 +227,7 @@ def watch(children: list[Child], policy: Policy) -> int:
             if (
                 settings.restart == "never"
                 or child.restarts >= settings.max_restarts
-                or (not policy.serving and _bad_start(child, code, now))
+                or (not policy.serving and code in HOPELESS)
             ):
                 policy.console.gave_up(child, code)
                 if not policy.expendable(child):
@@ -247,14 +247,6 @@ def watch(children: list[Child], policy: Policy) -> int:
             return 0
         policy.on_tick(children)
         time.sleep(POLL)
-
-
-def _bad_start(child: Child, code: int, now: float) -> bool:
-    """An exit no restart mends: bad data (docs/parties.md: a restart reads it again), or a
-    usage or config error (a bad key, a missing module, a port in use) on a first start that
-    never got going."""
-    first = not child.restarts and now - child.started_at < STABLE
-    return code == DATA_ERROR or (code == CONFIG_ERROR and first)
 
 
 def stop_all(children: list[Child], timeout: float = 10.0) -> None:

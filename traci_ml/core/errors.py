@@ -10,9 +10,19 @@
      +-- ExportError      a trained model cannot be written in the asked format
 
 Every error carries optional context (service, peer, step) so log lines name where it happened.
+
+A process ends with ``exit_code(error)``: 2 (``CONFIG_ERROR``) for a config, usage or
+checkpoint error, 3 (``DATA_ERROR``) for a service's data error, 1 for a peer that stopped
+answering (a crash: a restart may find it back). ``traci up`` never restarts a service that
+exits 2 or 3, and the Kubernetes Jobs fail at once on them (docs/reliability.md): keep these
+codes stable.
 """
 
 from __future__ import annotations
+
+CONFIG_ERROR = 2  # a config, usage or checkpoint error: a restart fails the same way
+DATA_ERROR = 3  # a service's data is unusable: a restart reads the same data again
+PEER_LOST = 1  # a peer stopped answering: like a crash, a restart may succeed
 
 
 class TraciError(Exception):
@@ -79,3 +89,13 @@ class ServeError(TraciError):
 
 class ExportError(TraciError):
     """The model cannot be written in the asked format."""
+
+
+def exit_code(error: TraciError, *, service: bool = False) -> int:
+    """The exit code of a process that ends with ``error``; ``service``: a broker, reducer or
+    expert (a data error or a lost peer there has its own code; elsewhere every error is 2)."""
+    if service and isinstance(error, DataError):
+        return DATA_ERROR
+    if service and isinstance(error, PeerTimeout):
+        return PEER_LOST
+    return CONFIG_ERROR
