@@ -21,7 +21,7 @@ import torch
 import zmq
 
 from traci_ml import proto
-from traci_ml.core import checkpoint
+from traci_ml.core import checkpoint, fits
 from traci_ml.core.align import IdIndex, RowMap
 from traci_ml.core.config import Config
 from traci_ml.core.data import load_expert_data
@@ -653,11 +653,13 @@ class ExpertService:
 
     def _restore(self) -> None:
         state = checkpoint.load(self.ckpt_path, run_id=self.config.run_id, expert_id=self.id)
-        self.online.load_state_dict(state["online"])
-        self.target.load_state_dict(state["target"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # one line naming what differs (a changed view ...): exit 2, never restarted
+        nets = {"online": self.online, "target": self.target}
+        fix = fits.remedy(self.config, serve=self.serving)
+        fits.expert_weights(self.config, self.id, state, self.ckpt_path, nets, fix=fix)
+        checkpoint.load_into(self.optimizer, state, "optimizer", self.ckpt_path)
         if self.feedback is not None and state.get("feedback") is not None:
-            self.feedback.load_state_dict(state["feedback"])
+            checkpoint.load_into(self.feedback, state, "feedback", self.ckpt_path)
         if self.data.rows is None and state.get("mean") is not None:  # parties
             self.data.standardise(state["mean"].numpy(), state["std"].numpy())
         self.accounts = Accounts(**state["accounts"])

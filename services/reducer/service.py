@@ -19,7 +19,7 @@ import zmq
 from torch.nn.utils import get_total_norm
 
 from traci_ml import proto
-from traci_ml.core import checkpoint
+from traci_ml.core import checkpoint, fits
 from traci_ml.core.config import Config
 from traci_ml.core.data import load_dataset, write_preprocess
 from traci_ml.core.errors import CheckpointError, PeerTimeout
@@ -490,8 +490,10 @@ class ReducerService:
 
     def _restore(self) -> None:
         state = checkpoint.load(self.ckpt_path, run_id=self.config.run_id)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # one line naming what differs (a changed data.views ...): exit 2, never restarted
+        fix = fits.remedy(self.config, serve=self.serving)
+        fits.reducer_weights(self.config, state, self.ckpt_path, self.model, fix=fix)
+        checkpoint.load_into(self.optimizer, state, "optimizer", self.ckpt_path)
         self.last_seq, self.train_steps = state["last_seq"], state["train_steps"]
         self.skipped, self.wall_before = state["skipped"], state["wall_seconds"]
         self.evaluation.history = state["history"]

@@ -3,7 +3,8 @@
 Starts the broker, the reducer and every expert as child processes (exactly the commands a
 container runs), shows live progress, and stops them all cleanly on Ctrl-C, when training ends,
 or when one of them fails (exiting non-zero with the failed service's log tail). The processes
-and their supervision are ``traci_ml.app.supervisor``'s; here: the fresh/resume checks,
+and their supervision are ``traci_ml.app.supervisor``'s; here: the fresh/resume checks (a
+resume's checkpoints must fit the config, ``traci_ml.core.fits``, before anything starts),
 launch.yaml, the training policy (done when the reducer exits 0), progress, plots, summary.
 """
 
@@ -41,6 +42,10 @@ def up(config: Config, *, argv: list[str], args: Any) -> int:
             f"run directory {run.path} already holds checkpoints: pass --fresh to start over "
             "or --resume to continue"
         )
+    if args.resume:  # before any process starts or any file is written: one line, exit 2
+        from traci_ml.core.fits import check_run
+
+        check_run(config)
     run.logs.mkdir(parents=True, exist_ok=True)
     run.launch.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     services = children(config, run.launch, resume=args.resume, gpus=args.gpus)

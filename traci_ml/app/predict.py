@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from traci_ml.core import checkpoint
+from traci_ml.core import checkpoint, fits
 from traci_ml.core.align import IdIndex
 from traci_ml.core.config import Config
 from traci_ml.core.data import (  # noqa: F401 (the preprocessing, as predict's API had it)
@@ -138,6 +138,7 @@ def _assemble(
     if missing:
         raise CheckpointError(f"{ckpt} lacks {', '.join(missing)}")
     experts, seqs, states = [], [], []
+    fix, against = f"its {RunDir.CONFIG} no longer matches its checkpoints", "the run's config"
     with torch.random.fork_rng(devices=[]):  # building nets draws initial weights
         for i, in_dim in enumerate(in_dims):
             path = run.expert_checkpoint(i)
@@ -148,7 +149,7 @@ def _assemble(
                 out_dim=config.embed_dim,
                 key=config.expert_model_key(i),
             )
-            _load_state(net, state, "target", path)
+            fits.expert_weights(config, i, state, path, {"target": net}, fix=fix, against=against)
             experts.append(net.eval().requires_grad_(False))
             seqs.append(state.get("seq_next"))
             states.append(state)
@@ -157,7 +158,7 @@ def _assemble(
         )
     path = run.reducer_checkpoint
     state = checkpoint.load(path, run_id=config.run_id)
-    _load_state(reducer, state, "model", path)
+    fits.reducer_weights(config, state, path, reducer, fix=fix, against=against)
     if any(s != state.get("last_seq", -1) + 1 for s in seqs):
         log.warning(
             "checkpoints are from different points of the run (experts at seq %s, reducer "
@@ -167,18 +168,6 @@ def _assemble(
         )
     model = TraciModel(experts, reducer.eval().requires_grad_(False), config.expert.dtype)
     return model, states
-
-
-def _load_state(net: nn.Module, state: dict[str, Any], key: str, path: Path) -> None:
-    if key not in state:
-        raise CheckpointError(f"checkpoint {path} holds no {key!r} weights")
-    try:
-        net.load_state_dict(state[key])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[:3]
-        raise CheckpointError(
-            f"checkpoint {path} does not fit the run's config: {' '.join(first)}"
-        ) from None
 
 
 # -- prediction -----------------------------------------------------------------------------

@@ -49,6 +49,9 @@ def serve(config: Config, *, out: TextIO = sys.stdout) -> int:
         raise CheckpointError(f"{run.checkpoints} lacks {', '.join(missing)}: train the run first")
     if not config.network.serve_port:
         raise ConfigError("traci serve needs network.serve_port (it is 0)")
+    from traci_ml.core.fits import check_run
+
+    check_run(config, serve=True)  # every checkpoint fits, before any process starts
     run.serve.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     run.logs.mkdir(parents=True, exist_ok=True)
     where = tcp_endpoint(config.network.broker_host, config.network.serve_port)

@@ -12,6 +12,7 @@ token): the same function with about a third fewer FLOPs in a 2-layer reducer. N
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,15 @@ class Reducer(nn.Module):
             x, att = block(x, mask, i == last)  # the last block: the [CLS] row only
         cls_att = att[:, :, 0, 1:].mean(dim=1)  # (B, N): last layer, [CLS] query, mean heads
         return self.head(self.ln_out(x[:, 0])), cls_att
+
+    @staticmethod
+    def saved_sizes(weights: Any) -> tuple[int, int] | None:
+        """(experts, outputs) a reducer's saved state dict was built for; None if it is not
+        one (``traci_ml/core/fits.py`` names a changed number of views by it)."""
+        try:
+            return int(weights["identity"].shape[0]), int(weights["head.bias"].shape[0])
+        except (KeyError, TypeError, AttributeError, IndexError):
+            return None
 
 
 def build_reducer(
