@@ -290,6 +290,27 @@ class SecurityConfig(_Section):
     max_abs_value: float = Field(DEFAULT_MAX_ABS, gt=0.0, allow_inf_nan=False)
 
 
+class TrackingConfig(_Section):
+    """Opt-in experiment tracking of the reducer's records (docs/tracking.md): TensorBoard
+    event files in ``RUN_DIR/tensorboard``, an MLflow run (by default in a SQLite store at
+    ``RUN_DIR/mlflow/mlflow.db``). Needs ``pip install 'traci-ml[tracking]'``."""
+
+    tensorboard: bool = False
+    mlflow: bool = False
+    # any tracking URI MLflow takes (sqlite:///path.db, http://host:5000, databricks ...);
+    # None: sqlite:///RUN_DIR/mlflow/mlflow.db
+    mlflow_uri: str | None = Field(None, min_length=1)
+    experiment: str | None = Field(None, min_length=1, max_length=256)  # None: run_id
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is not None and (v != v.strip() or any(c.isspace() for c in v)):
+            raise ValueError(f"{v!r} holds white space; give a tracking URI such as "
+                             "'sqlite:///mlflow.db' or 'http://host:5000'")  # fmt: skip
+        return v
+
+
 class Config(_Section):
     run_id: str = Field("traci", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     seed: int = 0
@@ -305,6 +326,7 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     security: SecurityConfig = SecurityConfig()
     launcher: LauncherConfig = LauncherConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _heads_divide(self) -> Config:

@@ -19,6 +19,9 @@ machine (``traci up``), or collected from a cluster. Who writes what:
 ``pids.json``               ``traci up``: the children's process ids
 ``serve-pids.json``         ``traci serve``: the same for serving
 ``plots/*.png``             ``traci up`` / ``traci plot``: loss, throughput, attention, latency
+``tensorboard/``            the reducer, with ``tracking.tensorboard``: TensorBoard event files
+``mlflow/``                 the reducer, with ``tracking.mlflow``: ``run.json`` (the MLflow run
+                            it logs to) and, by default, the store ``mlflow.db``
 ==========================  ==================================================================
 """
 
@@ -48,6 +51,8 @@ class RunDir:
     EXPERTS = "experts"
     LOGS = "logs"
     PLOTS = "plots"
+    TENSORBOARD = "tensorboard"
+    MLFLOW = "mlflow"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -108,6 +113,14 @@ class RunDir:
     @property
     def plots(self) -> Path:
         return self.path / self.PLOTS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / self.TENSORBOARD
+
+    @property
+    def mlflow(self) -> Path:
+        return self.path / self.MLFLOW
 
     def log(self, service: str) -> Path:
         """``logs/<service>.log``: ``broker``, ``reducer``, ``expert-<i>``."""
