@@ -114,6 +114,13 @@ class ReducerMetrics:
             self.wire.labels(direction=direction)
         for reason in (*proto.REJECT_REASONS, *REDUCER_REASONS):
             self.rejections.labels(reason=reason)
+        self.tracking_failures = Counter(
+            "traci_reducer_tracking_failures",
+            "experiment tracking calls that failed (tracking.*: tensorboard, mlflow); training "
+            "goes on, docs/tracking.md",
+            ["tracker"],
+            registry=r,
+        )
 
     def served(self, status: str, seconds: float) -> None:
         self.queries.labels(status=status).inc()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,20 @@ from traci_ml.core.files import write_atomic
 
 
 class MetricsLog:
-    """Appends one JSON object per line; flushed each time so ``traci up`` can follow it."""
+    """Appends one JSON object per line; flushed each time so ``traci up`` can follow it.
+    Each record also goes to every callable in ``sinks`` (experiment tracking)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = path.open("a", buffering=1)
+        self.sinks: list[Callable[[dict[str, Any]], None]] = []
 
     def write(self, record: dict[str, Any]) -> None:
         """One record, stamped with the wall-clock ``time`` (Unix seconds)."""
-        self._fh.write(json.dumps({**record, "time": time.time()}, sort_keys=True) + "\n")
+        stamped = {**record, "time": time.time()}
+        self._fh.write(json.dumps(stamped, sort_keys=True) + "\n")
+        for sink in self.sinks:
+            sink(stamped)
 
     def close(self) -> None:
         self._fh.close()

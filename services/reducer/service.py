@@ -37,6 +37,7 @@ from traci_ml.core.tensors import (
     resolve_device,
     to_wire,
 )
+from traci_ml.core.tracking import Tracking
 from traci_ml.services.reducer.aligning import AlignDesk, LabelHolder
 from traci_ml.services.reducer.evaluation import Evaluation
 from traci_ml.services.reducer.metrics import ReducerMetrics
@@ -61,6 +62,7 @@ class ReducerService:
     ) -> None:
         self.config = config
         self.serving = serve  # `traci serve`: the checkpoint answers QBATCHes, no training
+        self.resume = resume
         self.dataset = ds = load_dataset(config)
         self.schedule = schedule_for(config, ds)
         self.n = ds.n_experts
@@ -110,6 +112,7 @@ class ReducerService:
             y_mean=ds.y_mean, y_std=ds.y_std,
         )  # fmt: skip
         self.records = MetricsLog(self.run_dir.metrics)
+        self.tracking: Tracking | None = None  # tracking.*: TensorBoard / MLflow, from run()
         self.context = context or zmq.Context.instance()
         net = config.network
         self.link = BrokerLink(
@@ -151,6 +154,7 @@ class ReducerService:
             write_json_atomic(self.run_dir.config_json, self.config.to_dict())
             if self.holder is None:  # parties: each expert keeps its own statistics
                 write_preprocess(self.config, self.run_dir)  # for `traci predict`, serving
+            self._start_tracking()
         self.link.connect(timeout=self.config.network.connect_timeout)
         finished = False
         try:
@@ -248,10 +252,7 @@ class ReducerService:
         if step.phase == "train" and not len(rows):
             self._refuse(msg.seq, "no_rows", "no row of this step is held by the experts")
         elif step.phase == "train":
-            done = self.train_steps
             self._train_step(msg, step.index, tokens, absent, y, keep)
-            if self.train_steps > done:  # not refused
-                self._participation(msg.present)
         else:
             final = step.round == self.schedule.eval_rounds - 1
             self._eval_step(msg, step.last_in_round, tokens, absent, y, rows, final=final)
@@ -347,6 +348,7 @@ class ReducerService:
         self.optimizer.step()  # after the send: experts apply their slices meanwhile
         self.train_steps += 1
         self.metrics.samples.inc(len(y))
+        self._participation(msg.present)  # before the record that reports it
         self._track(loss.item(), metric, att, masked)
         every = self.config.train.checkpoint_every
         if every and self.train_steps % every == 0:
@@ -437,6 +439,8 @@ class ReducerService:
                     "wall_seconds": self.wall_seconds(),
                     "skipped": self.skipped,
                     "attention": [round(a, 6) for a in self.att_train.tolist()],
+                    # share of the train steps so far each expert took part in
+                    "participation": [round(n / self.train_steps, 6) for n in self.participated],
                 }
             )
 
@@ -448,6 +452,18 @@ class ReducerService:
         name = metric_name(self.dataset.task)
         log.info("reducer eval after step %d: loss %.4f %s %.4f",
                  self.train_steps, record["loss"], name, record[name])  # fmt: skip
+
+    def _start_tracking(self) -> None:
+        """TensorBoard / MLflow copies of the records (docs/tracking.md); a resume continues
+        the same MLflow run and TensorBoard directory from the restored step."""
+        failures = self.metrics.tracking_failures
+        self.tracking = Tracking.for_run(
+            self.config, self.run_dir, experts=[v.name for v in self.dataset.views],
+            first_step=self.train_steps, resume=self.resume,
+            on_failure=lambda name: failures.labels(tracker=name).inc(),
+        )  # fmt: skip
+        if self.tracking is not None:
+            self.records.sinks.append(self.tracking.record)
 
     def wall_seconds(self) -> float:
         since = 0.0 if self.started_at is None else time.monotonic() - self.started_at
@@ -509,8 +525,13 @@ class ReducerService:
             self.sharded.close()
         if not self.serving:
             self.save()
-        if finished and not self.serving:
-            write_json_atomic(self.run_dir.summary, self.summary())
+        summary = self.summary() if finished and not self.serving else None
+        if self.tracking is not None:  # a bounded wait; the report goes into summary.json
+            report = self.tracking.close(summary, finished=finished)
+            if summary is not None:
+                summary["tracking"] = report
+        if summary is not None:
+            write_json_atomic(self.run_dir.summary, summary)
         try:
             self.link.send(proto.Goodbye("done" if finished else "shutdown"))
         except zmq.ZMQError:
