@@ -28,4 +28,7 @@ def run(config: Config, *, serve: bool = False) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     stop = stop_on_signals("broker") if in_main else threading.Event()
     broker = BrokerService(config, metrics=metrics, n_experts=n_experts, stop=stop, serve=serve)
-    return broker.run()
+    code = broker.run()
+    if code == 0 and not stop.is_set() and not serve:  # the reducer said the run is done
+        metrics.run_end.finished(config.metrics.final_scrape)
+    return code

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from traci_ml.core.observe import LATENCY_BUCKETS
+from traci_ml.core.observe import LATENCY_BUCKETS, RunEnd
 from traci_ml.proto import ALIGN_STAGES, BROKER_DROP_REASONS, KINDS, REJECT_REASONS
 
 # Reasons the broker adds to proto.REJECT_REASONS in traci_broker_rejections_total{reason}.
@@ -58,6 +58,7 @@ class BrokerMetrics:
     def __init__(self, n_experts: int, *, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
+        self.run_end = RunEnd(reg)  # traci_run_finished
         # Buffered by the loop thread, moved into the metrics below by flush().
         self._counts: dict[tuple[str, str], int] = {}  # only ever grows, never reset
         self._flushed: dict[tuple[str, str], int] = {}

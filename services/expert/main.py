@@ -19,4 +19,7 @@ def run(config: Config, *, expert_id: int, resume: bool = False, serve: bool = F
     expert = ExpertService(
         config, expert_id, resume=resume, metrics=metrics, stop=stop, serve=serve
     )
-    return expert.run()
+    code = expert.run()
+    if code == 0 and not stop.is_set() and not serve:
+        metrics.run_end.finished(config.metrics.final_scrape)
+    return code

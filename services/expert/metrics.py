@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from traci_ml import proto
-from traci_ml.core.observe import LATENCY_BUCKETS
+from traci_ml.core.observe import LATENCY_BUCKETS, RunEnd
 
 EXPERT_REASONS = ("unknown_step", "misrouted", "conflict", "unexpected_kind", "internal",
                   *proto.VALUE_REASONS)  # fmt: skip
@@ -19,6 +19,7 @@ LOST_REASONS = (*proto.DROP_REASONS, "broker_lost", "resync", "shutdown")
 class ExpertMetrics:
     def __init__(self, expert_id: int) -> None:
         self.registry = CollectorRegistry()
+        self.run_end = RunEnd(self.registry)  # traci_run_finished
         labels = {"expert": str(expert_id)}
         r = self.registry
         self.sent = Counter(

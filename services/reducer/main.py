@@ -16,4 +16,7 @@ def run(config: Config, *, resume: bool = False, serve: bool = False) -> int:
     serve_metrics(
         service.metrics.registry, bind=config.metrics.bind, port=config.metrics.reducer_port
     )
-    return service.run()
+    code = service.run()
+    if code == 0 and not stop.is_set() and not serve:
+        service.metrics.run_end.finished(config.metrics.final_scrape)
+    return code

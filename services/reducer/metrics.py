@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from traci_ml import proto
-from traci_ml.core.observe import LATENCY_BUCKETS
+from traci_ml.core.observe import LATENCY_BUCKETS, RunEnd
 
 REDUCER_REASONS = ("replay", "unknown_step", "conflict", "unexpected_kind", "internal",
                    "align_throttled", *proto.VALUE_REASONS)  # fmt: skip
@@ -16,6 +16,7 @@ REFUSED_REASONS = ("non_finite_loss", "non_finite_grad", "too_large", "no_rows")
 class ReducerMetrics:
     def __init__(self, n_experts: int) -> None:
         self.registry = r = CollectorRegistry()
+        self.run_end = RunEnd(r)  # traci_run_finished
         self.loss = Gauge("traci_reducer_loss", "training loss (moving average)", registry=r)
         self.train_metric = Gauge(
             "traci_reducer_train_metric",

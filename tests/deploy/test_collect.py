@@ -2,7 +2,7 @@
 expert's checkpoint and accounts on its own -- brought together into one run directory that
 `traci predict` reads exactly as the run it was split from.
 
-The cluster is played by a stand-in `kubectl` (KUBECTL) that accepts only the one command
+The cluster is played by a stand-in `kubectl` (--kubectl) that accepts only the one command
 collect sends, `kubectl -n NS exec deploy/NAME -c ROLE -- tar cf - -C DIR LEAF`, and answers
 it by running the real tar in that pod's folder; a Deployment that does not exist is answered
 as the API server does. There is no Kubernetes API server on this machine."""
@@ -64,18 +64,18 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     fake = tmp_path / "kubectl"
     fake.write_text(FAKE_KUBECTL.format(python=sys.executable))
     fake.chmod(0o755)
-    monkeypatch.setenv("KUBECTL", str(fake))
     monkeypatch.setenv("FAKE_PODS", str(tmp_path / "pods"))
     config = built.config.model_copy(update={"run_dir": "runs/{run_id}"})
-    return config, original, pods
+    return config, original, pods, str(fake)
 
 
 def test_collected_run_predicts_like_the_run_it_came_from(cluster, tmp_path, capsys) -> None:
-    config, original, _ = cluster
+    config, original, _, kubectl = cluster
     config_file = tmp_path / "run.yaml"
     config_file.write_text((original / "config.json").read_text())  # JSON is YAML
     out = tmp_path / "collected"
-    argv = ["collect", "--config", str(config_file), "--set", "run_dir=runs/{run_id}"]
+    argv = ["collect", "--config", str(config_file), "--set", "run_dir=runs/{run_id}",
+            "--kubectl", kubectl]  # fmt: skip
     assert main([*argv, "--out", str(out)]) == 0
     dest = out / "predict-test"
     assert f"collected {dest}" in capsys.readouterr().out
@@ -93,27 +93,27 @@ def test_collected_run_predicts_like_the_run_it_came_from(cluster, tmp_path, cap
 
 
 def test_a_missing_deployment_names_itself(cluster, tmp_path) -> None:
-    config, _, pods = cluster
+    config, _, pods, kubectl = cluster
     shutil.rmtree(pods / "expert-1")
     with pytest.raises(CollectError, match=r"expert-1: kubectl exec exited 1: .*NotFound"):
-        collect(config, tmp_path / "out")
+        collect(config, tmp_path / "out", kubectl=kubectl)
 
 
 def test_a_part_without_its_checkpoint_is_named(cluster, tmp_path) -> None:
-    config, _, pods = cluster
+    config, _, pods, kubectl = cluster
     (pods / "expert-0" / POD_RUNS / "predict-test" / "checkpoints" / "expert-0.pt").unlink()
     with pytest.raises(CheckpointError, match=r"lacks expert-0\.pt"):
-        collect(config, tmp_path / "out")
+        collect(config, tmp_path / "out", kubectl=kubectl)
 
 
 def test_members_cannot_escape_the_output_folder(cluster, tmp_path) -> None:
     """A hostile pod's tar with a link out of the folder is refused, nothing written outside."""
-    config, _, pods = cluster
+    config, _, pods, kubectl = cluster
     run = pods / "expert-0" / POD_RUNS / "predict-test"
     (run / "escape").symlink_to("/etc/passwd")
     (run / "up").symlink_to("../../../../..")
     with pytest.raises(CollectError, match="did not unpack"):
-        collect(config, tmp_path / "out")
+        collect(config, tmp_path / "out", kubectl=kubectl)
     assert not (tmp_path / "out" / "predict-test" / "escape").exists()
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,8 @@ def test_compose_up_trains_and_is_scraped(engine, phases: Phases, tmp_path: Path
         with phases("training (up -> every container exited)"):
             seen = watch_run(dockerd.docker, compose, env, prometheus, phases, TRACI)
         check_run(dockerd.docker, compose, env, seen, steps=STEPS, accuracy=0.9)
+        with phases("after the run: finished, not down"):
+            check_finished_not_down(prometheus)
         with phases("compose down -v"):
             ce.run([*compose, "down", "--volumes", "--timeout", "30"], env=env, timeout=180)
 
@@ -278,6 +281,27 @@ def test_compose_up_trains_and_is_scraped(engine, phases: Phases, tmp_path: Path
         if prometheus is not None:
             prometheus.stop()
         wheels.stop()
+
+
+def check_finished_not_down(prometheus: ce.Prometheus, timeout: float = 30.0) -> None:
+    """Every service exited 0 with its run: Prometheus finds each target down, and read
+    traci_run_finished 1 in its last scrape (metrics.final_scrape), so TraciTargetDown's
+    expression -- read from the rules file -- selects none of them."""
+    rules = yaml.safe_load((ce.DEPLOY / "prometheus" / "rules" / "traci.rules.yml").read_text())
+    alerts = {r.get("alert"): r for g in rules["groups"] for r in g["rules"]}
+    rule = alerts["TraciTargetDown"]
+    instances = {"127.0.0.1:9100", "127.0.0.1:9101", *(f"127.0.0.1:{9110 + i}" for i in range(4))}
+    deadline = time.monotonic() + timeout
+    while True:
+        down = {r["metric"]["instance"] for r in prometheus.query('up{component!=""} == 0')}
+        if down == instances or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert down == instances, f"down after the run: {sorted(down)}"
+    said = prometheus.query("last_over_time(traci_run_finished[1h]) == 1")
+    assert {r["metric"]["instance"] for r in said} == instances, said
+    firing = prometheus.query(rule["expr"])
+    assert firing == [], f"TraciTargetDown would fire after a successful run: {firing}"
 
 
 def check_run(docker, compose, env, seen, *, steps: int, accuracy: float) -> None:  # noqa: ANN001

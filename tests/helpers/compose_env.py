@@ -296,7 +296,8 @@ def port_in_use(port: int) -> bool:
 
 class Prometheus:
     """The host's prometheus on 127.0.0.1, scraping ``targets`` (job -> [host:port]) every
-    second."""
+    second. A job ``traci-<component>`` labels its targets component=<component>, as
+    deploy/prometheus/prometheus.yml does (the alert rules select on it)."""
 
     def __init__(self, binary: str, workdir: Path, targets: dict[str, list[str]]) -> None:
         (self.port,) = free_ports(1)
@@ -304,7 +305,19 @@ class Prometheus:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "scrape_configs": [
-                {"job_name": job, "static_configs": [{"targets": hosts}]}
+                {
+                    "job_name": job,
+                    "static_configs": [
+                        {
+                            "targets": hosts,
+                            "labels": (
+                                {"component": job.removeprefix("traci-")}
+                                if job.startswith("traci-")
+                                else {}
+                            ),
+                        }
+                    ],
+                }
                 for job, hosts in targets.items()
             ],
         }

@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--out", default="runs", help="where the run directory goes (default: runs)")
     col.add_argument("--namespace", default="traci", help="the run's namespace (default: traci)")
     col.add_argument("--config", required=True, help="the run config (its run_id and views)")
+    col.add_argument("--kubectl", default="kubectl", help="the kubectl to run (default: kubectl)")
     common(col)
 
     health = sub.add_parser(
@@ -483,7 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from traci_ml.app.collect import collect
 
         try:
-            dest = collect(config_from_args(args), Path(args.out), namespace=args.namespace)
+            dest = collect(
+                config_from_args(args), Path(args.out), namespace=args.namespace,
+                kubectl=args.kubectl,
+            )  # fmt: skip
         except TraciError as exc:
             print(f"traci collect: error: {exc}", file=sys.stderr)
             return 2

@@ -43,10 +43,9 @@ def pod_run_dir(config: Config) -> str:
     return posixpath.join(WORKDIR, config.run_path.as_posix())
 
 
-def collect(config: Config, out: Path, *, namespace: str = "traci", kubectl: str | None = None,
+def collect(config: Config, out: Path, *, namespace: str = "traci", kubectl: str = "kubectl",
             timeout: float = 600.0) -> Path:  # fmt: skip
     """Copy every process's part of the run into ``out/<run_id>``; returns that folder."""
-    kubectl = kubectl or os.environ.get("KUBECTL") or "kubectl"
     n = expert_count(config)
     parent, leaf = posixpath.split(pod_run_dir(config).rstrip("/"))
     dest = Path(out) / config.run_id

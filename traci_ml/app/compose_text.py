@@ -117,6 +117,10 @@ x-env: &env
   TRACI_RUN_DIR: /var/lib/traci/runs/{{run_id}}
   TRACI_NETWORK__BROKER_HOST: broker
   TRACI_METRICS__BIND: 0.0.0.0
+  # A service whose run is done waits (15 s at most) for Prometheus (every 5 s) to read
+  # traci_run_finished 1 before it exits: its target then reads "finished", not "down",
+  # and TraciTargetDown stays quiet after a successful run.
+  TRACI_METRICS__FINAL_SCRAPE: "15"
 
 # `traci health` asks the service's metrics endpoint whether it is that service and up.
 x-health: &health

@@ -270,6 +270,10 @@ class MetricsConfig(_Section):
     broker_port: int = Field(9100, ge=0, le=65535)  # 0 disables a service's endpoint
     reducer_port: int = Field(9101, ge=0, le=65535)
     expert_base_port: int = Field(9110, ge=0, le=65535)  # expert i listens on base + i
+    # Seconds a service whose run is done keeps its endpoint up for one last scrape of
+    # traci_run_finished 1 (observe.RunEnd): a static Prometheus target (compose) then reads
+    # "finished", not "down". 0: exit at once (traci up; Kubernetes drops finished pods).
+    final_scrape: float = Field(0.0, ge=0.0, le=600.0)
 
 
 class LauncherConfig(_Section):
