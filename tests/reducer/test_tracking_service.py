@@ -28,7 +28,8 @@ def run_to_the_end(tmp_path: Path, **extra: str) -> tuple[Path, list[dict], dict
             rig.broker.send(rig.batch(seq))
             kind = proto.Grad if rig.schedule.step(seq).phase == "train" else proto.Ack
             rig.broker.expect(kind)
-        assert rig.broker.expect(proto.Goodbye) == proto.Goodbye("done")
+        # the reducer ends its trackers (a bounded wait) before it says goodbye
+        assert rig.broker.expect(proto.Goodbye, timeout=30) == proto.Goodbye("done")
         assert rig.join(timeout=30) == 0
     finally:
         rig.close()
