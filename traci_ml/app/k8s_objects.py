@@ -17,15 +17,16 @@ from __future__ import annotations
 from typing import Any
 
 from traci_ml.core.config import Config
-from traci_ml.core.errors import ConfigError
+from traci_ml.core.errors import CONFIG_ERROR, DATA_ERROR, ConfigError
 
 Obj = dict[str, Any]
 CONFIG = "/etc/traci/config.yaml"
 RUNS = "/var/lib/traci/runs"
 WORKLOAD = "traci.dev/workload"  # the label naming a pod's Job / Deployment
-# A service's exit codes that no restart can fix (traci_ml/app/cli.py, docs/reliability.md): a
-# config or checkpoint error (2), a data error (3). The Jobs fail at once on them.
-HOPELESS = [2, 3]
+# A service's exit codes that no restart can fix (core/errors.py, docs/reliability.md): a
+# config or checkpoint error (2), a data error (3). The Jobs fail at once on them; a peer that
+# timed out (1) or a crash is retried.
+HOPELESS = [CONFIG_ERROR, DATA_ERROR]
 RESOURCES = {
     "broker": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
     "reducer": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
