@@ -244,6 +244,7 @@ def test_no_environment_reads_outside_the_entry_points() -> None:
         "traci_ml/core/config.py",
         "traci_ml/app/launcher.py",
         "traci_ml/app/supervisor.py",
+        "traci_ml/app/zygote.py",  # a forked service's environment (process plumbing)
         "traci_ml/core/tensors.py",
         "traci_ml/core/signals.py",
     }

@@ -79,6 +79,8 @@ def test_ctrl_c_stops_every_service_and_checkpoints(run_config):
         assert (run_dir / "checkpoints" / f"{name}.pt").exists(), name
     leftovers = subprocess.run(["pgrep", "-f", str(path)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", "services still running after Ctrl-C"
+    pids = json.loads((run_dir / "pids.json").read_text())  # forked ones: the zygote's cmdline
+    assert len(pids) == 6 and not [n for n, p in pids.items() if _alive(p)], pids
     accounts = json.loads((run_dir / "experts" / "expert-0.json").read_text())
     assert accounts["sent"] == (
         accounts["applied"] + accounts["acked"] + accounts["dropped"] + accounts["inflight"]

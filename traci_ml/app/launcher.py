@@ -48,7 +48,7 @@ def up(config: Config, *, argv: list[str], args: Any) -> int:
         check_run(config)
     run.logs.mkdir(parents=True, exist_ok=True)
     run.launch.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    services = children(config, run.launch, resume=args.resume, gpus=args.gpus)
+    services = children(config, run.launch, resume=args.resume, gpus=args.gpus, fork=True)
     progress = Progress(config, sys.stdout)
     reducer = next(c for c in services if c.name == "reducer")
 

@@ -55,7 +55,7 @@ def serve(config: Config, *, out: TextIO = sys.stdout) -> int:
     run.serve.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     run.logs.mkdir(parents=True, exist_ok=True)
     where = tcp_endpoint(config.network.broker_host, config.network.serve_port)
-    code = supervise(children(config, run.serve, serve=True), Policy(
+    code = supervise(children(config, run.serve, serve=True, fork=True), Policy(
         config.launcher, run.serve_pids, _ServeConsole(out),
         started=f"serving {run.path} on {where} ({n} experts; logs in {run.path}/"
         f"{RunDir.LOGS}); Ctrl-C to stop",

@@ -18,13 +18,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from traci_ml.core.config import Config, LauncherConfig
 from traci_ml.core.errors import CONFIG_ERROR, DATA_ERROR
 from traci_ml.core.files import write_json_atomic
 from traci_ml.core.rundir import RunDir
 from traci_ml.core.signals import PARENT_ENV
+
+if TYPE_CHECKING:
+    from traci_ml.app.zygote import Forked, Zygote
 
 log = logging.getLogger(__name__)
 POLL = 0.2
@@ -42,7 +45,8 @@ class Child:
     restart_argv: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen | None = None
+    zygote: Zygote | None = None  # forks it ready-imported (app/zygote.py); else a new process
+    proc: subprocess.Popen | Forked | None = None
     log_file: TextIO | None = None
     restarts: int = 0
     streak: int = 0  # restarts since the service last ran for STABLE seconds (back-off)
@@ -50,13 +54,17 @@ class Child:
     restart_at: float | None = None  # monotonic time of a scheduled restart
 
     def start(self) -> None:
-        if self.log_file is None:
-            self.log_file = self.log_path.open("ab")  # type: ignore[assignment]
         argv = self.restart_argv if self.restarts else self.argv
-        self.proc = subprocess.Popen(
-            argv, stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env,
-            stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C reaches us alone
-        )  # fmt: skip
+        self.proc = None
+        if self.zygote is not None:
+            self.proc = self.zygote.spawn(self.name, argv, self.env, self.log_path)
+        if self.proc is None:
+            if self.log_file is None:
+                self.log_file = self.log_path.open("ab")  # type: ignore[assignment]
+            self.proc = subprocess.Popen(
+                argv, stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env,
+                stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C reaches us alone
+            )  # fmt: skip
         self.restart_at = None
         self.started_at = time.monotonic()
 
@@ -136,22 +144,50 @@ class Policy:
         return self.serving and child.name.startswith("expert-")
 
 
+def service_env() -> dict[str, str]:
+    """The environment every service (and the zygote) starts with."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
+    # pyarrow's allocator, fixed at its import: the system one gives a party file's read
+    # buffers back to the OS (mimalloc keeps ~40 MiB of a 2M-row read; bench data section)
+    env.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    return env
+
+
+def start_zygote(config: Config, name: str = "zygote") -> Zygote | None:
+    """A zygote (``app/zygote.py``) importing what this run's services need, logging to
+    ``logs/<name>.log``; None where fork is not the way to start processes (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    from traci_ml.app.zygote import Zygote, modules_for
+
+    run = RunDir(config.run_path)
+    run.logs.mkdir(parents=True, exist_ok=True)
+    return Zygote(modules_for(config.data.source), service_env(), run.log(name))
+
+
 def children(
-    config: Config, config_file: Path, *, resume: bool = False, gpus: int = 0, serve: bool = False
+    config: Config,
+    config_file: Path,
+    *,
+    resume: bool = False,
+    gpus: int = 0,
+    serve: bool = False,
+    fork: bool = False,
 ) -> list[Child]:
     """Broker, reducer and one process per expert, each reading ``config_file``. ``resume``: the
     first start continues from the checkpoints (a restart always does); ``gpus``: experts spread
     over that many GPUs; ``serve``: every one started with ``--serve`` (a restart runs the same
-    command: serving always loads the latest checkpoint), logging to ``logs/serve-<name>.log``."""
+    command: serving always loads the latest checkpoint), logging to ``logs/serve-<name>.log``;
+    ``fork``: the reducer and the experts are forked from a zygote started now, which imports
+    torch and the services once for all of them (``app/zygote.py``; ``supervise`` ends it);
+    the broker, which imports no torch, starts at once as a new process."""
     from traci_ml.core.data import expert_count
 
     n = expert_count(config)
     run = RunDir(config.run_path)
     base = [sys.executable, "-m", "traci_ml.app.cli"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
-    # pyarrow's allocator, fixed at its import: the system one gives a party file's read
-    # buffers back to the OS (mimalloc keeps ~40 MiB of a 2M-row read; bench data section)
-    env.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    env = service_env()
+    zygote = start_zygote(config, "serve-zygote" if serve else "zygote") if fork else None
     first = ["--resume"] if resume else []
     specs = [("broker", ["broker"], False), ("reducer", ["reducer"], True)]
     specs += [(f"expert-{i}", ["expert", "--id", str(i)], True) for i in range(n)]
@@ -161,13 +197,14 @@ def children(
         child_env = dict(env)
         if gpus and name.startswith("expert-"):
             child_env["CUDA_VISIBLE_DEVICES"] = str(int(name.split("-")[1]) % gpus)
+        fork = zygote if name != "broker" else None
         if serve:
             argv.append("--serve")
-            out.append(Child(name, argv, argv, run.log(f"serve-{name}"), child_env))
+            out.append(Child(name, argv, argv, run.log(f"serve-{name}"), child_env, fork))
             continue
         out.append(Child(
             name, argv + (first if resumable else []),
-            argv + (["--resume"] if resumable else []), run.log(name), child_env,
+            argv + (["--resume"] if resumable else []), run.log(name), child_env, fork,
         ))  # fmt: skip
     return out
 
@@ -190,6 +227,8 @@ def supervise(children: list[Child], policy: Policy) -> int | None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         stop_all(children)
+        for zygote in {id(c.zygote): c.zygote for c in children if c.zygote}.values():
+            zygote.close()
 
 
 def _interrupt(signum: int, _frame: object) -> None:
