@@ -286,15 +286,19 @@ class Query:
     columns by name.
 
     Or by id: ``ids`` lists R row ids (all int or all str, unique), ``columns`` is () and
-    there is no tensor: each expert looks the rows up in its own table."""
+    there is no tensor: each expert looks the rows up in its own table.
+
+    ``attention`` (client -> broker, optional, issue 14): the client wants each row's
+    attention per expert in its REPLY (a second tensor); never sent on to the experts."""
 
     KIND: ClassVar[str] = "QUERY"
     FIELDS: ClassVar[dict[str, type]] = {"qid": int, "columns": list}
-    OPTIONAL: ClassVar[dict[str, type]] = {"ids": list}
+    OPTIONAL: ClassVar[dict[str, type]] = {"ids": list, "attention": bool}
     qid: int
     columns: tuple[str, ...]
     tensors: tuple[Tensor, ...] = ()  # one [R, F] float32; none for a query by id
     ids: tuple[int, ...] | tuple[str, ...] = ()
+    attention: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,22 +322,28 @@ class QEmb:
 @dataclass(frozen=True, slots=True)
 class QBatch:
     """Broker -> reducer: query ``qid`` joined, one ``[R, d]`` per present expert in
-    ascending id (``present[i]``: expert ``i`` took part) and ``rows`` as in BATCH."""
+    ascending id (``present[i]``: expert ``i`` took part) and ``rows`` as in BATCH.
+    ``attention``: some request of the batch asked for attention: the QOUT carries it."""
 
     KIND: ClassVar[str] = "QBATCH"
     FIELDS: ClassVar[dict[str, type]] = {"qid": int, "present": list}
-    OPTIONAL: ClassVar[dict[str, type]] = {"rows": list}
+    OPTIONAL: ClassVar[dict[str, type]] = {"rows": list, "attention": bool}
     qid: int
     present: tuple[bool, ...]
     tensors: tuple[Tensor, ...]
     rows: tuple[bytes, ...] = ()
+    attention: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class QOut:
     """Reducer -> broker: the outputs ``[R, C]`` float32 of query ``qid``: class
     probabilities (task "classification", ``classes`` their names) or values in the label's
-    units (``[R, 1]``, task "regression"); or no tensor, the cause and a detail."""
+    units (``[R, 1]``, task "regression"); or no tensor, the cause and a detail. When the
+    QBATCH asked for ``attention``, a second tensor ``[R, 1 + P]`` float32: per row the
+    [CLS] query's attention weight on [CLS] itself, then on each of the P present experts in
+    QBATCH order: the reducer's last block's softmax weights of the [CLS] query, averaged
+    over heads (a row sums to 1; an expert masked for a row weighs 0 there)."""
 
     KIND: ClassVar[str] = "QOUT"
     FIELDS: ClassVar[dict[str, type]] = {"qid": int, "status": str, "detail": str,
@@ -353,7 +363,9 @@ class Reply:
     and ``batch_rows``, the rows of the batched query it travelled in; or no tensor, the
     cause and a detail. ``rows``: one row bitmap per entry of ``experts`` over this
     request's R rows, the rows that expert took part in (b"": all); () when every listed
-    expert took part in every row."""
+    expert took part in every row. A request that asked for ``attention`` gets a second
+    tensor ``[R, 1 + len(experts)]`` float32: [CLS]'s own weight, then one column per entry
+    of ``experts`` (see QOUT); a request that did not gets exactly what it got before."""
 
     KIND: ClassVar[str] = "REPLY"
     FIELDS: ClassVar[dict[str, type]] = {"qid": int, "status": str, "detail": str,

@@ -123,8 +123,13 @@ def encode(msg: Message) -> list[FrameLike]:
         header[name] = list(value) if isinstance(value, tuple) else value
     for name in _OPTIONAL[msg.KIND]:
         value = getattr(msg, name)
-        # empty (b"", (), or -1 for an int): left out, the frames are those without it
-        if (value >= 0) if isinstance(value, int) else len(value):
+        # empty (b"", (), -1 for an int, False for a flag): left out, the frames are those
+        # without it
+        if isinstance(value, bool):
+            keep = value
+        else:
+            keep = (value >= 0) if isinstance(value, int) else len(value)
+        if keep:
             header[name] = list(value) if isinstance(value, tuple) else value
     tensors = tensors_of(msg)
     if tensors:
@@ -410,7 +415,7 @@ def _build_serve(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...])
             out["ids"] = _check_ids(out["ids"])
             _expect(not columns, "QUERY by ids names no columns", "bad_field")
             _expect(not tensors, "QUERY by ids carries no tensor")
-            return Query(out["qid"], (), (), out["ids"])
+            return Query(out["qid"], (), (), out["ids"], out.get("attention", False))
         out["ids"] = ()
         _expect(len(tensors) == 1, "QUERY carries one tensor")
         _expect(tensors[0].dtype == "float32", "QUERY rows are float32", "dtype")
@@ -433,13 +438,21 @@ def _build_serve(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...])
         out["rows"] = _rows_list(out.get("rows", []), len(tensors), tensors[0].shape[0], "QBATCH")
     else:
         ok = out["status"] == SERVE_OK
-        _expect(len(tensors) == (1 if ok else 0), f"{kind} carries one tensor if and only if ok")
-        _expect(not tensors or len(tensors[0].shape) == 2, f"{kind} tensor is 2-D", "bad_shape")
+        # ok: the outputs, and for QOUT/REPLY the rows' attention when it was asked for
+        counts = ((1, 2) if cls is not QEmb else (1,)) if ok else (0,)
+        _expect(len(tensors) in counts, f"{kind} carries one tensor if and only if ok (QOUT "
+                "and REPLY: and a second, the attention, when asked for)")  # fmt: skip
+        _expect(all(len(t.shape) == 2 for t in tensors), f"{kind} tensor is 2-D", "bad_shape")
         _expect(
-            cls is QEmb or not tensors or tensors[0].dtype == "float32",
+            cls is QEmb or all(t.dtype == "float32" for t in tensors),
             f"{kind} outputs are float32",
             "dtype",
         )
+        if len(tensors) == 2:  # [R, 1 + experts]: [CLS], then one column per expert
+            att = tensors[1].shape
+            _expect(att[0] == tensors[0].shape[0] and att[1] >= 1,
+                    f"{kind} attention is [R, 1 + experts] over the outputs' R rows",
+                    "bad_shape")  # fmt: skip
         _expect(out.get("expert_id", 0) >= 0, f"{kind}.expert_id is negative", "bad_field")
         if cls is QEmb and out.get("rows"):
             _expect(ok, "QEMB.rows only with status ok", "bad_field")
@@ -453,6 +466,8 @@ def _build_serve(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...])
                 "bad_field",
             )
             out["experts"] = tuple(experts)
+            _expect(len(tensors) < 2 or tensors[1].shape[1] == 1 + len(experts),
+                    "REPLY attention has 1 + len(experts) columns", "bad_shape")  # fmt: skip
             rows = out.get("rows", [])
             _expect(ok or not rows, "REPLY.rows only with status ok", "bad_field")
             n = tensors[0].shape[0] if tensors else 0

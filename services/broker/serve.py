@@ -71,6 +71,7 @@ class Request:
     arrival: float
     rows: int = 0  # R
     at: slice | np.ndarray | None = None  # its rows in the batched query (ids: gathered)
+    attention: bool = False  # QUERY.attention: its REPLY carries the rows' attention
 
 
 @dataclass(slots=True)
@@ -215,7 +216,8 @@ class ServeDesk:
             group = None
         if group is None:
             group = self._groups[key] = Group(msg.columns, now, ids={} if ids else None)
-        request = Request(routing_id, msg.qid, None if ids else msg.tensors[0], now, rows)
+        request = Request(routing_id, msg.qid, None if ids else msg.tensors[0], now, rows,
+                          attention=msg.attention)  # fmt: skip
         if group.ids is not None:  # each id once per query; the request gathers its rows
             index = group.ids
             request.at = np.fromiter((index.setdefault(i, len(index)) for i in ids), np.intp,
@@ -337,8 +339,7 @@ class ServeDesk:
         del self._queries[msg.qid]
         if msg.status != SERVE_OK:
             self._fail(query, now, out, "reducer_error", f"reducer: {msg.status}: {msg.detail}")
-        elif msg.tensors[0].shape[0] != query.rows:
-            detail = f"reducer answered {msg.tensors[0].shape[0]} rows for {query.rows}"
+        elif detail := _shape_problem(query, msg):
             self._fail(query, now, out, "reducer_error", detail)
             out.reject("conflict", detail)
         else:
@@ -378,7 +379,8 @@ class ServeDesk:
             detail = f"the row bitmaps of {query.rows} rows x {len(ids)} experts fit no header"
             self._fail(query, now, out, "oversize", detail)
             return
-        batch = QBatch(query.qid, present, tuple(query.tokens[i] for i in ids), rows)
+        attention = any(r.attention for r in query.requests)
+        batch = QBatch(query.qid, present, tuple(query.tokens[i] for i in ids), rows, attention)
         out.sends.append(Send(REDUCER, reducer, batch))
         query.stage, query.reducer, query.present = "reducer", reducer, tuple(ids)
         query.deadline, query.tokens, query.present_rows = now + self.timeout, {}, rows
@@ -386,18 +388,21 @@ class ServeDesk:
     def _answer(self, query: InQuery, msg: QOut, now: float, out: Outcome) -> None:
         """Split the reducer's outputs back into one REPLY per request."""
         outputs = msg.tensors[0].numpy()
+        att = msg.tensors[1].numpy() if len(msg.tensors) > 1 else None  # [rows, 1 + present]
         names = tuple(self.view_names[i] for i in query.present)
         masks = None  # (experts, rows): who took part in which row of the batched query
         if query.present_rows:
             masks = np.stack([unpack_rows(bits, query.rows) for bits in query.present_rows])
         for req in query.requests:
-            mine = Tensor.from_numpy(outputs[req.at])
+            mine: tuple[Tensor, ...] = (Tensor.from_numpy(outputs[req.at]),)
+            if req.attention and att is not None:  # only to whom asked: the others' unchanged
+                mine += (Tensor.from_numpy(att[req.at]),)
             rows: tuple[bytes, ...] = ()
             if masks is not None:
                 rows = tuple(pack_rows(mask) for mask in masks[:, req.at])
                 rows = rows if any(rows) else ()
             reply = Reply(req.qid, SERVE_OK, "", msg.task, msg.classes, query.present, names,
-                          query.rows, (mine,), rows)  # fmt: skip
+                          query.rows, mine, rows)  # fmt: skip
             out.sends.append(Send(CLIENT, req.routing_id, reply))
             self._count(SERVE_OK, now - req.arrival)
 
@@ -455,3 +460,16 @@ class ServeDesk:
     def _count(self, outcome: str, latency: float | None) -> None:
         if self.metrics is not None:
             self.metrics.answered(outcome, latency)
+
+
+def _shape_problem(query: InQuery, msg: QOut) -> str:
+    """What is wrong with an ok QOUT's shapes ("": nothing): its outputs must have the
+    query's rows, and its attention, when a request asked for it, be ``[rows, 1 + present
+    experts]``."""
+    if msg.tensors[0].shape[0] != query.rows:
+        return f"reducer answered {msg.tensors[0].shape[0]} rows for {query.rows}"
+    if not any(r.attention for r in query.requests):
+        return ""
+    want = (query.rows, 1 + len(query.present))
+    got = msg.tensors[1].shape if len(msg.tensors) > 1 else None
+    return "" if got == want else f"reducer attention {got}, want {list(want)}"

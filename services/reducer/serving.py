@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from traci_ml import proto
+from traci_ml.core.models.attention import with_cls
 from traci_ml.core.tensors import TORCH_DTYPES, copy_into, to_wire
 
 
@@ -35,7 +36,9 @@ class ServeSpec:
 def answer(
     model: nn.Module, msg: proto.QBatch, spec: ServeSpec, device: torch.device
 ) -> proto.QOut:
-    """The QOUT for ``msg``: outputs ``[R, C]`` float32, or a refusal naming the cause."""
+    """The QOUT for ``msg``: outputs ``[R, C]`` float32 (and, when ``msg.attention``, the
+    rows' attention ``[R, 1 + P]``, ``core/models/attention.py``), or a refusal naming the
+    cause."""
     first = msg.tensors[0]
     want = (first.shape[0], spec.embed_dim)
     if len(msg.present) != spec.n_experts:
@@ -54,15 +57,18 @@ def answer(
     model.eval()
     try:
         with torch.no_grad():
-            logits, _ = model(tokens, absent)
+            logits, att = model(tokens, absent)
     finally:
         model.train(was_training)
     if spec.task == "classification":
         out = logits.softmax(dim=-1)
     else:
         out = logits[:, :1] * spec.y_std + spec.y_mean
-    return proto.QOut(msg.qid, proto.SERVE_OK, "", spec.task, spec.classes,
-                      (to_wire(out, "float32"),))  # fmt: skip
+    tensors = (to_wire(out, "float32"),)
+    if msg.attention:  # [R, 1 + P]: [CLS]'s own weight, then the present experts' in order
+        table = with_cls(att)[:, [0, *(1 + i for i in present)]]
+        tensors += (to_wire(table, "float32"),)
+    return proto.QOut(msg.qid, proto.SERVE_OK, "", spec.task, spec.classes, tensors)
 
 
 def absent_rows(

@@ -12,7 +12,7 @@
                                                exit 0 if that service's metrics answer
                                                (container health checks)
     traci predict --run RUN_DIR (--input CSV | --split test|train | --ids FILE|ID,ID,..)
-        [--output CSV]
+        [--output CSV] [--attention]
                                                a trained run in one process (docs/predict.md)
     traci export --run RUN_DIR --format torchscript|onnx [--output FILE]
                                                the whole model in one file (docs/predict.md)
@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--output", metavar="CSV", help="write here (default: stdout)")
     predict.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
+    predict.add_argument(
+        "--attention",
+        action="store_true",
+        help="also each row's attention per expert: columns attn_cls, attn_<expert>",
+    )
     export = sub.add_parser("export", help="write a trained run's whole model to one file")
     export.add_argument("--run", required=True, metavar="RUN_DIR", help="the run directory")
     export.add_argument("--format", required=True, choices=["torchscript", "onnx"])
@@ -199,6 +204,11 @@ def serve_parsers(sub: argparse._SubParsersAction, common: Callable) -> None:
     req.add_argument("--columns", help="comma-separated feature columns (default: numeric)")
     req.add_argument("--output", metavar="CSV", help="write here (default: stdout)")
     req.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
+    req.add_argument(
+        "--attention",
+        action="store_true",
+        help="also each row's attention per expert that took part: attn_cls, attn_<expert>",
+    )
     common(req)
 
 

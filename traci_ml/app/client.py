@@ -13,6 +13,10 @@
     pred.row_experts    # per row: the experts that hold it and took part
     pred.ids            # predict_ids: the ids asked, in row order
 
+        pred = client.predict(rows, columns, attention=True)    # also predict_ids
+    pred.attention      # (R, len(experts)) each row's attention per expert of pred.experts
+    pred.attention_cls  # (R,) [CLS]'s weight on itself; with it each row sums to 1
+
 The broker (``network.serve_port``) batches concurrent requests, fans them out to every live
 expert and the reducer, and answers each request with its own rows (docs/serving.md). A
 ``Client`` holds one ZeroMQ DEALER socket: use one per thread. Errors come back as
@@ -52,6 +56,10 @@ class Prediction:
     # per row, the experts that took part in it (a party may lack a row it was asked by id)
     row_experts: tuple[tuple[int, ...], ...] | None = None
     ids: tuple[int, ...] | tuple[str, ...] | None = None  # predict_ids: the row ids asked
+    # attention=True: (R, len(experts)) each row's attention per expert of ``experts`` and
+    # (R,) [CLS]'s weight on itself; a row sums to 1 (core/models/attention.py)
+    attention: np.ndarray | None = None
+    attention_cls: np.ndarray | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -104,22 +112,30 @@ class Client:
         columns: Sequence[str] | None = None,
         *,
         timeout: float | None = None,
+        attention: bool = False,
     ) -> Prediction:
         """Predict ``rows`` (R, F) of raw feature values named by ``columns``, or a mapping
-        column -> values (a dict of lists, a pandas DataFrame). Raises ``ServeError``."""
+        column -> values (a dict of lists, a pandas DataFrame). ``attention``: also each
+        row's attention per expert (``Prediction.attention``). Raises ``ServeError``."""
         x, names = _as_rows(rows, columns)
         self._qid += 1
-        return self._ask(proto.Query(self._qid, names, (proto.Tensor.from_numpy(x),)), timeout)
+        query = proto.Query(self._qid, names, (proto.Tensor.from_numpy(x),), attention=attention)
+        return self._ask(query, timeout)
 
     def predict_ids(
-        self, ids: Sequence[int] | Sequence[str] | np.ndarray, *, timeout: float | None = None
+        self,
+        ids: Sequence[int] | Sequence[str] | np.ndarray,
+        *,
+        timeout: float | None = None,
+        attention: bool = False,
     ) -> Prediction:
         """Predict the rows with these ids (ints or strs, unique; a numpy integer or string
         array too), each expert reading its own table: ``row_experts`` says which experts
         held each row. Raises ``ServeError`` (``bad_request`` for ids that are not that)."""
         self._qid += 1
         asked = _as_ids(ids)
-        return replace(self._ask(proto.Query(self._qid, (), (), asked), timeout), ids=asked)
+        query = proto.Query(self._qid, (), (), asked, attention)
+        return replace(self._ask(query, timeout), ids=asked)
 
     def _ask(self, query: proto.Query, timeout: float | None) -> Prediction:
         """Send ``query`` and wait for its REPLY."""
@@ -140,9 +156,14 @@ class Client:
             if reply.status != proto.SERVE_OK:
                 raise ServeError(reply.status, reply.detail)
             outputs = np.array(reply.tensors[0].numpy())  # own the memory, writable
+            att = np.array(reply.tensors[1].numpy()) if len(reply.tensors) > 1 else None
+            if query.attention and att is None:
+                raise ServeError("reducer_error", "the reply lacks the attention asked for")
             return Prediction(outputs, reply.task, reply.classes, reply.experts,
                               reply.expert_names, reply.batch_rows, time.monotonic() - t0,
-                              _row_experts(reply, len(outputs)))  # fmt: skip
+                              _row_experts(reply, len(outputs)),
+                              attention=None if att is None else att[:, 1:],
+                              attention_cls=None if att is None else att[:, 0])  # fmt: skip
         self._reset()  # a fresh socket: nothing of this request lingers
         raise ServeError("timeout", f"no reply from {self.endpoint} in {deadline - t0:.1f}s")
 

@@ -18,8 +18,10 @@ def run_predict(args: argparse.Namespace) -> int:
     """``traci predict``: CSV out (stdout or --output), in the columns of eval_predictions.csv
     (``row``, ``id``, [``label``], ``prediction``, ``prob_<class>``..., ``absent``); a --split
     run reports its accuracy. --split and --ids go by id (every expert its own rows: a parties
-    run needs every party's file), --input takes raw feature rows (one-table runs)."""
+    run needs every party's file), --input takes raw feature rows (one-table runs).
+    --attention appends each row's attention per expert (``traci_ml/app/attention.py``)."""
     from traci_ml.app import predict as P
+    from traci_ml.app.attention import recording, with_attention
     from traci_ml.core.errors import DataError
     from traci_ml.core.tensors import resolve_device
 
@@ -38,22 +40,24 @@ def run_predict(args: argparse.Namespace) -> int:
         cols["id"] = [v.strip() for v in frame[id_column]] if has_id else list(range(len(x)))
         if prep.label in frame and prep.label not in prep.columns:
             cols["label"] = frame[prep.label]
-        out = P.predict_array(predictor, x)
+        with recording(predictor.model.reducer, args.attention) as seen:
+            out = P.predict_array(predictor, x)
         cols.update({k: list(v) for k, v in out.items()})
         cols["absent"] = [""] * len(x)  # every expert reads its view of the given rows
-        write_columns(cols, args.output)
+        write_columns(with_attention(cols, seen, predictor.config), args.output)
         return 0
     by_id = P.load_id_predictor(args.run, device=device)
-    if args.split:
-        cols, skipped = by_id.predict_split(args.split)
-        if skipped:
-            print(f"{skipped} {args.split} row(s) held by no expert left out (as the "
-                  "cluster's evaluation leaves them out)", file=sys.stderr)  # fmt: skip
-    else:
-        ids = P.read_ids(args.ids, by_id.config.data.id)
-        by_id.check_kind(ids, f"--ids {args.ids}")
-        cols = by_id.predict(ids)
-    write_columns(cols, args.output)
+    with recording(by_id.model.reducer, args.attention) as seen:
+        if args.split:
+            cols, skipped = by_id.predict_split(args.split)
+            if skipped:
+                print(f"{skipped} {args.split} row(s) held by no expert left out (as the "
+                      "cluster's evaluation leaves them out)", file=sys.stderr)  # fmt: skip
+        else:
+            ids = P.read_ids(args.ids, by_id.config.data.id)
+            by_id.check_kind(ids, f"--ids {args.ids}")
+            cols = by_id.predict(ids)
+    write_columns(with_attention(cols, seen, by_id.config), args.output)
     n = len(cols["row"])
     if args.split and by_id.task == "classification" and n:
         hits = sum(a == b for a, b in zip(cols["label"], cols["prediction"], strict=True))

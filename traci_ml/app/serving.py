@@ -22,6 +22,7 @@ from typing import TextIO
 import numpy as np
 import yaml
 
+from traci_ml.app.attention import served_columns  # no torch: the client's columns
 from traci_ml.app.supervisor import Child, Console, Policy, children, supervise
 from traci_ml.core.config import Config, parse_set
 from traci_ml.core.errors import CheckpointError, ConfigError, DataError
@@ -101,7 +102,7 @@ def request(args: argparse.Namespace, config: Config) -> int:
     x, columns = read_rows(args.input, args.columns.split(",") if args.columns else None)
     client = _client(args, config)
     with client:
-        pred = client.predict(x, columns)
+        pred = client.predict(x, columns, attention=args.attention)
     head = ["row", "prediction"]
     if pred.task == "classification":
         head += [f"prob_{c}" for c in pred.classes]
@@ -111,7 +112,9 @@ def request(args: argparse.Namespace, config: Config) -> int:
         ]
     else:
         body = [[f"{v:.9g}"] for v in pred.values]
-    _write_csv(args.output, head, ([r, *cells] for r, cells in enumerate(body)))
+    att_head, att = served_columns(pred)  # --attention: attn_cls, attn_<expert>...
+    lines = ([r, *cells, *a] for r, (cells, a) in enumerate(zip(body, att, strict=True)))
+    _write_csv(args.output, head + att_head, lines)
     who = ", ".join(f"{i} ({n})" for i, n in zip(pred.experts, pred.expert_names, strict=True))
     print(f"{len(x)} rows served by experts {who} in a batch of {pred.batch_rows} rows "
           f"({pred.latency * 1000:.1f} ms)", file=sys.stderr)  # fmt: skip
@@ -126,7 +129,7 @@ def request_ids(args: argparse.Namespace, config: Config) -> int:
     ids = read_ids(args.ids, config.data.id).tolist()
     client = _client(args, config)
     with client:
-        pred = client.predict_ids(ids)
+        pred = client.predict_ids(ids, attention=args.attention)
     rows = pred.row_experts or (tuple(pred.experts),) * len(ids)
     head = ["row", "id", "prediction"]
     if pred.task == "classification":
@@ -135,9 +138,10 @@ def request_ids(args: argparse.Namespace, config: Config) -> int:
                 for lab, row in zip(pred.labels, pred.outputs, strict=True)]  # fmt: skip
     else:
         body = [[f"{v:.9g}"] for v in pred.values]
-    _write_csv(args.output, [*head, "experts"], (
-        [r, i, *cells, " ".join(str(e) for e in took)]
-        for r, (i, cells, took) in enumerate(zip(ids, body, rows, strict=True))
+    att_head, att = served_columns(pred)  # --attention: attn_cls, attn_<expert>...
+    _write_csv(args.output, [*head, "experts", *att_head], (
+        [r, i, *cells, " ".join(str(e) for e in took), *a]
+        for r, (i, cells, took, a) in enumerate(zip(ids, body, rows, att, strict=True))
     ))  # fmt: skip
     lacking = sum(len(t) < len(pred.experts) for t in rows)
     print(f"{len(ids)} ids served by experts {list(pred.experts)}; {lacking} rows with an expert "
