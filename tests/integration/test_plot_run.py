@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
+from traci_ml.app import plot
+from traci_ml.app.plot_latency import first_step_time, latency_series
+
 pytestmark = pytest.mark.integration
 TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 
@@ -21,10 +24,12 @@ def test_traci_up_leaves_plots_and_broker_samples(run_config):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = Path(cfg["run_dir"])
     plots = run_dir / "plots"
-    assert f"plots in {plots}: loss.png, throughput.png, attention.png, queue_latency.png" in (
-        proc.stdout
+    assert (
+        f"plots in {plots}: loss.png, throughput.png, attention.png, queue_latency.png, "
+        "attention_by_class.png" in proc.stdout
     )
-    for name in ("loss.png", "throughput.png", "attention.png", "queue_latency.png"):
+    for name in ("loss.png", "throughput.png", "attention.png", "queue_latency.png",
+                 "attention_by_class.png"):  # fmt: skip
         png = plots / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         height, width = imread(png).shape[:2]
@@ -41,6 +46,12 @@ def test_traci_up_leaves_plots_and_broker_samples(run_config):
     live = [s["live_experts"] for s in samples]
     assert all(isinstance(n, int) and 0 <= n <= 4 for n in live), live
     assert max(live) == 4, live
+    # queue_latency.png's axis: training time from the reducer's first step, start-up left out
+    start = first_step_time(plot.load_run(run_dir).train)
+    assert start is not None and samples[0]["time"] - 5 < start < samples[-1]["time"]
+    series = latency_series(samples, start)
+    assert series["t"] and 0 <= series["t"][0] <= 5, series["t"][:3]
+    assert len(series["t"]) == sum(s["time"] >= start for s in samples)
 
 
 @pytest.mark.timeout(300)
@@ -53,6 +64,7 @@ def test_without_broker_metrics_there_is_no_broker_jsonl(run_config):
     assert "(no broker.jsonl: queue latency not plotted)" in proc.stdout
     assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == [
         "attention.png",
+        "attention_by_class.png",
         "loss.png",
         "throughput.png",
     ]

@@ -16,8 +16,8 @@
                                                a trained run in one process (docs/predict.md)
     traci export --run RUN_DIR --format torchscript|onnx [--output FILE]
                                                the whole model in one file (docs/predict.md)
-    traci plot RUN_DIR                         loss, throughput, attention, queue latency
-                                               PNGs in RUN_DIR/plots (traci up draws them)
+    traci plot RUN_DIR                         loss, throughput, attention (per class),
+                                               queue latency PNGs in RUN_DIR/plots
     traci serve --run RUN_DIR                  serve a trained run until Ctrl-C (docs/serving.md)
     traci request --input CSV [--config CONFIG | --endpoint URL] [--output CSV]
                                                ask a running cluster's front door

@@ -2,10 +2,13 @@
 
 Reads ``metrics.jsonl`` (required), ``summary.json`` (optional: an interrupted run has none)
 and ``broker.jsonl`` (optional: written by ``traci up`` when the broker serves metrics), and
-writes ``loss.png``, ``throughput.png``, ``attention.png`` and ``queue_latency.png``; ``traci
-up`` calls :func:`plot_run` after a run that finished.
+writes ``loss.png``, ``throughput.png``, ``attention.png``, ``queue_latency.png`` (against
+training time from the first step) and ``attention_by_class.png`` (``plot_attention.py``:
+needs the run's checkpoints and data); ``traci up`` calls :func:`plot_run` after a run that
+finished.
 Data preparation is in pure functions (``continued``, ``histogram_quantile``, ``bucket_deltas``,
-``latency_series``); drawing uses matplotlib's Agg canvas (no pyplot, no global backend state).
+and in ``plot_latency.py`` ``latency_series``, ``first_step_time``); drawing uses matplotlib's
+Agg canvas (no pyplot, no global backend state).
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from traci_ml.app.plot_latency import first_step_time, latency_series
 from traci_ml.core.errors import TraciError
 from traci_ml.core.files import replacing
 from traci_ml.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
 DPI = 120
-NAMES = ("loss.png", "throughput.png", "attention.png", "queue_latency.png")
+NAMES = ("loss.png", "throughput.png", "attention.png", "queue_latency.png",
+         "attention_by_class.png")  # fmt: skip
 _EVAL_MARK = {"marker": "o", "ls": "", "ms": 7, "mec": "black", "mew": 0.6}
 Buckets = Sequence[tuple[float, float]]  # (upper bound ``le``, cumulative count), +Inf last
 
@@ -123,29 +128,6 @@ def continued(records: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]
     return kept, resumed
 
 
-def latency_series(records: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
-    """broker.jsonl as plot columns: seconds since the first sample, p50/p99/interval mean in
-    milliseconds (NaN for an interval with no observations) and live experts."""
-    rows = sorted((r for r in records if isinstance(r.get("time"), (int, float))),
-                  key=lambda r: r["time"])  # fmt: skip
-    out: dict[str, list[float]] = {"t": [], "p50_ms": [], "p99_ms": [], "mean_ms": [], "live": []}
-    t0, prev = (rows[0]["time"] if rows else 0.0), None
-    for r in rows:
-        mean = math.nan
-        count, total = r.get("count"), r.get("sum")
-        if isinstance(count, (int, float)) and isinstance(total, (int, float)):
-            base = prev if prev is not None and count >= prev[0] else (0.0, 0.0)  # reset
-            if count > base[0]:
-                mean = (total - base[1]) / (count - base[0]) * 1e3
-            prev = (count, total)
-        out["t"].append(r["time"] - t0)
-        out["p50_ms"].append(_num(r.get("p50_seconds")) * 1e3)
-        out["p99_ms"].append(_num(r.get("p99_seconds")) * 1e3)
-        out["mean_ms"].append(mean)
-        out["live"].append(_num(r.get("live_experts")))
-    return out
-
-
 def _num(value: Any) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     return float(value) if ok else math.nan
@@ -214,12 +196,29 @@ def plot_run(run_dir: Path) -> list[Path]:
         _save(_throughput(run), out / "throughput.png"),
         _save(_attention(run), out / "attention.png"),
     ]
-    series = latency_series(run.broker or [])
+    start = first_step_time(run.train)
+    series = latency_series(run.broker or [], start)
     if series["t"]:
-        written.append(_save(_queue_latency(run, series), out / "queue_latency.png"))
+        fig = _queue_latency(run, series, since_first_step=start is not None)
+        written.append(_save(fig, out / "queue_latency.png"))
     else:
         log.info("%s: no broker.jsonl samples, queue_latency.png not written", run.path)
+    written.extend(_by_class(run, out))
     return written
+
+
+def _by_class(run: Run, out: Path) -> list[Path]:
+    """``attention_by_class.png`` (``plot_attention.py``), or nothing and a warning saying
+    why (no checkpoints, no data: what ``traci predict --split test`` would refuse)."""
+    from traci_ml.app import plot_attention
+
+    try:
+        ca = plot_attention.class_attention(run.path)
+    except Exception as exc:  # best effort, like every plot: say why, draw the others
+        log.warning("%s not written: %s", plot_attention.NAME, exc)
+        return []
+    title = _title(run, "Reducer attention per expert by class, test split")
+    return [_save(plot_attention.draw(ca, title), out / plot_attention.NAME)]
 
 
 def describe(paths: Sequence[Path]) -> str:
@@ -384,7 +383,9 @@ def _attention(run: Run) -> Any:
     return fig
 
 
-def _queue_latency(run: Run, series: Mapping[str, list[float]]) -> Any:
+def _queue_latency(
+    run: Run, series: Mapping[str, list[float]], since_first_step: bool = False
+) -> Any:
     from matplotlib.ticker import MaxNLocator
 
     fig, (ax, bx) = _figure(2, (10, 5.5), height_ratios=[3, 1])
@@ -401,5 +402,9 @@ def _queue_latency(run: Run, series: Mapping[str, list[float]]) -> Any:
     top = max((v for v in series["live"] if math.isfinite(v)), default=1)
     bx.set_ylim(-0.3, top + 0.5)
     bx.set_ylabel("live experts")
-    bx.set_xlabel("time since first broker sample (s)")
+    if since_first_step:  # start-up (registration, alignment) is not on the axis
+        bx.set_xlim(left=0)
+        bx.set_xlabel("training time since the first step (s)")
+    else:
+        bx.set_xlabel("time since first broker sample (s)")
     return fig
