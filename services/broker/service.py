@@ -210,8 +210,10 @@ class BrokerService:
         """Serve until the reducer says GOODBYE("done") or ``stop()``; returns 0 either way."""
         polled = [(sock, _POLLIN) for sock in self._sockets.values()]
         names = {sock: name for name, sock in self._sockets.items()}
-        log.info("broker: experts on %s, reducer on %s, %d experts",
-                 self.expert_endpoint, self.reducer_endpoint, self.n_experts)  # fmt: skip
+        clients = f", clients on {self.client_endpoint}" if self.client_endpoint else ""
+        log.info("broker ready: experts on %s, reducer on %s%s; start gate closed until all "
+                 "%d experts have registered", self.expert_endpoint, self.reducer_endpoint,
+                 clients, self.n_experts)  # fmt: skip
         next_tick = time.monotonic()
         try:
             while not self._stop.is_set() and not self._done:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
 import traci_ml
@@ -12,9 +14,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 def test_local_cluster_trains_from_a_mapping_and_follows_progress(run_config):
     _, cfg = run_config({"train": {"steps": 150, "eval_every": 0, "log_every": 10}})
-    with traci_ml.LocalCluster(cfg, overrides={"train.batch_size": 32}) as run:
+    shown = io.StringIO()
+    with traci_ml.LocalCluster(cfg, overrides={"train.batch_size": 32}, progress=shown) as run:
         summary = run.wait(timeout=180)
         assert not run.running
+    assert shown.getvalue() == run.output  # progress=: traci up's lines as they came
+    assert "training: 150 steps; first step" in run.output
     assert summary["steps"] == 150
     assert summary["test_accuracy"] > 0.5
     train = run.records("train")

@@ -9,7 +9,9 @@
 ``LocalCluster`` runs ``traci up`` as a child process (its own signal handling and process
 supervision stay intact, and a notebook kernel is never blocked by a service), validates the
 config before it starts (a bad key raises ``ConfigError`` here, naming the key), and lets you
-follow training while it runs (``records()``, ``last()``, ``output``).
+follow training while it runs (``records()``, ``last()``, ``output``). ``progress=True``
+prints ``traci up``'s lines as they come (the phases, the experts it waits for, a status line
+every two seconds, each evaluation), so ``wait()`` in a notebook cell shows the run.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import threading
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
@@ -41,6 +43,8 @@ class LocalCluster:
     ``config`` is a YAML path, a mapping (the YAML's content) or a ``Config``; ``None`` is the
     built-in digits run. ``overrides`` are ``--set`` items (``{"train.steps": 200}``).
     ``fresh`` clears the run directory first, ``resume`` continues from its checkpoints.
+    ``progress``: ``True`` prints ``traci up``'s progress lines to stdout as they come, a
+    file object gets them instead; ``False`` keeps them in ``output`` only.
     """
 
     def __init__(
@@ -50,7 +54,7 @@ class LocalCluster:
         overrides: Mapping[str, Any] | None = None,
         fresh: bool = False,
         resume: bool = False,
-        echo: bool = False,
+        progress: bool | TextIO = False,
     ) -> None:
         if fresh and resume:
             raise TraciError("LocalCluster: fresh and resume exclude each other")
@@ -67,7 +71,7 @@ class LocalCluster:
         self.argv = [*TRACI, "up"] + ([str(self.config_path)] if self.config_path else [])
         self.argv += [f"--set={k}={v}" for k, v in sets.items()]
         self.argv += ["--fresh"] if fresh else ["--resume"] if resume else []
-        self.echo = echo
+        self.progress = progress
         self.proc: subprocess.Popen | None = None
         self._lines: list[str] = []
         self._reader: threading.Thread | None = None
@@ -89,11 +93,12 @@ class LocalCluster:
         return self
 
     def _drain(self, stream) -> None:  # a full pipe must never block the supervisor
+        out = sys.stdout if self.progress is True else self.progress or None
         with stream:
             for line in stream:
                 self._lines.append(line)
-                if self.echo:
-                    print(line, end="", flush=True)
+                if out is not None:
+                    print(line, end="", file=out, flush=True)
 
     @property
     def output(self) -> str:

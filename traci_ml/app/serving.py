@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 from traci_ml.app.attention import served_columns  # no torch: the client's columns
+from traci_ml.app.ready import ServeReady
 from traci_ml.app.supervisor import Child, Console, Policy, children, supervise
 from traci_ml.core.config import Config, parse_set
 from traci_ml.core.errors import CheckpointError, ConfigError, DataError
@@ -56,10 +57,12 @@ def serve(config: Config, *, out: TextIO = sys.stdout) -> int:
     run.serve.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     run.logs.mkdir(parents=True, exist_ok=True)
     where = tcp_endpoint(config.network.broker_host, config.network.serve_port)
+    console = _ServeConsole(out)
     code = supervise(children(config, run.serve, serve=True, fork=True), Policy(
-        config.launcher, run.serve_pids, _ServeConsole(out),
+        config.launcher, run.serve_pids, console,
         started=f"serving {run.path} on {where} ({n} experts; logs in {run.path}/"
         f"{RunDir.LOGS}); Ctrl-C to stop",
+        on_tick=ServeReady(config, console, where).update,  # "ready: ..." once it answers
         # an expert that fails for good is left down: the broker masks it, replies say who
         # took part; the broker or reducer failing for good ends serving (1)
         serving=True,

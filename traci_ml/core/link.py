@@ -129,8 +129,8 @@ class BrokerLink:
                     raise TraciError(
                         f"broker refused registration: {msg.reason}", service=self.name
                     )
-                log.info(
-                    "%s registered with broker %s, start at seq %d",
+                log.info(  # the service's "ready" line: it can do its job from here on
+                    "%s ready: registered with broker %s, start at seq %d",
                     self.name,
                     self.endpoint,
                     msg.start_seq,
