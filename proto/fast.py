@@ -111,8 +111,8 @@ def _setters(cls: type, *names: str) -> tuple[Callable[[Any, Any], None], ...]:
 _fields(Emb, "seq", "expert_id", "phase", "rows")
 _fields(Batch, "seq", "phase", "present", "rows")
 _fields(Grad, "seq", "expert_id")
-_fields(Ack, "seq")
-_fields(Heartbeat)
+_fields(Ack, "seq", "decided", "best", "stopped")
+_fields(Heartbeat, "decided", "best", "stopped")
 _EMB_SIZE, _BATCH_SIZE, _GRAD_SIZE, _ACK_SIZE, _HEARTBEAT_SIZE = map(
     _header_size, (Emb, Batch, Grad, Ack, Heartbeat)
 )
@@ -418,7 +418,8 @@ def encode(msg: Message) -> list[FrameLike]:
                 tail = (("rows", rows), ("t", specs))
                 return [_header("EMB", msg.seq, rest, tail), tensor.data]
     elif cls is Ack:
-        return [_header("ACK", msg.seq, ())]
+        if msg.decided == msg.best == msg.stopped == -1:  # no selection fields to write
+            return [_header("ACK", msg.seq, ())]
     return wire.encode(msg)
 
 

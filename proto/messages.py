@@ -106,6 +106,12 @@ def _buffer(data: FrameLike) -> memoryview:
 # --------------------------------------------------------------------------------------
 
 
+# Model selection's decision as it travels (docs/protocol.md "Model selection"): the last
+# validation round the reducer decided on, the best round so far, the round training stopped
+# after; -1 for none, and left out of the header while -1.
+SELECTION: dict[str, type] = {"decided": int, "best": int, "stopped": int}
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     """Peer -> broker: register. Experts give ``expert_id``; the reducer gives ``n_experts``."""
@@ -133,6 +139,11 @@ class Hello:
     # The secret of the peer's last registration (its WELCOME's ``token``), "" for none: a
     # reconnecting peer proves it is the holder of a still-live registration with it.
     token: str = ""
+    # The reducer's: its model selection decision (``SELECTION``), for a restarted broker
+    OPTIONAL: ClassVar[dict[str, type]] = SELECTION
+    decided: int = -1
+    best: int = -1
+    stopped: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,11 +217,16 @@ class Grad:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Reducer -> broker -> experts: step ``seq`` (an eval step) is done; no gradient."""
+    """Reducer -> broker -> experts: step ``seq`` (an eval step) is done; no gradient. With
+    model selection it carries the reducer's decision (``SELECTION``)."""
 
     KIND: ClassVar[str] = "ACK"
     FIELDS: ClassVar[dict[str, type]] = {"seq": int}
+    OPTIONAL: ClassVar[dict[str, type]] = SELECTION
     seq: int
+    decided: int = -1
+    best: int = -1
+    stopped: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,8 +274,16 @@ DROP_REASONS = tuple(dict.fromkeys((*BROKER_DROP_REASONS, *REDUCER_DROP_REASONS)
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
+    """Either way: still here. The broker's to an expert carries the latest model selection
+    decision it has seen from the reducer (``SELECTION``), so an expert that missed it (a
+    restart) learns it within one heartbeat interval."""
+
     KIND: ClassVar[str] = "HEARTBEAT"
     FIELDS: ClassVar[dict[str, type]] = {}
+    OPTIONAL: ClassVar[dict[str, type]] = SELECTION
+    decided: int = -1
+    best: int = -1
+    stopped: int = -1
 
 
 @dataclass(frozen=True, slots=True)

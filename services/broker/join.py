@@ -33,6 +33,7 @@ from traci_ml.proto import (
     Emb,
     Goodbye,
     Grad,
+    Heartbeat,
     Hello,
     Welcome,
     value_problem,
@@ -107,6 +108,9 @@ class JoinBook:
         # the deadline join (None: wait for every expected expert, as with join.quorum all)
         self.deadline = deadline if deadline is not None and deadline.quorum < n_experts else None
         self._wake = float("inf")  # when the head step's deadline passes (next_deadline)
+        # model selection: the reducer's latest decision (its HELLO's, then its ACKs'), told
+        # to every expert on the heartbeats (docs/protocol.md "Model selection")
+        self.expert_heartbeat = Heartbeat()
 
     @classmethod
     def from_config(cls, config: Config, *, n_experts: int, keys_bound: bool = False) -> JoinBook:
@@ -144,6 +148,8 @@ class JoinBook:
         """Register a peer (``peers.hello``); ``key``: with CURVE, the role of its key."""
         join_seq = max(self.next_seq, self.highest_seq + 1)  # the first step nobody has sent
         out, events = self.peers.hello(socket, routing_id, msg, now, key, join_seq=join_seq)
+        if any(isinstance(e, ReducerJoined) for e in events):  # its decision, as it restored it
+            self.expert_heartbeat = Heartbeat(msg.decided, msg.best, msg.stopped)
         return self._react(events, now, out)
 
     def goodbye(self, socket: str, routing_id: bytes, msg: Goodbye, now: float) -> Outcome:
@@ -360,6 +366,8 @@ class JoinBook:
             del self._dispatched[step.seq]
             for holder in step.holders:  # the reducer's ACK itself: encoded once for all
                 self._reply(holder, msg, out)
+            if msg.decided >= self.expert_heartbeat.decided:  # the registered reducer's
+                self.expert_heartbeat = Heartbeat(msg.decided, msg.best, msg.stopped)
         return out
 
     def reducer_drop(self, routing_id: bytes, msg: Drop, now: float) -> Outcome:

@@ -354,8 +354,9 @@ class BrokerService:
     def _tick(self, now: float) -> None:
         try:
             self._apply(self.book.tick(now))
+            beat = self.book.expert_heartbeat  # with the reducer's model selection decision
             for socket, routing_id in self.book.peers.live_peers():
-                self._send(socket, routing_id, Heartbeat())
+                self._send(socket, routing_id, beat if socket == EXPERT else Heartbeat())
         except Exception:
             self.metrics.reject("internal")
             log.exception("broker: internal error in tick")
