@@ -29,6 +29,7 @@ SMALL = {
     "reducer.layers": "1", "reducer.heads": "2", "reducer.ff": "32", "expert.device": "cpu",
     "reducer.device": "cpu", "metrics.broker_port": "0", "metrics.reducer_port": "0",
     "metrics.expert_base_port": "0",
+    "data.val_fraction": "0",  # checkpoints written as if trained: no round was selected
 }  # fmt: skip
 
 

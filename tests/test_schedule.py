@@ -126,8 +126,9 @@ def test_steps_carry_index_and_round() -> None:
     assert [(s.round, s.index) for s in steps if s.phase == "eval"] == [
         (r, i) for r in range(3) for i in range(3)
     ]
-    assert steps[3] == Step(seq=3, phase="eval", index=0, round=0, last_in_round=False)
-    assert steps[-1] == Step(seq=15, phase="eval", index=2, round=2, last_in_round=True)
+    # no validation split (make's default): the rounds score the test split
+    assert steps[3] == Step(3, "eval", index=0, round=0, last_in_round=False, split="test")
+    assert steps[-1] == Step(15, "eval", index=2, round=2, last_in_round=True, split="test")
 
 
 def test_total_for_the_default_config() -> None:
@@ -179,7 +180,10 @@ def test_schedule_for_reads_config_and_dataset_sizes() -> None:
     schedule = schedule_for(config, dataset)
     assert (schedule.n_train, schedule.n_test, schedule.seed) == (40, 20, 5)
     assert (schedule.batch_size, schedule.steps, schedule.eval_every) == (4, 9, 3)
-    assert (schedule.eval_batches, schedule.total) == (3, 9 + 3 * 3)
+    # data.val_fraction 0.1 by default: 4 validation rows (1 batch a round), then the 20
+    # test rows once, at the end (3 batches)
+    assert (schedule.n_val, schedule.eval_batches, schedule.test_batches) == (4, 1, 3)
+    assert schedule.total == 9 + 3 * 1 + 3
 
 
 # -- learning-rate schedule ------------------------------------------------------------------

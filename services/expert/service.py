@@ -33,11 +33,13 @@ from traci_ml.core.models.expert import build_expert, polyak_update
 from traci_ml.core.rundir import RunDir
 from traci_ml.core.schedule import Schedule, Step, make_schedule, set_lr
 from traci_ml.core.security import peer_keys, tcp_endpoint
+from traci_ml.core.selection import Decision
 from traci_ml.core.stream import Stream
 from traci_ml.core.tensors import from_wire, resolve_device, to_wire
 from traci_ml.services.expert.aligning import Aligner
 from traci_ml.services.expert.ledger import Accounts, InFlight, Ledger
 from traci_ml.services.expert.metrics import ExpertMetrics
+from traci_ml.services.expert.selection import ExpertSelection
 from traci_ml.services.expert.serving import QueryView
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,9 @@ class ExpertService:
         self._save_due = False
         self.run_dir = RunDir(config.run_path)
         self.ckpt_path = self.run_dir.expert_checkpoint(expert_id)
+        # model selection: candidates, the best round's target, the reducer's decision
+        self.selection = ExpertSelection(config, expert_id, self.run_dir)
+        self.resume = resume
         # The applied ledger: one line per gradient applied, across restarts. It proves
         # "at most once". Opened by run().
         self.ledger = Ledger(self.run_dir.ledger(expert_id), self.name)
@@ -143,6 +148,8 @@ class ExpertService:
 
     def run(self) -> int:
         if not self.serving:
+            if not self.resume:
+                self.selection.fresh()
             self._open_ledger()
         self._register()
         finished = False
@@ -183,6 +190,8 @@ class ExpertService:
         # round (and the final one) sees the target after all training before it: the same
         # weights the final checkpoint holds (docs/predict.md, "Exactness"). The window only
         # drains at eval boundaries, so this costs almost nothing.
+        if self.selection.blocked(self.seq_next, self.schedule, self.inflight.values()):
+            return False  # it waits for the reducer's decision on the round before
         if self.schedule.step(self.seq_next).phase == "eval":
             return all(p.step.phase == "eval" for p in self.inflight.values())
         return True
@@ -193,7 +202,7 @@ class ExpertService:
         while self._can_send():
             assert self.schedule is not None and self.rows is not None  # _can_send says so
             step = self.schedule.step(self.seq_next)
-            local, present = self.rows.lookup(step.phase, self.schedule.rows(step))
+            local, present = self.rows.lookup(step.source, self.schedule.rows(step))
             rows = torch.as_tensor(local, device=self.device)
             held = self._held(present)
             # Account first, then send: the books balance at every instant.
@@ -211,8 +220,14 @@ class ExpertService:
         """(stream) The target embedding of ``step``'s rows, sent as its EMB -- unless the
         expert registered again meanwhile (``epoch``): that step is gone."""
         t0 = time.perf_counter()
+        net = self.target
+        assert self.schedule is not None  # a step was made from it
+        if step.split == "val":  # its target of this round, on disk before the reducer sees it
+            self.selection.candidate(step, self.target, self.schedule)
+        elif step.split == "test" and self.schedule.selecting:
+            net = self.selection.test_net(self.target)  # the best round's
         with torch.no_grad():
-            emb = self._embed(self.target, rows, held)  # (B, d), zeros where absent
+            emb = self._embed(net, rows, held)  # (B, d), zeros where absent
         wire = self._emb_wire(step.phase, local, present, emb)
         if epoch != self._epoch:
             return
@@ -286,6 +301,7 @@ class ExpertService:
             return
         self.rows = rows
         self.schedule = make_schedule(self.config, rows.n_train, rows.n_test)
+        self.selection.apply(self.schedule)  # a restored early stop
         held_train, held_test = rows.held()
         self.metrics.rows_held.labels(expert=str(self.id), split="train").set(held_train)
         self.metrics.rows_held.labels(expert=str(self.id), split="test").set(held_test)
@@ -372,6 +388,7 @@ class ExpertService:
             self.on_grad(msg)
         elif isinstance(msg, proto.Ack):
             self.on_ack(msg)
+            self._hear(msg)
         elif isinstance(msg, proto.Drop):
             self.on_drop(msg)
         elif isinstance(msg, proto.Goodbye):
@@ -382,13 +399,21 @@ class ExpertService:
             (self.on_query if self.serving else partial(self.stream.submit, self.on_query))(msg)
         elif isinstance(msg, proto.Align):
             self.on_align_late(msg)
-        elif not isinstance(msg, proto.Heartbeat):
+        elif isinstance(msg, proto.Heartbeat):  # the broker's carries the reducer's decision
+            self._hear(msg)
+        else:
             self._reject("unexpected_kind", f"{msg.KIND} is not for experts")
         if self.serving or self.schedule is None:  # serves until stopped
             return False
         return self.seq_next >= self.schedule.total and not self.inflight
 
     # -- handlers ---------------------------------------------------------------------
+
+    def _hear(self, msg: proto.Ack | proto.Heartbeat) -> None:
+        """Model selection's decision, as the message carries it (serving: the run's files
+        are left as training wrote them)."""
+        if not self.serving:
+            self.selection.hear(Decision.of(msg), self.schedule)
 
     def on_grad(self, msg: proto.Grad) -> None:
         pending = self.inflight.get(msg.seq)
@@ -459,8 +484,10 @@ class ExpertService:
         self._answered(pending, "acked")
 
     def on_drop(self, msg: proto.Drop) -> None:
-        if self.inflight.pop(msg.seq, None) is None:
+        pending = self.inflight.pop(msg.seq, None)
+        if pending is None:
             return self._reject("unknown_step", "DROP for a step not in flight", msg.seq)
+        self.selection.void(pending.step)
         self._count_drop(msg.reason)
         if msg.reason == "late" and msg.frontier >= 0:  # the others went on without us
             log.debug("%s step %d late; the others are at %d", self.name, msg.seq, msg.frontier)
@@ -594,6 +621,7 @@ class ExpertService:
             if now - oldest.sent_at <= timeout:
                 break
             del self.inflight[seq]
+            self.selection.void(oldest.step)
             log.warning("%s step %d got no reply in %.0fs: dropped", self.name, seq, timeout)
             self._count_drop("timeout")
         self._tick_link()
@@ -647,6 +675,8 @@ class ExpertService:
                 "std": None if self.data.std is None else torch.from_numpy(self.data.std),
                 # error feedback's residuals (docs/compression.md); None without it
                 "feedback": None if self.feedback is None else self.feedback.state_dict(),
+                # model selection: the reducer's decision as last heard
+                "selection": self.selection.state(),
             },
             self.ckpt_path,
         )
@@ -663,6 +693,7 @@ class ExpertService:
         if self.data.rows is None and state.get("mean") is not None:  # parties
             self.data.standardise(state["mean"].numpy(), state["std"].numpy())
         self.accounts = Accounts(**state["accounts"])
+        self.selection.restore(state.get("selection"))
         self.seq_next = state["seq_next"]
         self.restored = True
         self.ledger_at = state.get("ledger_bytes")  # None: a checkpoint written without one

@@ -1,11 +1,12 @@
-"""The reducer's evaluation bookkeeping: the eval batches of a round accumulated (in the final
-round also the same rows with each single expert masked), the ``eval`` record of a finished
-round (and, after the final one, ``eval_predictions.csv``), the eval history, and the contents
-of ``summary.json`` built from it. The model runs in the reducer loop (``service.py``); only the
-final round's per-missing-expert passes are run here."""
+"""The reducer's evaluation bookkeeping: the eval batches of a round accumulated (in the test
+scoring also the same rows with each single expert masked), the ``eval`` record of a finished
+validation round, the ``test`` record of the test scoring (and ``eval_predictions.csv``), the
+eval history, and the contents of ``summary.json`` built from them. The model runs in the
+reducer loop (``service.py``); only the test scoring's per-missing-expert passes run here."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,10 @@ class Evaluation:
         self.predictions = predictions  # RUN_DIR/eval_predictions.csv, the final round
         self.metrics = metrics
         self.history: list[dict[str, Any]] = []  # one eval record per round (checkpointed)
+        self.test: dict[str, Any] | None = None  # the test scoring's record
         self.round: EvalRound | None = None
-        self.missing_rounds: dict[int, EvalRound] = {}  # final round: one per masked expert
+        self.round_key: tuple[str, int] | None = None  # (split, round) being accumulated
+        self.missing_rounds: dict[int, EvalRound] = {}  # test scoring: one per masked expert
 
     def _new_round(self) -> EvalRound:
         return EvalRound(self.dataset.task, self.dataset.n_experts, self.dataset.y_std)
@@ -43,10 +46,12 @@ class Evaluation:
         att: torch.Tensor,
         absent: torch.Tensor,
         rows: torch.Tensor,
+        key: tuple[str, int] = ("test", 0),
     ) -> None:
-        """One eval batch's outputs; the first batch of a round starts it."""
-        if self.round is None:
-            self.round = self._new_round()
+        """One eval batch's outputs (``key``: its split and round); the first batch of a round
+        starts it, and a round whose last batch never came is dropped here."""
+        if self.round is None or self.round_key != key:
+            self.round, self.round_key = self._new_round(), key
             self.missing_rounds = {}
         self.round.add(logits, y, att, absent, rows=rows)
 
@@ -69,13 +74,18 @@ class Evaluation:
         step: int,
         seq: int,
         wall_seconds: float,
-        final: bool = False,
+        test: bool = False,
+        kind: str = "eval",
+        judge: Callable[[dict[str, Any]], Any] | None = None,
     ) -> dict[str, Any]:
-        """Ends the round: its ``eval`` record, appended to the history, written to ``records``
-        and the eval gauges; returned."""
-        assert self.round is not None
+        """Ends the round: its record of ``kind`` (``eval`` records are the history; the
+        test scoring's is ``test``, or, in a run without validation, its last ``eval``),
+        written to ``records`` and the eval gauges; returned. ``judge`` sees the record
+        first and may add to it (model selection's decision)."""
+        assert self.round is not None and self.round_key is not None
+        split, rnd = self.round_key
         result = self.round.result()
-        if final:  # the rows behind summary.json's test_* figures (docs/predict.md)
+        if test:  # the rows behind summary.json's test_* figures (docs/predict.md)
             write_eval_predictions(self.predictions, self.round, self.dataset)
         name = metric_name(self.dataset.task)
         if self.missing_rounds:
@@ -83,15 +93,22 @@ class Evaluation:
             result["missing_expert"] = {
                 views[i]: r.result()[name] for i, r in sorted(self.missing_rounds.items())
             }
-        self.round, self.missing_rounds = None, {}
+        self.round, self.round_key, self.missing_rounds = None, None, {}
         record = {
-            "kind": "eval",
+            "kind": kind,
+            "split": split,
+            "round": rnd,
             "step": step,
             "seq": seq,
             **result,
             "wall_seconds": wall_seconds,
         }
-        self.history.append(record)
+        if judge is not None:
+            judge(record)
+        if test:
+            self.test = record
+        if kind == "eval":
+            self.history.append(record)
         records.write(record)
         self.metrics.eval_loss.set(result["loss"])
         self.metrics.eval_metric.set(result[name])
@@ -113,8 +130,9 @@ class Evaluation:
         overlap: dict[str, Any] | None = None,
         rows_skipped: dict[str, int] | None = None,
     ) -> dict[str, Any]:
-        """The contents of ``summary.json``: the run's figures and its eval history."""
-        final = self.history[-1] if self.history else {}
+        """The contents of ``summary.json``: the run's figures, its eval history and the test
+        scoring (``test``, and its figures as ``test_*``)."""
+        final = self.test or {}
         name = metric_name(self.dataset.task)
         out: dict[str, Any] = {
             "run_id": run_id,
@@ -128,6 +146,7 @@ class Evaluation:
             "attention_train": attention_train,
             "attention_eval": final.get("attention", []),
             "eval_history": self.history,
+            "test": final or None,
             # parties: per expert, the labelled rows it holds (docs/parties.md)
             "overlap": overlap or {},
             "rows_skipped": rows_skipped or {},

@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from traci_ml.core.link import BrokerLink
 from traci_ml.core.models.reducer import build_reducer, dropout_mask, loss_and_metric
 from traci_ml.core.models.shards import ShardedStep
 from traci_ml.core.rundir import RunDir
-from traci_ml.core.schedule import schedule_for, set_lr
+from traci_ml.core.schedule import Step, schedule_for, set_lr
 from traci_ml.core.security import peer_keys, tcp_endpoint
 from traci_ml.core.tensors import (
     TORCH_DTYPES,
@@ -42,6 +43,7 @@ from traci_ml.services.reducer.aligning import AlignDesk, LabelHolder
 from traci_ml.services.reducer.evaluation import Evaluation
 from traci_ml.services.reducer.metrics import ReducerMetrics
 from traci_ml.services.reducer.runlog import MetricsLog, metric_name
+from traci_ml.services.reducer.selection import ReducerSelection
 from traci_ml.services.reducer.serving import ServeSpec, absent_rows, answer
 
 log = logging.getLogger(__name__)
@@ -71,9 +73,9 @@ class ReducerService:
         self.wire_max = torch.finfo(TORCH_DTYPES[self.wire_dtype]).max
         self.metrics = metrics or ReducerMetrics(self.n)
         self.stop_event = stop or threading.Event()
-        self.labels = {
+        self.labels = {  # by Step.source: train and val steps index the train split
             "train": torch.from_numpy(ds.y_train).to(self.device),
-            "eval": torch.from_numpy(ds.y_test).to(self.device),
+            "test": torch.from_numpy(ds.y_test).to(self.device),
         }
         self.model, self.optimizer = build_reducer(
             config, n_experts=self.n, out_dim=ds.out_dim, device=self.device
@@ -90,6 +92,8 @@ class ReducerService:
         self.wall_before = 0.0  # wall seconds of earlier lives (resume)
         # eval rounds and their history; the final round also row by row
         self.evaluation = Evaluation(ds, self.run_dir.eval_predictions, self.metrics)
+        # model selection on the validation rounds: best weights, early stopping, test model
+        self.selection = ReducerSelection(config, self.schedule, self.run_dir)
         self.ema: dict[str, float] = {}
         self.att_train = torch.zeros(self.n)
         # parties (docs/parties.md): answers the experts' ALIGN requests, in a thread
@@ -106,6 +110,8 @@ class ReducerService:
             raise CheckpointError(f"{self.ckpt_path} is missing: train the run before serving")
         if (resume or serve) and self.ckpt_path.exists():
             self._restore()
+        if resume and not serve:  # a best round the checkpoint missed; early stopping
+            self.last_seq = self.selection.reconcile(self.last_seq)
         self.serve_spec = ServeSpec(
             n_experts=self.n, embed_dim=config.embed_dim, wire_dtype=self.wire_dtype,
             task=ds.task, classes=tuple(ds.classes) if ds.task == "classification" else (),
@@ -145,6 +151,7 @@ class ReducerService:
             dtype=self.wire_dtype,
             n_experts=self.n,
             next_seq=self.last_seq + 1,
+            **self.selection.decision.fields(),  # a restarted broker learns it from here
         )
 
     # -- main loop --------------------------------------------------------------------
@@ -154,9 +161,12 @@ class ReducerService:
             write_json_atomic(self.run_dir.config_json, self.config.to_dict())
             if self.holder is None:  # parties: each expert keeps its own statistics
                 write_preprocess(self.config, self.run_dir)  # for `traci predict`, serving
+            if not self.resume:
+                self.selection.fresh()
             self._start_tracking()
         self.link.connect(timeout=self.config.network.connect_timeout)
-        finished = False
+        # a resumed run that had ended (its steps, or early stopping): nothing left to do
+        finished = not self.serving and self.last_seq >= self.schedule.total - 1
         try:
             while not finished and not self.stop_event.is_set():
                 msg = self.link.recv(self.config.network.heartbeat_interval / 2)
@@ -248,14 +258,13 @@ class ReducerService:
             absent, keep = absent[keep], keep.to(self.device)
             tokens, rows = tokens[:, keep], rows[keep]
         absent = absent.to(self.device)
-        y = self.labels[step.phase][rows]
+        y = self.labels[step.source][rows]
         if step.phase == "train" and not len(rows):
             self._refuse(msg.seq, "no_rows", "no row of this step is held by the experts")
         elif step.phase == "train":
             self._train_step(msg, step.index, tokens, absent, y, keep)
         else:
-            final = step.round == self.schedule.eval_rounds - 1
-            self._eval_step(msg, step.last_in_round, tokens, absent, y, rows, final=final)
+            self._eval_step(msg, step, tokens, absent, y, rows)
         self.metrics.steps.labels(phase=step.phase).inc()
         self.metrics.step_time.labels(phase=step.phase).observe(time.monotonic() - t0)
         self.metrics.present.set(sum(msg.present))
@@ -385,24 +394,34 @@ class ReducerService:
     def _eval_step(
         self,
         msg: proto.Batch,
-        last: bool,
+        step: Step,
         tokens: torch.Tensor,
         absent: torch.Tensor,
         y: torch.Tensor,
         rows: torch.Tensor,
-        *,
-        final: bool,
     ) -> None:
-        self.model.eval()
+        """A validation batch (the model), or a test batch (the best round's model). The
+        ACK goes at once, but a validation round's last waits for the round's decision,
+        which it carries (docs/protocol.md "Model selection")."""
+        test = step.split == "test" and step.round == self.schedule.test_round
+        model = self.selection.test_model(self.model) if test else self.model
+        model.eval()
         x = tokens.transpose(0, 1)  # (B, N, d)
         with torch.no_grad():
-            logits, att = self.model(x, absent)
-        self.link.send(proto.Ack(msg.seq))
-        self.evaluation.add(logits, y, att, absent, rows)
-        if final:  # graceful degradation: the same rows with each single expert masked
-            self.evaluation.add_missing(self.model, x, absent, y)
-        if last:
-            self._finish_eval_round(final=final)
+            logits, att = model(x, absent)
+        decides = step.split == "val" and step.last_in_round
+        if step.split == "val":
+            self.selection.saw(step, msg.present)
+        if not decides:
+            self.link.send(self.selection.ack(msg.seq))
+        self.evaluation.add(logits, y, att, absent, rows, (step.split, step.round))
+        if test:  # graceful degradation: the same rows with each single expert masked
+            self.evaluation.add_missing(model, x, absent, y)
+        if step.last_in_round:
+            self._finish_eval_round(step, test=test)
+        if decides:
+            self.save()  # the decision, on disk before any expert hears it
+            self.link.send(self.selection.ack(msg.seq))
 
     # -- records ----------------------------------------------------------------------
 
@@ -444,14 +463,20 @@ class ReducerService:
                 }
             )
 
-    def _finish_eval_round(self, *, final: bool = False) -> None:
+    def _finish_eval_round(self, step: Step, *, test: bool = False) -> None:
+        judge = None
+        if step.split == "val":
+            judge = partial(self.selection.decide, step, model=self.model,
+                            train_steps=self.train_steps, seq=self.last_seq)  # fmt: skip
         record = self.evaluation.finish(
             self.records, step=self.train_steps, seq=self.last_seq,
-            wall_seconds=self.wall_seconds(), final=final,
+            wall_seconds=self.wall_seconds(), test=test, judge=judge,
+            kind="test" if test and self.schedule.selecting else "eval",
         )  # fmt: skip
         name = metric_name(self.dataset.task)
-        log.info("reducer eval after step %d: loss %.4f %s %.4f",
-                 self.train_steps, record["loss"], name, record[name])  # fmt: skip
+        log.info("reducer %s after step %d: loss %.4f %s %.4f%s", record["kind"],
+                 self.train_steps, record["loss"], name, record[name],
+                 " (best so far)" if record.get("best") else "")  # fmt: skip
 
     def _start_tracking(self) -> None:
         """TensorBoard / MLflow copies of the records (docs/tracking.md); a resume continues
@@ -481,6 +506,7 @@ class ReducerService:
         # share of train steps each expert took part in (the deadline join masks late ones)
         steps = max(self.train_steps, 1)
         out["participation"] = {str(i): n / steps for i, n in enumerate(self.participated)}
+        out.update(self.selection.summary())  # best round, stop_reason
         return out
 
     # -- checkpoints and exit ---------------------------------------------------------
@@ -496,6 +522,8 @@ class ReducerService:
                 "skipped": self.skipped,
                 "wall_seconds": self.wall_seconds(),
                 "history": self.evaluation.history,
+                "test": self.evaluation.test,
+                "selection": self.selection.state(),
                 "overlap": self.aligning.overlap,
                 "rows_skipped": self.rows_skipped,
                 "wire_train_bytes": self.wire_train_bytes,
@@ -513,6 +541,8 @@ class ReducerService:
         self.last_seq, self.train_steps = state["last_seq"], state["train_steps"]
         self.skipped, self.wall_before = state["skipped"], state["wall_seconds"]
         self.evaluation.history = state["history"]
+        self.evaluation.test = state.get("test")
+        self.selection.restore(state.get("selection"))
         self.aligning.overlap = state.get("overlap", {})
         self.rows_skipped = state.get("rows_skipped", {})
         self.wire_train_bytes = state.get("wire_train_bytes", 0)

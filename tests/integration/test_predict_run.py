@@ -55,7 +55,7 @@ def test_offline_prediction_equals_the_reducers_final_eval(run_config, tmp_path,
     assert main(["predict", "--run", str(run), "--split", "test", "--output", str(out)]) == 0
     err = capsys.readouterr().err
     offline, served = read_rows(out), read_rows(run / "eval_predictions.csv")
-    assert len(offline) == len(served) == summary["eval_history"][-1]["samples"] == 359
+    assert len(offline) == len(served) == summary["test"]["samples"] == 359
     assert all(r["absent"] == "" for r in served)  # every expert present at the final eval
     assert list(offline[0]) == list(served[0])  # row, id, label, prediction, prob_*, absent
     for key in ("row", "id", "label", "prediction", "absent"):
@@ -101,7 +101,7 @@ def test_parties_split_test_equals_the_reducers_final_eval(run_config, tmp_path,
     assert main(["predict", "--run", str(run), "--split", "test", "--output", str(out)]) == 0
     err = capsys.readouterr().err
     offline, served = read_rows(out), read_rows(run / "eval_predictions.csv")
-    assert len(offline) == len(served) == summary["eval_history"][-1]["samples"]
+    assert len(offline) == len(served) == summary["test"]["samples"]
     assert 340 < len(served) < 359  # the rows no party holds are left out by both
     assert list(offline[0]) == list(served[0])  # row, id, label, prediction, prob_*, absent
     for key in ("row", "id", "label", "prediction", "absent"):

@@ -37,6 +37,9 @@ def make_config(tmp_path: Path, **extra: str) -> Config:
         "reducer.device": "cpu", "reducer.eval_batch_size": "512",
         "expert.torch_threads": "1", "train.steps": "6", "train.eval_every": "3",
         "train.batch_size": str(BATCH), "train.log_every": "1", "train.checkpoint_every": "0",
+        # no validation split: the rounds score the test split, in the seqs above (model
+        # selection against this fake broker: tests/{expert,reducer}/test_selection.py)
+        "data.val_fraction": "0",
     }  # fmt: skip
     return fake_broker_config(settings, extra)
 

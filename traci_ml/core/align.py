@@ -33,6 +33,22 @@ def split_order(n: int, seed: int, test_fraction: float) -> tuple[np.ndarray, np
     return order[n_test:], order[:n_test]
 
 
+def validation_split(n_train: int, seed: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, val): positions in the train split (``0..n_train-1``, the label holder's train
+    rows in global order) of the rows training draws its batches from and of the validation
+    rows model selection scores, both sorted. A pure function of the seed over the train
+    split's positions, so every process carves the same rows without a message: the one
+    table's processes and, in a parties run, every party once aligned (its ``RowMap`` maps
+    global train rows, whatever order its file holds them in). ``val_fraction`` 0: no
+    validation rows. Never a test row: the test split is cut first (``split_order``)."""
+    every = np.arange(n_train, dtype=np.int64)
+    if val_fraction <= 0:
+        return every, every[:0]
+    order = np.random.default_rng([seed, 0x7A11D]).permutation(n_train)
+    n_val = min(max(1, int(round(n_train * val_fraction))), n_train - 1)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
 @dataclass(frozen=True)
 class GlobalRows:
     """The label holder's rows in global order: ``ids[g]`` is global row g (train, then
@@ -117,10 +133,11 @@ class RowMap:
             raise DataError("alignment answer maps two of this party's rows to one label row")
         return cls(full[:n_train], full[n_train:], n_train, n_test)
 
-    def lookup(self, phase: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(local rows, present mask or None when all present) of schedule rows ``rows``
-        (phase "train" or "eval"); an absent row's local index is 0 (never read)."""
-        table = self.train if phase == "train" else self.test
+    def lookup(self, source: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(local rows, present mask or None when all present) of schedule rows ``rows`` of
+        the train split (``source`` "train": train and validation steps) or of the test
+        split (any other); an absent row's local index is 0 (never read)."""
+        table = self.train if source == "train" else self.test
         if table is None:
             return rows, None
         local = table[rows]

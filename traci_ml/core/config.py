@@ -103,6 +103,9 @@ class DataConfig(_Section):
     train_rows: Literal["all", "shared"] = "all"
     task: Literal["classification", "regression"] = "classification"
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # validation rows carved from the training rows by the seed (model selection and early
+    # stopping score them; 0: no validation split, rounds score the test split, as before)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     # digits: a preset ("quadrants": 4 experts, one 4x4 quadrant each; "halves": 2 experts).
     # csv: a list of views, one per expert. The number of experts is the number of views.
     # synthetic: "even" (the features split into synthetic.experts contiguous groups).
@@ -189,6 +192,14 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    # Model selection on the validation rounds (docs/config.md "Model selection"): the metric
+    # that picks the best round ("auto": per task, core/selection.py), whether lower or
+    # higher is better ("auto": from the metric), how many rounds in a row without an
+    # improvement of more than min_delta end training early (0: never stop early)
+    monitor: Literal["auto", "loss", "accuracy", "rmse", "r2"] = "auto"
+    monitor_mode: Literal["auto", "min", "max"] = "auto"
+    patience: int = Field(0, ge=0)
+    min_delta: float = Field(0.0, ge=0.0)
 
 
 class JoinConfig(_Section):
@@ -339,6 +350,24 @@ class Config(_Section):
                 f"reducer.heads ({self.reducer.heads}) must divide embed_dim ({self.embed_dim})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _selection(self) -> Config:
+        train, task = self.train, self.task
+        if train.patience and not self.data.val_fraction:
+            raise ValueError(f"train.patience ({train.patience}): early stopping needs a "
+                             "validation split (data.val_fraction > 0)")  # fmt: skip
+        fits = {"accuracy": "classification", "rmse": "regression", "r2": "regression"}
+        if fits.get(train.monitor, task) != task:
+            raise ValueError(f"train.monitor {train.monitor!r} is a {fits[train.monitor]} "
+                             f"metric; this run's task is {task}")  # fmt: skip
+        return self
+
+    @property
+    def task(self) -> str:
+        """The run's task: ``data.task`` for csv and parties runs; digits and synthetic
+        tables are classification."""
+        return self.data.task if self.data.source in ("csv", "parties") else "classification"
 
     def expert_model(self, expert_id: int) -> ExpertModelConfig:
         """Expert ``expert_id``'s network: its view's own ``model``, else ``expert.model``."""

@@ -130,25 +130,27 @@ class ReferenceData:
 
     def __init__(self, config: Config, ds: Dataset) -> None:
         self.schedule = schedule_for(config, ds)
-        self.views = {
-            phase: [torch.from_numpy(ds.view(i, split)) for i in range(ds.n_experts)]
-            for phase, split in (("train", "train"), ("eval", "test"))
+        self.views = {  # by Step.source: train and validation steps index the train split
+            split: [torch.from_numpy(ds.view(i, split)) for i in range(ds.n_experts)]
+            for split in ("train", "test")
         }
-        self.labels = {"train": torch.from_numpy(ds.y_train), "eval": torch.from_numpy(ds.y_test)}
+        self.labels = {"train": torch.from_numpy(ds.y_train), "test": torch.from_numpy(ds.y_test)}
 
     def batch(self, seq: int) -> tuple[Step, Batch]:
         """Step ``seq`` of the schedule and its batch."""
         step = self.schedule.step(seq)
         rows = torch.as_tensor(self.schedule.rows(step))
-        xs = [view[rows] for view in self.views[step.phase]]
-        return step, Batch(xs, self.labels[step.phase][rows], seq, step.index)
+        xs = [view[rows] for view in self.views[step.source]]
+        return step, Batch(xs, self.labels[step.source][rows], seq, step.index)
 
 
 @dataclass
 class ReferenceRun:
     trainer: ReferenceTrainer
     losses: list[float] = field(default_factory=list)  # per train step
-    eval_metrics: list[float] = field(default_factory=list)  # per eval round: accuracy or RMSE
+    # per eval round (validation rounds, then the test batches; no model is selected here,
+    # the test batches score the last weights): accuracy or RMSE
+    eval_metrics: list[float] = field(default_factory=list)
 
 
 def train_reference(config: Config, *, max_seq: int | None = None) -> ReferenceRun:

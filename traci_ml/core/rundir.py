@@ -12,7 +12,10 @@ machine (``traci up``), or collected from a cluster. Who writes what:
 ``broker.jsonl``            ``traci up``: the broker's metrics, sampled for the plots
 ``summary.json``            the reducer, at the end: accuracy, overlap, accounts, stop reason
 ``eval_predictions.csv``    the reducer: the final evaluation round, row by row
-``checkpoints/*.pt``        every service its own: ``expert-<i>.pt``, ``reducer.pt``
+``checkpoints/*.pt``        every service its own: ``expert-<i>.pt``, ``reducer.pt`` (the
+                            last weights); ``expert-<i>.best.pt``, ``reducer.best.pt`` (the
+                            best validation round's); ``expert-<i>.round-<r>.pt``: an expert's
+                            target of round r, until the reducer's decision on r reaches it
 ``experts/expert-<i>.*``    each expert: ``.applied`` (its ledger of applied gradients) and
                             ``.json`` (its accounts: sent, applied, dropped ...)
 ``logs/<service>.log``      ``traci up`` / ``traci serve``: each child's stdout and stderr
@@ -140,6 +143,33 @@ class RunDir:
     @property
     def reducer_checkpoint(self) -> Path:
         return self.checkpoints / "reducer.pt"
+
+    @property
+    def reducer_best(self) -> Path:
+        """The reducer's weights of the best validation round (model selection)."""
+        return self.checkpoints / "reducer.best.pt"
+
+    def expert_best(self, expert_id: int) -> Path:
+        """Expert ``expert_id``'s target net of the best validation round."""
+        return self.checkpoints / f"expert-{expert_id}.best.pt"
+
+    def expert_candidate(self, expert_id: int, rnd: int) -> Path:
+        """Expert ``expert_id``'s target net of validation round ``rnd``, kept until the
+        reducer's decision on that round reaches it."""
+        return self.checkpoints / f"expert-{expert_id}.round-{rnd}.pt"
+
+    def expert_candidates(self, expert_id: int) -> dict[int, Path]:
+        """Round -> candidate file, of those on disk."""
+        out = {}
+        for path in self.checkpoints.glob(f"expert-{expert_id}.round-*.pt"):
+            rnd = path.name[len(f"expert-{expert_id}.round-") : -len(".pt")]
+            if rnd.isdigit():
+                out[int(rnd)] = path
+        return out
+
+    def best_checkpoints(self, n_experts: int) -> list[Path]:
+        """``model_checkpoints`` of the best validation round."""
+        return [self.expert_best(i) for i in range(n_experts)] + [self.reducer_best]
 
     def model_checkpoints(self, n_experts: int) -> list[Path]:
         """Every checkpoint a trained model needs: each expert's, then the reducer's."""
