@@ -210,6 +210,11 @@ def serve_parsers(sub: argparse._SubParsersAction, common: Callable) -> None:
         help="also each row's attention per expert that took part: attn_cls, attn_<expert>",
     )
     common(req)
+    http = sub.add_parser("http", help="the Open Inference Protocol (KServe v2 REST) in front "
+                          "of a front door (serve.http_port; traci serve starts it)")  # fmt: skip
+    http.add_argument("--config", help="run config naming the front door and the run")
+    http.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # always serves
+    common(http)
 
 
 def insecure(p: argparse.ArgumentParser) -> None:
@@ -546,6 +551,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_health(config, args)
         if args.command == "request":
             return request_command(args, config)
+        if args.command == "http":
+            from traci_ml.app.http_v2 import run as run_http
+            from traci_ml.core.signals import die_with_parent
+
+            die_with_parent()  # started by traci serve: do not outlive it
+            return run_http(config)
         if args.command == "up":
             from traci_ml.app.launcher import up
 

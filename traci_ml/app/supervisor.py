@@ -140,8 +140,9 @@ class Policy:
     serving: bool = False
 
     def expendable(self, child: Child) -> bool:
-        """Left down when it fails for good: an expert while serving (the broker masks it)."""
-        return self.serving and child.name.startswith("expert-")
+        """Left down when it fails for good while serving: an expert (the broker masks it),
+        the HTTP translator (the front door answers on)."""
+        return self.serving and (child.name.startswith("expert-") or child.name == "http")
 
 
 def service_env() -> dict[str, str]:
@@ -191,13 +192,15 @@ def children(
     first = ["--resume"] if resume else []
     specs = [("broker", ["broker"], False), ("reducer", ["reducer"], True)]
     specs += [(f"expert-{i}", ["expert", "--id", str(i)], True) for i in range(n)]
+    if serve and config.serve.http_port:  # the Open Inference Protocol (app/http_v2.py)
+        specs.append(("http", ["http"], False))
     out = []
     for name, command, resumable in specs:
         argv = [*base, *command, "--config", str(config_file)]
         child_env = dict(env)
         if gpus and name.startswith("expert-"):
             child_env["CUDA_VISIBLE_DEVICES"] = str(int(name.split("-")[1]) % gpus)
-        fork = zygote if name != "broker" else None
+        fork = zygote if name not in ("broker", "http") else None
         if serve:
             argv.append("--serve")
             out.append(Child(name, argv, argv, run.log(f"serve-{name}"), child_env, fork))

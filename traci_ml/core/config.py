@@ -274,6 +274,10 @@ class ServeConfig(_Section):
     timeout: float = Field(2.0, gt=0.0)  # seconds the experts, then the reducer, may take
     max_inflight: int = Field(32, ge=1)  # queries at the experts or reducer at once
     max_queued: int = Field(1024, ge=1)  # requests waiting beyond that; more are refused (busy)
+    # the Open Inference Protocol (KServe v2 REST) beside the front door (app/http_v2.py);
+    # traci serve starts it; 0: off. No authentication or TLS: loopback unless you mean it
+    http_port: int = Field(8080, ge=0, le=65535)
+    http_bind: str = "127.0.0.1"
 
 
 class MetricsConfig(_Section):

@@ -1,0 +1,147 @@
+"""The Open Inference Protocol (KServe v2 REST) beside the front door, over real HTTP, driven by
+an off-the-shelf client of the protocol (tritonclient.http): `traci serve` on a finished short
+digits run starts `traci http` (serve.http_port); answers equal `traci predict`'s (load_predictor
++ predict_array) on the same rows, by rows and by id, JSON and binary tensors; errors come in
+the protocol's shape with their HTTP codes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers.support import free_ports
+from tests.integration.test_serve_run import TRACI, trained  # noqa: F401 (the fixture)
+from traci_ml.app.predict import load_predictor, predict_array, split_rows
+
+pytestmark = pytest.mark.integration
+http = pytest.importorskip("tritonclient.http")
+MODEL = "serve-it"  # the run's run_id
+
+
+def call(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture(scope="module")
+def server(trained: Path):  # noqa: F811
+    ports = free_ports(5)
+    sets = {
+        "network.expert_port": ports[0], "network.reducer_port": ports[1],
+        "network.serve_port": ports[2], "metrics.broker_port": ports[3],
+        "serve.http_port": ports[4], "serve.max_request_rows": 64,
+    }  # fmt: skip
+    argv = [*TRACI, "serve", "--run", str(trained), *(f"--set={k}={v}" for k, v in sets.items())]
+    log = (trained.parent / "serve-http.out").open("w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    port = ports[4]
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            try:
+                if call(port, "GET", "/v2/health/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "never ready"
+            time.sleep(0.5)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def offline(trained: Path):  # noqa: F811
+    p = load_predictor(trained)
+    x, _ = split_rows(p.config, p.preprocess, "test")
+    x = x[:20]
+    out = predict_array(p, x)
+    probs = np.stack([out[f"prob_{c}"] for c in p.preprocess.classes], 1)
+    return list(p.preprocess.columns), x, probs, [str(c) for c in out["prediction"]]
+
+
+def infer_rows(client, columns: list[str], x: np.ndarray, binary: bool):
+    inputs = []
+    for j, c in enumerate(columns):
+        t = http.InferInput(c, [len(x)], "FP32")
+        t.set_data_from_numpy(np.ascontiguousarray(x[:, j]), binary_data=binary)
+        inputs.append(t)
+    outputs = [http.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "label")]
+    return client.infer(MODEL, inputs, outputs=outputs)
+
+
+@pytest.mark.timeout(400)
+def test_tritonclient_answers_equal_traci_predict(server: int, offline) -> None:
+    columns, x, probs, labels = offline
+    client = http.InferenceServerClient(url=f"127.0.0.1:{server}")
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL)
+    meta = client.get_model_metadata(MODEL)
+    assert [i["name"] for i in meta["inputs"]] == [*columns, "id"]
+    assert meta["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}
+    for binary in (False, True):
+        result = infer_rows(client, columns, x, binary)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), probs, atol=2e-6, rtol=0)
+        got = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")]
+        assert got == labels
+    # no outputs named: all of them, binary (tritonclient's default)
+    inputs = [http.InferInput(c, [len(x), 1], "FP64") for c in columns]
+    for j, t in enumerate(inputs):
+        t.set_data_from_numpy(x[:, j : j + 1].astype(np.float64))
+    result = client.infer(MODEL, inputs)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), probs, atol=2e-6, rtol=0)
+    # by id: in a one-table run, the row's number in the table (INT64 or BYTES)
+    ids = http.InferInput("id", [3], "INT64")
+    ids.set_data_from_numpy(np.array([0, 5, 9], np.int64))
+    by_id = client.infer(MODEL, [ids]).as_numpy("probabilities")
+    assert by_id.shape == (3, 10) and np.allclose(by_id.sum(1), 1, atol=1e-5)
+
+
+@pytest.mark.timeout(200)
+def test_errors_in_the_protocols_shape(server: int, offline) -> None:
+    columns, x, _, _ = offline
+
+    def rows(cols, n=2, datatype="FP32", shape=None, data=None):
+        data = data if data is not None else [0.5] * n
+        return {"inputs": [{"name": c, "datatype": datatype, "shape": shape or [n],
+                            "data": data} for c in cols]}  # fmt: skip
+
+    cases = [
+        ("GET", "/v2/models/nope", None, 404, "unknown model"),
+        ("GET", "/v2/models/nope/ready", None, 404, "unknown model"),
+        ("POST", "/v2/models/nope/infer", rows(columns), 404, "unknown model"),
+        ("POST", f"/v2/models/{MODEL}/infer", rows(columns[1:]), 400, "missing_columns"),
+        ("POST", f"/v2/models/{MODEL}/infer", rows(columns, shape=[2, 3]), 400, "shape"),
+        ("POST", f"/v2/models/{MODEL}/infer", rows(columns, shape=[3]), 400, "values"),
+        ("POST", f"/v2/models/{MODEL}/infer", rows(columns, datatype="BYTES"), 400, "numeric"),
+        ("POST", f"/v2/models/{MODEL}/infer", rows(columns, datatype="FP8"), 400, "datatype"),
+        ("POST", f"/v2/models/{MODEL}/infer", rows(columns, data=["a", "b"]), 400, "FP32"),
+        ("POST", f"/v2/models/{MODEL}/infer", rows(columns, n=65), 400, "oversize"),
+        ("POST", f"/v2/models/{MODEL}/infer", {"inputs": []}, 400, "inputs"),
+        ("POST", f"/v2/models/{MODEL}/infer",
+         {**rows(columns), "outputs": [{"name": "logits"}]}, 400, "unknown output"),
+    ]  # fmt: skip
+    for method, path, body, code, words in cases:
+        got, answer = call(server, method, path, body)
+        assert got == code, (path, answer)
+        assert set(answer) == {"error"} and words in answer["error"], answer
+    got, answer = call(server, "POST", f"/v2/models/{MODEL}/infer", rows(columns))
+    assert got == 200 and answer["outputs"][0]["shape"] == [2, 10]

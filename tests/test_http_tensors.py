@@ -1,0 +1,79 @@
+"""The Open Inference Protocol's tensors (app/http_tensors.py): JSON and binary inputs to the
+front door's rows or ids, outputs as JSON or binary, and the refusals (HTTP 400)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from traci_ml.app.http_tensors import BadTensor, decode_request, encode_response, read_inputs
+
+
+def test_json_columns_become_rows_and_ids_stay_ids() -> None:
+    a = {"name": "a", "datatype": "FP32", "shape": [2], "data": [1, 2]}
+    b = {"name": "b", "datatype": "INT64", "shape": [2, 1], "data": [[3], [4]]}
+    req = {"inputs": [a, b]}
+    rows, ids = read_inputs(req, b"")
+    assert ids is None and list(rows) == ["a", "b"]
+    assert rows["b"].tolist() == [3.0, 4.0]
+    by_id = {"inputs": [{"name": "id", "datatype": "BYTES", "shape": [2], "data": ["x", "y"]}]}
+    assert read_inputs(by_id, b"") == (None, ["x", "y"])
+
+
+def test_binary_inputs_follow_the_json_header() -> None:
+    head = {"inputs": [
+        {"name": "a", "datatype": "FP64", "shape": [2], "parameters": {"binary_data_size": 16}},
+        {"name": "b", "datatype": "FP32", "shape": [2], "data": [5, 6]},
+    ]}  # fmt: skip
+    text = json.dumps(head).encode()
+    body = text + np.array([1.5, 2.5], "<f8").tobytes()
+    request, blobs = decode_request(body, len(text))
+    rows, _ = read_inputs(request, blobs)
+    assert rows["a"].tolist() == [1.5, 2.5]
+    ids = struct.pack("<I", 2) + b"id" + struct.pack("<I", 1) + b"z"
+    head = {"inputs": [{"name": "id", "datatype": "BYTES", "shape": [2],
+                        "parameters": {"binary_data_size": len(ids)}}]}  # fmt: skip
+    text = json.dumps(head).encode()
+    assert read_inputs(*decode_request(text + ids, len(text))) == (None, ["id", "z"])
+
+
+@pytest.mark.parametrize(
+    ("inputs", "words"),
+    [
+        ([], "non-empty"),
+        ([{"name": "a", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]}], "shape"),
+        ([{"name": "a", "datatype": "FP32", "shape": [3], "data": [1, 2]}], "values"),
+        ([{"name": "a", "datatype": "FP8", "shape": [1], "data": [1]}], "datatype"),
+        ([{"name": "a", "datatype": "BYTES", "shape": [1], "data": ["1"]}], "numeric"),
+        ([{"name": "a", "datatype": "FP32", "shape": [1], "data": ["x"]}], "FP32"),
+        ([{"name": "a", "datatype": "FP32", "shape": [1]}], "no 'data'"),
+        ([{"name": "id", "datatype": "FP32", "shape": [1], "data": [1]}], "INT64 or BYTES"),
+        ([{"name": "id", "datatype": "INT64", "shape": [1], "data": [1]},
+          {"name": "a", "datatype": "FP32", "shape": [1], "data": [1]}], "alone"),
+        ([{"name": "a", "datatype": "FP32", "shape": [1], "data": [1]},
+          {"name": "b", "datatype": "FP32", "shape": [2], "data": [1, 2]}], "different numbers"),
+    ],
+)  # fmt: skip
+def test_refusals(inputs: list, words: str) -> None:
+    with pytest.raises(BadTensor, match=words):
+        read_inputs({"inputs": inputs}, b"")
+
+
+def test_outputs_json_binary_and_unknown() -> None:
+    probs = np.array([[0.25, 0.75]], np.float32)
+    outputs = {"probabilities": probs, "label": ["b"]}
+    body, headers = encode_response("m", {"id": "7"}, outputs, {})
+    answer = json.loads(body)
+    assert headers["content-type"] == "application/json" and answer["id"] == "7"
+    assert answer["outputs"][0] == {"name": "probabilities", "datatype": "FP32",
+                                    "shape": [1, 2], "data": [0.25, 0.75]}  # fmt: skip
+    asked = {"outputs": [{"name": "label", "parameters": {"binary_data": True}}]}
+    body, headers = encode_response("m", asked, outputs, {})
+    n = int(headers["inference-header-content-length"])
+    assert json.loads(body[:n])["outputs"][0]["parameters"] == {"binary_data_size": 5}
+    assert body[n:] == struct.pack("<I", 1) + b"b"
+    with pytest.raises(BadTensor, match="unknown output"):
+        encode_response("m", {"outputs": [{"name": "logits"}]}, outputs, {})
