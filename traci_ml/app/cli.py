@@ -12,10 +12,10 @@
                                                exit 0 if that service's metrics answer
                                                (container health checks)
     traci predict --run RUN_DIR (--input CSV | --split test|train | --ids FILE|ID,ID,..)
-        [--output CSV] [--attention]
+        [--output CSV] [--attention] [--checkpoint best|last]
                                                a trained run in one process (docs/predict.md)
     traci export --run RUN_DIR --format torchscript|onnx [--output FILE]
-                                               the whole model in one file (docs/predict.md)
+        [--checkpoint best|last]               the whole model in one file (docs/predict.md)
     traci plot RUN_DIR                         loss, throughput, attention (per class),
                                                queue latency PNGs in RUN_DIR/plots
     traci serve --run RUN_DIR                  serve a trained run until Ctrl-C (docs/serving.md)
@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", required=True, metavar="RUN_DIR", help="the run directory")
     export.add_argument("--format", required=True, choices=["torchscript", "onnx"])
     export.add_argument("--output", metavar="FILE", help="default: RUN_DIR/model.<format>")
+    for p in (predict, export):  # model selection (docs/predict.md)
+        p.add_argument("--checkpoint", choices=["best", "last"], default=None,
+                       help="the best validation round's weights (default, where the run has "
+                       "them) or the last")  # fmt: skip
     plot = sub.add_parser("plot", help="draw a run's PNGs (loss, throughput, attention, ...)")
     plot.add_argument("run", metavar="RUN_DIR", help="the run directory")
     for p in (predict, export, plot):

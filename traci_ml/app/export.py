@@ -62,11 +62,15 @@ def probe_rows(predictor: Predictor, n: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(prep.mean + z * prep.std)
 
 
-def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> Path:
-    """Write the run's model as ``fmt`` (torchscript | onnx); returns the file's path."""
+def export(
+    run_dir: str | Path, fmt: str, output: str | Path | None = None, *,
+    checkpoint: str | None = None,
+) -> Path:  # fmt: skip
+    """Write the run's model as ``fmt`` (torchscript | onnx); returns the file's path.
+    ``checkpoint``: "best", "last" or None (the best where the run has it)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
-    predictor = load_predictor(run_dir)
+    predictor = load_predictor(run_dir, checkpoint=checkpoint)
     path = Path(output) if output else Path(run_dir) / FORMATS[fmt]
     with replacing(path) as tmp, _guard(predictor, fmt):
         (export_torchscript if fmt == "torchscript" else export_onnx)(predictor, tmp)

@@ -31,7 +31,7 @@ def run_predict(args: argparse.Namespace) -> int:
         if config.data.source == "parties":
             raise DataError("--input takes raw feature rows of a one-table run; a parties run "
                             "predicts its parties' rows by id: --ids or --split")  # fmt: skip
-        predictor = P.load_predictor(args.run, device=str(device))
+        predictor = P.load_predictor(args.run, device=str(device), checkpoint=args.checkpoint)
         prep = predictor.preprocess
         x, frame = P.read_csv(args.input, prep.columns)
         id_column = predictor.config.data.id
@@ -46,7 +46,7 @@ def run_predict(args: argparse.Namespace) -> int:
         cols["absent"] = [""] * len(x)  # every expert reads its view of the given rows
         write_columns(with_attention(cols, seen, predictor.config), args.output)
         return 0
-    by_id = P.load_id_predictor(args.run, device=device)
+    by_id = P.load_id_predictor(args.run, device=device, checkpoint=args.checkpoint)
     with recording(by_id.model.reducer, args.attention) as seen:
         if args.split:
             cols, skipped = by_id.predict_split(args.split)
@@ -89,6 +89,6 @@ def write_columns(cols: dict[str, list[Any]], output: str | None) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from traci_ml.app.export import export
 
-    path = export(args.run, args.format, args.output)
+    path = export(args.run, args.format, args.output, checkpoint=args.checkpoint)
     print(f"wrote {path} ({path.stat().st_size:,} bytes)", file=sys.stderr)
     return 0

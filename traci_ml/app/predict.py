@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from traci_ml.app.checkpoints import choose
 from traci_ml.core import checkpoint, fits
 from traci_ml.core.align import IdIndex
 from traci_ml.core.config import Config
@@ -108,28 +109,34 @@ class Predictor(nn.Module):
         return logits, logits[:, 0] * self.y_std + self.y_mean
 
 
-def load_predictor(run_dir: str | Path, *, device: str = "cpu") -> Predictor:
-    """The run's full model taking raw feature rows; see ``Predictor``."""
+def load_predictor(
+    run_dir: str | Path, *, device: str = "cpu", checkpoint: str | None = None
+) -> Predictor:
+    """The run's full model taking raw feature rows; see ``Predictor``. ``checkpoint``:
+    "best" (the best validation round's), "last", or None: the best where the run has it
+    (``app/checkpoints.py``)."""
     run_path = Path(run_dir)
     config = RunDir(run_path).config()
     if config.data.source == "parties":
         raise DataError(f"{run_path}: {PARTIES_NO_TABLE}")
     prep = load_preprocess(run_path, config)
     in_dims = [len(cols) for _, cols in prep.views]
-    model, _ = _assemble(run_path, config, in_dims, prep.out_dim)
+    model, _ = _assemble(run_path, config, in_dims, prep.out_dim, checkpoint)
     return Predictor(model, prep, config).to(device).eval()
 
 
-def load_model(run_dir: str | Path, *, device: str = "cpu") -> TraciModel:
+def load_model(
+    run_dir: str | Path, *, device: str = "cpu", checkpoint: str | None = None
+) -> TraciModel:
     """``(views...) -> logits`` from the run's checkpoints; see ``TraciModel``."""
-    return load_predictor(run_dir, device=device).model
+    return load_predictor(run_dir, device=device, checkpoint=checkpoint).model
 
 
 def _assemble(
-    run_path: Path, config: Config, in_dims: list[int], out_dim: int
+    run_path: Path, config: Config, in_dims: list[int], out_dim: int, which: str | None = None
 ) -> tuple[TraciModel, list[dict[str, Any]]]:
-    """The model from the checkpoints, and each expert's checkpoint (its other contents:
-    a party's standardisation)."""
+    """The model from the checkpoints ``which`` chooses (``app/checkpoints.py``), and each
+    expert's last checkpoint (its other contents: a party's standardisation)."""
     run = RunDir(run_path)
     ckpt, names = run.checkpoints, run.model_checkpoints(len(in_dims))
     missing = run.missing_checkpoints(len(in_dims))
@@ -137,11 +144,12 @@ def _assemble(
         raise CheckpointError(f"{run_path} has no checkpoints: train it first (traci up)")
     if missing:
         raise CheckpointError(f"{ckpt} lacks {', '.join(missing)}")
+    chosen = choose(run, len(in_dims), config.run_id, which, selects=config.data.val_fraction > 0)
     experts, seqs, states = [], [], []
     fix, against = f"its {RunDir.CONFIG} no longer matches its checkpoints", "the run's config"
     with torch.random.fork_rng(devices=[]):  # building nets draws initial weights
         for i, in_dim in enumerate(in_dims):
-            path = run.expert_checkpoint(i)
+            path = chosen.experts[i]
             state = checkpoint.load(path, run_id=config.run_id, expert_id=i)
             net = build_expert_net(
                 config.expert_model(i),
@@ -152,14 +160,15 @@ def _assemble(
             fits.expert_weights(config, i, state, path, {"target": net}, fix=fix, against=against)
             experts.append(net.eval().requires_grad_(False))
             seqs.append(state.get("seq_next"))
-            states.append(state)
+            last = run.expert_checkpoint(i)
+            states.append(state if path == last else checkpoint.load(last, run_id=config.run_id))
         reducer = Reducer(
             n_experts=len(in_dims), d=config.embed_dim, out_dim=out_dim, cfg=config.reducer
         )
-    path = run.reducer_checkpoint
+    path = chosen.reducer
     state = checkpoint.load(path, run_id=config.run_id)
     fits.reducer_weights(config, state, path, reducer, fix=fix, against=against)
-    if any(s != state.get("last_seq", -1) + 1 for s in seqs):
+    if chosen.which == "last" and any(s != state.get("last_seq", -1) + 1 for s in seqs):
         log.warning(
             "checkpoints are from different points of the run (experts at seq %s, reducer "
             "after seq %s): was it interrupted?",
@@ -354,7 +363,9 @@ class IdPredictor:
         return cols
 
 
-def load_id_predictor(run_dir: str | Path, *, device: str | torch.device = "cpu") -> IdPredictor:
+def load_id_predictor(
+    run_dir: str | Path, *, device: str | torch.device = "cpu", checkpoint: str | None = None
+) -> IdPredictor:
     """The run's model over its experts' own rows, by id (see ``IdPredictor``). A parties
     run reads every party's file and the label file (everything on one machine); a one-table
     run reads its table (a csv must be the file it trained on)."""
@@ -365,11 +376,12 @@ def load_id_predictor(run_dir: str | Path, *, device: str | torch.device = "cpu"
     config = run.config()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if config.data.source != "parties":
-        return _one_table_ids(run_path, config, dev)
+        return _one_table_ids(run_path, config, dev, checkpoint)
     ds = load_labels(config)
     assert ds.ids_train is not None and ds.ids_test is not None  # load_labels sets them
     parties = [load_expert_data(config, i) for i in range(ds.n_experts)]
-    model, states = _assemble(run_path, config, [p.table.shape[1] for p in parties], ds.out_dim)
+    in_dims = [p.table.shape[1] for p in parties]
+    model, states = _assemble(run_path, config, in_dims, ds.out_dim, checkpoint)
     labels = config.data.labels
     assert labels is not None  # a parties config has them
     ids_of = f"{labels.path}, id column {labels.id or config.data.id!r}"
@@ -403,10 +415,13 @@ def load_id_predictor(run_dir: str | Path, *, device: str | torch.device = "cpu"
     )  # fmt: skip
 
 
-def _one_table_ids(run_path: Path, config: Config, dev: torch.device) -> IdPredictor:
+def _one_table_ids(
+    run_path: Path, config: Config, dev: torch.device, which: str | None
+) -> IdPredictor:
     """One table: every expert holds every row, its id the row's number in the table."""
     prep = load_preprocess(run_path, config)
-    model, _ = _assemble(run_path, config, [len(c) for _, c in prep.views], prep.out_dim)
+    in_dims = [len(c) for _, c in prep.views]
+    model, _ = _assemble(run_path, config, in_dims, prep.out_dim, which)
     x, y, columns, _ = checked_table(config, prep, "predicting by id")
     if tuple(columns) != prep.columns:
         raise DataError(f"the run's table has columns {list(columns)[:5]}..., not those it "
