@@ -32,11 +32,12 @@ SECTIONS = (
     "accel",
     "bandwidth",
     "compression",
+    "quality",
 )
 TARGETS = {"e2e_vs_fused": 0.9, "e2e_vs_rpc": 1.5, "broker_vs_null": 0.8, "scaling_64_vs_4": 0.7,
            "pipeline_efficiency_10ms": 0.9, "pipeline_efficiency_10ms_w1": 0.6,
            "straggler_ratio": 0.8, "zero_compute_w2_vs_w1": 1.0,
-           "compression_bytes_ratio": 3.5}  # fmt: skip
+           "compression_bytes_ratio": 3.5, "quality_worst_margin_vs_linear": 0.0}  # fmt: skip
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -139,6 +140,10 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         from bench.compression import ratios as compression_ratios
 
         out.update(compression_ratios(results["compression"]))
+    if results.get("quality"):
+        from bench.quality import ratios as quality_ratios
+
+        out.update(quality_ratios(results["quality"]))
     return out
 
 
@@ -184,6 +189,11 @@ def print_table(results: dict[str, Any]) -> None:
 
         print("  int8 wire against float32:")
         for line in compression_lines(results["compression"]):
+            print("  " + line)
+    if results.get("quality"):
+        from bench.quality import summary_lines as quality_lines
+
+        for line in quality_lines(results["quality"]):
             print("  " + line)
     for name, m in results.get("memory", {}).get("services", {}).items():
         print(
