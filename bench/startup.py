@@ -1,6 +1,7 @@
 """Time to the first training step of a fresh ``make run``, and where it goes.
 
     python -m bench.startup [--repeats 3] [--config examples/digits.yaml] [--out FILE]
+                            [--baseline DIR]
 
 ``e2e``: ``traci up CONFIG --fresh`` exactly as ``make run`` runs it, on free ports and a
 temporary run directory, with ``train.log_every=1`` so the first step is written down; it is
@@ -12,12 +13,18 @@ spends before it can register, each phase timed in a fresh interpreter, one proc
 the imports, the first ``torch.optim`` optimizer (its first call imports ``torch._dynamo``),
 the data, the model. A cluster pays the phases once per process, all at once, on the
 machine's cores. Medians of ``--repeats`` runs with min and max. No test asserts a time.
+
+``--baseline DIR``: a checkout of another commit (``git archive COMMIT | tar -x -C DIR``, then
+``ln -s ../services DIR/traci_ml/services; ln -s ../proto DIR/traci_ml/proto`` so that it
+imports its own code, not this installation's), run the same way, its runs alternating with
+this tree's so that a busy machine slows both alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import statistics
 import subprocess
@@ -91,8 +98,10 @@ def _log_times(path: Path) -> list[tuple[float, str]]:
     return out
 
 
-def one_run(config: str, timeout: float = 300) -> dict[str, float]:
-    """One fresh ``traci up``, stopped after its first step: event -> seconds after start."""
+def one_run(config: str, timeout: float = 300, cwd: str | None = None) -> dict[str, float]:
+    """One fresh ``traci up``, stopped after its first step: event -> seconds after start.
+    ``cwd``: the tree whose code runs (its ``traci_ml``, found first on ``sys.path``)."""
+    config = str(Path(config).resolve())
     with tempfile.TemporaryDirectory(prefix="traci-startup-") as tmp:
         run = Path(tmp) / "run"
         expert_port, reducer_port, serve_port, broker_m, reducer_m = free_ports(5)
@@ -103,7 +112,8 @@ def one_run(config: str, timeout: float = 300) -> dict[str, float]:
         argv = [*TRACI, "up", config, "--fresh", *(f"--set={k}={v}" for k, v in sets.items())]
         first_line: list[float] = []
         start = time.time()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, cwd=cwd)  # fmt: skip
         lines: list[str] = []
 
         def read() -> None:
@@ -149,7 +159,13 @@ def one_run(config: str, timeout: float = 300) -> dict[str, float]:
             elif "start gate open" in msg:
                 events.setdefault("gate_open", stamp)
         events["first_step"] = first_step
-        return {k: round(v - start, 3) for k, v in events.items()}
+        out = {k: round(v - start, 3) for k, v in events.items()}
+        zygote = run / "logs" / "zygote.log"  # its imports, once for every forked service
+        took = re.search(r"zygote: imported .* in ([\d.]+)s", zygote.read_text()) \
+            if zygote.exists() else None  # fmt: skip
+        if took:
+            out["zygote_imports"] = float(took.group(1))
+        return out
 
 
 def phases(config: str) -> dict[str, float]:
@@ -169,16 +185,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="examples/digits.yaml")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="also write the result here as JSON")
+    parser.add_argument("--baseline", help="another checkout to run the same way, alternating")
     args = parser.parse_args(argv)
     with open("/proc/loadavg") as fh:
         load_before = fh.read().split()[:3]
-    e2e = _spread([one_run(args.config) for _ in range(args.repeats)])
+    runs: list[dict[str, float]] = []
+    base: list[dict[str, float]] = []
+    for _ in range(args.repeats):
+        runs.append(one_run(args.config))
+        if args.baseline:
+            base.append(one_run(args.config, cwd=args.baseline))
+    e2e = _spread(runs)
     alone = _spread([phases(args.config) for _ in range(args.repeats)])
     with open("/proc/loadavg") as fh:
         load_after = fh.read().split()[:3]
     result = {"config": args.config, "e2e_seconds": e2e, "phases_seconds_one_process": alone,
               "loadavg_before": load_before, "loadavg_after": load_after}  # fmt: skip
-    for name, table in (("e2e (s after traci up started)", e2e), ("phases, one process", alone)):
+    tables = [("e2e (s after traci up started)", e2e), ("phases, one process", alone)]
+    if base:
+        result["baseline"] = {"dir": args.baseline, "e2e_seconds": _spread(base)}
+        tables.insert(1, (f"baseline {args.baseline} e2e", result["baseline"]["e2e_seconds"]))
+    for name, table in tables:
         print(name)
         for k, v in table.items():
             print(f"  {k:24} {v['median']:7.2f}  ({v['min']:.2f} .. {v['max']:.2f})")

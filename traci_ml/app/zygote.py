@@ -44,7 +44,7 @@ GPU_UNSAFE = ("torch._dynamo",)  # imported only where torch has no GPU backend
 
 def modules_for(source: str) -> list[str]:
     """The modules a zygote imports for a run whose data comes from ``source``."""
-    extra = {"digits": ["sklearn.datasets"], "parties": ["traci_ml.core.data.parties"]}
+    extra = {"parties": ["traci_ml.core.data.parties"]}
     return [*SERVICES, *GPU_UNSAFE, *extra.get(source, [])]
 
 
@@ -212,8 +212,10 @@ def serve(modules: list[str]) -> dict[str, Any]:
     import gc
 
     gc.freeze()  # imported objects stay where they are: fewer pages copied per child
+    took = time.monotonic() - started
+    print(f"zygote: imported {', '.join(modules)} in {took:.2f}s", file=sys.stderr, flush=True)
     replies = os.dup(1)
-    _write(replies, {"ready": round(time.monotonic() - started, 3)})
+    _write(replies, {"ready": round(took, 3)})
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)

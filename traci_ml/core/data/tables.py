@@ -42,13 +42,30 @@ def table_task(cfg: DataConfig) -> str:
 
 
 def digits() -> RawTable:
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+    """scikit-learn's copy of the UCI digits (bundled with it: no download), read from its
+    file as ``sklearn.datasets.load_digits`` reads it, without importing scikit-learn: that
+    import (SciPy's statistics with it) took longer than every other step of a digits
+    service's start but torch's (bench/startup.py)."""
+    import importlib.util
 
     sys.audit(AUDIT_EVENT, "digits")
-    bunch = load_digits()
+    spec = importlib.util.find_spec("sklearn")  # finds the package, does not run it
+    where = spec.submodule_search_locations if spec is not None else None
+    path = Path(where[0]) / "datasets" / "data" / "digits.csv.gz" if where else None
+    if path is not None and path.is_file():
+        import gzip
+
+        with gzip.open(path, mode="rt", encoding="utf-8") as fh:
+            data = np.loadtxt(fh, delimiter=",")
+        x, y = data[:, :-1], data[:, -1].astype(int)
+    else:  # laid out otherwise: scikit-learn's own reader
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x, y = bunch.data, bunch.target
     columns = tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8))
     classes = tuple(str(i) for i in range(10))
-    return bunch.data.astype(np.float32), bunch.target.astype(np.int64), columns, classes
+    return x.astype(np.float32), y.astype(np.int64), columns, classes
 
 
 def synthetic(cfg: DataConfig, seed: int) -> RawTable:
