@@ -96,6 +96,19 @@ def test_early_stop_moves_the_test_batches_behind_the_round() -> None:
         make(val_fraction=0.0).stop_after(0)
 
 
+def test_a_longer_resume_trains_on_the_seqs_of_the_earlier_test_batches() -> None:
+    done = make()  # a finished run: every process checkpointed at or after its test batches
+    longer = make(steps=10)  # resumed with more steps: its test batches come later
+    assert longer.step(done.test_start).split == "train"
+    assert longer.resume_at(done.total, done.test_start) == done.test_start  # no step lost
+    assert longer.resume_at(5, done.test_start) == 5  # a checkpoint from before: as it was
+    assert done.resume_at(done.total, done.test_start) == done.total  # the same run: no change
+    stopped = make()
+    stopped.stop_after(0)
+    assert make().resume_at(stopped.total, stopped.test_start) == stopped.test_start
+    assert make(val_fraction=0.0).resume_at(12, 4) == 12  # no validation: nothing moves
+
+
 def test_batch_size_beyond_the_rows_left_for_training_names_the_validation_split() -> None:
     with pytest.raises(ValueError, match="held out for validation"):
         make(n_train=20, batch_size=19, val_fraction=0.25)

@@ -33,7 +33,7 @@ from traci_ml.core import checkpoint
 from traci_ml.core.config import Config
 from traci_ml.core.errors import CheckpointError
 from traci_ml.core.rundir import RunDir
-from traci_ml.core.schedule import Schedule, Step
+from traci_ml.core.schedule import Schedule, Step, make_schedule
 from traci_ml.core.selection import Decision
 from traci_ml.services.expert.ledger import InFlight
 
@@ -159,10 +159,23 @@ class ExpertSelection:
             self._test_net = net.eval()
         return self._test_net
 
-    def state(self) -> dict[str, Any]:
-        return {"heard": self.heard.fields(), "assumed": self.assumed}
+    def state(self, schedule: Schedule | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"heard": self.heard.fields(), "assumed": self.assumed}
+        if schedule is not None:  # for resume_seq: where its test batches began, its rows
+            out.update(test_start=schedule.test_start, rows=[schedule.n_train, schedule.n_test])
+        return out
 
-    def restore(self, state: dict[str, Any] | None) -> None:
-        if state is not None:
-            self.heard = Decision(**state["heard"])
-            self.assumed = state["assumed"]
+    def restore(self, state: dict[str, Any] | None, seq_next: int) -> int:
+        """The checkpoint's selection state; returns the seq to go on at
+        (``Schedule.resume_at``: a longer run trains on the seqs of the earlier test
+        batches), decided before HELLO from the label holder's row counts it aligned to."""
+        if state is None:
+            return seq_next
+        self.heard = Decision(**state["heard"])
+        self.assumed = state["assumed"]
+        if state.get("rows") is None:
+            return seq_next
+        schedule = make_schedule(self.config, *state["rows"])
+        if self.early and self.heard.stopped >= 0 and schedule.selecting:
+            schedule.stop_after(self.heard.stopped)
+        return schedule.resume_at(seq_next, state.get("test_start"))

@@ -676,7 +676,7 @@ class ExpertService:
                 # error feedback's residuals (docs/compression.md); None without it
                 "feedback": None if self.feedback is None else self.feedback.state_dict(),
                 # model selection: the reducer's decision as last heard
-                "selection": self.selection.state(),
+                "selection": self.selection.state(self.schedule),
             },
             self.ckpt_path,
         )
@@ -693,8 +693,7 @@ class ExpertService:
         if self.data.rows is None and state.get("mean") is not None:  # parties
             self.data.standardise(state["mean"].numpy(), state["std"].numpy())
         self.accounts = Accounts(**state["accounts"])
-        self.selection.restore(state.get("selection"))
-        self.seq_next = state["seq_next"]
+        self.seq_next = self.selection.restore(state.get("selection"), state["seq_next"])
         self.restored = True
         self.ledger_at = state.get("ledger_bytes")  # None: a checkpoint written without one
         lost = state.get("inflight", 0)

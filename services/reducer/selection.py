@@ -40,6 +40,7 @@ class ReducerSelection:
         # the validation round in progress: its number, batches seen in order, all present
         self._round, self._seen, self._whole = -1, 0, False
         self._test_model: nn.Module | None = None
+        self._test_start: int | None = None  # where the restored run's test batches began
 
     @property
     def on(self) -> bool:
@@ -120,11 +121,12 @@ class ReducerSelection:
     # -- checkpoint, resume -----------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        return self.selector.state()
+        return {**self.selector.state(), "test_start": self.schedule.test_start}
 
     def restore(self, state: dict[str, Any] | None) -> None:
         if state is not None:
             self.selector.load(state)
+            self._test_start = state.get("test_start")
         if not self.monitor.patience:  # early stopping turned off for this session
             self.selector.stopped = -1
 
@@ -144,7 +146,7 @@ class ReducerSelection:
                     last_seq = max(last_seq, best["seq"])
         if self.selector.stopped >= 0:
             self.schedule.stop_after(self.selector.stopped)
-        return last_seq
+        return self.schedule.resume_at(last_seq + 1, self._test_start) - 1
 
     def fresh(self) -> None:
         """A run that starts afresh keeps no best weights of an earlier one."""

@@ -124,6 +124,16 @@ class Schedule:
         self.test_start = self.round_end(rnd) + 1
         self.total = self.test_start + self.test_batches
 
+    def resume_at(self, seq: int, test_start: int | None) -> int:
+        """Where a resumed process goes on: ``seq``, unless the run it resumes had reached
+        its test batches (from ``test_start``) and this longer schedule trains there (more
+        ``train.steps``, or early stopping turned off): then at ``test_start``, so no train
+        step is lost to the earlier test scoring's seqs (which applied no gradient: none is
+        applied twice). Every process decides it alike from its own checkpoint."""
+        if self.selecting and test_start is not None and test_start < self.test_start:
+            return min(seq, test_start)
+        return seq
+
     def round_before(self, seq: int) -> int:
         """The last validation round that ends before step ``seq`` (-1: none)."""
         if not self.selecting:
