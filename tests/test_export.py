@@ -4,6 +4,7 @@ TorchScript or ONNX file that reproduces `traci predict` on raw feature rows."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -76,6 +77,29 @@ def test_torchscript_round_trip(digits: Built, tmp_path: Path, capsys) -> None:
     assert meta["columns"] == [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
     assert meta["outputs"] == {"logits": ["batch", 10], "probabilities": ["batch", 10]}
     assert meta["classes"] == [str(k) for k in range(10)] and meta["run_id"] == "predict-test"
+
+
+def test_export_says_each_step_as_it_begins(digits: Built, tmp_path: Path, capsys) -> None:
+    """Not a terminal: one line per step on stderr, then where the time went."""
+    path = tmp_path / "m.onnx"
+    args = ["export", "--run", str(digits.path), "--format", "onnx", "--output", str(path)]
+    assert main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    steps = [line for line in err if line.startswith("traci export: ")]
+    assert steps == [
+        "traci export: loading torch",
+        f"traci export: loading {digits.path}",
+        "traci export: loading the ONNX exporter (onnx, onnxscript)",
+        "traci export: exporting the model with torch.export and translating it to ONNX "
+        "(the slow part: tens of seconds)",
+        "traci export: writing the ONNX file",
+        "traci export: checking it against the model with onnxruntime",
+    ]
+    assert re.fullmatch(
+        rf"wrote {re.escape(str(path))} \([\d,]+ bytes\) in [\d.]+s: loading torch [\d.]+s, "
+        r".*exporting the model with torch.export and translating it to ONNX [\d.]+s, .*",
+        err[-1],
+    )
 
 
 def test_onnx_round_trip(digits: Built) -> None:

@@ -25,6 +25,7 @@ import torch
 import traci_ml
 import traci_ml.services
 from traci_ml.app.predict import Predictor, load_predictor
+from traci_ml.app.steps import Steps
 from traci_ml.core.errors import ExportError, TraciError  # noqa: F401 (API)
 from traci_ml.core.files import replacing
 
@@ -64,16 +65,19 @@ def probe_rows(predictor: Predictor, n: int, seed: int = 0) -> torch.Tensor:
 
 def export(
     run_dir: str | Path, fmt: str, output: str | Path | None = None, *,
-    checkpoint: str | None = None,
+    checkpoint: str | None = None, steps: Steps | None = None,
 ) -> Path:  # fmt: skip
     """Write the run's model as ``fmt`` (torchscript | onnx); returns the file's path.
-    ``checkpoint``: "best", "last" or None (the best where the run has it)."""
+    ``checkpoint``: "best", "last" or None (the best where the run has it). ``steps``: says
+    each step as it begins (``traci export``: an ONNX export is tens of seconds)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
-    predictor = load_predictor(run_dir, checkpoint=checkpoint)
+    steps = steps or Steps.quiet()
+    with steps.step(f"loading {run_dir}"):
+        predictor = load_predictor(run_dir, checkpoint=checkpoint)
     path = Path(output) if output else Path(run_dir) / FORMATS[fmt]
     with replacing(path) as tmp, _guard(predictor, fmt):
-        (export_torchscript if fmt == "torchscript" else export_onnx)(predictor, tmp)
+        (export_torchscript if fmt == "torchscript" else export_onnx)(predictor, tmp, steps)
     return path
 
 
@@ -156,28 +160,40 @@ def _check(predictor: Predictor, run, fmt: str) -> None:  # noqa: ANN001
             )
 
 
-def export_torchscript(predictor: Predictor, path: Path) -> None:
-    traced = torch.jit.trace(predictor, probe_rows(predictor, 3), check_trace=False)
-    extra = {META_FILE: json.dumps(metadata(predictor))}
-    torch.jit.save(traced, str(path), _extra_files=extra)
-    loaded = torch.jit.load(str(path))
+def export_torchscript(predictor: Predictor, path: Path, steps: Steps | None = None) -> None:
+    steps = steps or Steps.quiet()
+    with steps.step("tracing the model with torch.jit.trace"):
+        traced = torch.jit.trace(predictor, probe_rows(predictor, 3), check_trace=False)
+    with steps.step("writing the TorchScript file and loading it back"):
+        extra = {META_FILE: json.dumps(metadata(predictor))}
+        torch.jit.save(traced, str(path), _extra_files=extra)
+        loaded = torch.jit.load(str(path))
 
     def run(x: np.ndarray) -> list[np.ndarray]:
         with torch.no_grad():
             return [t.numpy() for t in loaded(torch.from_numpy(x))]
 
-    _check(predictor, run, "torchscript")
+    with steps.step("checking it against the model"):
+        _check(predictor, run, "torchscript")
 
 
-def export_onnx(predictor: Predictor, path: Path) -> None:
+def export_onnx(predictor: Predictor, path: Path, steps: Steps | None = None) -> None:
+    steps = steps or Steps.quiet()
     try:
-        import onnx
+        with steps.step("loading the ONNX exporter (onnx, onnxscript)"):
+            import onnx
+            import onnxscript  # noqa: F401 -- torch.onnx.export(dynamo=True) imports it
     except ImportError:
         raise ExportError("ONNX export needs the onnx and onnxscript packages") from None
     quiet = logging.getLogger("torch.onnx")
     level, quiet.level = quiet.level, logging.ERROR
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with (
+            steps.step("exporting the model with torch.export and translating it to ONNX "
+                       "(the slow part: tens of seconds)"),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):  # fmt: skip
             program = torch.onnx.export(
                 predictor,
                 (probe_rows(predictor, 3),),
@@ -191,15 +207,17 @@ def export_onnx(predictor: Predictor, path: Path) -> None:
         quiet.setLevel(level)
     if program is None:
         raise ExportError("the ONNX exporter returned no program")
-    program.save(str(path), external_data=False)
-    proto = onnx.load(str(path))
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = META_FILE, json.dumps(metadata(predictor))
-    onnx.save(proto, str(path))
+    with steps.step("writing the ONNX file"):
+        program.save(str(path), external_data=False)
+        proto = onnx.load(str(path))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_FILE, json.dumps(metadata(predictor))
+        onnx.save(proto, str(path))
     try:
         import onnxruntime as ort
     except ImportError:
         log.warning("onnxruntime is not installed: %s is not checked", path)
         return
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    _check(predictor, lambda x: session.run(None, {"features": x}), "onnx")
+    with steps.step("checking it against the model with onnxruntime"):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        _check(predictor, lambda x: session.run(None, {"features": x}), "onnx")

@@ -87,8 +87,13 @@ def write_columns(cols: dict[str, list[Any]], output: str | None) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from traci_ml.app.export import export
+    """``traci export``: each step said as it begins (stderr), then the file and the times."""
+    from traci_ml.app.steps import Steps
 
-    path = export(args.run, args.format, args.output, checkpoint=args.checkpoint)
-    print(f"wrote {path} ({path.stat().st_size:,} bytes)", file=sys.stderr)
+    steps = Steps("traci export")
+    with steps.step("loading torch"):
+        from traci_ml.app.export import export
+
+    path = export(args.run, args.format, args.output, checkpoint=args.checkpoint, steps=steps)
+    print(f"wrote {path} ({path.stat().st_size:,} bytes) in {steps.times()}", file=sys.stderr)
     return 0
