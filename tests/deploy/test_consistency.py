@@ -55,6 +55,9 @@ def check_ports(r: Resolved) -> None:
         assert port in listening, f"{where}: port {name}={port}, but it listens on {r.listening}"
         if name in r.listening:  # named like what it is (metrics, zmq-experts, zmq-reducer)
             assert port == r.listening[name], f"{where}: port {name} is {port}"
+    if r.command == "http":  # traci http (Open Inference Protocol): probed on its own port
+        assert set(r.inv.probe_ports) <= set(r.listening.values()), f"{where}: probes"
+        return
     assert r.metrics_port, f"{where}: metrics are off, but probes and Prometheus need them"
     for port in [*r.inv.probe_ports, *r.inv.scrape_ports]:
         assert port == r.metrics_port, (
@@ -68,7 +71,7 @@ def check_ports(r: Resolved) -> None:
 def check_cluster(resolved: list[Resolved], label: str) -> tuple[Resolved, list[Resolved]]:
     """One broker, one reducer, one expert per view; all on the same run. Returns
     (broker, peers)."""
-    by_command: dict[str, list[Resolved]] = {"broker": [], "reducer": [], "expert": []}
+    by_command: dict[str, list[Resolved]] = {"broker": [], "reducer": [], "expert": [], "http": []}
     for r in resolved:
         by_command[r.command].append(r)
     assert len(by_command["broker"]) == 1, f"{label}: {len(by_command['broker'])} brokers"
@@ -87,7 +90,10 @@ def check_cluster(resolved: list[Resolved], label: str) -> tuple[Resolved, list[
         for key in ("expert_port", "reducer_port"):
             mine, theirs = getattr(r.config.network, key), getattr(broker.config.network, key)
             assert mine == theirs, f"{r.inv.where}: network.{key} {mine} != broker's {theirs}"
-    curve = {r.inv.where: r.config.security.curve_dir is not None for r in resolved}
+    # not the http sidecar: the curve component gives it no client key pair yet (a known
+    # gap, docs/serving.md: under CURVE its /infer cannot reach the front door)
+    curve = {r.inv.where: r.config.security.curve_dir is not None for r in resolved
+             if r.command != "http"}  # fmt: skip
     assert len(set(curve.values())) == 1, f"{label}: CURVE on for some services only: {curve}"
     # The broker must bind where peers can reach it, and be allowed to (CURVE or --insecure).
     net = broker.config.network
@@ -127,7 +133,7 @@ def test_k8s_commands_env_ports_and_cluster_agree_with_the_code(
             check_k8s_route(peer, broker, services)
         check_pod_monitors(docs, resolved)
         if label.endswith("+curve"):
-            check_curve_keys(broker, peers)
+            check_curve_keys(broker, [p for p in peers if p.command != "http"])  # gap: above
 
 
 def check_k8s_route(peer: Resolved, broker: Resolved, services: dict[str, Doc]) -> None:
@@ -154,7 +160,8 @@ def check_k8s_route(peer: Resolved, broker: Resolved, services: dict[str, Doc]) 
 def check_pod_monitors(docs: list[Doc], resolved: list[Resolved]) -> None:
     for monitor in (d for d in docs if d["kind"] == "PodMonitor"):
         selector = monitor["spec"]["selector"]["matchLabels"]
-        chosen = [r for r in resolved if selector.items() <= r.inv.labels.items()]
+        chosen = [r for r in resolved if selector.items() <= r.inv.labels.items()
+                  and r.command != "http"]  # the broker pod's sidecar has no metrics  # fmt: skip
         assert {r.command for r in chosen} == {"broker", "reducer", "expert"}
         for r in chosen:
             for endpoint in monitor["spec"]["podMetricsEndpoints"]:
@@ -226,7 +233,7 @@ def test_compose_prometheus_scrapes_every_service_on_its_metrics_port(compose) -
     targets = static_targets()
     for label, project in compose:
         resolved = resolve_all(compose_invocations(project, label))
-        expected = {f"{r.inv.workload}:{r.metrics_port}" for r in resolved}
+        expected = {f"{r.inv.workload}:{r.metrics_port}" for r in resolved if r.command != "http"}
         assert expected <= targets, f"{label}: prometheus.yml misses {expected - targets}"
         traci_services = {n for n, s in project["services"].items() if is_traci_service(s)}
         for target in targets - expected:

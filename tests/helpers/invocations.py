@@ -113,7 +113,7 @@ def parse(inv: Invocation) -> Any:
 
 def resolve(inv: Invocation) -> Resolved:
     args = parse(inv)
-    if args.command not in cli.SERVICES:
+    if args.command not in (*cli.SERVICES, "http"):  # http: the Open Inference Protocol
         raise Mismatch(f"{inv.where}: `traci {args.command}` is not a service")
     if getattr(args, "id_from_hostname", False):
         if inv.hostname is None:
@@ -163,6 +163,8 @@ def listening(command: str, config: Config, expert_id: int | None) -> dict[str, 
         ports["metrics"] = metrics.broker_port
     elif command == "reducer":
         ports = {"metrics": metrics.reducer_port}
+    elif command == "http":  # traci http: no metrics of its own
+        ports = {"http": config.serve.http_port}
     else:
         base = metrics.expert_base_port
         ports = {"metrics": base + (expert_id or 0) if base else 0}

@@ -114,6 +114,45 @@ def container(config: Config, role: str, expert_id: int | None, serve: bool) -> 
     }
 
 
+def http_container(config: Config) -> Obj:
+    """The serving broker's sidecar: ``traci http``, the Open Inference Protocol (KServe v2
+    REST) in front of the front door; its /v2/health/ready is part of the pod's readiness.
+    No run volume here: its metadata lists the ``id`` input only (no preprocess.json)."""
+    http = {"httpGet": {"path": "/v2/health/live", "port": "http"}}
+    return {
+        "name": "http",
+        "image": "traci",
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["traci"],
+        "args": ["http", "--config", CONFIG],
+        "workingDir": "/var/lib/traci",
+        "env": [
+            {"name": "TRACI_SERVE__HTTP_BIND", "value": "0.0.0.0"},
+            {"name": "TRACI_NETWORK__BROKER_HOST", "value": "broker"},
+        ],  # fmt: skip
+        "ports": [{"name": "http", "containerPort": config.serve.http_port}],
+        "startupProbe": {**http, "periodSeconds": 2, "failureThreshold": 30},
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": "http"},
+            "periodSeconds": 5,
+        },  # fmt: skip
+        "livenessProbe": {**http, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"memory": "512Mi"},
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },  # fmt: skip
+        "volumeMounts": [
+            {"name": "config", "mountPath": "/etc/traci", "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],  # fmt: skip
+    }
+
+
 def pod_template(config: Config, role: str, name: str, expert_id: int | None, serve: bool) -> Obj:
     metrics_port = ports(config, role)[-1]["containerPort"]
     volumes: list[Obj] = [{"name": "config", "configMap": {"name": "traci-config"}}]
@@ -133,6 +172,8 @@ def pod_template(config: Config, role: str, name: str, expert_id: int | None, se
     }  # fmt: skip
     if not serve:
         spec["restartPolicy"] = "Never"  # a failed pod is replaced by the Job (podFailurePolicy)
+    elif role == "broker" and config.serve.http_port:
+        spec["containers"].append(http_container(config))
     return {
         "metadata": {
             "labels": labels(role, name),
@@ -214,6 +255,8 @@ def broker_service(config: Config) -> Obj:
     and clients its front door. Selects the broker's pod, Job or Deployment."""
     svc_ports = [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]}
                  for p in ports(config, "broker")]  # fmt: skip
+    if config.serve.http_port:  # the serving Deployment's http sidecar (Open Inference Protocol)
+        svc_ports.append({"name": "http", "port": config.serve.http_port, "targetPort": "http"})
     return {
         "apiVersion": "v1",
         "kind": "Service",
