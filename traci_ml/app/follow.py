@@ -254,7 +254,10 @@ class Progress(Console):
             self.line(f"training ended but {run_path}/{RunDir.SUMMARY} is missing")
             return 1
         metric = next((k for k in ("test_accuracy", "test_rmse") if k in summary), None)
-        value = f"{metric} {summary[metric]:.4f}, " if metric else ""
+        best, early = summary.get("best"), summary.get("stop_reason") == "early_stopping"
+        picked = (f" (best round {best['round']}, step {best['step']}"
+                  f"{'; stopped early' if early else ''})" if best else "")  # fmt: skip
+        value = f"{metric} {summary[metric]:.4f}{picked}, " if metric else ""
         self.line(
             f"done: {value}{summary['steps']} steps in {summary['wall_seconds']:.1f}s "
             f"({summary['samples_per_sec']:,.0f} samples/s); summary in "
