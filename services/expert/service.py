@@ -549,7 +549,7 @@ class ExpertService:
             try:
                 x = torch.from_numpy(view.inputs(msg.tensors[0].numpy(), pick)).to(self.device)
                 with torch.no_grad():
-                    emb = self.target(x)  # (R, d); the target is always in eval mode
+                    emb = self._served_net()(x)  # (R, d); the target is always in eval mode
                 wire = to_wire(emb, self.wire_dtype)
                 bad = proto.value_problem((wire,), self.config.security.max_abs_value)
                 answer = (
@@ -564,6 +564,12 @@ class ExpertService:
         self._answer(answer)
         self.metrics.served(answer.status, time.monotonic() - t0)
 
+    def _served_net(self) -> torch.nn.Module:
+        """The net a served query is embedded with: `traci serve` answers with the best
+        validation round's target (as `traci predict` does), a training run with its current
+        target."""
+        return self.selection.test_net(self.target) if self.serving else self.target
+
     def on_query_ids(self, msg: proto.Query, t0: float) -> None:
         """A served query by row id: this party's own rows of those ids (a row it lacks is
         masked for that row: zeros and a cleared bit in QEMB.rows)."""
@@ -576,7 +582,7 @@ class ExpertService:
             present = local >= 0
             rows = torch.as_tensor(np.where(present, local, 0), device=self.device)
             with torch.no_grad():
-                emb = self._embed(self.target, rows, self._held(present))
+                emb = self._embed(self._served_net(), rows, self._held(present))
             wire = to_wire(emb, self.wire_dtype)
             bad = proto.value_problem((wire,), self.config.security.max_abs_value)
             answer = (

@@ -230,7 +230,10 @@ class ReducerService:
             if problem is not None:  # the broker checks QEMBs; never feed the model such values
                 out = proto.QOut(msg.qid, problem[0], problem[1], self.serve_spec.task, (), ())
             else:
-                out = answer(self.model, msg, self.serve_spec, self.device)
+                # `traci serve` answers with the best validation round's weights, as `traci
+                # predict` does; a training run with its current ones.
+                model = self.selection.test_model(self.model) if self.serving else self.model
+                out = answer(model, msg, self.serve_spec, self.device)
         except Exception as exc:  # the client gets reducer_error, never silence
             log.exception("reducer: internal error on QBATCH %d", msg.qid)
             out = proto.QOut(msg.qid, "internal", repr(exc)[:200], self.serve_spec.task, (), ())

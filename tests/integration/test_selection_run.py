@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,11 +117,55 @@ def test_best_on_validation_early_stopping_and_predict_uses_the_best(run_config,
     argv = ["predict", "--run", str(run.path), "--split", "test", "--checkpoint", "last"]
     assert main([*argv, "--output", str(last_out)]) == 0
     assert accuracy(rows(last_out)) > accuracy(got)
+    # traci serve answers with the best round's model too
+    served = serve_probs(run.path, x[ids])
+    np.testing.assert_allclose(served, probs(got), rtol=1e-4, atol=1e-5)
     print(
         f"\nvalidation accuracy by round {np.round(val, 3).tolist()}, best round "
         f"{best['round']}; test accuracy best {accuracy(got):.3f}, last "
         f"{accuracy(rows(last_out)):.3f}; stopped after {summary['steps']} of {STEPS} steps"
     )
+
+
+def serve_probs(run: Path, x: np.ndarray) -> np.ndarray:
+    """The probabilities `traci serve` answers for rows ``x`` (columns a, b)."""
+    from tests.helpers.support import free_ports
+    from traci_ml.app.client import Client
+    from traci_ml.core.errors import ServeError
+
+    ports = free_ports(3)
+    sets = {
+        "network.expert_port": ports[0],
+        "network.reducer_port": ports[1],
+        "network.serve_port": ports[2],
+        "serve.http_port": 0,
+        "launcher.restart": "never",
+    }
+    argv = [*TRACI, "serve", "--run", str(run), *(f"--set={k}={v}" for k, v in sets.items())]
+    log = (run.parent / "serve.out").open("w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        with Client(f"tcp://127.0.0.1:{ports[2]}", timeout=5) as client:
+            while True:
+                try:
+                    pred = client.predict(x, ["a", "b"])
+                    break
+                except ServeError as exc:  # until every service has registered
+                    if exc.status not in ("no_expert", "no_reducer", "timeout") or (
+                        time.monotonic() > deadline
+                    ):
+                        raise
+                    time.sleep(0.3)
+        assert pred.classes == ("0", "1"), pred.classes
+        return np.asarray(pred.outputs)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 @pytest.mark.timeout(300)
