@@ -99,3 +99,18 @@ def test_services_end_with_their_zygote(tmp_path: Path):
 def test_what_is_not_a_traci_command_is_left_to_subprocess(zygote: Zygote, tmp_path: Path):
     argv = [sys.executable, "-c", "pass"]
     assert zygote.spawn("other", argv, service_env(), tmp_path / "x.log") is None
+
+
+def test_a_zygote_stuck_in_its_imports_is_dropped(tmp_path: Path, monkeypatch):
+    from traci_ml.app import zygote as Z
+
+    (tmp_path / "stuck_module.py").write_text("import time\ntime.sleep(120)\n")
+    env = {**service_env(), "PYTHONPATH": str(tmp_path)}
+    monkeypatch.setattr(Z, "PATIENCE", 2.0)
+    z = Zygote(["stuck_module"], env, tmp_path / "zygote.log")
+    try:
+        assert z.spawn("broker", broker_argv(), service_env(), tmp_path / "b.log") is None
+        assert z.proc.wait(10) is not None  # killed: a late fork can never double a service
+        assert z.spawn("broker", broker_argv(), service_env(), tmp_path / "b.log") is None
+    finally:
+        z.close()

@@ -163,7 +163,11 @@ def start_zygote(config: Config, name: str = "zygote") -> Zygote | None:
 
     run = RunDir(config.run_path)
     run.logs.mkdir(parents=True, exist_ok=True)
-    return Zygote(modules_for(config.data.source), service_env(), run.log(name))
+    try:
+        return Zygote(modules_for(config.data.source), service_env(), run.log(name))
+    except OSError as exc:  # every service then starts as a plain process
+        log.warning("no zygote (%s): each service imports torch itself", exc)
+        return None
 
 
 def children(

@@ -40,6 +40,7 @@ CLI = "traci_ml.app.cli"
 # What every expert and the reducer imports before it can register.
 SERVICES = (CLI, "traci_ml.services.expert.main", "traci_ml.services.reducer.main")
 GPU_UNSAFE = ("torch._dynamo",)  # imported only where torch has no GPU backend
+PATIENCE = 300.0  # seconds a first request waits for the imports before the zygote is dropped
 
 
 def modules_for(source: str) -> list[str]:
@@ -101,8 +102,13 @@ class Zygote:
         except OSError:
             return None
         with self._cond:  # waits out the zygote's imports on the first request
-            self._cond.wait_for(lambda: self._pids or self._gone)
-            return Forked(self, self._pids.pop(0)) if self._pids else None
+            self._cond.wait_for(lambda: self._pids or self._gone, PATIENCE)
+            if self._pids:
+                return Forked(self, self._pids.pop(0))
+        if not self._gone:  # stuck: nothing more from it (a late fork would double a service)
+            self.proc.kill()
+            self._gone = True
+        return None
 
     def code(self, pid: int) -> int | None:
         with self._cond:
