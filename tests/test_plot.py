@@ -324,7 +324,9 @@ def test_traci_plot_command(tmp_path, capsys):
 
     run = write_run(tmp_path / "run")
     assert cli(["plot", str(run)]) == 0
-    assert "plots in" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "plots in" in said.out
+    assert said.err.startswith(f"traci plot: drawing {run / 'plots'} (")  # while it draws
     for name in ("loss", "throughput", "attention", "queue_latency"):
         assert_png(run / "plots" / f"{name}.png")
     assert cli(["plot", str(tmp_path / "nowhere")]) == 2

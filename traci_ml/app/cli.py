@@ -527,9 +527,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     if args.command == "plot":
         from traci_ml.app import plot
+        from traci_ml.app.steps import Steps
 
         setup_logging("plot", args.log_level)
-        return plot.main(args.run)
+        # a line, never a spinner: plot.main prints its own line on stdout meanwhile
+        step = f"drawing {Path(args.run) / 'plots'} (the attention heat map runs the model)"
+        with Steps("traci plot", live=False).step(step):
+            return plot.main(args.run)
     if args.command in ("predict", "export"):
         setup_logging(args.command, args.log_level)
         try:
