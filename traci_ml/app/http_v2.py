@@ -197,7 +197,9 @@ def run(config: Config) -> int:
     endpoint = tcp_endpoint(config.network.broker_host, config.network.serve_port)
     tr = Translator(config, endpoint, curve=peer_keys(config, "client"))
     family = socket.AF_INET6 if ":" in s.http_bind else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that name it, and
+    # without it every response waited ~40 ms for a delayed ACK (Nagle)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((s.http_bind, s.http_port))
