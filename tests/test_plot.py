@@ -307,15 +307,15 @@ def test_a_garbled_scrape_is_skipped(tmp_path):
 def test_a_failure_to_plot_is_a_warning(tmp_path, monkeypatch, caplog):
     progress = launcher.Progress(load_config("examples/digits.yaml"), io.StringIO())
 
-    def broken(run_dir):
+    def broken(run_dir, **_):
         raise RuntimeError("no fonts today")
 
     monkeypatch.setattr(plot, "plot_run", broken)
     with caplog.at_level(logging.WARNING, logger="traci_ml.app.launcher"):
-        launcher._plot(tmp_path, progress)  # returns, does not raise
+        launcher._plot(tmp_path, progress, by_class=True)  # returns, does not raise
     assert "plots of" in caplog.text and "no fonts today" in caplog.text
     monkeypatch.undo()
-    launcher._plot(write_run(tmp_path / "run"), progress)
+    launcher._plot(write_run(tmp_path / "run"), progress, by_class=True)
     assert f"plots in {tmp_path / 'run' / 'plots'}: loss.png" in progress.out.getvalue()
 
 

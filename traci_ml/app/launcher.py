@@ -77,16 +77,18 @@ def _supervised(config: Config, run: RunDir, args: Any, view: PlainView) -> int:
     code = progress.final(run.path)
     if code == 0:
         progress.phase(PLOTTING)
-        _plot(run.path, progress)
+        # traci up reads no party's file (each expert reads its own): a parties run's heat
+        # map of attention by class is drawn by `traci plot RUN` where the files are.
+        _plot(run.path, progress, by_class=config.data.source != "parties")
         progress.phase(DONE)
     return code
 
 
-def _plot(run_path: Path, progress: Progress) -> None:
+def _plot(run_path: Path, progress: Progress, *, by_class: bool) -> None:
     """The run's PNGs (``traci_ml.app.plot``): a failure to plot is a warning, not a failed run."""
     try:
         from traci_ml.app.plot import describe, plot_run
 
-        progress.line(describe(plot_run(run_path)))
+        progress.line(describe(plot_run(run_path, by_class=by_class)))
     except (Exception, KeyboardInterrupt) as exc:  # any failure at all: the run succeeded
         log.warning("plots of %s not written: %s", run_path, exc or type(exc).__name__)

@@ -183,11 +183,12 @@ def load_run(run_dir: Path) -> Run:
 # -- entry points ----------------------------------------------------------------------------
 
 
-def plot_run(run_dir: Path) -> list[Path]:
+def plot_run(run_dir: Path, *, by_class: bool = True) -> list[Path]:
     """Write the run's PNGs into ``RUN_DIR/plots/``; returns the paths written. Without a
-    usable ``broker.jsonl`` there is no ``queue_latency.png`` (logged). Raises TraciError
-    naming the file when ``metrics.jsonl`` is missing, empty or ``summary.json`` is corrupt;
-    OSError when ``plots/`` cannot be written."""
+    usable ``broker.jsonl`` there is no ``queue_latency.png`` (logged); ``by_class`` False
+    leaves out ``attention_by_class.png`` (it predicts the test split: it reads the data).
+    Raises TraciError naming the file when ``metrics.jsonl`` is missing, empty or
+    ``summary.json`` is corrupt; OSError when ``plots/`` cannot be written."""
     run = load_run(Path(run_dir))
     out = RunDir(run.path).plots
     out.mkdir(parents=True, exist_ok=True)
@@ -203,7 +204,8 @@ def plot_run(run_dir: Path) -> list[Path]:
         written.append(_save(fig, out / "queue_latency.png"))
     else:
         log.info("%s: no broker.jsonl samples, queue_latency.png not written", run.path)
-    written.extend(_by_class(run, out))
+    if by_class:
+        written.extend(_by_class(run, out))
     return written
 
 
