@@ -6,9 +6,10 @@
 the kernel the host waits on, so it belongs inside the pass's time, not on top of it. The
 sleep (``time.sleep``) uses no CPU, like a host waiting on a GPU kernel, so a 2-core machine
 can run several "accelerated" experts at once and the benchmark measures how well TRACI
-hides a fixed per-pass latency, not how the cores were shared. (The backward's arithmetic
-runs after its sleep, so its share is estimated as twice the forward's; a pass shorter than
-its arithmetic simply takes the arithmetic's time.)
+hides a fixed per-pass latency, not how the cores were shared. The backward is timed from
+the moment it reaches the net's output to the moment its arithmetic is done at the input
+(two identity markers), then sleeps for the rest; a pass shorter than its arithmetic simply
+takes the arithmetic's time.
 
 An expert's train step is three passes: the target net's forward (the target is a deep copy
 of the online net, so it sleeps too), the online forward and its backward; the ideal rate of
@@ -34,19 +35,43 @@ import torch
 from traci_ml.core.models.expert import EmbeddingMLP
 
 
-class _SleepInBackward(torch.autograd.Function):
-    """Identity in the forward; the backward sleeps ``seconds`` and passes the gradient on."""
+class _BackwardClock:
+    """When the backward pass reached the net's output (set by ``_StartBackward``)."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+
+
+class _StartBackward(torch.autograd.Function):
+    """Identity at the net's output; its backward, the first of the pass, starts the clock."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, seconds: float) -> torch.Tensor:
-        ctx.seconds = seconds
+    def forward(ctx: Any, x: torch.Tensor, clock: _BackwardClock) -> torch.Tensor:
+        ctx.clock = clock
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if ctx.seconds > 0:
-            time.sleep(ctx.seconds)
+        ctx.clock.started = time.perf_counter()
         return grad, None
+
+
+class _EndBackward(torch.autograd.Function):
+    """Identity at the net's input; its backward, the last of the pass (after every layer's
+    arithmetic), sleeps for what is left of ``seconds`` since the clock started."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, clock: _BackwardClock, seconds: float) -> torch.Tensor:
+        ctx.clock, ctx.seconds = clock, seconds
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        started = ctx.clock.started
+        left = ctx.seconds - (time.perf_counter() - started) if started is not None else 0.0
+        if left > 0:
+            time.sleep(left)
+        return grad, None, None
 
 
 class SimulatedAccelerator(EmbeddingMLP):
@@ -72,10 +97,15 @@ class SimulatedAccelerator(EmbeddingMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B, d)
         start = time.perf_counter()
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        clock = _BackwardClock()
+        if grad:  # the backward pass ends at the input: a marker there needs it in the graph
+            x = x if x.requires_grad else x.detach().requires_grad_()
+            x = _EndBackward.apply(x, clock, self.pass_s)
         out = self.net(x)
         work = time.perf_counter() - start
         if self.pass_s > work:
             time.sleep(self.pass_s - work)
-        if out.requires_grad:  # a pass that will be differentiated: its backward sleeps too
-            out = _SleepInBackward.apply(out, max(0.0, self.pass_s - 2 * work))
+        if grad:  # a pass that will be differentiated: its backward takes pass_s too
+            out = _StartBackward.apply(out, clock)
         return out
