@@ -204,7 +204,7 @@ def test_up_is_done_when_the_reducer_exits_0(
         {"test_accuracy": 0.9, "steps": 10, "wall_seconds": 1.5, "samples_per_sec": 100.0}
     ))  # fmt: skip
     plotted: list[Path] = []
-    monkeypatch.setattr(launcher, "_plot", lambda path, progress: plotted.append(path))
+    monkeypatch.setattr(launcher, "_plot", lambda path, progress, **_: plotted.append(path))
     monkeypatch.setattr(supervisor, "GRACE", 1.0)  # the broker here never finishes by itself
     broker = tiny(tmp_path, "broker")
     reducer = tiny(tmp_path, "reducer", "1,1,0")
