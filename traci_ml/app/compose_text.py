@@ -396,32 +396,7 @@ def serve_text(s: Stack) -> str:
 # Training ran as one-shot services (exit 0 = done, restart: on-failure); serving runs until
 # stopped (restart: unless-stopped). `docker compose ... down` stops it; the run stays.
 services:
-{service("broker", "broker")}{ready}{service("reducer", "reducer")}{experts}{HTTP_SERVICE}"""
-
-
-# The Open Inference Protocol (KServe v2 REST) in front of the front door (docs/serving.md):
-# `traci http`, its own container on the image, reading the run's preprocess.json (metadata)
-# and asking the broker's metrics whether the front door can answer (/v2/health/ready).
-HTTP_SERVICE = """  http: # KServe v2 REST on the host's loopback: curl 127.0.0.1:8080/v2/health/ready
-    image: ${TRACI_IMAGE:-traci:latest}
-    pull_policy: never
-    command: [http, --config, /etc/traci/run.yaml]
-    restart: unless-stopped
-    configs:
-      - source: traci-run
-        target: /etc/traci/run.yaml
-    volumes:
-      - traci-runs:/var/lib/traci/runs
-    environment:
-      TRACI_RUN_DIR: /var/lib/traci/runs/{run_id}
-      TRACI_NETWORK__BROKER_HOST: broker
-      TRACI_METRICS__BIND: broker # where it reads traci_broker_serve_ready
-      TRACI_SERVE__HTTP_BIND: 0.0.0.0
-    ports: ["127.0.0.1:8080:8080"]
-    depends_on: [broker]
-    healthcheck: # healthy = the front door can answer now
-      test: [CMD, python, -c, "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/v2/health/ready', timeout=4)"]
-"""
+{service("broker", "broker")}{ready}{service("reducer", "reducer")}{experts}"""
 
 
 def prometheus_text(s: Stack) -> str:
