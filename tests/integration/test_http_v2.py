@@ -7,8 +7,6 @@ the protocol's shape with their HTTP codes."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers.serve_proc import traci_serve
 from tests.helpers.support import free_ports
 from tests.integration.test_serve_run import TRACI, trained  # noqa: F401 (the fixture)
 from traci_ml.app.predict import load_predictor, predict_array, split_rows
@@ -44,11 +43,8 @@ def server(trained: Path):  # noqa: F811
         "network.serve_port": ports[2], "metrics.broker_port": ports[3],
         "serve.http_port": ports[4], "serve.max_request_rows": 64,
     }  # fmt: skip
-    argv = [*TRACI, "serve", "--run", str(trained), *(f"--set={k}={v}" for k, v in sets.items())]
-    log = (trained.parent / "serve-http.out").open("w")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     port = ports[4]
-    try:
+    with traci_serve(trained, sets, "serve-http.out") as proc:
         deadline = time.monotonic() + 150
         while True:
             try:
@@ -59,13 +55,6 @@ def server(trained: Path):  # noqa: F811
             assert proc.poll() is None and time.monotonic() < deadline, "never ready"
             time.sleep(0.5)
         yield port
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")

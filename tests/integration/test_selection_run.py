@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -129,6 +128,7 @@ def test_best_on_validation_early_stopping_and_predict_uses_the_best(run_config,
 
 def serve_probs(run: Path, x: np.ndarray) -> np.ndarray:
     """The probabilities `traci serve` answers for rows ``x`` (columns a, b)."""
+    from tests.helpers.serve_proc import traci_serve
     from tests.helpers.support import free_ports
     from traci_ml.app.client import Client
     from traci_ml.core.errors import ServeError
@@ -141,10 +141,7 @@ def serve_probs(run: Path, x: np.ndarray) -> np.ndarray:
         "serve.http_port": 0,
         "launcher.restart": "never",
     }
-    argv = [*TRACI, "serve", "--run", str(run), *(f"--set={k}={v}" for k, v in sets.items())]
-    log = (run.parent / "serve.out").open("w")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with traci_serve(run, sets, "serve.out"):
         deadline = time.monotonic() + 90
         with Client(f"tcp://127.0.0.1:{ports[2]}", timeout=5) as client:
             while True:
@@ -157,15 +154,8 @@ def serve_probs(run: Path, x: np.ndarray) -> np.ndarray:
                     ):
                         raise
                     time.sleep(0.3)
-        assert pred.classes == ("0", "1"), pred.classes
-        return np.asarray(pred.outputs)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    assert pred.classes == ("0", "1"), pred.classes
+    return np.asarray(pred.outputs)
 
 
 @pytest.mark.timeout(300)

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from traci_ml.app.k8s_objects import WORKLOAD, claim
-from traci_ml.app.k8s_text import NS, by_role, dump, target
+from traci_ml.app.k8s_text import NS, PLACEHOLDER, by_role, dump, target
 
 POD_DATA = "/var/lib/traci/data"
 USER = "/opt/traci/user"  # the user's expert modules (PYTHONPATH), as in compose
 CURVE = "/run/secrets/traci-curve"  # the path docker-compose.curve.yml uses too
-_PLACEHOLDER = {"apiVersion": "apps/v1", "kind": "Deployment"}  # the target picks the objects
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def _data_patch(pod: DataPod) -> dict[str, Any]:
                             "capabilities": {"drop": ["ALL"]}},
         "volumeMounts": [{"name": "data", "mountPath": POD_DATA}],
     }  # fmt: skip
-    return {**_PLACEHOLDER, "metadata": {"name": pod.name}, "spec": {"template": {"spec": {
+    return {**PLACEHOLDER, "metadata": {"name": pod.name}, "spec": {"template": {"spec": {
         "initContainers": [init],
         "containers": [{"name": pod.role, "volumeMounts": [
             {"name": "data", "mountPath": POD_DATA, "readOnly": True}]}],
@@ -122,7 +121,7 @@ def modules_component(sources: list[Path]) -> dict[str, str]:
         + "".join(f"      - files/{key}\n" for key, _, _ in entries)
         + f"\npatches:\n  - path: expert.yaml\n    target: {by_role('expert')}\n"
     )
-    patch = {**_PLACEHOLDER, "metadata": {"name": "expert"}, "spec": {"template": {"spec": {
+    patch = {**PLACEHOLDER, "metadata": {"name": "expert"}, "spec": {"template": {"spec": {
         "containers": [{"name": "expert",
                         "env": [{"name": "PYTHONPATH", "value": USER}],
                         "volumeMounts": [{"name": "user-modules", "mountPath": USER, "readOnly": True}]}],
@@ -144,7 +143,7 @@ def _curve_patch(
     container["volumeMounts"] = [{"name": "curve", "mountPath": CURVE, "readOnly": True}]
     secret = {"secretName": "traci-curve", "defaultMode": 0o440,
               "items": [{"key": k, "path": p} for k, p in items]}  # fmt: skip
-    return dump({**_PLACEHOLDER, "metadata": {"name": name}, "spec": {"template": {"spec": {
+    return dump({**PLACEHOLDER, "metadata": {"name": name}, "spec": {"template": {"spec": {
         "containers": [container], "volumes": [{"name": "curve", "secret": secret}]}}}})  # fmt: skip
 
 

@@ -154,7 +154,8 @@ def http_container(config: Config) -> Obj:
 
 
 def pod_template(config: Config, role: str, name: str, expert_id: int | None, serve: bool) -> Obj:
-    metrics_port = ports(config, role)[-1]["containerPort"]
+    main = container(config, role, expert_id, serve)
+    metrics_port = main["ports"][-1]["containerPort"]  # ports(): "metrics" is the last
     volumes: list[Obj] = [{"name": "config", "configMap": {"name": "traci-config"}}]
     if role != "broker":
         volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": f"runs-{name}"}})
@@ -167,7 +168,7 @@ def pod_template(config: Config, role: str, name: str, expert_id: int | None, se
         "terminationGracePeriodSeconds": 60,  # a stop writes a checkpoint first
         "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
                             "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
-        "containers": [container(config, role, expert_id, serve)],
+        "containers": [main],
         "volumes": volumes,
     }  # fmt: skip
     if not serve:

@@ -153,22 +153,20 @@ images:
 """
 
 
-def _by_role(role: str) -> dict[str, str]:
-    return {"labelSelector": f"app.kubernetes.io/component={role}"}
+# A patch's kind and name are placeholders: the kustomization's target picks the Jobs or
+# Deployments it applies to.
+PLACEHOLDER = {"apiVersion": "apps/v1", "kind": "Deployment"}
 
 
-def _env_patch(role: str, env: dict[str, str], extra: dict[str, Any] | None = None) -> str:
-    spec: dict[str, Any] = dict(extra or {})
-    container: dict[str, Any] = {
-        "name": role,
-        "env": [{"name": k, "value": v} for k, v in env.items()],
-    }
-    if role == "expert" and "resources" in spec:
-        container["resources"] = spec.pop("resources")
-    spec["containers"] = [container]
-    # kind and name are placeholders: the kustomization's target picks the Jobs or
-    # Deployments this applies to.
-    return dump({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": role},
+def _env_patch(role: str, env: dict[str, str], *, pod: dict[str, Any] | None = None,
+               resources: dict[str, Any] | None = None) -> str:  # fmt: skip
+    """A patch of ``role``'s container environment (and resources), and of its pod spec."""
+    container: dict[str, Any] = {"name": role,
+                                 "env": [{"name": k, "value": v} for k, v in env.items()]}  # fmt: skip
+    if resources:
+        container["resources"] = resources
+    spec = {**(pod or {}), "containers": [container]}
+    return dump({**PLACEHOLDER, "metadata": {"name": role},
                  "spec": {"template": {"spec": spec}}})  # fmt: skip
 
 
@@ -197,16 +195,19 @@ patches:
   - path: expert.yaml
     target: {labelSelector: app.kubernetes.io/component=expert}
 """
-    toleration = {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                  "resources": {"limits": {"nvidia.com/gpu": 1}}}  # fmt: skip
+    toleration = {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                   "effect": "NoSchedule"}]}  # fmt: skip
     return {
         "components/cpu/kustomization.yaml": cpu,
         "components/cpu/expert.yaml": _env_patch("expert", {"TRACI_EXPERT__DEVICE": "cpu"}),
         "components/cpu/reducer.yaml": _env_patch("reducer", {"TRACI_REDUCER__DEVICE": "cpu"}),
         "components/gpu/kustomization.yaml": gpu,
         "components/gpu/expert.yaml": _env_patch(
-            "expert", {"TRACI_EXPERT__DEVICE": "cuda"}, toleration
-        ),
+            "expert",
+            {"TRACI_EXPERT__DEVICE": "cuda"},
+            pod=toleration,
+            resources={"limits": {"nvidia.com/gpu": 1}},
+        ),  # fmt: skip
     }
 
 
@@ -216,4 +217,5 @@ def target(kind_free: dict[str, str]) -> str:
 
 
 def by_role(role: str) -> str:
-    return target(_by_role(role))
+    """The target of every workload (Job or Deployment) of ``role``."""
+    return target({"labelSelector": f"app.kubernetes.io/component={role}"})
