@@ -102,7 +102,7 @@ def run_table(name: str, *, seed: int = 0, overrides: dict[str, Any] | None = No
                   "train_s": (train[-1]["time"] - train[0]["time"]) if len(train) > 1 else 0.0,
                   "summary_test": {k: summary[k] for k in ("test_accuracy", "test_rmse",
                                                            "test_r2", "test_loss") if k in summary},
-                  "best_step": summary.get("best_step"), "stop": summary.get("stop_reason"),
+                  "best": summary.get("best"), "stop": summary.get("stop_reason"),
                   "final_train_loss": train[-1]["loss_avg"] if train else None,
                   "evals": [(r["step"], r.get(key), r.get("loss")) for r in evals]},
         **base,
@@ -119,7 +119,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         keys = [k for k, v in first[who].items() if isinstance(v, float)]
         out[who] = {k: statistics.fmean(r[who][k] for r in runs) for k in keys}
         out[who]["per_seed"] = {k: [r[who][k] for r in runs] for k in keys}
-    out["traci"]["runs"] = [{k: r["traci"][k] for k in ("summary_test", "best_step", "stop",
+    out["traci"]["runs"] = [{k: r["traci"][k] for k in ("summary_test", "best", "stop",
                                                         "final_train_loss", "evals")}
                             for r in runs]  # fmt: skip
     out["linear"]["model"], out["boosting"]["model"] = first["linear"]["model"], first[
@@ -155,9 +155,11 @@ def line(row: dict[str, Any]) -> str:
     m, t, lin, boo = row["metric"], row["traci"], row["linear"], row["boosting"]
     extra = f" rmse {t['rmse']:.3g}/{lin['rmse']:.3g}/{boo['rmse']:.3g}" if m == "r2" else ""
     verdict = "ok" if row["meets_linear"] else "BELOW linear"
+    best = [(r.get("best") or {}).get("step") for r in t.get("runs", [])]
+    picked = f"  best step {','.join(str(b) for b in best)}" if any(best) else ""
     return (f"{row['table']:<13} {row['task'][:5]:<5} {row['rows']:>5} {m:<8} TRACI "
             f"{t[m]:.4f}  linear {lin[m]:.4f}  boosting {boo[m]:.4f}{extra}  TRACI "
-            f"{t['wall_s']:.0f} s (train {t['train_s']:.0f} s)  {verdict}")  # fmt: skip
+            f"{t['wall_s']:.0f} s (train {t['train_s']:.0f} s){picked}  {verdict}")  # fmt: skip
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

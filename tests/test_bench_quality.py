@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.quality import aggregate, ratios, split_note, summary_lines
+from bench.quality import aggregate, line, ratios, split_note, summary_lines
 from bench.quality_tables import (
     TABLES,
     Table,
@@ -126,7 +126,7 @@ def _run(table: str, task: str, seed: int, traci: float, linear: float) -> dict:
         "table": table, "task": task, "source": "s", "seed": seed, "rows": 10, "features": 2,
         "train_rows": 8, "test_rows": 2, "experts": 2, "steps": 5, "val_fraction": 0.1,
         "traci": {**fig(traci), "wall_s": 1.0, "train_s": 0.5, "summary_test": {},
-                  "best_step": None, "stop": "steps_exhausted", "final_train_loss": 0.1,
+                  "best": None, "stop": "steps_exhausted", "final_train_loss": 0.1,
                   "evals": []},
         "linear": {**fig(linear), "fit_s": 0.1, "model": "Ridge"},
         "boosting": {**fig(0.5), "fit_s": 0.1, "model": "HGB"},
@@ -152,3 +152,10 @@ def test_the_report_averages_seeds_and_judges_the_bar() -> None:
 def test_the_split_note_says_where_traci_held_rows_out() -> None:
     assert "val_fraction" not in split_note([{"val_fraction": 0.0}])
     assert "data.val_fraction 0.1" in split_note([{"val_fraction": 0.1}, {}])
+
+
+def test_a_row_names_the_step_model_selection_picked() -> None:
+    r = _run("a", "classification", 0, 0.9, 0.8)
+    assert "best step" not in line(aggregate([r]))
+    r["traci"]["best"] = {"round": 1, "step": 500}
+    assert "best step 500" in line(aggregate([r]))
