@@ -203,7 +203,8 @@ def test_gradient_updates_online_then_target_by_the_polyak_rule(start) -> None:
     torch.manual_seed(derive_seed(config.seed, "expert", 0))
     online = build_expert_net(config.expert.model, in_dim=view.shape[1], out_dim=D)
     target = make_target(online)
-    adam = torch.optim.Adam(online.parameters(), lr=config.expert.lr)
+    adam = torch.optim.Adam(online.parameters(), lr=config.expert.lr,
+                            weight_decay=config.expert.weight_decay)  # fmt: skip
     rows = [torch.as_tensor(schedule.rows(schedule.step(s))) for s in (0, 1)]
 
     rig.welcome()

@@ -21,6 +21,10 @@ from traci_ml.core.errors import ConfigError
 from traci_ml.proto.values import DEFAULT_MAX_ABS
 
 ENV_PREFIX = "TRACI_"
+# Adam's L2 penalty for the experts and the reducer: without one, small tables overfit (train
+# loss to ~1e-3 while held-out loss grows); 0.03 is the most that keeps the larger tables
+# (digits, friedman1) where they were. Measured in docs/config.md "Decisions" (bench.quality).
+DEFAULT_WEIGHT_DECAY = 0.03
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -153,7 +157,7 @@ class ExpertConfig(_Section):
     model: ExpertModelConfig = ExpertModelConfig()
     tau: float = Field(0.1, gt=0.0, le=1.0)  # Polyak rate: target += tau * (online - target)
     lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(DEFAULT_WEIGHT_DECAY, ge=0.0)
     window: int = Field(2, ge=1, le=1024)  # steps in flight (sent, gradient not yet applied)
     step_timeout: float = Field(30.0, gt=0.0)  # seconds before an in-flight step is dropped
     # embeddings and gradients on the wire; int8: per-row scaled (docs/compression.md)
@@ -172,7 +176,7 @@ class ReducerConfig(_Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     expert_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # mask a token with this chance (train)
     lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(DEFAULT_WEIGHT_DECAY, ge=0.0)
     eval_batch_size: int = Field(512, ge=1)
     device: str = "auto"
     torch_threads: int = Field(1, ge=0)
