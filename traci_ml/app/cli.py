@@ -38,9 +38,22 @@ from traci_ml.core.errors import ConfigError, DataError, TraciError, exit_code
 
 SERVICES = ("broker", "reducer", "expert")
 
+# What `traci --help` says (the module docstring above is for whoever reads this file).
+DESCRIPTION = (
+    "TRACI: one prediction model trained across cooperating processes -- a broker, a reducer "
+    "and one expert per view of the data. `traci up CONFIG` trains on this machine; `traci "
+    "predict`, `traci export` and `traci serve` use the trained run. README.md and docs/ "
+    "describe every command."
+)
+EPILOG = (
+    "Every command that reads a run config takes --set KEY=VALUE (repeatable) and "
+    "TRACI_<SECTION>__<KEY> environment variables (docs/config.md). `traci COMMAND --help` "
+    "shows a command's flags."
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="traci", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="traci", description=DESCRIPTION, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -177,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a trained run's whole model to one file")
     export.add_argument("--run", required=True, metavar="RUN_DIR", help="the run directory")
     export.add_argument("--format", required=True, choices=["torchscript", "onnx"])
-    export.add_argument("--output", metavar="FILE", help="default: RUN_DIR/model.<format>")
+    export.add_argument(  # the names of export.FORMATS (not imported here: it loads torch)
+        "--output",
+        metavar="FILE",
+        help="default: RUN_DIR/model.torchscript.pt (torchscript) or RUN_DIR/model.onnx (onnx)",
+    )
     for p in (predict, export):  # model selection (docs/predict.md)
         p.add_argument("--checkpoint", choices=["best", "last"], default=None,
                        help="the best validation round's weights (default, where the run has "
