@@ -200,7 +200,17 @@ def test_cosine_decays_from_the_base_rate_to_the_floor_at_the_last_step():
     assert factors[50] == pytest.approx(0.55)  # half way: the mean of 1 and the floor
     assert factors[100] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(factors, factors[1:], strict=False))  # never rises
-    assert lr_factor(500, train) == pytest.approx(0.1)  # past the end (a resumed, longer run)
+    assert lr_factor(500, train) == pytest.approx(0.1)  # past train.steps: the floor
+
+
+def test_a_longer_resume_re_spans_the_cosine_over_the_new_steps():
+    """docs/config.md `train.lr_schedule`: the rate is a function of the step and the config
+    the process runs with now, so a run resumed with more train.steps does not stay at the
+    floor it had reached: it goes on at the longer cosine's rate for that step."""
+    first, longer = _train(steps=1500, min_lr_ratio=0.0), _train(steps=2000, min_lr_ratio=0.0)
+    assert lr_factor(1499, first) == pytest.approx(0.0)  # the first run ends at the floor
+    assert lr_factor(1500, longer) == pytest.approx(0.146, abs=1e-3)  # back up on resume
+    assert lr_factor(1999, longer) == pytest.approx(0.0)  # and down to the floor again
 
 
 def test_warmup_rises_linearly_then_the_schedule_starts_at_one():
