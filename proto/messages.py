@@ -329,18 +329,20 @@ class Query:
 class QEmb:
     """Expert -> broker: the target embedding ``[R, d]`` of query ``qid`` (status "ok") and
     the row bitmap of the rows it holds (b"": all), or no tensor, the cause (e.g.
-    "missing_columns") and a detail."""
+    "missing_columns") and a detail. ``compute_us`` (optional): microseconds the expert
+    spent on the query, from decoding it to sending this (the broker's per-hop latency)."""
 
     KIND: ClassVar[str] = "QEMB"
     FIELDS: ClassVar[dict[str, type]] = {"qid": int, "expert_id": int, "status": str,
                                          "detail": str}  # fmt: skip
-    OPTIONAL: ClassVar[dict[str, type]] = {"rows": bytes}  # status ok only
+    OPTIONAL: ClassVar[dict[str, type]] = {"rows": bytes, "compute_us": int}  # rows: ok only
     qid: int
     expert_id: int
     status: str
     detail: str
     tensors: tuple[Tensor, ...]
     rows: bytes = b""
+    compute_us: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,17 +369,20 @@ class QOut:
     QBATCH asked for ``attention``, a second tensor ``[R, 1 + P]`` float32: per row the
     [CLS] query's attention weight on [CLS] itself, then on each of the P present experts in
     QBATCH order: the reducer's last block's softmax weights of the [CLS] query, averaged
-    over heads (a row sums to 1; an expert masked for a row weighs 0 there)."""
+    over heads (a row sums to 1; an expert masked for a row weighs 0 there).
+    ``compute_us`` (optional): microseconds the reducer spent on the QBATCH."""
 
     KIND: ClassVar[str] = "QOUT"
     FIELDS: ClassVar[dict[str, type]] = {"qid": int, "status": str, "detail": str,
                                          "task": str, "classes": list}  # fmt: skip
+    OPTIONAL: ClassVar[dict[str, type]] = {"compute_us": int}
     qid: int
     status: str
     detail: str
     task: str
     classes: tuple[str, ...]
     tensors: tuple[Tensor, ...]
+    compute_us: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,13 +394,15 @@ class Reply:
     request's R rows, the rows that expert took part in (b"": all); () when every listed
     expert took part in every row. A request that asked for ``attention`` gets a second
     tensor ``[R, 1 + len(experts)]`` float32: [CLS]'s own weight, then one column per entry
-    of ``experts`` (see QOUT); a request that did not gets exactly what it got before."""
+    of ``experts`` (see QOUT); a request that did not gets exactly what it got before.
+    ``hops`` (optional, status ok): the request's time in the broker, microseconds per
+    entry of ``SERVE_HOPS``, in that order (docs/serving.md "Where the time goes")."""
 
     KIND: ClassVar[str] = "REPLY"
     FIELDS: ClassVar[dict[str, type]] = {"qid": int, "status": str, "detail": str,
                                          "task": str, "classes": list, "experts": list,
                                          "expert_names": list, "batch_rows": int}  # fmt: skip
-    OPTIONAL: ClassVar[dict[str, type]] = {"rows": list}
+    OPTIONAL: ClassVar[dict[str, type]] = {"rows": list, "hops": list}
     qid: int
     status: str
     detail: str = ""
@@ -406,9 +413,17 @@ class Reply:
     batch_rows: int = 0
     tensors: tuple[Tensor, ...] = ()
     rows: tuple[bytes, ...] = ()
+    hops: tuple[int, ...] = ()
 
 
 SERVE_KINDS = (Query, QEmb, QBatch, QOut, Reply)
+# One served request's time in the broker, split where it changes hands (REPLY.hops, and
+# traci_broker_serve_hop_seconds{hop}): waiting to travel (the batching window, a free
+# in-flight slot), the experts' round trip (the slowest one's) and, within it, that expert's
+# own compute, the reducer's round trip and its compute, and the broker's split of the
+# answer into this reply. What the client sees beyond their sum is the client <-> front
+# door wire (and the client's own encode/decode).
+SERVE_HOPS = ("queue", "experts", "expert_compute", "reducer", "reducer_compute", "reply")
 
 
 # ---- id alignment at start-up (docs/parties.md, docs/protocol.md "Alignment"): an expert

@@ -36,6 +36,7 @@ from traci_ml.proto.messages import (
     ALL_DTYPES,
     KINDS,
     ROW_SCALED,
+    SERVE_HOPS,
     SERVE_KINDS,
     SERVE_OK,
     WIRE_DTYPES,
@@ -472,4 +473,13 @@ def _build_serve(cls: type, fields: dict[str, Any], tensors: tuple[Tensor, ...])
             _expect(ok or not rows, "REPLY.rows only with status ok", "bad_field")
             n = tensors[0].shape[0] if tensors else 0
             out["rows"] = _rows_list(rows, len(experts), n, "REPLY")
+            hops = out.get("hops", [])
+            _expect(
+                len(hops) <= len(SERVE_HOPS)
+                and all(type(h) is int and 0 <= h <= MAX_SEQ for h in hops),
+                f"REPLY.hops is at most {len(SERVE_HOPS)} microsecond counts (ints >= 0)",
+                "bad_field",
+            )
+            _expect(ok or not hops, "REPLY.hops only with status ok", "bad_field")
+            out["hops"] = tuple(hops)
     return cls(**out, tensors=tensors)

@@ -20,7 +20,13 @@ from collections.abc import Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from traci_ml.core.observe import LATENCY_BUCKETS, RunEnd
-from traci_ml.proto import ALIGN_STAGES, BROKER_DROP_REASONS, KINDS, REJECT_REASONS
+from traci_ml.proto import (
+    ALIGN_STAGES,
+    BROKER_DROP_REASONS,
+    KINDS,
+    REJECT_REASONS,
+    SERVE_HOPS,
+)
 
 # Reasons the broker adds to proto.REJECT_REASONS in traci_broker_rejections_total{reason}.
 BROKER_REASONS = (
@@ -298,6 +304,15 @@ class ServeMetrics:
             "Batched queries at the experts or reducer.",
             registry=reg,
         )
+        self.hop = Histogram(
+            "traci_broker_serve_hop_seconds",
+            "Served requests answered ok: time in the broker per hop (proto.SERVE_HOPS: queue, "
+            "experts, expert_compute, reducer, reducer_compute, reply).",
+            ["hop"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self._hops = tuple(self.hop.labels(hop=h) for h in SERVE_HOPS)
         self._outcomes = {o: self.requests.labels(outcome=o) for o in OUTCOMES}
         self._masked = {i: self.masked.labels(expert=str(i)) for i in range(n_experts)}
 
@@ -308,6 +323,11 @@ class ServeMetrics:
         child.inc()
         if latency is not None:
             self.latency.observe(latency)
+
+    def hops(self, micros: tuple[int, ...]) -> None:
+        """One ok request's REPLY.hops (microseconds, in SERVE_HOPS order)."""
+        for child, us in zip(self._hops, micros, strict=True):
+            child.observe(us * 1e-6)
 
     def batched(self, rows: int, requests: int) -> None:
         self.batch_rows.observe(rows)

@@ -22,7 +22,9 @@ state is bounded by ``serve.max_inflight`` queries and ``serve.max_queued`` requ
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +108,9 @@ class InQuery:
     failures: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (status, detail)
     stage: str = "experts"
     reducer: bytes | None = None
+    launched: float = 0.0  # sent to the experts
+    joined: float = 0.0  # the last expert answered (or was given up): sent to the reducer
+    expert_us: int = 0  # the compute the last expert to answer reported (QEMB.compute_us)
     present: tuple[int, ...] = ()  # expert ids whose tokens went to the reducer
     bitmaps: dict[int, bytes] = field(default_factory=dict)  # QEMB.rows by expert id (not b"")
     present_rows: tuple[bytes, ...] = ()  # QBATCH.rows: one per present expert, or ()
@@ -131,6 +136,7 @@ class ServeDesk:
         max_inflight: int = 32,
         max_queued: int = 1024,
         metrics: Any = None,  # metrics.ServeMetrics, or None
+        clock: Callable[[], float] = time.monotonic,  # when a reply leaves (hop "reply")
     ) -> None:
         self.n_experts = len(view_names)
         self.view_names, self.view_columns = view_names, view_columns
@@ -138,7 +144,7 @@ class ServeDesk:
         self.max_batch_rows, self.max_wait = max_batch_rows, max_wait
         self.max_request_rows, self.timeout = max_request_rows, timeout
         self.max_inflight, self.max_queued = max_inflight, max_queued
-        self.metrics = metrics
+        self.metrics, self.clock = metrics, clock
         self._groups: dict[tuple, Group] = {}  # filling, by column list or id type
         self._ready: deque[Group] = deque()  # closed, waiting for an in-flight slot
         self._queries: dict[int, InQuery] = {}
@@ -228,10 +234,23 @@ class ServeDesk:
             group.rows += rows
         group.requests.append(request)
         self._queued += 1
-        if group.rows >= self.max_batch_rows or self.max_wait <= 0:
+        # The window holds a request only while the experts are busy with another query:
+        # then more requests are arriving and will ride along. An idle cluster answers at once.
+        if group.rows >= self.max_batch_rows or self.max_wait <= 0 or not self._experts_busy():
             self._close_group(key)
         self._launch(now, peers, out)
         return out
+
+    def _experts_busy(self) -> bool:
+        """Some batched query is at the experts (asked, not yet all answered)."""
+        return any(q.stage == "experts" for q in self._queries.values())
+
+    def _experts_free(self) -> None:
+        """A query left the experts: if none is left there, the groups waiting for them
+        leave now (their window was only for company while the experts were busy)."""
+        if self._groups and not self._experts_busy():
+            for key in list(self._groups):
+                self._close_group(key)
 
     @staticmethod
     def _new_rows(group: Group, msg: Query) -> int:
@@ -286,7 +305,8 @@ class ServeDesk:
                     self._reply_error(out, req.routing_id, req.qid, now, status, "peer lost")
                 continue
             qid, self._next_qid = self._next_qid, self._next_qid + 1
-            query = InQuery(qid, group.requests, group.rows, dict(experts), now + self.timeout)
+            query = InQuery(qid, group.requests, group.rows, dict(experts), now + self.timeout,
+                            launched=now)  # fmt: skip
             self._queries[qid] = query
             if group.ids is not None:  # by id: no rows, each expert looks them up
                 message = Query(qid, (), (), tuple(group.ids))
@@ -314,6 +334,7 @@ class ServeDesk:
         if query.expected.get(msg.expert_id) != routing_id:
             return out.reject("unknown_query", f"QEMB from expert {msg.expert_id}: not asked")
         del query.expected[msg.expert_id]
+        query.expert_us = max(msg.compute_us, 0)  # the last to answer sets the experts' pace
         if msg.status != SERVE_OK:
             query.failures[msg.expert_id] = (msg.status, msg.detail)
         else:
@@ -328,6 +349,7 @@ class ServeDesk:
                     query.bitmaps[msg.expert_id] = msg.rows
         if not query.expected:
             self._to_reducer(query, now, peers, out)
+            self._experts_free()
             self._launch(now, peers, out)
         return out
 
@@ -383,6 +405,7 @@ class ServeDesk:
         batch = QBatch(query.qid, present, tuple(query.tokens[i] for i in ids), rows, attention)
         out.sends.append(Send(REDUCER, reducer, batch))
         query.stage, query.reducer, query.present = "reducer", reducer, tuple(ids)
+        query.joined = now
         query.deadline, query.tokens, query.present_rows = now + self.timeout, {}, rows
 
     def _answer(self, query: InQuery, msg: QOut, now: float, out: Outcome) -> None:
@@ -393,6 +416,9 @@ class ServeDesk:
         masks = None  # (experts, rows): who took part in which row of the batched query
         if query.present_rows:
             masks = np.stack([unpack_rows(bits, query.rows) for bits in query.present_rows])
+        # the hops every request of the query shares (SERVE_HOPS between "queue" and "reply")
+        shared = (_us(query.joined - query.launched), query.expert_us,
+                  _us(now - query.joined), max(msg.compute_us, 0))  # fmt: skip
         for req in query.requests:
             mine: tuple[Tensor, ...] = (Tensor.from_numpy(outputs[req.at]),)
             if req.attention and att is not None:  # only to whom asked: the others' unchanged
@@ -401,10 +427,13 @@ class ServeDesk:
             if masks is not None:
                 rows = tuple(pack_rows(mask) for mask in masks[:, req.at])
                 rows = rows if any(rows) else ()
+            hops = (_us(query.launched - req.arrival), *shared, _us(self.clock() - now))
             reply = Reply(req.qid, SERVE_OK, "", msg.task, msg.classes, query.present, names,
-                          query.rows, mine, rows)  # fmt: skip
+                          query.rows, mine, rows, hops)  # fmt: skip
             out.sends.append(Send(CLIENT, req.routing_id, reply))
             self._count(SERVE_OK, now - req.arrival)
+            if self.metrics is not None:
+                self.metrics.hops(hops)
 
     # ---- time ----------------------------------------------------------------------------
 
@@ -429,6 +458,7 @@ class ServeDesk:
                 status = "no_reducer" if gone else "timeout"
                 why = "the reducer went away" if gone else f"reducer silent for {self.timeout}s"
                 self._fail(query, now, out, status, why)
+        self._experts_free()
         self._launch(now, peers, out)
         if self.metrics is not None:
             self.metrics.state(queued=self._queued, inflight=len(self._queries))
@@ -460,6 +490,11 @@ class ServeDesk:
     def _count(self, outcome: str, latency: float | None) -> None:
         if self.metrics is not None:
             self.metrics.answered(outcome, latency)
+
+
+def _us(seconds: float) -> int:
+    """Microseconds, never negative (REPLY.hops)."""
+    return max(0, round(seconds * 1e6))
 
 
 def _shape_problem(query: InQuery, msg: QOut) -> str:

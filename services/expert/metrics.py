@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from traci_ml import proto
@@ -88,6 +90,7 @@ class ExpertMetrics:
             ["expert", "status"],
             registry=r,
         )
+        self._served: dict[str, Any] = {}  # status -> its child of queries
         self.query_time = Histogram(
             "traci_expert_query_seconds",
             "QUERY received -> QEMB sent",
@@ -117,7 +120,10 @@ class ExpertMetrics:
         self.rejections.labels(reason=reason, **self._labels).inc()
 
     def served(self, status: str, seconds: float) -> None:
-        self.queries.labels(status=status, **self._labels).inc()
+        child = self._served.get(status)
+        if child is None:  # .labels() resolves the child each time: once per status
+            child = self._served[status] = self.queries.labels(status=status, **self._labels)
+        child.inc()
         self.query_time.observe(seconds)
 
     def wire_bytes(self, direction: str, n: int) -> None:

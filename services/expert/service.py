@@ -540,29 +540,20 @@ class ExpertService:
         # make is held to security.max_abs_value below, as in training.
         problem = proto.value_problem(msg.tensors, float("inf"))
         if problem is not None:  # the broker masks this expert for the query
-            answer = proto.QEmb(msg.qid, self.id, problem[0], f"rows: {problem[1]}", ())
-        elif isinstance(pick, list):
+            return self._answer(msg.qid, t0, problem[0], f"rows: {problem[1]}")
+        if isinstance(pick, list):
             shown = ", ".join(pick[:10]) + (f" (+{len(pick) - 10} more)" if len(pick) > 10 else "")
-            answer = proto.QEmb(msg.qid, self.id, "missing_columns",
-                                f"{self.name} lacks column(s) {shown}", ())  # fmt: skip
-        else:
-            try:
-                x = torch.from_numpy(view.inputs(msg.tensors[0].numpy(), pick)).to(self.device)
-                with torch.no_grad():
-                    emb = self._served_net()(x)  # (R, d); the target is always in eval mode
-                wire = to_wire(emb, self.wire_dtype)
-                bad = proto.value_problem((wire,), self.config.security.max_abs_value)
-                answer = (
-                    proto.QEmb(msg.qid, self.id, proto.SERVE_OK, "", (wire,))
-                    if bad is None
-                    else proto.QEmb(msg.qid, self.id, bad[0], f"embedding of the rows: {bad[1]}"
-                                    " (rows out of the trained range?)", ())
-                )  # fmt: skip
-            except Exception as exc:  # the broker masks this expert for the query
-                log.exception("%s: internal error on QUERY %d", self.name, msg.qid)
-                answer = proto.QEmb(msg.qid, self.id, "internal", repr(exc)[:200], ())
-        self._answer(answer)
-        self.metrics.served(answer.status, time.monotonic() - t0)
+            return self._answer(msg.qid, t0, "missing_columns",
+                                f"{self.name} lacks column(s) {shown}")  # fmt: skip
+        try:
+            x = torch.from_numpy(view.inputs(msg.tensors[0].numpy(), pick)).to(self.device)
+            with torch.inference_mode():
+                emb = self._served_net()(x)  # (R, d); the target is always in eval mode
+            self._answer_embedding(msg.qid, t0, emb, b"")
+        except Exception as exc:  # the broker masks this expert for the query
+            log.exception("%s: internal error on QUERY %d", self.name, msg.qid)
+            self._answer(msg.qid, t0, "internal", repr(exc)[:200])
+        return None
 
     def _served_net(self) -> torch.nn.Module:
         """The net a served query is embedded with: `traci serve` answers with the best
@@ -581,24 +572,32 @@ class ExpertService:
             local = self.id_index.find(np.array(msg.ids))
             present = local >= 0
             rows = torch.as_tensor(np.where(present, local, 0), device=self.device)
-            with torch.no_grad():
+            with torch.inference_mode():
                 emb = self._embed(self._served_net(), rows, self._held(present))
-            wire = to_wire(emb, self.wire_dtype)
-            bad = proto.value_problem((wire,), self.config.security.max_abs_value)
-            answer = (
-                proto.QEmb(msg.qid, self.id, proto.SERVE_OK, "", (wire,), proto.pack_rows(present))
-                if bad is None
-                else proto.QEmb(msg.qid, self.id, bad[0], f"embedding of the rows: {bad[1]}", ())
-            )
+            self._answer_embedding(msg.qid, t0, emb, proto.pack_rows(present))
         except Exception as exc:  # the broker masks this expert for the query
             log.exception("%s: internal error on QUERY %d (ids)", self.name, msg.qid)
-            answer = proto.QEmb(msg.qid, self.id, "internal", repr(exc)[:200], ())
-        self._answer(answer)
-        self.metrics.served(answer.status, time.monotonic() - t0)
+            self._answer(msg.qid, t0, "internal", repr(exc)[:200])
 
-    def _answer(self, answer: proto.QEmb) -> None:
-        """Send a served query's answer (training: from the compute stream, through post)."""
+    def _answer_embedding(self, qid: int, t0: float, emb: torch.Tensor, rows: bytes) -> None:
+        """QEMB ok with ``emb`` on the wire, or the bound it breaks (rows out of the trained
+        range?): held to security.max_abs_value as in training."""
+        wire = to_wire(emb, self.wire_dtype)
+        bad = proto.value_problem((wire,), self.config.security.max_abs_value)
+        if bad is None:
+            self._answer(qid, t0, proto.SERVE_OK, "", (wire,), rows)
+        else:
+            self._answer(qid, t0, bad[0], f"embedding of the rows: {bad[1]} (rows out of the "
+                         "trained range?)")  # fmt: skip
+
+    def _answer(self, qid: int, t0: float, status: str, detail: str,
+                tensors: tuple[proto.Tensor, ...] = (), rows: bytes = b"") -> None:  # fmt: skip
+        """Send a served query's QEMB (training: from the compute stream, through post),
+        with the time spent on it since ``t0`` (the broker's per-hop latency)."""
+        spent = time.monotonic() - t0
+        answer = proto.QEmb(qid, self.id, status, detail, tensors, rows, round(spent * 1e6))
         (self.link.post if self.stream.on_thread() else self.link.send)(answer)
+        self.metrics.served(status, spent)
 
     def _query_view(self) -> QueryView:
         """Served raw rows: the one table's statistics (preprocess.json), or, for a party,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from traci_ml import proto
@@ -88,6 +90,7 @@ class ReducerMetrics:
         self.queries = Counter(
             "traci_reducer_queries", "served QBATCHes answered, by status", ["status"], registry=r
         )
+        self._served: dict[str, Any] = {}  # status -> its child of queries
         self.query_time = Histogram(
             "traci_reducer_query_seconds",
             "QBATCH received -> QOUT sent",
@@ -124,7 +127,10 @@ class ReducerMetrics:
         )
 
     def served(self, status: str, seconds: float) -> None:
-        self.queries.labels(status=status).inc()
+        child = self._served.get(status)
+        if child is None:  # .labels() resolves the child each time: once per status
+            child = self._served[status] = self.queries.labels(status=status)
+        child.inc()
         self.query_time.observe(seconds)
 
     def reject(self, reason: str) -> None:

@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 import time
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -110,6 +111,8 @@ class ReducerService:
             raise CheckpointError(f"{self.ckpt_path} is missing: train the run before serving")
         if (resume or serve) and self.ckpt_path.exists():
             self._restore()
+        if serve:  # nothing is trained: eval mode once, not around every query
+            self.model.eval()
         if resume and not serve:  # a best round the checkpoint missed; early stopping
             self.last_seq = self.selection.reconcile(self.last_seq)
         self.serve_spec = ServeSpec(
@@ -237,8 +240,9 @@ class ReducerService:
         except Exception as exc:  # the client gets reducer_error, never silence
             log.exception("reducer: internal error on QBATCH %d", msg.qid)
             out = proto.QOut(msg.qid, "internal", repr(exc)[:200], self.serve_spec.task, (), ())
-        self.link.send(out)
-        self.metrics.served(out.status, time.monotonic() - t0)
+        spent = time.monotonic() - t0
+        self.link.send(replace(out, compute_us=round(spent * 1e6)))  # the broker's hops
+        self.metrics.served(out.status, spent)
 
     def on_batch(self, msg: proto.Batch) -> bool:
         """Process one BATCH; True when it was the last step of the run."""

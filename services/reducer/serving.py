@@ -53,13 +53,15 @@ def answer(
         copy_into(host[i], tensor)
     tokens = host.to(device).float().transpose(0, 1)  # (R, N, d)
     absent = absent_rows(msg.present, msg.rows, rows, device)  # (R, N)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
+    with torch.inference_mode():
+        if model.training:  # a query between two training steps: eval mode, then back
+            model.eval()
+            try:
+                logits, att = model(tokens, absent)
+            finally:
+                model.train()
+        else:  # `traci serve`: the model stays in eval mode (switching walks every module)
             logits, att = model(tokens, absent)
-    finally:
-        model.train(was_training)
     if spec.task == "classification":
         out = logits.softmax(dim=-1)
     else:

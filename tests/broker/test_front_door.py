@@ -3,7 +3,9 @@ errors and bounds, as pure logic; then the same through a real BrokerService ove
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import msgpack
 import numpy as np
@@ -60,6 +62,13 @@ def answer_experts(desk: ServeDesk, query: proto.Query, now: float, skip: tuple[
     return out
 
 
+def occupy(desk: ServeDesk, now: float = 0.0) -> proto.Query:
+    """Keep the experts busy with a one-row query from client ``busy`` (its own column
+    order, so it groups with nobody): while it is out, new requests wait for company."""
+    out = desk.request(b"busy", proto.Query(99, COLUMNS[::-1], (rows(1),)), now, PEERS)
+    return sends(out, EXPERT)[0].message
+
+
 def outputs_for(batch: proto.QBatch, columns: int = 2) -> proto.QOut:
     rows_ = batch.tensors[0].shape[0]
     values = np.arange(rows_ * columns, dtype=np.float32).reshape(rows_, columns)
@@ -72,6 +81,7 @@ def outputs_for(batch: proto.QBatch, columns: int = 2) -> proto.QOut:
 
 def test_concurrent_requests_travel_together_and_split_back() -> None:
     desk, metrics = make_desk()
+    occupy(desk)  # the experts are busy: requests wait for company
     for k, n in enumerate((2, 3, 1)):
         out = desk.request(
             f"c{k}".encode(), proto.Query(100 + k, COLUMNS, (rows(n, 10 * k),)), 0.0, PEERS
@@ -97,12 +107,58 @@ def test_concurrent_requests_travel_together_and_split_back() -> None:
     assert replies[b"c1"].tensors[0].numpy().tolist() == [[4, 5], [6, 7], [8, 9]]
     assert replies[b"c0"].experts == (0, 1, 2) and replies[b"c0"].expert_names == ("v0", "v1", "v2")
     assert count(metrics, "ok") == 3
-    assert metrics.registry.get_sample_value("traci_broker_serve_batch_rows_sum") == 6
+    assert metrics.registry.get_sample_value("traci_broker_serve_batch_rows_sum") == 1 + 6
     assert metrics.registry.get_sample_value("traci_broker_serve_latency_seconds_count") == 3
+
+
+def test_an_idle_cluster_sends_a_lone_request_at_once() -> None:
+    desk, _ = make_desk(max_wait=0.5)
+    tensor = rows(2)
+    out = desk.request(b"c0", proto.Query(1, COLUMNS, (tensor,)), 0.0, PEERS)
+    queries = sends(out, EXPERT)  # no window: nobody else is being served
+    assert len(queries) == N and queries[0].message.tensors[0] is tensor
+    assert desk.queued == 0 and desk.next_deadline() == pytest.approx(1.0)  # its timeout only
+
+
+def test_requests_wait_only_while_the_experts_are_busy() -> None:
+    desk, _ = make_desk(max_wait=0.5)
+    busy = occupy(desk)
+    for k in range(2):
+        assert not desk.request(f"c{k}".encode(), proto.Query(k, COLUMNS, (rows(1),)), 0.001,
+                                PEERS).sends  # fmt: skip
+    assert desk.queued == 2
+    # the last expert answers the busy query long before max_wait: the group leaves with it
+    out = answer_experts(desk, busy, 0.002)
+    assert len(sends(out, REDUCER)) == 1
+    queries = sends(out, EXPERT)
+    assert len(queries) == N and queries[0].message.tensors[0].shape == (2, 3)
+    assert desk.queued == 0
+
+
+def test_reply_hops_split_the_time_in_the_broker() -> None:
+    clock = iter([0.0205])  # when the reply leaves
+    desk, metrics = make_desk(clock=lambda: next(clock))
+    busy = occupy(desk, 0.0)
+    desk.request(b"c0", proto.Query(1, COLUMNS, (rows(1),)), 0.001, PEERS)
+    out = answer_experts(desk, busy, 0.003)  # c0 waited 2 ms, then went to the experts
+    query = sends(out, EXPERT)[0].message
+    for eid, rid in EXPERTS.items():  # the last one to answer (at 7 ms) computed for 1.5 ms
+        emb = proto.Tensor.from_numpy(np.ones((1, D), np.float32))
+        qemb = proto.QEmb(query.qid, eid, proto.SERVE_OK, "", (emb,), compute_us=500 + 500 * eid)
+        out = desk.qemb(rid, qemb, 0.005 + eid * 0.001, PEERS)
+    (batch,) = sends(out, REDUCER)
+    answer = replace(outputs_for(batch.message), compute_us=9000)
+    (reply,) = sends(desk.qout(REDUCER_ID, answer, 0.02, PEERS), CLIENT)
+    assert reply.message.hops == (2000, 4000, 1500, 13000, 9000, 500)
+    assert dict(zip(proto.SERVE_HOPS, reply.message.hops, strict=True))["reducer"] == 13000
+    value = metrics.registry.get_sample_value
+    assert value("traci_broker_serve_hop_seconds_sum", {"hop": "experts"}) == pytest.approx(0.004)
+    assert value("traci_broker_serve_hop_seconds_count", {"hop": "queue"}) == 1  # c0's alone
 
 
 def test_a_full_group_leaves_at_once_and_the_next_request_opens_another() -> None:
     desk, _ = make_desk(max_batch_rows=4)
+    occupy(desk)
     assert not desk.request(b"c0", proto.Query(1, COLUMNS, (rows(3),)), 0.0, PEERS).sends
     out = desk.request(b"c1", proto.Query(2, COLUMNS, (rows(2),)), 0.0, PEERS)  # 5 > 4: c0 leaves
     assert [s.message.tensors[0].shape for s in sends(out, EXPERT)][0] == (3, 3)
@@ -205,6 +261,7 @@ def test_refused_requests_get_an_error_reply_and_are_counted(query, peers, statu
 
 def test_a_full_queue_answers_busy() -> None:
     desk, metrics = make_desk(max_queued=2)
+    occupy(desk)
     for k in range(2):
         desk.request(b"c", proto.Query(k, COLUMNS, (rows(1),)), 0.0, PEERS)
     (reply,) = sends(desk.request(b"c", proto.Query(9, COLUMNS, (rows(1),)), 0.0, PEERS), CLIENT)
@@ -272,7 +329,7 @@ def running() -> Iterator[BrokerNet]:
     net = BrokerNet({
         "run_id": "serve-test", "embed_dim": str(D), "reducer.heads": "1",
         "data.views": f"[{views}]", "network.heartbeat_interval": "0.05",
-        "metrics.broker_port": "0", "serve.max_wait_ms": "30",
+        "metrics.broker_port": "0", "serve.max_wait_ms": "2000",
     })  # fmt: skip
     yield net
     net.close()
@@ -292,23 +349,28 @@ def test_front_door_round_trip_and_bad_requests(running) -> None:
         proto.encode(proto.Hello("reducer", "serve-test", D, "float32", n_experts=N))
     )
     assert isinstance(recv(reducer), proto.Welcome)
-    clients = [dealer(broker.client_endpoint) for _ in range(2)]
-    for k, client in enumerate(clients):  # within max_wait of each other: one query
+    clients = [dealer(broker.client_endpoint) for _ in range(3)]
+    # the first request finds the cluster idle and goes at once; the next two arrive while
+    # the experts hold it and travel together as soon as the experts are free
+    for k, client in enumerate(clients):
         client.send_multipart(proto.encode(proto.Query(k, COLUMNS, (rows(k + 1),))))
-    for i, sock in enumerate(experts):
-        query = recv(sock)
-        assert isinstance(query, proto.Query) and query.tensors[0].shape == (3, 3)
-        emb = proto.Tensor.from_numpy(np.full((3, D), i, np.float32))
-        sock.send_multipart(
-            proto.encode(proto.QEmb(query.qid, i, proto.SERVE_OK, "", (emb,))), copy=False
-        )
-    batch = recv(reducer)
-    assert isinstance(batch, proto.QBatch) and batch.present == (True,) * N
-    reducer.send_multipart(proto.encode(outputs_for(batch)), copy=False)
+        time.sleep(0.05)  # the first is out before the others arrive; all are in
+    for shape in ((1, 3), (5, 3)):
+        for i, sock in enumerate(experts):
+            query = recv(sock)
+            assert isinstance(query, proto.Query) and query.tensors[0].shape == shape
+            emb = proto.Tensor.from_numpy(np.full((shape[0], D), i, np.float32))
+            sock.send_multipart(
+                proto.encode(proto.QEmb(query.qid, i, proto.SERVE_OK, "", (emb,))), copy=False
+            )
+        batch = recv(reducer)
+        assert isinstance(batch, proto.QBatch) and batch.present == (True,) * N
+        reducer.send_multipart(proto.encode(outputs_for(batch)), copy=False)
     for k, client in enumerate(clients):
         reply = recv(client)
         assert isinstance(reply, proto.Reply) and reply.qid == k and reply.status == proto.SERVE_OK
-        assert reply.batch_rows == 3 and reply.tensors[0].shape == (k + 1, 2)
+        assert reply.batch_rows == (1 if k == 0 else 5) and reply.tensors[0].shape == (k + 1, 2)
+        assert len(reply.hops) == len(proto.SERVE_HOPS)
     clients[0].send_multipart([b"not msgpack", b"x"])
     reply = recv(clients[0])
     assert reply.status == "bad_request" and reply.qid == -1
@@ -320,5 +382,5 @@ def test_front_door_round_trip_and_bad_requests(running) -> None:
     assert recv(clients[1]).status == "bad_request"
     sample = broker.metrics.registry.get_sample_value
     assert sample("traci_broker_serve_requests_total", {"outcome": "bad_request"}) == 3
-    assert sample("traci_broker_serve_requests_total", {"outcome": "ok"}) == 2
+    assert sample("traci_broker_serve_requests_total", {"outcome": "ok"}) == 3
     assert sample("traci_broker_rejections_total", {"reason": "non_finite"}) == 1

@@ -154,6 +154,14 @@ def make_desk(**kw: Any) -> ServeDesk:
                      **settings)  # fmt: skip
 
 
+def occupy(desk: ServeDesk) -> None:
+    """Keep the experts busy with a one-row query that groups with nobody (its own column
+    order): while it is out, new requests wait for company."""
+    rows = proto.Tensor.from_numpy(np.ones((1, len(COLUMNS)), np.float32))
+    assert sends(desk.request(b"busy", proto.Query(99, COLUMNS[::-1], (rows,)), 0.0, PEERS),
+                 EXPERT)  # fmt: skip
+
+
 def by_ids(qid: int, *ids: Any) -> proto.Query:
     return proto.Query(qid, (), (), ids)
 
@@ -166,6 +174,7 @@ def outputs(qid: int, rows: int) -> proto.QOut:
 
 def test_id_requests_batch_apart_from_columns_and_by_id_type() -> None:
     desk = make_desk()
+    occupy(desk)
     rows = proto.Tensor.from_numpy(np.ones((1, 3), np.float32))
     desk.request(b"c0", proto.Query(1, COLUMNS, (rows,)), 0.0, PEERS)
     desk.request(b"c1", by_ids(2, 5, 6), 0.0, PEERS)
@@ -176,7 +185,7 @@ def test_id_requests_batch_apart_from_columns_and_by_id_type() -> None:
     by_kind = {(q.columns, q.ids) for q in queries}
     assert by_kind == {(COLUMNS, ()), ((), (5, 6, 7)), ((), ("5", "x"))}
     assert all(not q.tensors for q in queries if q.ids)
-    assert desk.inflight == 3 and desk.queued == 0
+    assert desk.inflight == 1 + 3 and desk.queued == 0
 
 
 def answer(
@@ -195,6 +204,7 @@ def answer(
 
 def test_id_query_rows_go_to_the_reducer_and_back_per_request() -> None:
     desk = make_desk()
+    occupy(desk)
     desk.request(b"c0", by_ids(10, 5, 6), 0.0, PEERS)
     desk.request(b"c1", by_ids(11, 7, 5, 8), 0.0, PEERS)  # 5 is asked by both
     [query] = {m for _, m in sends(desk.tick(0.02, PEERS), EXPERT)}
@@ -228,6 +238,7 @@ def test_replies_carry_no_rows_when_every_expert_held_every_row() -> None:
 
 def test_column_queries_carry_bitmaps_too() -> None:
     desk = make_desk()
+    occupy(desk)
     for k, n in enumerate((2, 1)):
         rows = proto.Tensor.from_numpy(np.ones((n, 3), np.float32))
         desk.request(f"c{k}".encode(), proto.Query(k, COLUMNS, (rows,)), 0.0, PEERS)
@@ -261,6 +272,7 @@ def test_id_requests_need_no_columns() -> None:
 
 def test_a_full_id_group_leaves_and_the_next_opens() -> None:
     desk = make_desk(max_batch_rows=4)
+    occupy(desk)
     assert not desk.request(b"c0", by_ids(1, 1, 2, 3), 0.0, PEERS).sends
     assert not desk.request(b"c1", by_ids(2, 3, 2, 1), 0.0, PEERS).sends  # nothing new: joins
     out = desk.request(b"c2", by_ids(3, 4, 5), 0.0, PEERS)  # 3 + 2 > 4: the group leaves

@@ -14,6 +14,7 @@ from tests.broker.test_front_door import (
     REDUCER_ID,
     answer_experts,
     make_desk,
+    occupy,
     rows,
     sends,
 )
@@ -38,6 +39,7 @@ def qout(batch: proto.QBatch, attention: bool = True) -> proto.QOut:
 def batch_of(desk, asks: tuple[bool, ...], skip: tuple[int, ...] = ()) -> proto.QBatch:  # noqa: ANN001
     """Requests c0, c1, ... of 2 rows each, ``asks[k]``: whether ck asks for attention; all
     in one batch, answered by every expert but ``skip``: the QBATCH."""
+    occupy(desk)  # the experts are busy: the requests wait for company
     for k, ask in enumerate(asks):
         query = proto.Query(100 + k, COLUMNS, (rows(2, 10 * k),), attention=ask)
         assert not desk.request(f"c{k}".encode(), query, 0.0, PEERS).sends
@@ -69,7 +71,8 @@ def test_only_the_request_that_asks_gets_attention_and_the_others_are_unchanged(
         reply = replies[f"c{k}".encode()]
         mine = proto.Tensor.from_numpy(answer.tensors[0].numpy()[2 * k : 2 * k + 2])
         before = proto.Reply(100 + k, proto.SERVE_OK, "", "classification", ("x", "y"),
-                             (0, 1, 2), ("v0", "v1", "v2"), 6, (mine,))  # fmt: skip
+                             (0, 1, 2), ("v0", "v1", "v2"), 6, (mine,),
+                             hops=reply.hops)  # fmt: skip
         frames = proto.encode(reply)
         assert len(frames) == 2 and frames[0] == proto.encode(before)[0]
         assert bytes(frames[1]) == bytes(proto.encode(before)[1])

@@ -8,6 +8,7 @@
     pred.labels         # classification: the most probable class name per row
     pred.experts        # ids of the experts whose embeddings took part (others were masked)
     pred.batch_rows     # rows of the batched query these rows travelled in
+    pred.hops           # seconds per hop in the broker: queue, experts, reducer, ...
 
         pred = client.predict_ids([1000000007, 1000000042])   # rows by id (or str ids)
     pred.row_experts    # per row: the experts that hold it and took part
@@ -29,7 +30,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,10 @@ class Prediction:
     # (R,) [CLS]'s weight on itself; a row sums to 1 (core/models/attention.py)
     attention: np.ndarray | None = None
     attention_cls: np.ndarray | None = None
+    # the request's time in the broker, seconds per hop (proto.SERVE_HOPS: queue, experts,
+    # expert_compute, reducer, reducer_compute, reply); {} from a broker that sends none.
+    # ``latency`` minus queue + experts + reducer + reply is the client <-> broker wire.
+    hops: dict[str, float] = field(default_factory=dict)
 
     @property
     def labels(self) -> list[str]:
@@ -163,7 +168,8 @@ class Client:
                               reply.expert_names, reply.batch_rows, time.monotonic() - t0,
                               _row_experts(reply, len(outputs)),
                               attention=None if att is None else att[:, 1:],
-                              attention_cls=None if att is None else att[:, 0])  # fmt: skip
+                              attention_cls=None if att is None else att[:, 0],
+                              hops=_hops(reply))  # fmt: skip
         self._reset()  # a fresh socket: nothing of this request lingers
         raise ServeError("timeout", f"no reply from {self.endpoint} in {deadline - t0:.1f}s")
 
@@ -219,6 +225,11 @@ def _as_rows(rows: Any, columns: Sequence[str] | None) -> tuple[np.ndarray, tupl
             "bad_request", f"rows of shape {x.shape} do not match {len(names)} column names"
         )
     return x, names
+
+
+def _hops(reply: proto.Reply) -> dict[str, float]:
+    """REPLY.hops as seconds by hop name (an older broker's shorter list: what it sent)."""
+    return {hop: us * 1e-6 for hop, us in zip(proto.SERVE_HOPS, reply.hops, strict=False)}
 
 
 def _row_experts(reply: proto.Reply, n: int) -> tuple[tuple[int, ...], ...]:
