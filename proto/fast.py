@@ -249,7 +249,9 @@ def _rows_ok(bits: bytes, n: int) -> bool:
     return len(bits) == (n + 7) >> 3 and not (tail and bits[-1] >> tail)
 
 
-def _fast(frames: Sequence[FrameLike], check_finite: bool) -> Message | None:
+def _fast(frames: Sequence[FrameLike], check_finite: bool) -> Message | dict | None:
+    """The message; or its unpacked header map (of a version-1 kind without a fast path,
+    or a hot kind in another shape) for ``wire.decode_header``; or None: ``wire.decode``."""
     count = len(frames)
     if not 0 < count <= MAX_TENSORS + 1:
         return None
@@ -294,7 +296,7 @@ def _fast(frames: Sequence[FrameLike], check_finite: bool) -> Message | None:
         if tensors is None or len(tensors) != n_present:
             return None
         return Batch(seq, phase, tuple(present), tensors)
-    return None
+    return header
 
 
 def quick(frames: Sequence[FrameLike], check_finite: bool = True) -> Message | None:
@@ -302,9 +304,10 @@ def quick(frames: Sequence[FrameLike], check_finite: bool = True) -> Message | N
     exact shape the services send it; None for anything else, which ``wire.decode`` then
     accepts or rejects with its reason. Never raises."""
     try:
-        return _fast(frames, check_finite)
+        msg = _fast(frames, check_finite)
     except Exception:  # e.g. not msgpack
         return None
+    return None if type(msg) is dict else msg
 
 
 def decode(frames: Sequence[FrameLike], *, check_finite: bool = True) -> Message:
@@ -313,7 +316,11 @@ def decode(frames: Sequence[FrameLike], *, check_finite: bool = True) -> Message
         msg = _fast(frames, check_finite)
     except Exception:  # e.g. not msgpack: wire.decode names the reason
         msg = None
-    return msg if msg is not None else wire.decode(frames, check_finite=check_finite)
+    if msg is None:
+        return wire.decode(frames, check_finite=check_finite)
+    if type(msg) is dict:  # unpacked once: wire checks the rest
+        return wire.decode_header(msg, frames, check_finite)
+    return msg
 
 
 # ---- encode -------------------------------------------------------------------------------

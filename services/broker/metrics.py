@@ -211,6 +211,7 @@ class BrokerMetrics:
                 self.steps_released.inc(released)
             while latencies:
                 self.queue_latency.observe(latencies.popleft())
+            self.serve.flush()
 
     def reject(self, reason: str) -> None:
         child = self._rejections.get(reason)
@@ -260,8 +261,10 @@ BATCH_ROWS_BUCKETS = tuple(float(1 << k) for k in range(13))
 
 
 class ServeMetrics:
-    """Served prediction at the broker's front door (services/broker/serve.py). Not on the
-    training hot path: observed directly."""
+    """Served prediction at the broker's front door (services/broker/serve.py). Each answered
+    request is buffered on the loop (a prometheus-client observe takes a lock; a request makes
+    nine) and moved into the metrics by ``flush`` -- on every scrape and every tick, with the
+    broker's own (``BrokerMetrics.flush``)."""
 
     def __init__(self, n_experts: int, reg: CollectorRegistry) -> None:
         from traci_ml.services.broker.serve import OUTCOMES
@@ -314,24 +317,40 @@ class ServeMetrics:
         )
         self._hops = tuple(self.hop.labels(hop=h) for h in SERVE_HOPS)
         self._outcomes = {o: self.requests.labels(outcome=o) for o in OUTCOMES}
+        # (outcome, latency or None, hops or None) per answered request; (rows, requests) per
+        # batched query: appended by the loop, popped by flush (both atomic on a deque)
+        self._answers: deque[tuple[str, float | None, tuple[int, ...] | None]] = deque()
+        self._batches: deque[tuple[int, int]] = deque()
         self._masked = {i: self.masked.labels(expert=str(i)) for i in range(n_experts)}
 
-    def answered(self, outcome: str, latency: float | None) -> None:
-        child = self._outcomes.get(outcome)
-        if child is None:
-            child = self._outcomes[outcome] = self.requests.labels(outcome=outcome)
-        child.inc()
-        if latency is not None:
-            self.latency.observe(latency)
-
-    def hops(self, micros: tuple[int, ...]) -> None:
-        """One ok request's REPLY.hops (microseconds, in SERVE_HOPS order)."""
-        for child, us in zip(self._hops, micros, strict=True):
-            child.observe(us * 1e-6)
+    def answered(
+        self, outcome: str, latency: float | None, hops: tuple[int, ...] | None = None
+    ) -> None:
+        """One request answered: its outcome, and for ok its latency and REPLY.hops
+        (microseconds, in SERVE_HOPS order). Buffered: see ``flush``."""
+        self._answers.append((outcome, latency, hops))
 
     def batched(self, rows: int, requests: int) -> None:
-        self.batch_rows.observe(rows)
-        self.batch_requests.observe(requests)
+        """One batched query sent to the experts (buffered)."""
+        self._batches.append((rows, requests))
+
+    def flush(self) -> None:
+        """Move the buffered answers and batches into the metrics (BrokerMetrics.flush)."""
+        answers, batches = self._answers, self._batches
+        while answers:
+            outcome, latency, hops = answers.popleft()
+            child = self._outcomes.get(outcome)
+            if child is None:
+                child = self._outcomes[outcome] = self.requests.labels(outcome=outcome)
+            child.inc()
+            if latency is not None:
+                self.latency.observe(latency)
+            for hop, us in zip(self._hops, hops or (), strict=False):
+                hop.observe(us * 1e-6)
+        while batches:
+            rows, requests = batches.popleft()
+            self.batch_rows.observe(rows)
+            self.batch_requests.observe(requests)
 
     def masked_expert(self, expert_id: int) -> None:
         child = self._masked.get(expert_id)

@@ -431,9 +431,7 @@ class ServeDesk:
             reply = Reply(req.qid, SERVE_OK, "", msg.task, msg.classes, query.present, names,
                           query.rows, mine, rows, hops)  # fmt: skip
             out.sends.append(Send(CLIENT, req.routing_id, reply))
-            self._count(SERVE_OK, now - req.arrival)
-            if self.metrics is not None:
-                self.metrics.hops(hops)
+            self._count(SERVE_OK, now - req.arrival, hops)
 
     # ---- time ----------------------------------------------------------------------------
 
@@ -487,9 +485,11 @@ class ServeDesk:
         out.sends.append(Send(CLIENT, routing_id, reply))
         self._count(status, None)
 
-    def _count(self, outcome: str, latency: float | None) -> None:
+    def _count(
+        self, outcome: str, latency: float | None, hops: tuple[int, ...] | None = None
+    ) -> None:
         if self.metrics is not None:
-            self.metrics.answered(outcome, latency)
+            self.metrics.answered(outcome, latency, hops)
 
 
 def _us(seconds: float) -> int:

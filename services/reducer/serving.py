@@ -9,6 +9,7 @@ query answered between two training steps leaves training exactly as it was.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +72,36 @@ def answer(
         table = with_cls(att)[:, [0, *(1 + i for i in present)]]
         tensors += (to_wire(table, "float32"),)
     return proto.QOut(msg.qid, proto.SERVE_OK, "", spec.task, spec.classes, tensors)
+
+
+def traced_for_serving(
+    model: nn.Module, spec: ServeSpec, device: torch.device
+) -> tuple[nn.Module, str]:
+    """``traci serve``'s reducer: ``model`` (eval mode, weights that never change) traced
+    with ``torch.jit.trace`` -- the same operations without the Python around each module
+    call, about 1.6x faster for the small batches served one by one (2 cores, one row). The
+    trace is checked against the eager model on batches of other sizes with masked tokens;
+    if tracing fails or differs at all, the eager model serves. Returns (model, note)."""
+    d = spec.embed_dim
+    gen = torch.Generator().manual_seed(0)
+
+    def example(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randn(rows, spec.n_experts, d, generator=gen).to(device)
+        absent = torch.rand(rows, spec.n_experts, generator=gen) < 0.3
+        return tokens, absent.to(device)
+
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings about shapes read in Python
+            traced = torch.jit.trace(model, example(2), check_trace=False)
+            for rows in (1, 3, 17):
+                tokens, absent = example(rows)
+                for got, want in zip(traced(tokens, absent), model(tokens, absent), strict=True):
+                    if got.shape != want.shape or not torch.equal(got, want):
+                        return model, f"traced model differs at {rows} rows: eager"
+    except Exception as exc:  # noqa: BLE001 -- any failure: the eager model serves
+        return model, f"tracing failed ({type(exc).__name__}: {exc}): eager"
+    return traced, "traced"
 
 
 def absent_rows(
