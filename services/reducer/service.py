@@ -45,7 +45,12 @@ from traci_ml.services.reducer.evaluation import Evaluation
 from traci_ml.services.reducer.metrics import ReducerMetrics
 from traci_ml.services.reducer.runlog import MetricsLog, metric_name
 from traci_ml.services.reducer.selection import ReducerSelection
-from traci_ml.services.reducer.serving import ServeSpec, absent_rows, answer
+from traci_ml.services.reducer.serving import (
+    ServeSpec,
+    absent_rows,
+    answer,
+    traced_for_serving,
+)
 
 log = logging.getLogger(__name__)
 EMA = 0.9
@@ -113,6 +118,7 @@ class ReducerService:
             self._restore()
         if serve:  # nothing is trained: eval mode once, not around every query
             self.model.eval()
+        self._served: torch.nn.Module | None = None  # serve: the traced best model
         if resume and not serve:  # a best round the checkpoint missed; early stopping
             self.last_seq = self.selection.reconcile(self.last_seq)
         self.serve_spec = ServeSpec(
@@ -167,6 +173,8 @@ class ReducerService:
             if not self.resume:
                 self.selection.fresh()
             self._start_tracking()
+        if self.serving:
+            self._served_model()  # traced before the first query, not during it
         self.link.connect(timeout=self.config.network.connect_timeout)
         # a resumed run that had ended (its steps, or early stopping): nothing left to do
         finished = not self.serving and self.last_seq >= self.schedule.total - 1
@@ -235,7 +243,7 @@ class ReducerService:
             else:
                 # `traci serve` answers with the best validation round's weights, as `traci
                 # predict` does; a training run with its current ones.
-                model = self.selection.test_model(self.model) if self.serving else self.model
+                model = self._served_model() if self.serving else self.model
                 out = answer(model, msg, self.serve_spec, self.device)
         except Exception as exc:  # the client gets reducer_error, never silence
             log.exception("reducer: internal error on QBATCH %d", msg.qid)
@@ -243,6 +251,15 @@ class ReducerService:
         spent = time.monotonic() - t0
         self.link.send(replace(out, compute_us=round(spent * 1e6)))  # the broker's hops
         self.metrics.served(out.status, spent)
+
+    def _served_model(self) -> torch.nn.Module:
+        """`traci serve`: the best round's model, traced once (``traced_for_serving``)."""
+        if self._served is None:
+            best = self.selection.test_model(self.model)
+            self._served, how = traced_for_serving(best, self.serve_spec, self.device)
+            log.info("reducer: serving the %s model (%s)",
+                     "best round's" if best is not self.model else "last", how)  # fmt: skip
+        return self._served
 
     def on_batch(self, msg: proto.Batch) -> bool:
         """Process one BATCH; True when it was the last step of the run."""
