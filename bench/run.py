@@ -140,6 +140,10 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         from bench.compression import ratios as compression_ratios
 
         out.update(compression_ratios(results["compression"]))
+    if results.get("serve"):
+        from bench.serve import figures
+
+        out.update(figures(results["serve"]))
     if results.get("quality"):
         from bench.quality import ratios as quality_ratios
 
@@ -163,11 +167,11 @@ def print_table(results: dict[str, Any]) -> None:
             f"{row['samples_per_sec']:,.0f} samples/s, accuracy {row['test_accuracy']:.4f}"
         )
     if results.get("serve"):
-        from bench.serve import fmt
+        from bench.serve import summary_lines as serve_lines
 
-        print("  served prediction, 1 row per request (rate max = 16 closed-loop clients):")
-        for cell in results["serve"]["cells"]:
-            print("    " + fmt(cell))
+        print("  served prediction, one row per request (rate max: 16 closed-loop clients):")
+        for line in serve_lines(results["serve"]):
+            print("    " + line)
     if results.get("data"):
         from bench.data import summary_lines
 

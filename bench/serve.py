@@ -1,18 +1,22 @@
-"""Served-prediction latency and throughput: `traci serve` on a short trained run of the
-reference model, a loopback client at a few request rates, with and without batching.
+"""Served-prediction latency and throughput (issue 15): `traci serve` on a short trained run
+of the reference model (4 experts, 256 columns), loopback clients, the shipped serving
+defaults.
 
     python -m bench.serve [--quick]
 
-For each setting of ``serve.max_wait_ms`` (0: every request travels alone; a few ms: the
-broker groups concurrent requests) a fresh ``traci serve`` is started on the same run, and
-for each target rate an open-loop load runs: ``threads`` clients (one ``traci_ml.Client``
-each, one request in flight each) send on a fixed schedule; a request's latency runs from its
-*scheduled* send time to its reply, so a client that falls behind is charged for it (no
-coordinated omission); a load the cluster cannot keep up with is cut 2 s after its window
-(``unsent``). ``max`` is closed-loop: every thread sends as soon as its last reply came.
-Reported per rate: p50/p99 latency, achieved throughput (answers over the time until the last
-one), errors, and the mean rows of the batched query a request travelled in. No test asserts
-a time.
+Cells: one client, one row, closed loop through the front door (``traci_ml.Client``), with
+the per-hop breakdown each REPLY carries (queue, experts, expert_compute, reducer,
+reducer_compute, reply; ``wire`` is the rest of what the client saw); the same through the
+Open Inference Protocol (``traci http``, JSON); 200 requests/s open loop; 16 closed-loop
+clients; and, with a fresh server, the 16 clients with batching off (max_wait_ms 0).
+
+The loads are open-loop where a rate is given: clients (one ``Client`` each, one request in
+flight each, spread over client processes so one GIL does not cap them) send on a fixed
+schedule and a request's latency runs from its *scheduled* send time to its reply, so a client
+that falls behind is charged for it (no coordinated omission); a load the cluster cannot keep
+up with is cut 2 s after its window (``unsent``). ``max`` is closed loop. Reported: p50/p99,
+throughput (answers over the time until the last one), errors, the mean rows of the batched
+query a request travelled in. No test asserts a time.
 """
 
 from __future__ import annotations
@@ -50,14 +54,18 @@ def train(run_dir: Path, *, steps: int) -> None:
 
 
 class Server:
-    """`traci serve --run RUN` with ``serve.max_wait_ms`` set; ``endpoint`` its front door."""
+    """`traci serve --run RUN`, ``serve.max_wait_ms`` as given (None: the default);
+    ``endpoint`` its front door; with ``http``, the Open Inference Protocol on ``http_port``."""
 
-    def __init__(self, run_dir: Path, max_wait_ms: float) -> None:
-        expert, reducer, front = free_ports(3)
+    def __init__(self, run_dir: Path, max_wait_ms: float | None, *, http: bool = False) -> None:
+        expert, reducer, front, self.http_port = free_ports(4)
         self.endpoint = f"tcp://127.0.0.1:{front}"
-        sets = {"network.expert_port": expert, "network.reducer_port": reducer,
-                "network.serve_port": front, "serve.max_wait_ms": max_wait_ms,
-                "serve.max_batch_rows": 256}  # fmt: skip
+        self.model = json.loads((run_dir / "config.json").read_text())["run_id"]
+        sets: dict[str, Any] = {"network.expert_port": expert, "network.reducer_port": reducer,
+                                "network.serve_port": front,
+                                "serve.http_port": self.http_port if http else 0}  # fmt: skip
+        if max_wait_ms is not None:
+            sets["serve.max_wait_ms"] = max_wait_ms
         argv = [*TRACI, "serve", "--run", str(run_dir), "--log-level", "WARNING"]
         argv += [f"--set={k}={v}" for k, v in sets.items()]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -76,6 +84,23 @@ class Server:
                         raise
                     time.sleep(0.5)
 
+    def wait_http(self, timeout: float = 120) -> None:
+        """Until ``/v2/health/ready`` answers 200."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"traci http not ready on port {self.http_port}")
+            time.sleep(0.3)
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
         try:
@@ -86,9 +111,12 @@ class Server:
 
 
 def load(
-    endpoint: str, rate: float | None, seconds: float, rows: int, threads: int
-) -> dict[str, Any]:
-    """``threads`` clients at ``rate`` requests/s in all (None: closed loop) for ``seconds``."""
+    endpoint: str, rate: float | None, seconds: float, rows: int, threads: int,
+    *, start: float | None = None, raw: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """``threads`` clients at ``rate`` requests/s in all (None: closed loop) for ``seconds``
+    from ``start`` (monotonic; None: in half a second). ``raw``: the latencies (s), batch
+    rows, errors, unsent and finish time as they are, for ``load_procs`` to merge."""
     from traci_ml.app.client import Client, ServeError
 
     columns = [f"x{j}" for j in range(FEATURES)]
@@ -96,7 +124,8 @@ def load(
     latencies: list[list[float]] = [[] for _ in range(threads)]
     batches: list[list[int]] = [[] for _ in range(threads)]
     errors, unsent, finished = [0] * threads, [0] * threads, [0.0] * threads
-    start = time.monotonic() + 0.5  # every client connected before the first send
+    if start is None:
+        start = time.monotonic() + 0.5  # every client connected before the first send
     end = start + seconds
 
     def client_loop(k: int) -> None:
@@ -131,6 +160,11 @@ def load(
         w.start()
     for w in workers:
         w.join()
+    if raw:
+        return {"latencies": np.array([x for per in latencies for x in per]),
+                "batches": np.array([b for per in batches for b in per]),
+                "errors": sum(errors), "unsent": sum(unsent),
+                "finished": max(*finished, end)}  # fmt: skip
     lat = np.array([x for per in latencies for x in per]) * 1000
     done = len(lat)
     return {
@@ -143,55 +177,208 @@ def load(
     }  # fmt: skip
 
 
-def run(*, quick: bool = False, rows: int = 1) -> dict[str, Any]:
-    """Train once, then every (max_wait_ms, rate) cell; the results as a dict."""
-    rates: list[float | None] = [50.0, 200.0, 800.0, None] if not quick else [100.0, None]
+def closed_one(endpoint: str, n: int) -> dict[str, Any]:
+    """One client, one row, closed loop, ``n`` requests: latency and the per-hop breakdown
+    (REPLY.hops; ``wire`` is what the client saw beyond the broker: client <-> front door)."""
+    from traci_ml.app.client import Client
+    from traci_ml.proto import SERVE_HOPS
+
+    columns = [f"x{j}" for j in range(FEATURES)]
+    data = np.random.default_rng(1).standard_normal((256, FEATURES)).astype(np.float32)
+    with Client(endpoint, timeout=10) as client:
+        for k in range(100):  # warm: sockets, caches, the first traced call
+            client.predict(data[k : k + 1], columns)
+        preds = [client.predict(data[k % 256 : k % 256 + 1], columns) for k in range(n)]
+    lat = np.array([p.latency for p in preds]) * 1000
+    hops = {h: float(np.median([p.hops.get(h, 0.0) for p in preds]) * 1000) for h in SERVE_HOPS}
+    broker = [sum(p.hops.get(h, 0.0) for h in ("queue", "experts", "reducer", "reply"))
+              for p in preds]  # fmt: skip
+    hops["wire"] = float(np.median([p.latency - b for p, b in zip(preds, broker, strict=True)]))
+    hops["wire"] *= 1000
+    return {"requests": n, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "hops_p50_ms": hops}  # fmt: skip
+
+
+def closed_http(port: int, model: str, n: int) -> dict[str, Any]:
+    """The same through the Open Inference Protocol (``traci http``): one JSON request per
+    row over one keep-alive connection, every feature column a tensor of one value."""
+    import http.client
+
+    data = np.random.default_rng(1).standard_normal((256, FEATURES)).astype(np.float32)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    path = f"/v2/models/{model}/infer"
+
+    def body(k: int) -> bytes:
+        row = data[k % 256]
+        return json.dumps({"inputs": [{"name": f"x{j}", "datatype": "FP32", "shape": [1],
+                                       "data": [float(row[j])]} for j in range(FEATURES)]}
+                          ).encode()  # fmt: skip
+
+    bodies = [body(k) for k in range(256)]
+    lat = []
+    try:
+        for k in range(100 + n):
+            t0 = time.monotonic()
+            conn.request("POST", path, bodies[k % 256], {"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            answer = reply.read()
+            if reply.status != 200:
+                raise RuntimeError(f"HTTP {reply.status}: {answer[:300]!r}")
+            if k >= 100:
+                lat.append(time.monotonic() - t0)
+    finally:
+        conn.close()
+    ms = np.array(lat) * 1000
+    return {"requests": n, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99))}  # fmt: skip
+
+
+def load_procs(endpoint: str, rate: float | None, seconds: float, threads: int,
+               procs: int) -> dict[str, Any]:  # fmt: skip
+    """``load`` split over ``procs`` client processes (one Python process's GIL would cap the
+    clients, not the cluster), ``threads`` clients in all, ``rate`` requests/s in all."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no ZeroMQ context across a fork
+    per = threads // procs
+    start = time.monotonic() + 3.0  # every process spawned and connected
+    with ctx.Pool(procs) as pool:
+        parts = pool.starmap(_load_part, [(endpoint, None if rate is None else rate / procs,
+                                           seconds, per, start) for _ in range(procs)])  # fmt: skip
+    lat = np.concatenate([p["latencies"] for p in parts]) * 1000
+    done = len(lat)
+    span = max(max(p["finished"] for p in parts), start + seconds) - start
+    return {
+        "target_rps": rate, "threads": threads, "processes": procs, "rows_per_request": 1,
+        "requests": done, "errors": sum(p["errors"] for p in parts),
+        "unsent": sum(p["unsent"] for p in parts), "throughput_rps": done / span,
+        "p50_ms": float(np.percentile(lat, 50)) if done else None,
+        "p99_ms": float(np.percentile(lat, 99)) if done else None,
+        "mean_batch_rows": float(np.mean(np.concatenate([p["batches"] for p in parts])))
+        if done else None,
+    }  # fmt: skip
+
+
+def _load_part(endpoint: str, rate: float | None, seconds: float, threads: int,
+               start: float) -> dict[str, Any]:  # fmt: skip
+    return load(endpoint, rate, seconds, 1, threads, start=start, raw=True)
+
+
+def run(*, quick: bool = False) -> dict[str, Any]:
+    """Train once, serve it with the shipped serving defaults, and measure issue 15's cells:
+    one client one row through the front door (with the per-hop breakdown) and through HTTP,
+    200 requests/s open loop, 16 closed-loop clients; then 16 clients without batching."""
     seconds = 3.0 if quick else 8.0
-    waits = (0.0, 2.0, 5.0) if not quick else (0.0, 2.0)
-    out: dict[str, Any] = {"rows_per_request": rows, "seconds_per_cell": seconds, "cells": []}
+    n = 300 if quick else 2000
+    out: dict[str, Any] = {"seconds_per_cell": seconds, "cells": []}
     with tempfile.TemporaryDirectory(prefix="traci-bench-serve-") as tmp:
         run_dir = Path(tmp) / "run"
         train(run_dir, steps=40 if quick else 100)
         columns = [f"x{j}" for j in range(FEATURES)]
-        probe = np.zeros((rows, FEATURES), np.float32)
-        for wait in waits:
-            server = Server(run_dir, wait)
+        probe = np.zeros((1, FEATURES), np.float32)
+        server = Server(run_dir, None, http=True)
+        try:
+            server.wait_ready(probe, columns)
+            out["one_row"] = closed_one(server.endpoint, n)
+            print("  " + fmt_one("front door", out["one_row"]), flush=True)
+            server.wait_http()
+            out["one_row_http"] = closed_http(server.http_port, server.model, n // 2)
+            print("  " + fmt_one("HTTP (KServe v2 JSON)", out["one_row_http"]), flush=True)
+            for rate, threads, procs in ((200.0, 8, 2), (None, 16, 4)):
+                cell = load_procs(server.endpoint, rate, seconds, threads, procs)
+                cell["max_wait_ms"] = "default"
+                out["cells"].append(cell)
+                print("  " + fmt(cell), flush=True)
+        finally:
+            server.stop()
+        if not quick:  # the same 16 clients, every request alone
+            server = Server(run_dir, 0.0)
             try:
                 server.wait_ready(probe, columns)
-                for rate in rates:
-                    threads = 16 if rate is None else int(min(32, max(4, rate // 25)))
-                    cell = load(server.endpoint, rate, seconds, rows, threads)
-                    cell["max_wait_ms"] = wait
-                    out["cells"].append(cell)
-                    print("  " + fmt(cell), flush=True)
+                cell = load_procs(server.endpoint, None, seconds, 16, 4)
+                cell["max_wait_ms"] = 0.0
+                out["cells"].append(cell)
+                print("  " + fmt(cell), flush=True)
             finally:
                 server.stop()
+    out.update(figures(out))
     return out
+
+
+# issue 15's targets on a quiet machine: (figure, bound, "<=" or ">=")
+SERVE_TARGETS = (("serve_p50_ms", 2.0, "<="), ("serve_p99_ms", 5.0, "<="),
+                 ("serve_open200_p50_ms", 3.0, "<="), ("serve_open200_p99_ms", 10.0, "<="),
+                 ("serve_rows_per_s_16", 3000.0, ">="))  # fmt: skip
+
+
+def figures(out: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of a serve run."""
+    fig: dict[str, Any] = {}
+    if out.get("one_row"):
+        fig["serve_p50_ms"], fig["serve_p99_ms"] = (
+            out["one_row"]["p50_ms"],
+            out["one_row"]["p99_ms"],
+        )
+    if out.get("one_row_http"):
+        fig["serve_http_p50_ms"] = out["one_row_http"]["p50_ms"]
+        fig["serve_http_p99_ms"] = out["one_row_http"]["p99_ms"]
+    for cell in out.get("cells", []):
+        if cell["target_rps"] == 200.0:
+            fig["serve_open200_p50_ms"], fig["serve_open200_p99_ms"] = (
+                cell["p50_ms"],
+                cell["p99_ms"],
+            )
+        elif cell["target_rps"] is None and cell["max_wait_ms"] == "default":
+            fig["serve_rows_per_s_16"] = cell["throughput_rps"]
+        elif cell["target_rps"] is None:
+            fig["serve_rows_per_s_16_unbatched"] = cell["throughput_rps"]
+    return fig
+
+
+def summary_lines(out: dict[str, Any]) -> list[str]:
+    lines = []
+    if out.get("one_row"):
+        lines.append(fmt_one("one row, front door", out["one_row"]))
+        hops = out["one_row"]["hops_p50_ms"]
+        lines.append("  per hop, p50 ms: " + ", ".join(f"{h} {v:.2f}" for h, v in hops.items()))
+    if out.get("one_row_http"):
+        lines.append(fmt_one("one row, HTTP", out["one_row_http"]))
+    lines += [fmt(cell) for cell in out.get("cells", [])]
+    for key, bound, way in SERVE_TARGETS:
+        if out.get(key) is not None:
+            ok = out[key] <= bound if way == "<=" else out[key] >= bound
+            lines.append(f"{key:<24} {out[key]:9.2f}   target {way} {bound:g}   "
+                         + ("met" if ok else "MISSED"))  # fmt: skip
+    return lines
 
 
 def fmt(cell: dict[str, Any]) -> str:
     rate = "max" if cell["target_rps"] is None else f"{cell['target_rps']:.0f}/s"
+    head = f"max_wait {cell['max_wait_ms']!s:>7} ms  rate {rate:>7}  clients {cell['threads']:>2}"
     if not cell["requests"]:
-        return f"max_wait {cell['max_wait_ms']:>4} ms  rate {rate:>7}: no answers"
+        return f"{head}: no answers"
     return (
-        f"max_wait {cell['max_wait_ms']:>4} ms  rate {rate:>7}  threads {cell['threads']:>2}: "
-        f"p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:8.2f} ms  "
+        f"{head}: p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:8.2f} ms  "
         f"{cell['throughput_rps']:7.0f} req/s  batch {cell['mean_batch_rows']:5.1f} rows  "
         f"errors {cell['errors']}"
         + (f"  overloaded: {cell['unsent']} not sent" * bool(cell["unsent"]))
     )
 
 
+def fmt_one(what: str, cell: dict[str, Any]) -> str:
+    return (f"{what}: one client, closed loop, {cell['requests']} requests: "
+            f"p50 {cell['p50_ms']:.2f} ms  p99 {cell['p99_ms']:.2f} ms")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rates, shorter cells")
-    parser.add_argument("--rows", type=int, default=1, help="rows per request")
+    parser.add_argument("--quick", action="store_true", help="fewer requests, shorter cells")
     parser.add_argument("--out", help="also write the results here as JSON")
     args = parser.parse_args(argv)
-    results = run(quick=args.quick, rows=args.rows)
-    print(f"\n== served prediction ({args.rows} row(s) per request, reference model)")
-    for cell in results["cells"]:
-        print("  " + fmt(cell))
+    results = run(quick=args.quick)
+    print("\n== served prediction (reference model: 4 experts, 256 columns, one row a request)")
+    for line in summary_lines(results):
+        print("  " + line)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return results
