@@ -547,8 +547,9 @@ class ExpertService:
                                 f"{self.name} lacks column(s) {shown}")  # fmt: skip
         try:
             x = torch.from_numpy(view.inputs(msg.tensors[0].numpy(), pick)).to(self.device)
+            net = self._served_net()  # resolved (maybe loaded) outside inference mode
             with torch.inference_mode():
-                emb = self._served_net()(x)  # (R, d); the target is always in eval mode
+                emb = net(x)  # (R, d); the target is always in eval mode
             self._answer_embedding(msg.qid, t0, emb, b"")
         except Exception as exc:  # the broker masks this expert for the query
             log.exception("%s: internal error on QUERY %d", self.name, msg.qid)
@@ -572,8 +573,9 @@ class ExpertService:
             local = self.id_index.find(np.array(msg.ids))
             present = local >= 0
             rows = torch.as_tensor(np.where(present, local, 0), device=self.device)
+            net = self._served_net()  # resolved (maybe loaded) outside inference mode
             with torch.inference_mode():
-                emb = self._embed(self._served_net(), rows, self._held(present))
+                emb = self._embed(net, rows, self._held(present))
             self._answer_embedding(msg.qid, t0, emb, proto.pack_rows(present))
         except Exception as exc:  # the broker masks this expert for the query
             log.exception("%s: internal error on QUERY %d (ids)", self.name, msg.qid)
