@@ -77,3 +77,41 @@ def test_outputs_json_binary_and_unknown() -> None:
     assert body[n:] == struct.pack("<I", 1) + b"b"
     with pytest.raises(BadTensor, match="unknown output"):
         encode_response("m", {"outputs": [{"name": "logits"}]}, outputs, {})
+
+
+def _checked(req: dict) -> dict:
+    """The same request through the input-by-input path (an empty ``parameters`` on every
+    input leaves the one-conversion path)."""
+    slow = {"inputs": [{**t, "parameters": {}} for t in req["inputs"]]}
+    rows, ids = read_inputs(slow, b"")
+    assert ids is None
+    return rows
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        [{"name": f"x{j}", "datatype": "FP32", "shape": [1], "data": [0.1 * j + 1e-9]}
+         for j in range(256)],
+        [{"name": c, "datatype": "FP64", "shape": [3, 1], "data": [1, 2.5, -1e300]}
+         for c in "abc"],
+        [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1, 2]},
+         {"name": "b", "datatype": "INT64", "shape": [2], "data": [3, 4]}],  # mixed: checked
+        [{"name": "a", "datatype": "FP32", "shape": [0], "data": []}],
+    ],
+)  # fmt: skip
+def test_plain_json_columns_read_as_the_checked_path_reads_them(inputs: list) -> None:
+    rows, ids = read_inputs({"inputs": inputs}, b"")
+    want = _checked({"inputs": inputs})
+    assert ids is None and list(rows) == list(want)
+    for name in want:
+        assert rows[name].dtype == np.float64 and np.array_equal(rows[name], want[name])
+
+
+@pytest.mark.parametrize(
+    ("value", "words"), [(True, "not FP32 values"), ("1.5", "not FP32 values")]
+)
+def test_a_bool_or_a_string_among_plain_numbers_is_still_refused(value, words: str) -> None:
+    inputs = [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1.0, value]}]
+    with pytest.raises(BadTensor, match=words):
+        read_inputs({"inputs": inputs}, b"")
