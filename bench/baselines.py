@@ -164,8 +164,11 @@ class RpcExpert:
 
     def __init__(self, raw: dict[str, Any], expert_id: int) -> None:
         config = validate(raw)
-        self.x = torch.from_numpy(load_dataset(config).view(expert_id, "train"))  # (n, F_i)
-        self.online, self.target, self.opt = build_expert(config, expert_id, self.x.shape[1])
+        ds = load_dataset(config)
+        self.x = torch.from_numpy(ds.view(expert_id, "train"))  # (n, F_i)
+        rows = len(schedule_for(config, ds).fit_rows)
+        self.online, self.target, self.opt = build_expert(config, expert_id, self.x.shape[1],
+                                                          train_rows=rows)  # fmt: skip
         self.tau = config.expert.tau
         self.lr, self.train = config.expert.lr, config.train
 
@@ -208,7 +211,8 @@ def _drive(spec: dict[str, Any]) -> RunResult:
     n = ds.n_experts
     labels = torch.from_numpy(ds.y_train)
     experts = [rpc.remote(EXPERT.format(i), RpcExpert, args=(spec["config"], i)) for i in range(n)]
-    reducer, r_opt = build_reducer(config, n_experts=n, out_dim=ds.out_dim)
+    reducer, r_opt = build_reducer(config, n_experts=n, out_dim=ds.out_dim,
+                                   train_rows=len(sched.fit_rows))  # fmt: skip
     reducer.train()
     absent = torch.zeros(config.train.batch_size, n, dtype=torch.bool)
     losses: list[float] = []

@@ -117,8 +117,9 @@ class DeviceTrainer(ReferenceTrainer):
     as the services build theirs). The batches must be on ``device`` too (``device_batch``)."""
 
     def __init__(self, config: Config, *, in_dims: list[int], out_dim: int, task: str,
-                 device: torch.device) -> None:  # fmt: skip
-        super().__init__(config, in_dims=in_dims, out_dim=out_dim, task=task)
+                 device: torch.device, train_rows: int | None = None) -> None:  # fmt: skip
+        super().__init__(config, in_dims=in_dims, out_dim=out_dim, task=task,
+                         train_rows=train_rows)  # fmt: skip
         self.device = device
         # Module.to keeps each Parameter object, so the Adams (no state yet) still hold them.
         for net in (*self.online, *self.target, self.reducer):
@@ -159,7 +160,7 @@ def run_fused(raw: dict[str, Any], *, warmup: int, device: torch.device) -> dict
     data.labels = {phase: y.to(device) for phase, y in data.labels.items()}
     in_dims = [len(ds.view_columns(i)) for i in range(ds.n_experts)]
     trainer = DeviceTrainer(config, in_dims=in_dims, out_dim=ds.out_dim, task=ds.task,
-                            device=device)  # fmt: skip
+                            device=device, train_rows=len(data.schedule.fit_rows))  # fmt: skip
     last_train = config.train.steps - 1
     timed_from = timed_to = None
     losses: list[float] = []

@@ -30,6 +30,7 @@ from traci_ml.core.feedback import ErrorFeedback
 from traci_ml.core.files import write_json_atomic
 from traci_ml.core.link import BrokerLink
 from traci_ml.core.models.expert import build_expert, polyak_update
+from traci_ml.core.models.optim import set_weight_decay, weight_decay_for
 from traci_ml.core.rundir import RunDir
 from traci_ml.core.schedule import Schedule, Step, make_schedule, set_lr
 from traci_ml.core.security import peer_keys, tcp_endpoint
@@ -302,6 +303,9 @@ class ExpertService:
         self.rows = rows
         self.schedule = make_schedule(self.config, rows.n_train, rows.n_test)
         self.selection.apply(self.schedule)  # a restored early stop
+        # expert.weight_decay "auto" scales by the rows training draws from, known only now
+        set_weight_decay(self.optimizer, weight_decay_for(self.config.expert.weight_decay,
+                                                          len(self.schedule.fit_rows)))  # fmt: skip
         held_train, held_test = rows.held()
         self.metrics.rows_held.labels(expert=str(self.id), split="train").set(held_train)
         self.metrics.rows_held.labels(expert=str(self.id), split="test").set(held_test)

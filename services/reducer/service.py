@@ -27,6 +27,7 @@ from traci_ml.core.data import load_dataset, write_preprocess
 from traci_ml.core.errors import CheckpointError, PeerTimeout
 from traci_ml.core.files import write_json_atomic
 from traci_ml.core.link import BrokerLink
+from traci_ml.core.models.optim import set_weight_decay, weight_decay_for
 from traci_ml.core.models.reducer import build_reducer, dropout_mask, loss_and_metric
 from traci_ml.core.models.shards import ShardedStep
 from traci_ml.core.rundir import RunDir
@@ -84,8 +85,9 @@ class ReducerService:
             "test": torch.from_numpy(ds.y_test).to(self.device),
         }
         self.model, self.optimizer = build_reducer(
-            config, n_experts=self.n, out_dim=ds.out_dim, device=self.device
-        )
+            config, n_experts=self.n, out_dim=ds.out_dim, device=self.device,
+            train_rows=len(self.schedule.fit_rows),
+        )  # fmt: skip
         shards = config.reducer.shards
         self.sharded = ShardedStep(self.model, shards) if shards > 1 else None
         self.run_dir = RunDir(config.run_path)
@@ -562,6 +564,9 @@ class ReducerService:
         fix = fits.remedy(self.config, serve=self.serving)
         fits.reducer_weights(self.config, state, self.ckpt_path, self.model, fix=fix)
         checkpoint.load_into(self.optimizer, state, "optimizer", self.ckpt_path)
+        # the configured penalty, not the saved one (as the experts take theirs when aligned)
+        set_weight_decay(self.optimizer, weight_decay_for(self.config.reducer.weight_decay,
+                                                          len(self.schedule.fit_rows)))  # fmt: skip
         self.last_seq, self.train_steps = state["last_seq"], state["train_steps"]
         self.skipped, self.wall_before = state["skipped"], state["wall_seconds"]
         self.evaluation.history = state["history"]

@@ -22,6 +22,7 @@ from traci_ml.core import checkpoint
 from traci_ml.core.config import Config
 from traci_ml.core.data import load_dataset
 from traci_ml.core.models.expert import build_expert_net, make_target, polyak_update
+from traci_ml.core.models.optim import weight_decay_for
 from traci_ml.core.schedule import schedule_for, set_lr
 from traci_ml.core.tensors import derive_seed
 from traci_ml.services.expert.service import Accounts, ExpertService
@@ -203,8 +204,10 @@ def test_gradient_updates_online_then_target_by_the_polyak_rule(start) -> None:
     torch.manual_seed(derive_seed(config.seed, "expert", 0))
     online = build_expert_net(config.expert.model, in_dim=view.shape[1], out_dim=D)
     target = make_target(online)
-    adam = torch.optim.Adam(online.parameters(), lr=config.expert.lr,
-                            weight_decay=config.expert.weight_decay)  # fmt: skip
+    # "auto" weight decay: by the rows training draws from, as the expert sets it when aligned
+    decay = weight_decay_for(config.expert.weight_decay, len(schedule.fit_rows))
+    assert {g["weight_decay"] for g in expert.optimizer.param_groups} == {decay}
+    adam = torch.optim.Adam(online.parameters(), lr=config.expert.lr, weight_decay=decay)
     rows = [torch.as_tensor(schedule.rows(schedule.step(s))) for s in (0, 1)]
 
     rig.welcome()

@@ -16,8 +16,9 @@ import zmq
 from tests.helpers.support import ServiceRig, fake_broker_config
 from traci_ml import proto
 from traci_ml.core import checkpoint
-from traci_ml.core.config import Config
+from traci_ml.core.config import WEIGHT_DECAY_ROWS, Config
 from traci_ml.core.data import load_dataset
+from traci_ml.core.models.optim import weight_decay_for
 from traci_ml.core.models.reducer import Reducer, expert_dropout_mask, loss_and_metric
 from traci_ml.core.schedule import Schedule, schedule_for
 from traci_ml.core.tensors import derive_seed
@@ -125,6 +126,17 @@ def test_hello_describes_the_reducer_and_config_is_written(rig: Rig) -> None:
     )
     written = json.loads((rig.config.run_path / "config.json").read_text())
     assert written == rig.config.to_dict()
+
+
+def test_auto_weight_decay_scales_by_the_rows_training_draws_from(tmp_path: Path) -> None:
+    rig = Rig(make_config(tmp_path, **{"data.val_fraction": "0.2"}))
+    service = rig.service
+    rig.close()
+    assert rig.config.reducer.weight_decay == "auto"
+    fit = len(service.schedule.fit_rows)
+    assert 0 < fit < len(rig.dataset.y_train)  # the validation rows are left out
+    decays = {g["weight_decay"] for g in service.optimizer.param_groups}
+    assert decays == {weight_decay_for("auto", fit)} == {WEIGHT_DECAY_ROWS / fit}
 
 
 # ---- one step ---------------------------------------------------------------------------

@@ -12,24 +12,45 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from traci_ml.core.errors import ConfigError
 from traci_ml.proto.values import DEFAULT_MAX_ABS
 
 ENV_PREFIX = "TRACI_"
-# Adam's L2 penalty for the experts and the reducer: without one, small tables overfit (train
-# loss to ~1e-3 while held-out loss grows); 0.03 is the most that keeps the larger tables
-# (digits, friedman1) where they were. Measured in docs/config.md "Decisions" (bench.quality).
-DEFAULT_WEIGHT_DECAY = 0.03
+# Adam's L2 penalty for the experts and the reducer, "auto" by default: WEIGHT_DECAY_ROWS / the
+# rows training draws from (traci_ml.core.models.optim.weight_decay_for), the prior's weight
+# against a mean loss over n rows. Without a penalty small tables overfit (train loss ~1e-3
+# while held-out loss grows); one fixed value cannot suit 108 rows (iris) and 1440
+# (friedman1) at once. Measured in docs/config.md "Weight decay by default" (bench.quality).
+DEFAULT_WEIGHT_DECAY = "auto"
+WEIGHT_DECAY_ROWS = 40.0
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _decay(v: str | float) -> str | float:
+    """A weight decay: "auto" or a number >= 0."""
+    if not isinstance(v, str) and not (v >= 0.0 and v != float("inf")):
+        raise ValueError("weight_decay must be 'auto' or a number >= 0")
+    return v
+
+
+WeightDecay = Annotated[Literal["auto"] | float, AfterValidator(_decay)]
 
 
 class ExpertModelConfig(_Section):
@@ -157,7 +178,8 @@ class ExpertConfig(_Section):
     model: ExpertModelConfig = ExpertModelConfig()
     tau: float = Field(0.1, gt=0.0, le=1.0)  # Polyak rate: target += tau * (online - target)
     lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(DEFAULT_WEIGHT_DECAY, ge=0.0)
+    # Adam's L2 penalty; "auto": WEIGHT_DECAY_ROWS / training rows (docs/config.md)
+    weight_decay: WeightDecay = DEFAULT_WEIGHT_DECAY
     window: int = Field(2, ge=1, le=1024)  # steps in flight (sent, gradient not yet applied)
     step_timeout: float = Field(30.0, gt=0.0)  # seconds before an in-flight step is dropped
     # embeddings and gradients on the wire; int8: per-row scaled (docs/compression.md)
@@ -176,7 +198,8 @@ class ReducerConfig(_Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     expert_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # mask a token with this chance (train)
     lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(DEFAULT_WEIGHT_DECAY, ge=0.0)
+    # Adam's L2 penalty; "auto": WEIGHT_DECAY_ROWS / training rows (docs/config.md)
+    weight_decay: WeightDecay = DEFAULT_WEIGHT_DECAY
     eval_batch_size: int = Field(512, ge=1)
     device: str = "auto"
     torch_threads: int = Field(1, ge=0)

@@ -50,21 +50,26 @@ class Batch:
 class ReferenceTrainer:
     """N experts (online net, target net, Adam each) and the reducer (+ Adam), in one process."""
 
-    def __init__(self, config: Config, *, in_dims: Sequence[int], out_dim: int, task: str):
+    def __init__(self, config: Config, *, in_dims: Sequence[int], out_dim: int, task: str,
+                 train_rows: int | None = None):  # fmt: skip
+        """``train_rows``: the rows training draws from ("auto" weight decay scales by them;
+        None: no penalty)."""
         self.config, self.task, self.n = config, task, len(in_dims)
         self.online, self.target, self.opts = [], [], []
         for i, in_dim in enumerate(in_dims):  # in expert order: each is seeded on its own
-            online, target, opt = build_expert(config, i, in_dim)
+            online, target, opt = build_expert(config, i, in_dim, train_rows=train_rows)
             self.online.append(online)
             self.target.append(target)
             self.opts.append(opt)
-        self.reducer, self.reducer_opt = build_reducer(config, n_experts=self.n, out_dim=out_dim)
+        self.reducer, self.reducer_opt = build_reducer(config, n_experts=self.n, out_dim=out_dim,
+                                                       train_rows=train_rows)  # fmt: skip
         self.wire = TORCH_DTYPES[config.expert.dtype]
 
     @classmethod
     def for_dataset(cls, config: Config, ds: Dataset) -> ReferenceTrainer:
         in_dims = [len(ds.view_columns(i)) for i in range(ds.n_experts)]
-        return cls(config, in_dims=in_dims, out_dim=ds.out_dim, task=ds.task)
+        rows = len(schedule_for(config, ds).fit_rows)
+        return cls(config, in_dims=in_dims, out_dim=ds.out_dim, task=ds.task, train_rows=rows)
 
     def _absent(self, batch: Batch) -> torch.Tensor:
         if batch.absent is not None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from traci_ml.core.config import Config, ExpertModelConfig
 from traci_ml.core.errors import ConfigError
-from traci_ml.core.models.optim import make_adam
+from traci_ml.core.models.optim import make_adam, weight_decay_for
 from traci_ml.core.tensors import derive_seed
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -82,11 +82,18 @@ def build_expert_net(
 
 
 def build_expert(
-    config: Config, expert_id: int, in_dim: int, device: torch.device | str = "cpu"
+    config: Config,
+    expert_id: int,
+    in_dim: int,
+    device: torch.device | str = "cpu",
+    *,
+    train_rows: int | None = None,
 ) -> tuple[nn.Module, nn.Module, torch.optim.Adam]:
     """Expert ``expert_id``'s online net (its view's model, else ``expert.model``), its Polyak
     target and its Adam, seeded by (seed, expert_id): what the expert service, the reference
-    step and the bench all start from."""
+    step and the bench all start from. ``train_rows``: the rows training draws from, which
+    ``expert.weight_decay: auto`` scales by; None: not known yet (a parties expert before it
+    aligns), the penalty is 0 until ``set_weight_decay``."""
     torch.manual_seed(derive_seed(config.seed, "expert", expert_id))
     online = build_expert_net(
         config.expert_model(expert_id),
@@ -94,8 +101,8 @@ def build_expert(
         out_dim=config.embed_dim,
         key=config.expert_model_key(expert_id),
     ).to(device)
-    opt = make_adam(online.parameters(), lr=config.expert.lr,
-                    weight_decay=config.expert.weight_decay)  # fmt: skip
+    decay = 0.0 if train_rows is None else weight_decay_for(config.expert.weight_decay, train_rows)
+    opt = make_adam(online.parameters(), lr=config.expert.lr, weight_decay=decay)
     return online, make_target(online), opt
 
 

@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 import torch
 
+from traci_ml.core.config import WEIGHT_DECAY_ROWS
+
 FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused Adam kernel
 
 
@@ -18,3 +20,22 @@ def make_adam(params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: 
         p.device.type in FUSED_DEVICES and p.dtype.is_floating_point for p in params
     )
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def weight_decay_for(value: str | float, train_rows: int) -> float:
+    """``expert.weight_decay`` / ``reducer.weight_decay`` as Adam's L2 coefficient: a number
+    as it is; ``"auto"``: ``WEIGHT_DECAY_ROWS / train_rows``, the rows training draws its
+    batches from (the train split less the validation rows). An L2 penalty beside a *mean*
+    loss over n rows is a prior worth a fixed number of rows, so its coefficient shrinks as
+    1/n: a 108-row table gets 0.37, a 1440-row one 0.028 (docs/config.md "Weight decay by
+    default")."""
+    if value == "auto":
+        return WEIGHT_DECAY_ROWS / max(int(train_rows), 1)
+    return float(value)
+
+
+def set_weight_decay(optimizer, weight_decay: float) -> None:  # noqa: ANN001
+    """Sets every parameter group of ``optimizer`` to ``weight_decay`` (Adam reads it on
+    each step): an expert learns its training rows only once aligned."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = weight_decay

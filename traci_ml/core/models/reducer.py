@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from traci_ml.core.config import Config, ReducerConfig
-from traci_ml.core.models.optim import make_adam
+from traci_ml.core.models.optim import make_adam, weight_decay_for
 from traci_ml.core.tensors import derive_seed
 
 
@@ -107,15 +107,22 @@ class Reducer(nn.Module):
 
 
 def build_reducer(
-    config: Config, *, n_experts: int, out_dim: int, device: torch.device | str = "cpu"
+    config: Config,
+    *,
+    n_experts: int,
+    out_dim: int,
+    device: torch.device | str = "cpu",
+    train_rows: int | None = None,
 ) -> tuple[Reducer, torch.optim.Adam]:
     """The reducer and its Adam, seeded by the run's seed: what the reducer service, the
-    reference step and the bench all start from."""
+    reference step and the bench all start from. ``train_rows``: the rows training draws
+    from, which ``reducer.weight_decay: auto`` scales by (None: a penalty of 0, for a
+    reducer that only predicts)."""
     torch.manual_seed(derive_seed(config.seed, "reducer"))
     reducer = Reducer(n_experts=n_experts, d=config.embed_dim, out_dim=out_dim, cfg=config.reducer)
     reducer = reducer.to(device)
-    opt = make_adam(reducer.parameters(), lr=config.reducer.lr,
-                    weight_decay=config.reducer.weight_decay)  # fmt: skip
+    decay = 0.0 if train_rows is None else weight_decay_for(config.reducer.weight_decay, train_rows)
+    opt = make_adam(reducer.parameters(), lr=config.reducer.lr, weight_decay=decay)
     return reducer, opt
 
 
