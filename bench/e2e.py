@@ -23,6 +23,28 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def free_port_block(n: int) -> int:
+    """The first of ``n`` consecutive ports free on 127.0.0.1 now (expert i serves metrics on
+    base + i)."""
+    for _ in range(200):
+        (base,) = free_ports(1)
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 def traci_samples_per_sec(
     *,
     batch_size: int,

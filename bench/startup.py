@@ -35,7 +35,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from bench.e2e import free_ports
+from bench.e2e import free_port_block, free_ports
 
 TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 PHASES = r"""
@@ -63,29 +63,6 @@ print(json.dumps({n: b - a for n, a, b in zip(names, t, t[1:])}))
 """
 
 
-def _free_base(n: int) -> int:
-    """A port with the ``n`` after it free too (expert i serves metrics on base + i)."""
-    import socket
-
-    for _ in range(200):
-        (base,) = free_ports(1)
-        if base + n > 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no run of free ports")
-
-
 def _log_times(path: Path) -> list[tuple[float, str]]:
     """(Unix time, message) of each line of a service log (``setup_logging``'s format)."""
     out = []
@@ -108,7 +85,7 @@ def one_run(config: str, timeout: float = 300, cwd: str | None = None) -> dict[s
         sets = {"run_dir": run, "train.log_every": 1, "network.expert_port": expert_port,
                 "network.reducer_port": reducer_port, "network.serve_port": serve_port,
                 "metrics.broker_port": broker_m, "metrics.reducer_port": reducer_m,
-                "metrics.expert_base_port": _free_base(16)}  # fmt: skip
+                "metrics.expert_base_port": free_port_block(16)}  # fmt: skip
         argv = [*TRACI, "up", config, "--fresh", *(f"--set={k}={v}" for k, v in sets.items())]
         first_line: list[float] = []
         start = time.time()

@@ -34,7 +34,6 @@ import select
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -42,6 +41,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from bench.e2e import free_port_block
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
@@ -175,29 +176,6 @@ def user_checkout(dest: Path) -> Path:
     before = stamp.stat().st_mtime - 60
     os.utime(dest / "pyproject.toml", (before, before))
     return dest
-
-
-def free_port_block(n: int) -> int:
-    """The first of ``n`` consecutive ports free on 127.0.0.1 now (expert metrics: base+i)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 def user_environment(checkout: Path) -> dict[str, str]:
