@@ -2,7 +2,8 @@
 an off-the-shelf client of the protocol (tritonclient.http): `traci serve` on a finished short
 digits run starts `traci http` (serve.http_port); answers equal `traci predict`'s (load_predictor
 + predict_array) on the same rows, by rows and by id, JSON and binary tensors; errors come in
-the protocol's shape with their HTTP codes."""
+the protocol's shape with their HTTP codes. The same served run, started with --grpc-port,
+answers the protocol's gRPC side (tritonclient.grpc) with the same answers and status codes."""
 
 from __future__ import annotations
 
@@ -36,15 +37,19 @@ def call(port: int, method: str, path: str, body: dict | None = None) -> tuple[i
 
 
 @pytest.fixture(scope="module")
-def server(trained: Path):  # noqa: F811
-    ports = free_ports(5)
+def ports() -> list[int]:
+    return free_ports(6)  # expert, reducer, serve, broker metrics, http, grpc
+
+
+@pytest.fixture(scope="module")
+def server(trained: Path, ports: list[int]):  # noqa: F811
     sets = {
         "network.expert_port": ports[0], "network.reducer_port": ports[1],
         "network.serve_port": ports[2], "metrics.broker_port": ports[3],
         "serve.http_port": ports[4], "serve.max_request_rows": 64,
     }  # fmt: skip
     port = ports[4]
-    with traci_serve(trained, sets, "serve-http.out") as proc:
+    with traci_serve(trained, sets, "serve-http.out", ["--grpc-port", str(ports[5])]) as proc:
         deadline = time.monotonic() + 150
         while True:
             try:
@@ -151,3 +156,50 @@ def test_errors_in_the_protocols_shape(server: int, offline) -> None:
         assert set(answer) == {"error"} and words in answer["error"], answer
     got, answer = call(server, "POST", f"/v2/models/{MODEL}/infer", rows(columns))
     assert got == 200 and answer["outputs"][0]["shape"] == [2, 10]
+
+
+@pytest.mark.timeout(300)
+def test_grpc_answers_equal_traci_predict_and_rest(server: int, ports: list[int], offline) -> None:
+    """tritonclient.grpc against `traci serve --grpc-port`: rows as traci predict answers them,
+    ids as the REST side answers them, and the front door's refusals as status codes."""
+    tgrpc = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    columns, x, probs, labels = offline
+    client = tgrpc.InferenceServerClient(url=f"127.0.0.1:{ports[5]}")
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL)
+    meta = client.get_model_metadata(MODEL)
+    assert [i.name for i in meta.inputs] == [*columns, "id"]
+    assert (meta.outputs[0].name, list(meta.outputs[0].shape)) == ("probabilities", [-1, 10])
+
+    def columns_as(rows: np.ndarray, cols: list[str]) -> list:
+        inputs = []
+        for j, c in enumerate(cols):
+            t = tgrpc.InferInput(c, [len(rows)], "FP32")
+            t.set_data_from_numpy(np.ascontiguousarray(rows[:, j], np.float32))
+            inputs.append(t)
+        return inputs
+
+    result = client.infer(MODEL, columns_as(x, columns))
+    np.testing.assert_allclose(result.as_numpy("probabilities"), probs, atol=2e-6, rtol=0)
+    assert [v.decode() for v in result.as_numpy("label")] == labels
+    ids = tgrpc.InferInput("id", [3], "INT64")
+    ids.set_data_from_numpy(np.array([0, 5, 9], np.int64))
+    by_id = client.infer(MODEL, [ids]).as_numpy("probabilities")
+    rest_ids = http.InferInput("id", [3], "INT64")
+    rest_ids.set_data_from_numpy(np.array([0, 5, 9], np.int64))
+    rest = http.InferenceServerClient(url=f"127.0.0.1:{server}").infer(MODEL, [rest_ids])
+    np.testing.assert_allclose(by_id, rest.as_numpy("probabilities"), atol=2e-6, rtol=0)
+    cases = [
+        (lambda: client.get_model_metadata("nope"), "NOT_FOUND", "unknown model"),
+        (lambda: client.infer(MODEL, columns_as(x[:2, 1:], columns[1:])), "INVALID_ARGUMENT",
+         "missing_columns"),
+        (lambda: client.infer(MODEL, columns_as(np.zeros((65, len(columns))), columns)),
+         "INVALID_ARGUMENT", "oversize"),
+    ]  # fmt: skip
+    for call, code, words in cases:
+        with pytest.raises(InferenceServerException) as caught:
+            call()
+        assert caught.value.status() == f"StatusCode.{code}" and words in caught.value.message()
+    client.close()

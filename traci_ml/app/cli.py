@@ -18,7 +18,7 @@
         [--checkpoint best|last]               the whole model in one file (docs/predict.md)
     traci plot RUN_DIR                         loss, throughput, attention (per class),
                                                queue latency PNGs in RUN_DIR/plots
-    traci serve --run RUN_DIR                  serve a trained run until Ctrl-C (docs/serving.md)
+    traci serve --run RUN_DIR [--grpc-port P]  serve a trained run until Ctrl-C (docs/serving.md)
     traci request --input CSV [--config CONFIG | --endpoint URL] [--output CSV]
                                                ask a running cluster's front door
 
@@ -214,6 +214,7 @@ def serve_parsers(sub: argparse._SubParsersAction, common: Callable) -> None:
     serve.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a key of the run's config")  # fmt: skip
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    grpc_port(serve)
     insecure(serve)
     req = sub.add_parser("request", help="send CSV rows to a cluster's front door")
     req.add_argument("--config", help="run config naming the broker (network.serve_port)")
@@ -231,11 +232,24 @@ def serve_parsers(sub: argparse._SubParsersAction, common: Callable) -> None:
         help="also each row's attention per expert that took part: attn_cls, attn_<expert>",
     )
     common(req)
-    http = sub.add_parser("http", help="the Open Inference Protocol (KServe v2 REST) in front "
-                          "of a front door (serve.http_port; traci serve starts it)")  # fmt: skip
+    http = sub.add_parser("http", help="the Open Inference Protocol (KServe v2 REST, and gRPC "
+                          "with --grpc-port) in front of a front door (serve.http_port; traci "
+                          "serve starts it)")  # fmt: skip
     http.add_argument("--config", help="run config naming the front door and the run")
     http.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # always serves
+    grpc_port(http)
     common(http)
+
+
+def grpc_port(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="also the Open Inference Protocol over gRPC (KServe v2 GRPCInferenceService) on "
+        "serve.http_bind:PORT, beside the REST endpoint; 0: off (the default)",
+    )
 
 
 def insecure(p: argparse.ArgumentParser) -> None:
@@ -538,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             config = serving.serve_config(args.run, args.overrides, insecure=args.insecure)
             warn_insecure(config, "serve")
-            return serving.serve(config)
+            return serving.serve(config, grpc_port=args.grpc_port)
         except TraciError as exc:
             print(f"traci serve: error: {exc}", file=sys.stderr)
             return 2
@@ -581,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from traci_ml.core.signals import die_with_parent
 
             die_with_parent()  # started by traci serve: do not outlive it
-            return run_http(config)
+            return run_http(config, grpc_port=args.grpc_port)
         if args.command == "up":
             from traci_ml.app.launcher import up
 

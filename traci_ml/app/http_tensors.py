@@ -1,26 +1,26 @@
-"""Tensors of the Open Inference Protocol (KServe v2): JSON ``data`` and the binary tensor
-extension (``Inference-Header-Content-Length``, ``binary_data_size``), to and from numpy.
-Used by ``http_v2``; every refusal is a ``BadTensor`` (a ValueError: HTTP 400)."""
+"""Tensors of the Open Inference Protocol's REST side (KServe v2): JSON ``data`` and the binary
+tensor extension (``Inference-Header-Content-Length``, ``binary_data_size``), to and from numpy.
+Used by ``http_v2``; the rules both sides share are ``oip``'s. Every refusal is a
+``BadTensor`` (a ValueError: HTTP 400)."""
 
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-NUMERIC = {
-    "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
-}  # fmt: skip
-ID_INPUT = "id"
-
-
-class BadTensor(ValueError):
-    """A request the protocol's rules refuse (HTTP 400)."""
+from traci_ml.app.oip import (
+    ID_INPUT,
+    NUMERIC,
+    BadTensor,
+    check_outputs,
+    column_length,
+    from_raw,
+    raw_output,
+    rows_or_ids,
+)
 
 
 def decode_request(body: bytes, header_length: int | None) -> tuple[dict[str, Any], bytes]:
@@ -55,22 +55,7 @@ def read_inputs(request: Mapping[str, Any], blobs: bytes) -> tuple[dict | None, 
         tensors[name] = value
     if at != len(blobs):
         raise BadTensor(f"{len(blobs) - at} bytes of binary data belong to no input")
-    if ID_INPUT in tensors:
-        if len(tensors) > 1:
-            raise BadTensor(f"input '{ID_INPUT}' asks rows by id: send it alone")
-        ids = tensors[ID_INPUT]
-        if ids.dtype.kind not in "iuO":
-            raise BadTensor(f"input '{ID_INPUT}' is INT64 or BYTES, not {ids.dtype}")
-        return None, [v.decode() if isinstance(v, bytes) else v for v in ids.tolist()]
-    rows = {}
-    for name, v in tensors.items():
-        if v.dtype.kind not in "iuf":
-            raise BadTensor(f"input '{name}' is a feature column: a numeric datatype, not BYTES")
-        rows[name] = v.astype(np.float64)
-    if len({len(v) for v in rows.values()}) > 1:
-        shapes = ", ".join(f"{n}: {len(v)}" for n, v in rows.items())
-        raise BadTensor(f"the feature columns hold different numbers of rows ({shapes})")
-    return rows, None
+    return rows_or_ids(tensors)
 
 
 _PLAIN_KEYS = frozenset({"name", "datatype", "shape", "data"})
@@ -115,18 +100,13 @@ def _plain_columns(inputs: list) -> dict[str, np.ndarray] | None:
 def _tensor(t: Mapping[str, Any], blobs: bytes, at: int) -> tuple[np.ndarray, int]:
     """One input as a 1-D array (shape [R] or [R, 1]) and where the next binary data starts."""
     name, datatype, shape = t["name"], t.get("datatype"), t.get("shape")
-    if datatype != "BYTES" and datatype not in NUMERIC:
-        raise BadTensor(f"input '{name}' has datatype {datatype!r}: BYTES or a numeric type")
-    ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
-    if not ok or len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-        raise BadTensor(f"input '{name}' has shape {shape}: one column is [R] or [R, 1]")
-    n = shape[0]
+    n = column_length(name, datatype, shape)
     size = (t.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0 or at + size > len(blobs):
             raise BadTensor(f"input '{name}': binary_data_size {size} exceeds the binary data")
         raw, at = blobs[at : at + size], at + size
-        value = _bytes_elements(raw, name) if datatype == "BYTES" else _numeric(raw, datatype)
+        value = from_raw(raw, datatype, name)
     else:
         if "data" not in t:
             raise BadTensor(f"input '{name}' has no 'data'")
@@ -146,27 +126,6 @@ def _tensor(t: Mapping[str, Any], blobs: bytes, at: int) -> tuple[np.ndarray, in
     return value.reshape(n), at
 
 
-def _numeric(raw: bytes, datatype: str) -> np.ndarray:
-    dtype = np.dtype(NUMERIC[datatype]).newbyteorder("<")
-    if len(raw) % dtype.itemsize:
-        raise BadTensor(f"{len(raw)} bytes are not whole {datatype} values")
-    return np.frombuffer(raw, dtype=dtype)
-
-
-def _bytes_elements(raw: bytes, name: str) -> np.ndarray:
-    """BYTES in binary: each element a 4-byte little-endian length, then its bytes."""
-    out, at = [], 0
-    while at < len(raw):
-        if at + 4 > len(raw):
-            raise BadTensor(f"input '{name}': a BYTES element's length is cut off")
-        (k,) = struct.unpack_from("<I", raw, at)
-        if at + 4 + k > len(raw):
-            raise BadTensor(f"input '{name}': a BYTES element runs past the data")
-        out.append(raw[at + 4 : at + 4 + k])
-        at += 4 + k
-    return np.array(out, dtype=object)
-
-
 def encode_response(
     model: str, request: Mapping[str, Any], outputs: Mapping[str, Any], params: dict[str, Any]
 ) -> tuple[bytes, dict[str, str]]:
@@ -179,27 +138,22 @@ def encode_response(
     else:
         if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
             raise BadTensor("'outputs' is a list of objects with a 'name'")
-        wanted = []
-        for o in asked:
-            if o.get("name") not in outputs:
-                raise BadTensor(f"unknown output {o.get('name')!r}: {', '.join(outputs)}")
-            wanted.append((o["name"], bool((o.get("parameters") or {}).get("binary_data", every))))
+        check_outputs((o.get("name") for o in asked), outputs)
+        wanted = [(o["name"], bool((o.get("parameters") or {}).get("binary_data", every)))
+                  for o in asked]  # fmt: skip
     tensors, blobs = [], []
     for name, binary in wanted:
         value = outputs[name]
-        if isinstance(value, np.ndarray):
-            entry = {"name": name, "datatype": "FP32", "shape": list(value.shape)}
-            raw = np.ascontiguousarray(value, dtype="<f4").tobytes() if binary else None
-            data = None if binary else value.ravel().tolist()
-        else:
-            entry = {"name": name, "datatype": "BYTES", "shape": [len(value)]}
-            raw = b"".join(_bytes_element(v) for v in value) if binary else None
-            data = None if binary else list(value)
         if binary:
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            datatype, shape, raw = raw_output(value)
+            entry = {"name": name, "datatype": datatype, "shape": shape,
+                     "parameters": {"binary_data_size": len(raw)}}  # fmt: skip
             blobs.append(raw)
+        elif isinstance(value, np.ndarray):
+            entry = {"name": name, "datatype": "FP32", "shape": list(value.shape),
+                     "data": value.ravel().tolist()}  # fmt: skip
         else:
-            entry["data"] = data
+            entry = {"name": name, "datatype": "BYTES", "shape": [len(value)], "data": list(value)}
         tensors.append(entry)
     response = {"model_name": model, "model_version": "1", "outputs": tensors,
                 "parameters": params}  # fmt: skip
@@ -211,11 +165,6 @@ def encode_response(
     headers = {"content-type": "application/octet-stream",
                "inference-header-content-length": str(len(head))}  # fmt: skip
     return head + b"".join(blobs), headers
-
-
-def _bytes_element(v: str | bytes) -> bytes:
-    b = v.encode() if isinstance(v, str) else v
-    return struct.pack("<I", len(b)) + b
 
 
 __all__: Sequence[str] = ["BadTensor", "decode_request", "encode_response", "read_inputs"]

@@ -15,114 +15,36 @@ Inputs are the feature columns, one tensor each, shape ``[R]`` or ``[R, 1]`` (an
 datatype), or a single tensor ``id`` (INT64 or BYTES, shape ``[R]``): rows by id. Outputs:
 classification ``probabilities`` FP32 ``[R, C]`` and ``label`` BYTES ``[R]``; regression
 ``value`` FP32 ``[R, 1]``. Errors: ``{"error": "..."}`` with 400 (the request), 404 (an
-unknown model), 503 (cannot answer now), 504 (timeout) or 500.
+unknown model), 429 (busy), 503 (cannot answer now), 504 (timeout) or 500. What this shares
+with the protocol's gRPC side (``grpc_v2``, served by the same process with ``traci http
+--grpc-port``) is in ``oip``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
+import signal
 import time
-import urllib.request
-from pathlib import Path
 from typing import Any
 
-from traci_ml.app.client import Client, ServeError
-from traci_ml.app.http_tensors import (
-    BadTensor,
-    decode_request,
-    encode_response,
-    read_inputs,
-)
+from traci_ml.app.client import ServeError
+from traci_ml.app.http_tensors import decode_request, encode_response, read_inputs
+from traci_ml.app.oip import BadTensor, Translator, failure
 from traci_ml.core.config import Config
-from traci_ml.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
-HTTP_CODE = {
-    "bad_request": 400,
-    "oversize": 400,
-    "missing_columns": 400,
-    "busy": 429,
-    "no_reducer": 503,
-    "no_expert": 503,
-    "shutdown": 503,
-    "timeout": 504,
-}  # fmt: skip  (expert_error, reducer_error and anything else: 500)
-READY_CACHE = 0.25  # seconds a readiness answer is reused
+# a front-door status's kind (oip.FAILURE) as an HTTP code
+STATUS = {"invalid": 400, "busy": 429, "unavailable": 503, "timeout": 504, "internal": 500}
 
 
-class Translator:
-    """What the endpoints need: the model's description, a Client per thread, readiness."""
-
-    def __init__(self, config: Config, endpoint: str, *, curve: Any = None) -> None:
-        self.config, self.endpoint, self.curve = config, endpoint, curve
-        self.name = config.run_id
-        prep = _preprocess(config)
-        self.task = prep.get("task")
-        self.columns = tuple(prep.get("columns", ()))
-        self.classes = tuple(str(c) for c in prep.get("classes", ()))
-        self._local = threading.local()
-        self._ready = (float("-inf"), False)
-
-    def client(self) -> Client:
-        c = getattr(self._local, "client", None)
-        if c is None:
-            c = self._local.client = Client(
-                self.endpoint, timeout=self.config.serve.timeout * 2 + 1, curve=self.curve
-            )
-        return c
-
-    def ready(self) -> bool:
-        """The broker's ``traci_broker_serve_ready`` (what ``traci health broker --ready``
-        asks); with its metrics off, whether a one-row query of zeros is answered."""
-        at, was = self._ready
-        if time.monotonic() - at < READY_CACHE:
-            return was
-        m = self.config.metrics
-        if m.broker_port:
-            now = _scrape_ready(m.bind, m.broker_port)
-        elif self.columns:
-            try:
-                self.client().predict([[0.0] * len(self.columns)], self.columns, timeout=1.0)
-                now = True
-            except ServeError:
-                now = False
-        else:
-            now = False
-        self._ready = (time.monotonic(), now)
-        return now
-
-    def metadata(self) -> dict[str, Any]:
-        inputs = [{"name": c, "datatype": "FP32", "shape": [-1]} for c in self.columns]
-        inputs.append({"name": "id", "datatype": "INT64", "shape": [-1]})
-        if self.task == "regression":
-            outputs = [{"name": "value", "datatype": "FP32", "shape": [-1, 1]}]
-        else:
-            outputs = [
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.classes)]},
-                {"name": "label", "datatype": "BYTES", "shape": [-1]},
-            ]
-        params = {"task": self.task or "", "classes": json.dumps(self.classes)}
-        return {"name": self.name, "versions": ["1"], "platform": "traci",
-                "inputs": inputs, "outputs": outputs, "parameters": params}  # fmt: skip
-
-    def infer(self, body: bytes, header_length: int | None) -> tuple[bytes, dict[str, str]]:
-        """One inference request's body to the response body and its headers."""
-        request, blobs = decode_request(body, header_length)
-        rows, ids = read_inputs(request, blobs)
-        if ids is not None:
-            pred = self.client().predict_ids(ids)
-        else:
-            pred = self.client().predict(rows)
-        if pred.task == "regression":
-            outputs = {"value": pred.outputs.astype("float32").reshape(-1, 1)}
-        else:
-            outputs = {"probabilities": pred.outputs.astype("float32"),
-                       "label": [str(v) for v in pred.labels]}  # fmt: skip
-        params = {"experts": ",".join(str(e) for e in pred.experts),
-                  "classes": json.dumps(list(pred.classes))}  # fmt: skip
-        return encode_response(self.name, request, outputs, params)
+def infer_body(
+    tr: Translator, body: bytes, header_length: int | None
+) -> tuple[bytes, dict[str, str]]:
+    """One inference request's body to the response body and its headers."""
+    request, blobs = decode_request(body, header_length)
+    rows, ids = read_inputs(request, blobs)
+    outputs, params = tr.predict(rows, ids)
+    return encode_response(tr.name, request, outputs, params)
 
 
 def build_app(tr: Translator):  # -> starlette.applications.Starlette
@@ -165,11 +87,11 @@ def build_app(tr: Translator):  # -> starlette.applications.Starlette
 
         try:
             size = int(length) if length is not None else None
-            out, headers = await run_in_threadpool(tr.infer, body, size)
+            out, headers = await run_in_threadpool(infer_body, tr, body, size)
         except ValueError as exc:  # BadTensor too
             return error(str(exc), 400)
         except ServeError as exc:
-            return error(f"{exc.status}: {exc.detail}", HTTP_CODE.get(exc.status, 500))
+            return error(f"{exc.status}: {exc.detail}", STATUS[failure(exc)])
         return Response(out, headers=headers)
 
     routes = [
@@ -182,56 +104,72 @@ def build_app(tr: Translator):  # -> starlette.applications.Starlette
     return Starlette(routes=routes)
 
 
-def run(config: Config) -> int:
-    """``traci http``: serve the protocol on ``serve.http_bind:serve.http_port`` until stopped."""
-    import socket
-
+def run(config: Config, *, grpc_port: int = 0) -> int:
+    """``traci http``: serve the protocol's REST side on ``serve.http_bind:serve.http_port``
+    and, with ``grpc_port``, its gRPC side (``grpc_v2``) on ``serve.http_bind:grpc_port``, both
+    in this process, until stopped. Either may be off (port 0), not both."""
     import uvicorn
 
     from traci_ml.core.errors import ConfigError
     from traci_ml.core.security import peer_keys, tcp_endpoint
 
     s = config.serve
-    if not s.http_port or not config.network.serve_port:
-        raise ConfigError("traci http needs serve.http_port and network.serve_port (one is 0)")
+    if not (s.http_port or grpc_port) or not config.network.serve_port:
+        raise ConfigError("traci http needs network.serve_port and serve.http_port or "
+                          "--grpc-port (0 is off)")  # fmt: skip
     endpoint = tcp_endpoint(config.network.broker_host, config.network.serve_port)
     tr = Translator(config, endpoint, curve=peer_keys(config, "client"))
-    family = socket.AF_INET6 if ":" in s.http_bind else socket.AF_INET
+    sock = _listen(s.http_bind, s.http_port) if s.http_port else None
+    where = [f"http://{_host(s.http_bind)}:{s.http_port}/v2"] if sock is not None else []
+    grpc_server = None
+    if grpc_port:
+        from traci_ml.app.grpc_v2 import start
+
+        grpc_server, _ = start(tr, s.http_bind, grpc_port)
+        where.append(f"grpc {_host(s.http_bind)}:{grpc_port}")
+        signal.signal(signal.SIGTERM, _exit)  # so that the finally below stops it
+    log.info("http ready: Open Inference Protocol on %s (model '%s') -> %s",
+             " and ".join(where), tr.name, endpoint)  # fmt: skip
+    try:
+        if sock is not None:  # uvicorn raises the SIGINT/SIGTERM it stopped for again
+            config = uvicorn.Config(build_app(tr), log_level="warning", access_log=False)
+            uvicorn.Server(config).run(sockets=[sock])
+        else:
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        if grpc_server is None:
+            raise
+    finally:
+        if grpc_server is not None:
+            grpc_server.stop(grace=1.0).wait(2.0)
+        tr.close()
+    return 0
+
+
+def _listen(bind: str, port: int):  # -> socket.socket
+    import socket
+
+    from traci_ml.core.errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that name it, and
     # without it every response waited ~40 ms for a delayed ACK (Nagle)
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((s.http_bind, s.http_port))
+        sock.bind((bind, port))
     except OSError as exc:
-        raise ConfigError(f"serve.http_port {s.http_bind}:{s.http_port}: {exc.strerror}") from None
-    log.info("http ready: Open Inference Protocol on http://%s:%d/v2 (model '%s') -> %s",
-             s.http_bind, s.http_port, tr.name, endpoint)  # fmt: skip
-    server = uvicorn.Server(uvicorn.Config(build_app(tr), log_level="warning", access_log=False))
-    server.run(sockets=[sock])
-    return 0
+        raise ConfigError(f"serve.http_port {bind}:{port}: {exc.strerror}") from None
+    return sock
 
 
-def _preprocess(config: Config) -> dict[str, Any]:
-    """The run's preprocess.json as JSON (no torch): {} for a run without one (parties)."""
-    path = RunDir(config.run_path).path / RunDir.PREPROCESS
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return raw if isinstance(raw, dict) else {}
+def _exit(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
 
 
-def _scrape_ready(bind: str, port: int) -> bool:
-    host = "127.0.0.1" if bind in ("0.0.0.0", "") else "::1" if bind == "::" else bind
-    host = f"[{host}]" if ":" in host else host
-    try:
-        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=1.0) as resp:
-            text = resp.read().decode()
-    except Exception:
-        return False
-    return any(line.split(" ")[:2] == ["traci_broker_serve_ready", "1.0"]
-               for line in text.splitlines())  # fmt: skip
+def _host(bind: str) -> str:
+    return f"[{bind}]" if ":" in bind else bind
 
 
 __all__ = ["BadTensor", "Translator", "build_app", "run"]

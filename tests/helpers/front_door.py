@@ -1,0 +1,91 @@
+"""A fake front door for the Open Inference Protocol's unit tests (tests/test_grpc_v2.py,
+tests/test_http_translator.py): a ZeroMQ ROUTER that answers QUERYs as the broker's front
+door does, with a toy model, and a ``Translator`` in front of it for a run whose
+preprocess.json names columns a and b and classes cat and dog."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from traci_ml import proto
+from traci_ml.app.oip import Translator
+from traci_ml.core.config import Config
+from traci_ml.core.rundir import RunDir
+
+MODEL = "toy"
+CLASSES = ("cat", "dog")
+
+
+def dog(x: np.ndarray) -> np.ndarray:
+    """The fake model: P(dog) of each row (R, F) or id (R,), as float32 probabilities (R, 2)."""
+    s = x.reshape(len(x), -1).sum(axis=1)
+    p = 1 / (1 + np.exp(-s))
+    return np.stack([1 - p, p], 1).astype(np.float32)
+
+
+class FrontDoor:
+    """Answers as the broker's front door: ``missing_columns`` for rows lacking a or b, else
+    ``dog``'s probabilities; ``status`` set: that error instead; ``silent``: no answer."""
+
+    def __init__(self) -> None:
+        self.status: str | None = None
+        self.silent = False
+        self.asked: list[proto.Query] = []
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        port = self._sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self._sock.poll(50):
+                continue
+            who, *frames = self._sock.recv_multipart()
+            query = proto.decode(frames)
+            self.asked.append(query)
+            if self.silent:
+                continue
+            self._sock.send_multipart([who, *proto.encode(self._answer(query))])
+
+    def _answer(self, q: proto.Query) -> proto.Reply:
+        if self.status is not None:
+            return proto.Reply(q.qid, self.status, f"the fake says {self.status}")
+        if q.ids:
+            out = dog(np.array([hash(i) % 7 if isinstance(i, str) else i for i in q.ids], float))
+        else:
+            if not {"a", "b"} <= set(q.columns):
+                return proto.Reply(q.qid, "missing_columns", "an expert reads a and b")
+            x = q.tensors[0].numpy()
+            out = dog(x[:, [q.columns.index("a"), q.columns.index("b")]])
+        tensors = (proto.Tensor.from_numpy(out),)
+        return proto.Reply(q.qid, "ok", task="classification", classes=CLASSES, experts=(0, 1),
+                           expert_names=("left", "right"), batch_rows=len(out),
+                           tensors=tensors)  # fmt: skip
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+
+def translator(run_dir: Path, door: FrontDoor) -> Translator:
+    """A Translator for a run at ``run_dir`` (written here: its preprocess.json) asking
+    ``door``; the broker's metrics off, so readiness is a one-row query."""
+    config = Config.model_validate({
+        "run_id": MODEL, "run_dir": str(run_dir),
+        "metrics": {"broker_port": 0}, "serve": {"timeout": 0.2},
+    })  # fmt: skip
+    run = RunDir(config.run_path).path
+    run.mkdir(parents=True)
+    prep = {"task": "classification", "columns": ["a", "b"], "classes": list(CLASSES)}
+    (run / RunDir.PREPROCESS).write_text(json.dumps(prep))
+    return Translator(config, door.endpoint)

@@ -1,0 +1,290 @@
+"""The Open Inference Protocol over gRPC (app/grpc_v2.py), in process: a real gRPC server on
+loopback in front of a fake front door (a ZeroMQ ROUTER answering QUERYs as the broker's
+front door does), driven by tritonclient.grpc and by the raw stub. Each translation (rows in
+``contents`` or ``raw_input_contents``, ids, outputs asked) and each refusal: the right status
+code, a message naming the problem, and the server still answering afterwards."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from tests.helpers import front_door
+from tests.helpers.front_door import CLASSES, MODEL, FrontDoor, dog
+from tests.helpers.support import free_ports
+from traci_ml.app.oip import Translator
+from traci_ml.core.config import Config
+from traci_ml.core.errors import ConfigError
+
+tc = pytest.importorskip("tritonclient.grpc")
+grpc_v2 = pytest.importorskip("traci_ml.app.grpc_v2")
+from tritonclient.grpc import service_pb2 as pb  # noqa: E402
+from tritonclient.grpc import service_pb2_grpc  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+Code = grpc.StatusCode
+
+
+@pytest.fixture
+def door() -> Iterator[FrontDoor]:
+    d = FrontDoor()
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def translator(tmp_path: Path, door: FrontDoor) -> Iterator[Translator]:
+    tr = front_door.translator(tmp_path / "run", door)
+    yield tr
+    tr.close()
+
+
+@pytest.fixture
+def port(translator: Translator) -> Iterator[int]:
+    server, bound = grpc_v2.start(translator, "127.0.0.1", 0, workers=4)
+    yield bound
+    server.stop(grace=None).wait(5)
+
+
+@pytest.fixture
+def stub(port: int) -> Iterator[service_pb2_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture
+def client(port: int) -> Iterator[tc.InferenceServerClient]:
+    c = tc.InferenceServerClient(f"127.0.0.1:{port}")
+    yield c
+    c.close()
+
+
+def test_health_and_metadata(client, stub) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "1")
+    meta = client.get_model_metadata(MODEL)
+    assert meta.name == MODEL and list(meta.versions) == ["1"] and meta.platform == "traci"
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("a", "FP32", [-1]), ("b", "FP32", [-1]), ("id", "INT64", [-1])]  # fmt: skip
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("probabilities", "FP32", [-1, 2]), ("label", "BYTES", [-1])]  # fmt: skip
+    assert client.get_server_metadata().name == "traci"
+
+
+def test_ready_is_false_while_the_front_door_cannot_answer(stub, door, translator) -> None:
+    door.status = "no_expert"
+    translator._ready = (float("-inf"), False)  # past the readiness cache
+    assert not stub.ServerReady(pb.ServerReadyRequest()).ready
+    assert not stub.ModelReady(pb.ModelReadyRequest(name=MODEL)).ready
+
+
+def test_rows_in_raw_input_contents(client, door) -> None:
+    x = np.array([[0.5, -1.0], [2.0, 3.0], [0.0, 0.0]])
+    a = tc.InferInput("a", [3], "FP32")
+    a.set_data_from_numpy(x[:, 0].astype(np.float32))
+    b = tc.InferInput("b", [3, 1], "FP64")
+    b.set_data_from_numpy(x[:, 1:])
+    extra = tc.InferInput("z", [3], "INT64")  # extra columns are allowed, as in REST
+    extra.set_data_from_numpy(np.array([1, 2, 3], np.int64))
+    result = client.infer(MODEL, [b, a, extra], request_id="r7")
+    # rows travel as float32, as Client sends them
+    np.testing.assert_array_equal(result.as_numpy("probabilities"), dog(x.astype(np.float32)))
+    labels = [v.decode() for v in result.as_numpy("label")]
+    assert labels == ["cat", "dog", "dog" if dog(x)[2, 1] > 0.5 else "cat"]
+    response = result.get_response()
+    assert response.id == "r7" and response.model_version == "1"
+    assert response.parameters["experts"].string_param == "0,1"
+    assert json.loads(response.parameters["classes"].string_param) == list(CLASSES)
+    assert door.asked[-1].columns == ("b", "a", "z")
+
+
+def test_rows_in_typed_contents_and_outputs_asked(stub) -> None:
+    t = pb.ModelInferRequest.InferInputTensor
+    req = pb.ModelInferRequest(model_name=MODEL, inputs=[
+        t(name="a", datatype="FP32", shape=[2], contents=pb.InferTensorContents(
+            fp32_contents=[1.0, -2.0])),
+        t(name="b", datatype="INT8", shape=[2, 1], contents=pb.InferTensorContents(
+            int_contents=[3, -4])),
+    ], outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="label")])  # fmt: skip
+    answer = stub.ModelInfer(req)
+    assert [o.name for o in answer.outputs] == ["label"]
+    assert list(answer.outputs[0].shape) == [2]
+    assert answer.raw_output_contents[0] == b"\x03\x00\x00\x00dog\x03\x00\x00\x00cat"
+
+
+@pytest.mark.parametrize("datatype", ["INT64", "BYTES"])
+def test_rows_by_id(client, door, stub, datatype: str) -> None:
+    ids = tc.InferInput("id", [3], datatype)
+    values = np.array([0, 5, 9], np.int64)
+    ids.set_data_from_numpy(values if datatype == "INT64" else values.astype(str).astype(object))
+    probs = client.infer(MODEL, [ids]).as_numpy("probabilities")
+    assert probs.shape == (3, 2) and door.asked[-1].ids == (
+        (0, 5, 9) if datatype == "INT64" else ("0", "5", "9"))  # fmt: skip
+    t = pb.ModelInferRequest.InferInputTensor
+    contents = (pb.InferTensorContents(int64_contents=[4, 2]) if datatype == "INT64"
+                else pb.InferTensorContents(bytes_contents=[b"x4", b"x2"]))  # fmt: skip
+    req = pb.ModelInferRequest(model_name=MODEL, inputs=[
+        t(name="id", datatype=datatype, shape=[2], contents=contents)])  # fmt: skip
+    stub.ModelInfer(req)
+    assert door.asked[-1].ids == ((4, 2) if datatype == "INT64" else ("x4", "x2"))
+
+
+def _t(name: str = "a", datatype: str = "FP32", shape=(2,), **contents):
+    c = pb.InferTensorContents(**contents) if contents else None
+    return pb.ModelInferRequest.InferInputTensor(
+        name=name, datatype=datatype, shape=list(shape), contents=c
+    )
+
+
+def _rows(*more, raw=None, **kw) -> pb.ModelInferRequest:
+    inputs = [_t("a", fp32_contents=[1, 2]), _t("b", fp32_contents=[3, 4]), *more]
+    return pb.ModelInferRequest(model_name=MODEL, inputs=inputs, raw_input_contents=raw or [],
+                                **kw)  # fmt: skip
+
+
+F32 = np.array([1, 2], "<f4").tobytes()
+BAD = [
+    (pb.ModelInferRequest(model_name="nope", inputs=[_t(fp32_contents=[1, 2])]),
+     Code.NOT_FOUND, "unknown model 'nope'"),
+    (_rows(model_version="2"), Code.NOT_FOUND, "version '1' only"),
+    (pb.ModelInferRequest(model_name=MODEL), Code.INVALID_ARGUMENT, "non-empty"),
+    (_rows(_t("c", "FP8", fp32_contents=[1, 2])), Code.INVALID_ARGUMENT, "datatype 'FP8'"),
+    (_rows(_t("c", shape=(1, 2), fp32_contents=[1, 2])), Code.INVALID_ARGUMENT, "[R, 1]"),
+    (_rows(_t("c", shape=(3,), fp32_contents=[1, 2])), Code.INVALID_ARGUMENT, "but 2 values"),
+    (_rows(_t("c", "BYTES", bytes_contents=[b"1", b"2"])), Code.INVALID_ARGUMENT, "numeric"),
+    (_rows(_t("id", "INT64", int64_contents=[1, 2])), Code.INVALID_ARGUMENT, "alone"),
+    (pb.ModelInferRequest(model_name=MODEL, inputs=[_t("id", fp32_contents=[1, 2])]),
+     Code.INVALID_ARGUMENT, "INT64 or BYTES"),
+    (_rows(_t("a", fp32_contents=[1, 2])), Code.INVALID_ARGUMENT, "given twice"),
+    (_rows(_t("", fp32_contents=[1, 2])), Code.INVALID_ARGUMENT, "'name'"),
+    (_rows(_t("c", shape=(3,), fp32_contents=[1, 2, 3])), Code.INVALID_ARGUMENT,
+     "different numbers of rows"),
+    (_rows(_t("c", int64_contents=[1, 2])), Code.INVALID_ARGUMENT,
+     "go in contents.fp32_contents, not contents.int64_contents"),
+    (_rows(_t("c", "FP16", fp32_contents=[1, 2])), Code.INVALID_ARGUMENT,
+     "only in raw_input_contents"),
+    (_rows(_t("c", "INT8", int_contents=[1, 300])), Code.INVALID_ARGUMENT, "not INT8 values"),
+    (pb.ModelInferRequest(model_name=MODEL, inputs=[_t("a"), _t("b")], raw_input_contents=[F32]),
+     Code.INVALID_ARGUMENT, "raw_input_contents holds 1 entries for 2 inputs"),
+    (pb.ModelInferRequest(model_name=MODEL, inputs=[_t("a"), _t("b", fp32_contents=[1, 2])],
+                          raw_input_contents=[F32, F32]),
+     Code.INVALID_ARGUMENT, "input 'b' has contents beside raw_input_contents"),
+    (pb.ModelInferRequest(model_name=MODEL, inputs=[_t("a"), _t("b")],
+                          raw_input_contents=[F32, F32[:7]]),
+     Code.INVALID_ARGUMENT, "7 bytes are not whole FP32 values"),
+    (pb.ModelInferRequest(model_name=MODEL, inputs=[_t("id", "BYTES")],
+                          raw_input_contents=[b"\x09\x00\x00\x00ab"]),
+     Code.INVALID_ARGUMENT, "runs past the data"),
+    (_rows(outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="logits")]),
+     Code.INVALID_ARGUMENT, "unknown output 'logits'"),
+    (pb.ModelInferRequest(model_name=MODEL, inputs=[_t("a", fp32_contents=[1, 2])]),
+     Code.INVALID_ARGUMENT, "missing_columns: an expert reads a and b"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("request_", "code", "words"), BAD)
+def test_refusals_name_the_problem(stub, request_, code, words: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request_)
+    assert caught.value.code() == code and words in caught.value.details()
+    assert len(stub.ModelInfer(_rows()).outputs) == 2  # still serving
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [("busy", Code.RESOURCE_EXHAUSTED), ("no_expert", Code.UNAVAILABLE),
+     ("no_reducer", Code.UNAVAILABLE), ("shutdown", Code.UNAVAILABLE),
+     ("oversize", Code.INVALID_ARGUMENT), ("bad_request", Code.INVALID_ARGUMENT),
+     ("expert_error", Code.INTERNAL)],
+)  # fmt: skip
+def test_front_door_statuses_as_grpc_codes(stub, door, status: str, code) -> None:
+    door.status = status
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(_rows())
+    assert caught.value.code() == code
+    assert caught.value.details() == f"{status}: the fake says {status}"
+
+
+def test_no_answer_is_deadline_exceeded_and_the_callers_deadline_is_kept(stub, door) -> None:
+    door.silent = True
+    with pytest.raises(grpc.RpcError) as caught:  # the translator's own limit: 1.4 s
+        stub.ModelInfer(_rows())
+    assert caught.value.code() == Code.DEADLINE_EXCEEDED and "timeout: no reply" in (
+        caught.value.details())  # fmt: skip
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(_rows(), timeout=0.3)
+    assert caught.value.code() == Code.DEADLINE_EXCEEDED
+    door.silent = False
+    assert len(stub.ModelInfer(_rows()).outputs) == 2
+
+
+def test_unknown_model_elsewhere_and_triton_only_rpcs(stub) -> None:
+    for call, req in [(stub.ModelReady, pb.ModelReadyRequest(name="nope")),
+                      (stub.ModelMetadata, pb.ModelMetadataRequest(name="nope"))]:  # fmt: skip
+        with pytest.raises(grpc.RpcError) as caught:
+            call(req)
+        assert caught.value.code() == Code.NOT_FOUND and "unknown model 'nope'" in (
+            caught.value.details())  # fmt: skip
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.RepositoryIndex(pb.RepositoryIndexRequest())
+    assert caught.value.code() == Code.UNIMPLEMENTED
+
+
+def test_a_port_in_use_is_a_config_error(translator: Translator, port: int) -> None:
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{port}"):
+        grpc_v2.start(translator, "127.0.0.1", port)
+
+
+def test_traci_serve_passes_the_port_to_traci_http(tmp_path: Path) -> None:
+    from traci_ml.app.supervisor import children
+
+    config = Config.model_validate({"serve": {"http_port": 0}})
+    argv = {c.name: c.argv for c in children(config, tmp_path / "serve.yaml", serve=True,
+                                             grpc_port=8001)}  # fmt: skip
+    assert argv["http"][3:6] == ["http", "--grpc-port", "8001"]
+    assert "http" not in {c.name for c in children(config, tmp_path / "s.yaml", serve=True)}
+
+
+def test_traci_http_needs_a_port(tmp_path: Path) -> None:
+    from traci_ml.app.http_v2 import run
+
+    config = Config.model_validate({"serve": {"http_port": 0}})
+    with pytest.raises(ConfigError, match="--grpc-port"):
+        run(config, grpc_port=0)
+
+
+@pytest.mark.timeout(120)
+def test_traci_http_serves_grpc_alone_and_stops_on_sigterm(tmp_path: Path, door) -> None:
+    """The command as ``traci serve`` starts it, REST off: answers, then SIGTERM ends it (0)."""
+    (port,) = free_ports(1)
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(json.dumps({
+        "run_id": MODEL, "run_dir": str(tmp_path / "run"), "metrics": {"broker_port": 0},
+        "network": {"serve_port": int(door.endpoint.rsplit(":", 1)[1])},
+        "serve": {"http_port": 0},
+    }))  # fmt: skip
+    argv = [sys.executable, "-m", "traci_ml.app.cli", "http", "--config", str(cfg),
+            "--grpc-port", str(port), "--log-level", "WARNING"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ServerLive(pb.ServerLiveRequest()).live
+            answer = stub.ModelInfer(_rows())
+            assert [o.name for o in answer.outputs] == ["probabilities", "label"]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
