@@ -175,7 +175,10 @@ def rows_or_ids(tensors: Mapping[str, np.ndarray]) -> tuple[dict | None, list | 
         ids = tensors[ID_INPUT]
         if ids.dtype.kind not in "iuO":
             raise BadTensor(f"input '{ID_INPUT}' is INT64 or BYTES, not {ids.dtype}")
-        return None, [v.decode() if isinstance(v, bytes) else v for v in ids.tolist()]
+        try:
+            return None, [v.decode() if isinstance(v, bytes) else v for v in ids.tolist()]
+        except UnicodeDecodeError:
+            raise BadTensor(f"input '{ID_INPUT}': a BYTES id is not UTF-8 text") from None
     rows = {}
     for name, v in tensors.items():
         if v.dtype.kind not in "iuf":
