@@ -249,19 +249,31 @@ def test_a_port_in_use_is_a_config_error(translator: Translator, port: int) -> N
 def test_traci_serve_passes_the_port_to_traci_http(tmp_path: Path) -> None:
     from traci_ml.app.supervisor import children
 
-    config = Config.model_validate({"serve": {"http_port": 0}})
-    argv = {c.name: c.argv for c in children(config, tmp_path / "serve.yaml", serve=True,
-                                             grpc_port=8001)}  # fmt: skip
-    assert argv["http"][3:6] == ["http", "--grpc-port", "8001"]
-    assert "http" not in {c.name for c in children(config, tmp_path / "s.yaml", serve=True)}
+    on = Config.model_validate({"serve": {"http_port": 0, "grpc_port": 8001}})
+    argv = {c.name: c.argv for c in children(on, tmp_path / "serve.yaml", serve=True)}
+    assert argv["http"][3:6] == ["http", "--config", str(tmp_path / "serve.yaml")]
+    off = Config.model_validate({"serve": {"http_port": 0}})
+    assert "http" not in {c.name for c in children(off, tmp_path / "s.yaml", serve=True)}
+
+
+def test_grpc_port_flag_sets_the_config_key(tmp_path: Path) -> None:
+    """``--grpc-port`` is ``serve.grpc_port``: the config every process of the serve reads."""
+    from traci_ml.app.cli import build_parser, config_from_args
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"run_dir": str(tmp_path / "run")}))
+    args = build_parser().parse_args(["http", "--config", str(cfg), "--grpc-port", "8123"])
+    assert config_from_args(args).serve.grpc_port == 8123
+    args = build_parser().parse_args(["http", "--config", str(cfg)])
+    assert config_from_args(args).serve.grpc_port == 0
 
 
 def test_traci_http_needs_a_port(tmp_path: Path) -> None:
     from traci_ml.app.http_v2 import run
 
     config = Config.model_validate({"serve": {"http_port": 0}})
-    with pytest.raises(ConfigError, match="--grpc-port"):
-        run(config, grpc_port=0)
+    with pytest.raises(ConfigError, match="serve.grpc_port"):
+        run(config)
 
 
 @pytest.mark.timeout(120)

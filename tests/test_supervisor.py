@@ -281,7 +281,7 @@ def run_serve(
     monkeypatch.setattr(serving, "children", fake_children)
     monkeypatch.setattr(fits, "check_run", lambda *a, **k: None)  # empty files: not checked
     code = serving.serve(cfg, out=out)
-    assert asked == [{"serve": True, "fork": True, "grpc_port": 0}]
+    assert asked == [{"serve": True, "fork": True}]
     return code
 
 

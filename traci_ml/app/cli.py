@@ -245,10 +245,11 @@ def grpc_port(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--grpc-port",
         type=int,
-        default=0,
+        default=None,
         metavar="PORT",
         help="also the Open Inference Protocol over gRPC (KServe v2 GRPCInferenceService) on "
-        "serve.http_bind:PORT, beside the REST endpoint; 0: off (the default)",
+        "serve.http_bind:PORT, beside the REST endpoint; sets serve.grpc_port (0: off, the "
+        "default)",
     )
 
 
@@ -374,6 +375,8 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
         overrides[f"{args.command}.device"] = args.device
     if getattr(args, "insecure", False):
         overrides["security.insecure"] = "true"
+    if getattr(args, "grpc_port", None) is not None:
+        overrides["serve.grpc_port"] = str(args.grpc_port)
     path = args.config
     return load_config(path, overrides=overrides)
 
@@ -550,9 +553,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         setup_logging("serve", args.log_level)
         try:
-            config = serving.serve_config(args.run, args.overrides, insecure=args.insecure)
+            sets = args.overrides
+            if args.grpc_port is not None:
+                sets = [*sets, f"serve.grpc_port={args.grpc_port}"]
+            config = serving.serve_config(args.run, sets, insecure=args.insecure)
             warn_insecure(config, "serve")
-            return serving.serve(config, grpc_port=args.grpc_port)
+            return serving.serve(config)
         except TraciError as exc:
             print(f"traci serve: error: {exc}", file=sys.stderr)
             return 2
@@ -595,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from traci_ml.core.signals import die_with_parent
 
             die_with_parent()  # started by traci serve: do not outlive it
-            return run_http(config, grpc_port=args.grpc_port)
+            return run_http(config)
         if args.command == "up":
             from traci_ml.app.launcher import up
 

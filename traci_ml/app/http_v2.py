@@ -104,19 +104,20 @@ def build_app(tr: Translator):  # -> starlette.applications.Starlette
     return Starlette(routes=routes)
 
 
-def run(config: Config, *, grpc_port: int = 0) -> int:
+def run(config: Config) -> int:
     """``traci http``: serve the protocol's REST side on ``serve.http_bind:serve.http_port``
-    and, with ``grpc_port``, its gRPC side (``grpc_v2``) on ``serve.http_bind:grpc_port``, both
-    in this process, until stopped. Either may be off (port 0), not both."""
+    and its gRPC side (``grpc_v2``) on ``serve.http_bind:serve.grpc_port``, both in this
+    process, until stopped. Either may be off (port 0), not both."""
     import uvicorn
 
     from traci_ml.core.errors import ConfigError
     from traci_ml.core.security import peer_keys, tcp_endpoint
 
     s = config.serve
+    grpc_port = s.grpc_port
     if not (s.http_port or grpc_port) or not config.network.serve_port:
         raise ConfigError("traci http needs network.serve_port and serve.http_port or "
-                          "--grpc-port (0 is off)")  # fmt: skip
+                          "serve.grpc_port (--grpc-port; 0 is off)")  # fmt: skip
     endpoint = tcp_endpoint(config.network.broker_host, config.network.serve_port)
     tr = Translator(config, endpoint, curve=peer_keys(config, "client"))
     sock = _listen(s.http_bind, s.http_port) if s.http_port else None

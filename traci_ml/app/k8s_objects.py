@@ -116,9 +116,19 @@ def container(config: Config, role: str, expert_id: int | None, serve: bool) -> 
 
 def http_container(config: Config) -> Obj:
     """The serving broker's sidecar: ``traci http``, the Open Inference Protocol (KServe v2
-    REST) in front of the front door; its /v2/health/ready is part of the pod's readiness.
-    No run volume here: its metadata lists the ``id`` input only (no preprocess.json)."""
-    http = {"httpGet": {"path": "/v2/health/live", "port": "http"}}
+    REST on ``serve.http_port``, gRPC on ``serve.grpc_port``) in front of the front door; its
+    /v2/health/ready is part of the pod's readiness (gRPC alone: the port accepting, as no
+    gRPC health service is served). No run volume here: its metadata lists the ``id`` input
+    only (no preprocess.json)."""
+    s = config.serve
+    ports = [{"name": "http", "containerPort": s.http_port}] if s.http_port else []
+    if s.grpc_port:
+        ports.append({"name": "grpc", "containerPort": s.grpc_port})
+    if s.http_port:
+        live: Obj = {"httpGet": {"path": "/v2/health/live", "port": "http"}}
+        ready: Obj = {"httpGet": {"path": "/v2/health/ready", "port": "http"}}
+    else:
+        live = ready = {"tcpSocket": {"port": "grpc"}}
     return {
         "name": "http",
         "image": "traci",
@@ -130,13 +140,10 @@ def http_container(config: Config) -> Obj:
             {"name": "TRACI_SERVE__HTTP_BIND", "value": "0.0.0.0"},
             {"name": "TRACI_NETWORK__BROKER_HOST", "value": "broker"},
         ],  # fmt: skip
-        "ports": [{"name": "http", "containerPort": config.serve.http_port}],
-        "startupProbe": {**http, "periodSeconds": 2, "failureThreshold": 30},
-        "readinessProbe": {
-            "httpGet": {"path": "/v2/health/ready", "port": "http"},
-            "periodSeconds": 5,
-        },  # fmt: skip
-        "livenessProbe": {**http, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
+        "ports": ports,
+        "startupProbe": {**live, "periodSeconds": 2, "failureThreshold": 30},
+        "readinessProbe": {**ready, "periodSeconds": 5},
+        "livenessProbe": {**live, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
         "resources": {
             "requests": {"cpu": "100m", "memory": "128Mi"},
             "limits": {"memory": "512Mi"},
@@ -173,7 +180,7 @@ def pod_template(config: Config, role: str, name: str, expert_id: int | None, se
     }  # fmt: skip
     if not serve:
         spec["restartPolicy"] = "Never"  # a failed pod is replaced by the Job (podFailurePolicy)
-    elif role == "broker" and config.serve.http_port:
+    elif role == "broker" and (config.serve.http_port or config.serve.grpc_port):
         spec["containers"].append(http_container(config))
     return {
         "metadata": {
@@ -256,8 +263,10 @@ def broker_service(config: Config) -> Obj:
     and clients its front door. Selects the broker's pod, Job or Deployment."""
     svc_ports = [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]}
                  for p in ports(config, "broker")]  # fmt: skip
-    if config.serve.http_port:  # the serving Deployment's http sidecar (Open Inference Protocol)
-        svc_ports.append({"name": "http", "port": config.serve.http_port, "targetPort": "http"})
+    for name in ("http", "grpc"):  # the serving Deployment's sidecar (Open Inference Protocol)
+        port = getattr(config.serve, f"{name}_port")
+        if port:
+            svc_ports.append({"name": name, "port": port, "targetPort": name})
     return {
         "apiVersion": "v1",
         "kind": "Service",

@@ -39,9 +39,9 @@ def serve_config(run: str | Path, overrides: list[str], *, insecure: bool = Fals
     return RunDir(run).config(sets, environment=True)
 
 
-def serve(config: Config, *, out: TextIO = sys.stdout, grpc_port: int = 0) -> int:
-    """Run broker, reducer and experts in serve mode until interrupted; the exit code.
-    ``grpc_port``: ``traci http`` serves the Open Inference Protocol's gRPC side there too."""
+def serve(config: Config, *, out: TextIO = sys.stdout) -> int:
+    """Run broker, reducer and experts in serve mode until interrupted (and ``traci http``
+    with ``serve.http_port`` or ``serve.grpc_port``); the exit code."""
     from traci_ml.core.data import expert_count
     from traci_ml.core.security import tcp_endpoint
 
@@ -59,7 +59,7 @@ def serve(config: Config, *, out: TextIO = sys.stdout, grpc_port: int = 0) -> in
     run.logs.mkdir(parents=True, exist_ok=True)
     where = tcp_endpoint(config.network.broker_host, config.network.serve_port)
     console = _ServeConsole(out)
-    procs = children(config, run.serve, serve=True, fork=True, grpc_port=grpc_port)
+    procs = children(config, run.serve, serve=True, fork=True)
     code = supervise(procs, Policy(
         config.launcher, run.serve_pids, console,
         started=f"serving {run.path} on {where} ({n} experts; logs in {run.path}/"

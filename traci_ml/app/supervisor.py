@@ -178,10 +178,9 @@ def children(
     gpus: int = 0,
     serve: bool = False,
     fork: bool = False,
-    grpc_port: int = 0,
 ) -> list[Child]:
     """Broker, reducer and one process per expert, each reading ``config_file`` (serving: and
-    ``traci http``, with ``--grpc-port grpc_port`` unless 0). ``resume``: the
+    ``traci http`` with ``serve.http_port`` or ``serve.grpc_port``). ``resume``: the
     first start continues from the checkpoints (a restart always does); ``gpus``: experts spread
     over that many GPUs; ``serve``: every one started with ``--serve`` (a restart runs the same
     command: serving always loads the latest checkpoint), logging to ``logs/serve-<name>.log``;
@@ -198,9 +197,8 @@ def children(
     first = ["--resume"] if resume else []
     specs = [("broker", ["broker"], False), ("reducer", ["reducer"], True)]
     specs += [(f"expert-{i}", ["expert", "--id", str(i)], True) for i in range(n)]
-    if serve and (config.serve.http_port or grpc_port):  # the Open Inference Protocol
-        grpc = ["--grpc-port", str(grpc_port)] if grpc_port else []  # (app/http_v2, grpc_v2)
-        specs.append(("http", ["http", *grpc], False))
+    if serve and (config.serve.http_port or config.serve.grpc_port):
+        specs.append(("http", ["http"], False))  # the Open Inference Protocol (app/http_v2)
     out = []
     for name, command, resumable in specs:
         argv = [*base, *command, "--config", str(config_file)]

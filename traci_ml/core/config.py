@@ -305,6 +305,9 @@ class ServeConfig(_Section):
     # traci serve starts it; 0: off. No authentication or TLS: loopback unless you mean it
     http_port: int = Field(8080, ge=0, le=65535)
     http_bind: str = "127.0.0.1"
+    # the same protocol over gRPC (app/grpc_v2.py), in the same traci http process, on
+    # http_bind:grpc_port; 0: off (traci serve --grpc-port P sets it)
+    grpc_port: int = Field(0, ge=0, le=65535)
 
 
 class MetricsConfig(_Section):
@@ -380,6 +383,14 @@ class Config(_Section):
             raise ValueError(
                 f"reducer.heads ({self.reducer.heads}) must divide embed_dim ({self.embed_dim})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _serve_ports(self) -> Config:
+        s = self.serve
+        if s.grpc_port and s.grpc_port == s.http_port:
+            raise ValueError(f"serve.grpc_port {s.grpc_port} is serve.http_port too: the REST "
+                             "and gRPC sides need a port each")  # fmt: skip
         return self
 
     @model_validator(mode="after")
