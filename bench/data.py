@@ -249,7 +249,7 @@ def load_worker(config_path: str, expert_id: int) -> None:
 
     from traci_ml import proto
     from traci_ml.core.config import validate
-    from traci_ml.core.data import load_expert_data
+    from traci_ml.core.data import fit_positions, load_expert_data
     from traci_ml.core.data.parties import read_party  # noqa: F401  (load_expert_data's lazy import)
     from traci_ml.services.expert.aligning import Aligner
 
@@ -285,7 +285,7 @@ def load_worker(config_path: str, expert_id: int) -> None:
     del answer
     mark("align", t)
     t = time.perf_counter()
-    data.align(row_map)
+    data.align(row_map, fit_positions(row_map.n_train, config))
     mark("standardise", t)
     result = {
         "rows": len(data.ids), "columns": len(data.columns), "held": list(row_map.held()),

@@ -23,7 +23,7 @@ from traci_ml.core.align import (
     split_order,
 )
 from traci_ml.core.config import validate
-from traci_ml.core.data import expert_count, load_dataset, load_expert_data
+from traci_ml.core.data import expert_count, fit_positions, load_dataset, load_expert_data
 from traci_ml.core.errors import ConfigError, DataError
 from traci_ml.services.expert.aligning import Aligner
 from traci_ml.services.reducer.aligning import LabelHolder
@@ -208,13 +208,15 @@ def test_the_reducer_reads_labels_and_an_expert_its_own_file(tmp_path):
     data = load_expert_data(cfg, 0)
     assert data.ids.tolist() == [6, 5, 4, 3, 9] and data.rows is None
     pos = positions(np.concatenate([ds.ids_train, ds.ids_test]), data.ids)
-    data.align(RowMap.from_positions(pos, 4, 2))
-    held = data.rows.train_rows()
-    assert np.allclose(data.table[held].mean(), 0, atol=1e-6)  # standardised on own train rows
+    fit = fit_positions(4, cfg)  # the train rows less the validation rows
+    data.align(RowMap.from_positions(pos, 4, 2), fit)
+    local = data.rows.train[fit]
+    held = local[local >= 0]  # standardised on the own rows among those training fits on
+    assert np.allclose(data.table[held].mean(), 0, atol=1e-6)
     assert data.mean is not None and data.std is not None
 
 
 def test_an_expert_holding_no_labelled_training_row_is_a_data_error(tmp_path):
     data = load_expert_data(validate(parties_raw(tmp_path)), 0)
     with pytest.raises(DataError, match="zero overlap"):
-        data.align(RowMap.from_positions(np.full(5, ABSENT), 4, 2))
+        data.align(RowMap.from_positions(np.full(5, ABSENT), 4, 2), np.arange(4))

@@ -9,12 +9,19 @@ import numpy as np
 import pytest
 
 from traci_ml.core.config import Config, load_config
-from traci_ml.core.data import Dataset, digits_views, load_dataset
+from traci_ml.core.data import Dataset, digits_views, fit_positions, load_dataset
 from traci_ml.core.errors import DataError, TraciError
 
 
 def digits(seed: int = 0, **overrides: str) -> Dataset:
     return load_dataset(load_config(overrides={"seed": str(seed), **overrides}, env={}))
+
+
+def fit_part(ds: Dataset, config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of the train rows training fits on (no validation row): the rows the
+    standardisation statistics come from."""
+    fit = fit_positions(len(ds.y_train), config)
+    return ds.x_train[fit], ds.y_train[fit]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,8 @@ def test_digits_split_sizes(ds: Dataset) -> None:
 
 
 def test_digits_train_columns_are_standardised(ds: Dataset) -> None:
-    mean, std = ds.x_train.mean(axis=0), ds.x_train.std(axis=0)
+    x_fit, _ = fit_part(ds, load_config(overrides={"seed": "0"}, env={}))
+    mean, std = x_fit.mean(axis=0), x_fit.std(axis=0)
     np.testing.assert_allclose(mean, 0.0, atol=1e-4)
     constant = std < 1e-6
     assert constant.any()  # digits has always-blank pixels: they stay at zero, not NaN
@@ -138,14 +146,15 @@ def table(n: int, label: Any) -> str:
 def test_csv_classification_with_string_labels(tmp_path: Path) -> None:
     names = ["dog", "cat", "bird"]
     path = write_csv(tmp_path, table(30, lambda i: names[i % 3]))
-    ds = load_dataset(csv_config(path))
+    config = csv_config(path)
+    ds = load_dataset(config)
     assert (ds.task, ds.n_classes, ds.classes) == ("classification", 3, ("bird", "cat", "dog"))
     assert ds.columns == ("a", "b", "c")  # used columns in file order, label left out
     assert ds.x_train.shape == (24, 3) and ds.x_test.shape == (6, 3)
     assert [c.tolist() for c in map(ds.view_columns, range(2))] == [[0], [2, 1]]
     labels = np.concatenate([ds.y_train, ds.y_test])
     assert np.bincount(labels).tolist() == [10, 10, 10]
-    np.testing.assert_allclose(ds.x_train.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(fit_part(ds, config)[0].mean(axis=0), 0.0, atol=1e-5)
 
 
 def test_csv_rows_keep_their_labels_through_the_split(tmp_path: Path) -> None:
@@ -167,11 +176,13 @@ def test_csv_numeric_labels_sort_naturally(tmp_path: Path) -> None:
 
 def test_csv_regression_targets_are_standardised(tmp_path: Path) -> None:
     path = write_csv(tmp_path, table(40, lambda i: 3.0 * i + 1.0))
-    ds = load_dataset(csv_config(path, task="regression", test_fraction=0.25))
+    config = csv_config(path, task="regression", test_fraction=0.25)
+    ds = load_dataset(config)
     assert (ds.task, ds.n_classes, ds.out_dim) == ("regression", 0, 1)
     assert ds.y_train.dtype == np.float32
-    assert abs(float(ds.y_train.mean())) < 1e-5
-    assert abs(float(ds.y_train.std()) - 1.0) < 1e-5
+    _, y_fit = fit_part(ds, config)
+    assert abs(float(y_fit.mean())) < 1e-5
+    assert abs(float(y_fit.std()) - 1.0) < 1e-5
     original = np.concatenate([ds.y_train, ds.y_test]) * ds.y_std + ds.y_mean
     np.testing.assert_allclose(np.sort(original), 3.0 * np.arange(40) + 1.0, rtol=1e-5)
 

@@ -456,7 +456,7 @@ class Parties:
 
     def __init__(self, config: Config) -> None:
         from traci_ml.core.align import RowMap, positions
-        from traci_ml.core.data import load_labels
+        from traci_ml.core.data import fit_positions, load_labels
 
         self.config, self.path = config, config.run_path
         self.ds = ds = load_labels(config)
@@ -470,7 +470,8 @@ class Parties:
                 expert = ExpertService(config, i, context=ctx)
                 rows = RowMap.from_positions(positions(gids, expert.data.ids),
                                              len(ds.ids_train), len(ds.ids_test))  # fmt: skip
-                expert.data.align(rows)  # what ExpertService._align does once ALIGN answers
+                # what ExpertService._align does once ALIGN answers
+                expert.data.align(rows, fit_positions(len(ds.ids_train), config))
                 expert._adopt(rows)
                 save_as_trained(expert, gen)
                 self.held.append(set(expert.data.ids.tolist()))

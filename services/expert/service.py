@@ -24,7 +24,7 @@ from traci_ml import proto
 from traci_ml.core import checkpoint, fits
 from traci_ml.core.align import IdIndex, RowMap
 from traci_ml.core.config import Config
-from traci_ml.core.data import load_expert_data
+from traci_ml.core.data import fit_positions, load_expert_data
 from traci_ml.core.errors import CheckpointError, DataError, PeerTimeout
 from traci_ml.core.feedback import ErrorFeedback
 from traci_ml.core.files import write_json_atomic
@@ -343,7 +343,8 @@ class ExpertService:
             elif msg is not None and not isinstance(msg, (proto.Heartbeat, proto.Welcome)):
                 self._reject("unexpected_kind", f"{msg.KIND} while aligning")
             self._tick_link()
-        self.data.align(rows)  # standardised on its own training rows
+        # standardised on its own rows among those training fits on (no validation row)
+        self.data.align(rows, fit_positions(rows.n_train, self.config))
         self._adopt(rows)
         held_train, held_test = rows.held()
         log.info("%s aligned (%s) in %.1fs: holds %d of %d train rows and %d of %d test rows "

@@ -4,7 +4,7 @@
   ``load_dataset`` (the one table, every view) and ``load_labels`` (parties: the labels).
 - ``tables``: the one-table sources (digits, synthetic, a CSV file) as ``raw_table``.
 - ``split``: the one split (``split_index``) and standardisation, shared by the dataset
-  and the saved preprocessing.
+  and the saved preprocessing; its statistics' rows (``fit_positions``: no validation row).
 - ``preprocess``: ``Preprocess``, written to and read from the run directory.
 - ``expert``: one expert's own rows (``ExpertData``, ``load_expert_data``).
 - ``reader``: the one CSV table reader (``read_csv_table``).
@@ -33,7 +33,7 @@ from traci_ml.core.data.preprocess import (
     write_preprocess,
 )
 from traci_ml.core.data.reader import read_csv_table
-from traci_ml.core.data.split import split_index, standardise
+from traci_ml.core.data.split import fit_positions, split_index, standardise
 from traci_ml.core.data.tables import PARTIES_NO_TABLE, raw_table
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "derive_preprocess",
     "digits_views",
     "expert_count",
+    "fit_positions",
     "fmt_cell",
     "label_values",
     "load_dataset",

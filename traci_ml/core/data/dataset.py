@@ -1,9 +1,9 @@
 """The dataset every process loads, and the views: each keeps only what it needs.
 
 An expert reads only its view's feature columns; the reducer reads only the labels. The split
-(train/test by ``seed``) and standardisation (on the train part) are pure functions of the
-config (``split``), so every process derives identical arrays without shipping data over the
-wire.
+(train/test by ``seed``) and standardisation (on the train part less the validation rows,
+``split.fit_positions``) are pure functions of the config (``split``), so every process
+derives identical arrays without shipping data over the wire.
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from traci_ml.core.config import Config, DataConfig, ViewConfig
-from traci_ml.core.data.split import feature_stats, split_index, standardise, target_stats
+from traci_ml.core.data.split import (
+    feature_stats,
+    fit_positions,
+    split_index,
+    standardise,
+    target_stats,
+)
 from traci_ml.core.data.tables import class_ids, raw_table, table_task
 from traci_ml.core.errors import DataError
 
@@ -155,10 +161,11 @@ def _split(
         raise DataError(
             f"only {len(train)} training rows after a {config.data.test_fraction} test split"
         )
-    xs = standardise(x, *feature_stats(x[train]))
+    fit = train[fit_positions(len(train), config)]  # the statistics' rows: no validation row
+    xs = standardise(x, *feature_stats(x[fit]))
     y_mean, y_std = 0.0, 1.0
     if task == "regression":
-        y_mean, y_std = target_stats(y[train])
+        y_mean, y_std = target_stats(y[fit])
         y = standardise(y, y_mean, y_std)
     return Dataset(
         ids_train=train.astype(np.int64),
@@ -203,7 +210,7 @@ def load_labels(config: Config) -> Dataset:
             raise DataError(f"{spec.path}: label column {spec.label!r} holds {raw.dtype.kind!r} "
                             "values: regression needs numbers")  # fmt: skip
         yf = raw.astype(np.float64)
-        y_mean, y_std = target_stats(yf[: rows.n_train])
+        y_mean, y_std = target_stats(yf[fit_positions(rows.n_train, config)])
         y = standardise(yf, y_mean, y_std)
         classes = ()
     n = rows.n_train

@@ -1,5 +1,6 @@
 """One expert's own rows (``ExpertData``): its party's file (parties, standardised on the
-training rows it holds once aligned), or its view's columns of the one table.
+training rows it holds once aligned, less the validation rows), or its view's columns of the
+one table.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from traci_ml.core.errors import DataError
 @dataclass
 class ExpertData:
     """One expert's own rows: ``table`` (n, F) float32 and their ``ids``; ``rows`` maps the
-    schedule's rows to them (``None`` until aligned). Standardised on its own training rows
-    (``standardise``), the one-table mode's arrays arrive standardised already."""
+    schedule's rows to them (``None`` until aligned). Standardised on its own rows among those
+    training fits on (``standardise``), the one-table mode's arrays arrive standardised
+    already."""
 
     name: str
     columns: tuple[str, ...]
@@ -31,15 +33,18 @@ class ExpertData:
     mean: np.ndarray | None = None  # parties: the standardisation applied to ``table``
     std: np.ndarray | None = None
 
-    def align(self, rows: RowMap) -> None:
-        """Adopt the schedule's row map and standardise on the training rows held."""
+    def align(self, rows: RowMap, fit: np.ndarray) -> None:
+        """Adopt the schedule's row map and standardise on the rows held among ``fit``:
+        the train split's positions training fits on (``split.fit_positions``; the
+        validation rows are global train rows too, so every party knows its own once
+        aligned and none of them shapes its statistics)."""
         if rows.held()[0] == 0:
             raise DataError(f"{self.source}: none of its {len(self.ids)} ids is among the "
                             f"{rows.n_train} labelled training rows: zero overlap with the label "
                             f"holder (is the id column right?)")  # fmt: skip
-        own = rows.train_rows()
-        if own is not None and self.mean is None:
-            self.standardise(*_column_stats(self.table, np.sort(own)))
+        if rows.train is not None and self.mean is None:
+            local = rows.train[fit]
+            self.standardise(*_column_stats(self.table, np.sort(local[local >= 0])))
         self.rows = rows
 
     def standardise(self, mean: np.ndarray, std: np.ndarray) -> None:

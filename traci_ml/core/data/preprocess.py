@@ -21,7 +21,13 @@ import numpy as np
 
 from traci_ml.core.config import Config
 from traci_ml.core.data.dataset import view_specs
-from traci_ml.core.data.split import feature_stats, split_index, standardise, target_stats
+from traci_ml.core.data.split import (
+    feature_stats,
+    fit_positions,
+    split_index,
+    standardise,
+    target_stats,
+)
 from traci_ml.core.data.tables import RawTable, raw_table, table_task
 from traci_ml.core.errors import CheckpointError, DataError
 from traci_ml.core.files import write_json_atomic
@@ -94,12 +100,14 @@ class Preprocess:
 
 
 def derive_preprocess(config: Config) -> Preprocess:
-    """The statistics training used, recomputed from the config and the data source."""
+    """The statistics training used, recomputed from the config and the data source: from
+    the rows training fits on, as ``dataset`` computes them (``split.fit_positions``)."""
     x, y, columns, classes = raw_table(config)
     train, _ = split_index(len(x), config)
-    mean, std = feature_stats(x[train])
+    fit = train[fit_positions(len(train), config)]
+    mean, std = feature_stats(x[fit])
     task = table_task(config.data)
-    y_mean, y_std = target_stats(y[train]) if task == "regression" else (0.0, 1.0)
+    y_mean, y_std = target_stats(y[fit]) if task == "regression" else (0.0, 1.0)
     digest = None
     if config.data.source == "csv":
         digest = _sha256(Path(config.data.path or ""))

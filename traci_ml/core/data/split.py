@@ -2,13 +2,16 @@
 derives identical arrays without shipping data. The dataset every process loads
 (``dataset``) and the preprocessing a run saves for prediction (``preprocess``) both compute
 them here, so a served or offline row is standardised exactly as training's rows were.
+
+Standardisation statistics come from the rows training fits on only (``fit_positions``: the
+train split less the validation rows), never from the rows model selection scores.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from traci_ml.core.align import split_order
+from traci_ml.core.align import split_order, validation_split
 from traci_ml.core.config import Config
 
 MIN_STD = 1e-8  # a column whose std is below this is constant: std 1, it stays at zero
@@ -18,6 +21,17 @@ def split_index(n: int, config: Config) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, test rows) of an ``n``-row table: a permutation drawn from the seed
     (``align.split_order``; the parties' label holder splits its sorted ids with it too)."""
     return split_order(n, config.seed, config.data.test_fraction)
+
+
+def fit_positions(n_train: int, config: Config) -> np.ndarray:
+    """Positions in the train split (``0..n_train-1``, sorted) of the rows training fits on:
+    the train split less the validation rows, the schedule's ``fit_rows``
+    (``align.validation_split`` by the run's seed and ``data.val_fraction``). Every
+    standardisation statistic (features, a regression label; a party's own columns) comes
+    from these rows only, so the rows model selection scores shaped none of them. With
+    ``data.val_fraction: 0`` every train position, in order."""
+    fit, _ = validation_split(n_train, config.seed, config.data.val_fraction)
+    return fit
 
 
 def floor_std(std: np.ndarray) -> np.ndarray:
