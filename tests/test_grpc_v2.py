@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -244,6 +245,29 @@ def test_unknown_model_elsewhere_and_triton_only_rpcs(stub) -> None:
 def test_a_port_in_use_is_a_config_error(translator: Translator, port: int) -> None:
     with pytest.raises(ConfigError, match=f"127.0.0.1:{port}"):
         grpc_v2.start(translator, "127.0.0.1", port)
+
+
+def test_calls_beyond_the_limit_are_refused_at_once(translator: Translator, door) -> None:
+    """A flood is not queued without end: with one call held (the front door silent), the
+    next is RESOURCE_EXHAUSTED at once, and the held one ends with its own deadline."""
+    door.silent = True
+    server, bound = grpc_v2.start(translator, "127.0.0.1", 0, workers=1, max_calls=1)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{bound}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            held = stub.ModelInfer.future(_rows(), timeout=2)
+            deadline = time.monotonic() + 5
+            while not door.asked and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert door.asked, "the first call never reached the front door"
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(_rows(), timeout=5)
+            assert caught.value.code() == Code.RESOURCE_EXHAUSTED
+            with pytest.raises(grpc.RpcError) as first:
+                held.result()
+            assert first.value.code() == Code.DEADLINE_EXCEEDED
+    finally:
+        server.stop(grace=None).wait(5)
 
 
 def test_traci_serve_passes_the_port_to_traci_http(tmp_path: Path) -> None:

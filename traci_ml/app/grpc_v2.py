@@ -62,6 +62,9 @@ CONTENTS = {
 }  # fmt: skip
 MAX_MESSAGE = 256 * 1024 * 1024  # bytes a request may hold (gRPC's default: 4 MiB)
 WORKERS = 16  # requests answered at once, each thread with its own Client
+# calls in the server at once, answered or waiting for a worker: one more is refused at once
+# with RESOURCE_EXHAUSTED (gRPC's own queue is unbounded: a flood would grow it without end)
+MAX_CALLS = 4 * WORKERS
 
 
 def read_request(request: pb.ModelInferRequest) -> tuple[dict | None, list | None]:
@@ -181,14 +184,16 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, message)
 
 
-def start(tr: Translator, bind: str, port: int, *, workers: int = WORKERS) -> tuple[Any, int]:
-    """A started gRPC server on ``bind:port`` (0: any free port) and the port it bound."""
+def start(tr: Translator, bind: str, port: int, *, workers: int = WORKERS,
+          max_calls: int = MAX_CALLS) -> tuple[Any, int]:  # fmt: skip
+    """A started gRPC server on ``bind:port`` (0: any free port) and the port it bound;
+    ``workers`` calls answered at once, at most ``max_calls`` in it at once."""
     from traci_ml.core.errors import ConfigError
 
     # so_reuseport 0: a port in use is an error, not silently shared with another server
     options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.so_reuseport", 0)]
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc-v2")
-    server = grpc.server(pool, options=options)
+    server = grpc.server(pool, options=options, maximum_concurrent_rpcs=max_calls)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(tr), server)
     address = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
     try:
@@ -196,8 +201,8 @@ def start(tr: Translator, bind: str, port: int, *, workers: int = WORKERS) -> tu
     except RuntimeError:  # grpcio >= 1.53 raises where older ones answered 0
         bound = 0
     if not bound:
-        raise ConfigError(f"--grpc-port: cannot listen on {address} (in use, or not an address "
-                          "of this host)")  # fmt: skip
+        raise ConfigError(f"serve.grpc_port: cannot listen on {address} (in use, or not an "
+                          "address of this host)")  # fmt: skip
     server.start()
     return server, bound
 
