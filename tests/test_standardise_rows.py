@@ -6,6 +6,7 @@ holds exactly the statistics the dataset applied; ``data.val_fraction: 0`` is as
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +181,20 @@ def test_parties_without_validation_split_use_every_held_train_row(tmp_path: Pat
     assert data.std.tobytes() == std.astype(np.float32).tobytes()
     labels = pacsv.read_csv(tmp_path / "labels.csv").column("y").to_numpy()
     assert (ds.y_mean, ds.y_std) == target_stats(labels[ds.ids_train])  # ids are row numbers
+
+
+def test_a_party_with_validation_rows_only_is_standardised_on_them(tmp_path, caplog) -> None:
+    """None of its rows is one training fits on: its columns are standardised on the
+    validation rows it holds (said in the log), not left raw."""
+    config, val_ids = parties_config(tmp_path, 0.2)
+    ds = load_labels(config)
+    f = np.random.default_rng(2).normal(5.0, 2.0, len(val_ids)).round(4)
+    pacsv.write_csv(pa.table({"key": val_ids, "f": f}), tmp_path / "p0.csv")
+    data = load_expert_data(config, 0)
+    gids = np.concatenate([ds.ids_train, ds.ids_test])
+    rows = RowMap.from_positions(positions(gids, data.ids), len(ds.ids_train), len(ds.ids_test))
+    with caplog.at_level(logging.WARNING):
+        data.align(rows, fit_positions(len(ds.ids_train), config))
+    np.testing.assert_allclose(data.table.mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(data.table.std(), 1.0, atol=1e-5)
+    assert "validation rows it holds" in caplog.text

@@ -5,6 +5,7 @@ one table.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,8 @@ from traci_ml.core.config import Config
 from traci_ml.core.data.dataset import load_dataset, view_specs
 from traci_ml.core.data.split import floor_std
 from traci_ml.core.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,7 +47,15 @@ class ExpertData:
                             f"holder (is the id column right?)")  # fmt: skip
         if rows.train is not None and self.mean is None:
             local = rows.train[fit]
-            self.standardise(*_column_stats(self.table, np.sort(local[local >= 0])))
+            own = local[local >= 0]
+            if not len(own):  # it holds validation rows only: their statistics, not none
+                own = rows.train_rows()
+                log.warning(
+                    "%s: none of its rows is among those training fits on; it is "
+                    "standardised on the validation rows it holds",
+                    self.source,
+                )
+            self.standardise(*_column_stats(self.table, np.sort(own)))
         self.rows = rows
 
     def standardise(self, mean: np.ndarray, std: np.ndarray) -> None:
