@@ -10,6 +10,9 @@ import yaml
 
 from tests.helpers.support import deep_update, free_ports
 
+# the fake front door of the Open Inference Protocol's tests: fixtures door, translator
+pytest_plugins = ("tests.helpers.front_door",)
+
 
 @pytest.fixture
 def run_config(tmp_path: Path):

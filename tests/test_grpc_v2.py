@@ -18,8 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.helpers import front_door
-from tests.helpers.front_door import CLASSES, MODEL, FrontDoor, dog
+from tests.helpers.front_door import CLASSES, MODEL, dog
 from tests.helpers.support import free_ports
 from traci_ml.app.oip import Translator
 from traci_ml.core.config import Config
@@ -32,20 +31,6 @@ from tritonclient.grpc import service_pb2_grpc  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 Code = grpc.StatusCode
-
-
-@pytest.fixture
-def door() -> Iterator[FrontDoor]:
-    d = FrontDoor()
-    yield d
-    d.close()
-
-
-@pytest.fixture
-def translator(tmp_path: Path, door: FrontDoor) -> Iterator[Translator]:
-    tr = front_door.translator(tmp_path / "run", door)
-    yield tr
-    tr.close()
 
 
 @pytest.fixture

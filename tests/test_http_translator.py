@@ -12,31 +12,23 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import front_door
 from tests.helpers.front_door import MODEL, FrontDoor, dog
+from traci_ml.app.oip import Translator
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def door() -> Iterator[FrontDoor]:
-    d = FrontDoor()
-    yield d
-    d.close()
-
-
-@pytest.fixture
-def port(tmp_path: Path, door: FrontDoor) -> Iterator[int]:
+def port(translator: Translator) -> Iterator[int]:
     import uvicorn
 
     from traci_ml.app.http_v2 import build_app
 
-    tr = front_door.translator(tmp_path / "run", door)
+    tr = translator
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(build_app(tr), log_level="warning"))
@@ -47,7 +39,6 @@ def port(tmp_path: Path, door: FrontDoor) -> Iterator[int]:
     yield sock.getsockname()[1]
     server.should_exit = True
     thread.join(10)
-    tr.close()
     sock.close()
 
 

@@ -1,15 +1,18 @@
 """A fake front door for the Open Inference Protocol's unit tests (tests/test_grpc_v2.py,
 tests/test_http_translator.py): a ZeroMQ ROUTER that answers QUERYs as the broker's front
 door does, with a toy model, and a ``Translator`` in front of it for a run whose
-preprocess.json names columns a and b and classes cat and dog."""
+preprocess.json names columns a and b and classes cat and dog. The fixtures ``door`` and
+``translator`` (registered for every test by tests/conftest.py) give both."""
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zmq
 
 from traci_ml import proto
@@ -77,7 +80,7 @@ class FrontDoor:
         self._sock.close()
 
 
-def translator(run_dir: Path, door: FrontDoor) -> Translator:
+def make_translator(run_dir: Path, door: FrontDoor) -> Translator:
     """A Translator for a run at ``run_dir`` (written here: its preprocess.json) asking
     ``door``; the broker's metrics off, so readiness is a one-row query."""
     config = Config.model_validate({
@@ -89,3 +92,17 @@ def translator(run_dir: Path, door: FrontDoor) -> Translator:
     prep = {"task": "classification", "columns": ["a", "b"], "classes": list(CLASSES)}
     (run / RunDir.PREPROCESS).write_text(json.dumps(prep))
     return Translator(config, door.endpoint)
+
+
+@pytest.fixture
+def door() -> Iterator[FrontDoor]:
+    d = FrontDoor()
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def translator(tmp_path: Path, door: FrontDoor) -> Iterator[Translator]:
+    tr = make_translator(tmp_path / "run", door)
+    yield tr
+    tr.close()
