@@ -16,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -98,12 +99,19 @@ class Stranger:
     def send(self, msg: proto.Message) -> None:
         self.sock.send_multipart(proto.encode(msg), copy=False)
 
-    def collect(self, seconds: float) -> list[proto.Message]:
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            if self.sock.poll(int(left * 1000) + 1):
-                self.got.append(proto.decode(self.sock.recv_multipart(), check_finite=False))
-        return self.got
+
+def collect_all(strangers: list[Stranger], seconds: float) -> None:
+    """What every stranger receives within ``seconds``, all polled at once (one after
+    another took 0.3 s each: seconds in which a fast run could end)."""
+    poller = zmq.Poller()
+    by_sock = {s.sock: s for s in strangers}
+    for sock in by_sock:
+        poller.register(sock, zmq.POLLIN)
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        for sock, _ in poller.poll(int(left * 1000) + 1):
+            msg = proto.decode(sock.recv_multipart(), check_finite=False)
+            by_sock[sock].got.append(msg)
 
 
 def tensor(value: float, rows: int = 64, cols: int = 64) -> proto.Tensor:
@@ -130,6 +138,31 @@ def attack_routes(cfg: dict, ctx: zmq.Context) -> list[Stranger]:
     return strangers
 
 
+class Scrapes:
+    """The broker's metrics, read every 0.25 s until ``stop``: the last good read and when.
+    The run may end (and its endpoint with it) soon after the attacks on a fast machine;
+    its counters only grow, so the last read before it ended holds every rejection."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.last, self.at = port, {}, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.last, self.at = scrape(self.port), time.monotonic()
+            except OSError:  # not up, or gone: keep the last good read
+                pass
+            self._stop.wait(0.25)
+
+    def stop(self) -> dict[tuple[str, str], float]:
+        self._stop.set()
+        self._thread.join(10)
+        return self.last
+
+
 def clean_accuracy(run_config, tmp_path: Path) -> float:
     path, cfg = run_config({**RUN, "run_dir": str(tmp_path / "clean")})
     with Cluster(path, cfg) as cluster:
@@ -148,6 +181,7 @@ def test_attacks_on_a_live_cluster_are_refused_and_the_run_is_not_poisoned(
     try:
         with Cluster(path, cfg) as cluster:
             cluster.wait_for_step(100)
+            scrapes = Scrapes(cfg["metrics"]["broker_port"])
             strangers = attack_routes(cfg, ctx)
             # registering as a live expert or the reducer with a valid-looking HELLO
             held = []
@@ -171,13 +205,13 @@ def test_attacks_on_a_live_cluster_are_refused_and_the_run_is_not_poisoned(
                 client.predict(np.full((1, len(columns)), np.nan, np.float32), columns)
             assert served.value.status == "bad_request" and "non_finite" in str(served.value)
             client.close()
-            for s in [*strangers, *held]:
-                s.collect(0.3)
+            collect_all([*strangers, *held], 0.3)
+            attacked = time.monotonic()  # every attack answered, so counted
             time.sleep(2.0)
-            for s in [*strangers, *held]:
-                s.collect(0.1)
-            samples = scrape(cfg["metrics"]["broker_port"])
+            collect_all([*strangers, *held], 0.1)
             code, out = cluster.finish(timeout=500)
+            samples = scrapes.stop()
+            assert scrapes.at > attacked, "the broker's metrics were never read after the attacks"
             assert code == 0, out[-4000:]
             summary = cluster.summary()
     finally:
