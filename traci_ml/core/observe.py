@@ -11,7 +11,8 @@ import sys
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 from traci_ml.core.errors import ConfigError
 
@@ -69,36 +70,36 @@ class RunEnd:
     """``traci_run_finished``: 0 while a service runs (or serves), 1 once its run is done.
 
     A container that ends with its run looks, to a Prometheus with static targets (compose),
-    just like one that died. ``finished(wait)`` sets the gauge and keeps the endpoint up until
-    Prometheus has scraped it once more, ``wait`` seconds at most, so the alert rules can tell
-    the two apart (TraciTargetDown: ``unless last_over_time(traci_run_finished[1d]) == 1``).
-    A scrape is noticed by this object's ``collect``, which the registry calls on every scrape
-    before the gauge's (registered first): the scrape that sets the event reads the 1. Its
+    just like one that died. ``finished(wait)`` sets it to 1 and keeps the endpoint up until
+    a scrape has read it, ``wait`` seconds at most, so the alert rules can tell the two apart
+    (TraciTargetDown: ``unless last_over_time(traci_run_finished[1d]) == 1``). This object is
+    the metric's collector: the scrape whose collection notices the end is the one that reads
+    the 1. Only a scrape that asks for this metric counts: ``traci health`` (the containers'
+    health checks) asks for its own metrics by name (``/metrics?name[]=...``), which
+    collects nothing here, so a health check cannot pass for Prometheus's last scrape. The
     answer is written after the collection, by the endpoint's daemon thread: ``finished``
     gives it ``SEND`` seconds before the process may exit.
     """
 
     SEND = 0.5
+    NAME = "traci_run_finished"
+    HELP = "1 once this service's run is done (it is about to exit 0), else 0"
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._scraped = threading.Event()
-        registry.register(self)  # before the gauge: see the class docstring
-        self.gauge = Gauge(
-            "traci_run_finished",
-            "1 once this service's run is done (it is about to exit 0), else 0",
-            registry=registry,
-        )
+        self.value = 0.0
+        registry.register(self)
 
-    def describe(self) -> list:
-        return []
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.NAME, self.HELP)]
 
-    def collect(self) -> list:
-        self._scraped.set()
-        return []
+    def collect(self) -> list[GaugeMetricFamily]:
+        self._scraped.set()  # before reading: a scrape that sets it after the end reads 1
+        return [GaugeMetricFamily(self.NAME, self.HELP, value=self.value)]
 
     def finished(self, wait: float) -> bool:
         """Mark the run done; True if a scrape read it within ``wait`` seconds."""
-        self.gauge.set(1)
+        self.value = 1.0
         self._scraped.clear()
         if wait <= 0 or not self._scraped.wait(wait):
             return False
