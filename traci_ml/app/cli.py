@@ -307,7 +307,6 @@ HEALTH_METRIC = {
 def check_health(config, args: argparse.Namespace) -> int:  # noqa: ANN001
     """``traci health``: ask the service's own metrics endpoint (from the same config and
     ``TRACI_*`` environment the service reads) whether it is that service, and up."""
-    import urllib.parse
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -321,10 +320,10 @@ def check_health(config, args: argparse.Namespace) -> int:  # noqa: ANN001
         print(f"traci health: metrics of {args.service} are disabled (port 0)", file=sys.stderr)
         return 1
     url = metrics_url(m.bind, port)
-    # only the metrics read here (prometheus_client's name[] filter): a health check is not
-    # a scrape, so it must not pass for the final one a finished service waits for (RunEnd)
+    # only the metrics read here: a health check is not a scrape, so it must not pass for the
+    # final one a finished service waits for (RunEnd)
     names = [HEALTH_METRIC[args.service], *(["traci_broker_serve_ready"] if args.ready else [])]
-    asked = url + "?" + urllib.parse.urlencode([("name[]", n) for n in names])
+    asked = metrics_url(m.bind, port, names)
     try:
         with urllib.request.urlopen(asked, timeout=args.timeout) as resp:
             text = resp.read().decode()

@@ -114,8 +114,7 @@ def run(config: Config) -> int:
     from traci_ml.core.security import peer_keys, tcp_endpoint
 
     s = config.serve
-    grpc_port = s.grpc_port
-    if not (s.http_port or grpc_port) or not config.network.serve_port:
+    if not (s.http_port or s.grpc_port) or not config.network.serve_port:
         raise ConfigError("traci http needs network.serve_port and serve.http_port or "
                           "serve.grpc_port (--grpc-port; 0 is off)")  # fmt: skip
     endpoint = tcp_endpoint(config.network.broker_host, config.network.serve_port)
@@ -123,18 +122,18 @@ def run(config: Config) -> int:
     sock = _listen(s.http_bind, s.http_port) if s.http_port else None
     where = [f"http://{_host(s.http_bind)}:{s.http_port}/v2"] if sock is not None else []
     grpc_server = None
-    if grpc_port:
+    if s.grpc_port:
         from traci_ml.app.grpc_v2 import start
 
-        grpc_server, _ = start(tr, s.http_bind, grpc_port)
-        where.append(f"grpc {_host(s.http_bind)}:{grpc_port}")
+        grpc_server, _ = start(tr, s.http_bind, s.grpc_port)
+        where.append(f"grpc {_host(s.http_bind)}:{s.grpc_port}")
         signal.signal(signal.SIGTERM, _exit)  # so that the finally below stops it
     log.info("http ready: Open Inference Protocol on %s (model '%s') -> %s",
              " and ".join(where), tr.name, endpoint)  # fmt: skip
     try:
         if sock is not None:  # uvicorn raises the SIGINT/SIGTERM it stopped for again
-            config = uvicorn.Config(build_app(tr), log_level="warning", access_log=False)
-            uvicorn.Server(config).run(sockets=[sock])
+            app = uvicorn.Config(build_app(tr), log_level="warning", access_log=False)
+            uvicorn.Server(app).run(sockets=[sock])
         else:
             while True:
                 time.sleep(3600)

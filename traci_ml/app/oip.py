@@ -20,6 +20,7 @@ import numpy as np
 
 from traci_ml.app.client import Client, ServeError
 from traci_ml.core.config import Config
+from traci_ml.core.observe import metrics_url
 from traci_ml.core.rundir import RunDir
 
 NUMERIC = {
@@ -226,10 +227,9 @@ def _preprocess(config: Config) -> dict[str, Any]:
 
 
 def _scrape_ready(bind: str, port: int) -> bool:
-    host = "127.0.0.1" if bind in ("0.0.0.0", "") else "::1" if bind == "::" else bind
-    host = f"[{host}]" if ":" in host else host
+    url = metrics_url(bind, port, ["traci_broker_serve_ready"])
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=1.0) as resp:
+        with urllib.request.urlopen(url, timeout=1.0) as resp:
             text = resp.read().decode()
     except Exception:
         return False

@@ -10,6 +10,8 @@ import logging
 import sys
 import threading
 import time
+import urllib.parse
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -59,11 +61,14 @@ def serve_metrics(registry: CollectorRegistry, *, bind: str, port: int) -> int |
     return int(server.server_port)
 
 
-def metrics_url(bind: str, port: int) -> str:
+def metrics_url(bind: str, port: int, names: Sequence[str] = ()) -> str:
     """Where a process on this machine scrapes ``serve_metrics(bind=bind, port=port)``: a
-    wildcard bind is reached at 127.0.0.1."""
+    wildcard bind is reached at 127.0.0.1, an IPv6 one in brackets. ``names``: only those
+    metrics (prometheus_client's ``name[]`` filter), a read, not a scrape (``RunEnd``)."""
     host = "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
-    return f"http://{host}:{port}/metrics"
+    host = f"[{host}]" if ":" in host else host
+    query = "?" + urllib.parse.urlencode([("name[]", n) for n in names]) if names else ""
+    return f"http://{host}:{port}/metrics{query}"
 
 
 class RunEnd:
