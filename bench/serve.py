@@ -8,10 +8,13 @@ Cells: one client, one row, closed loop through the front door (``traci_ml.Clien
 the per-hop breakdown each REPLY carries (queue, experts, expert_compute, reducer,
 reducer_compute, reply; ``wire`` is the rest of what the client saw); the same through the
 Open Inference Protocol (``traci http``, JSON); 200 requests/s open loop; 16 closed-loop
-clients; and, with a fresh server, the 16 clients with batching off (max_wait_ms 0).
+clients; and, with a fresh server, the 16 clients with batching off (max_wait_ms 0). Beside
+them: the floor of the same message topology with no work in it on this machine
+(``bench.serve_floor``), and the CPU per request each serving process and the bench's own
+clients spent in the 16-client cells (``bench.serve_cpu``).
 
-The loads are open-loop where a rate is given: clients (one ``Client`` each, one request in
-flight each, spread over client processes so one GIL does not cap them) send on a fixed
+The loads (``bench.serve_load``) are open-loop where a rate is given: clients (one DEALER
+each, one request in flight each, driven by one poll loop per client process) send on a fixed
 schedule and a request's latency runs from its *scheduled* send time to its reply, so a client
 that falls behind is charged for it (no coordinated omission); a load the cluster cannot keep
 up with is cut 2 s after its window (``unsent``). ``max`` is closed loop. Reported: p50/p99,
@@ -27,7 +30,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ import yaml
 
 from bench.e2e import free_ports
 from bench.reference import reference_config
+from bench.serve_cpu import CpuMeter, fmt_cpu
 
 TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
 FEATURES = 256  # the reference model's synthetic table: x0 .. x255, standard normal
@@ -110,73 +113,6 @@ class Server:
             self.proc.wait()
 
 
-def load(
-    endpoint: str, rate: float | None, seconds: float, rows: int, threads: int,
-    *, start: float | None = None, raw: bool = False,
-) -> dict[str, Any]:  # fmt: skip
-    """``threads`` clients at ``rate`` requests/s in all (None: closed loop) for ``seconds``
-    from ``start`` (monotonic; None: in half a second). ``raw``: the latencies (s), batch
-    rows, errors, unsent and finish time as they are, for ``load_procs`` to merge."""
-    from traci_ml.app.client import Client, ServeError
-
-    columns = [f"x{j}" for j in range(FEATURES)]
-    data = np.random.default_rng(0).standard_normal((4096, FEATURES)).astype(np.float32)
-    latencies: list[list[float]] = [[] for _ in range(threads)]
-    batches: list[list[int]] = [[] for _ in range(threads)]
-    errors, unsent, finished = [0] * threads, [0] * threads, [0.0] * threads
-    if start is None:
-        start = time.monotonic() + 0.5  # every client connected before the first send
-    end = start + seconds
-
-    def client_loop(k: int) -> None:
-        period = threads / rate if rate else 0.0
-        with Client(endpoint, timeout=10) as client:
-            client.predict(data[:rows], columns)  # connect and warm
-            n, due = 0, start + k * period / threads
-            while True:
-                now = time.monotonic()
-                if rate is None:
-                    due = max(now, start)
-                if due >= end:
-                    finished[k] = time.monotonic()
-                    return
-                if now > end + 2.0:  # hopelessly behind: the rest is never sent
-                    unsent[k] += int((end - due) / period) + 1
-                    finished[k] = now
-                    return
-                if due > now:
-                    time.sleep(due - now)
-                at = (n * rows + k * 97) % (len(data) - rows)
-                try:
-                    pred = client.predict(data[at : at + rows], columns)
-                    latencies[k].append(time.monotonic() - due)
-                    batches[k].append(pred.batch_rows)
-                except ServeError:
-                    errors[k] += 1
-                n, due = n + 1, due + period
-
-    workers = [threading.Thread(target=client_loop, args=(k,)) for k in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    if raw:
-        return {"latencies": np.array([x for per in latencies for x in per]),
-                "batches": np.array([b for per in batches for b in per]),
-                "errors": sum(errors), "unsent": sum(unsent),
-                "finished": max(*finished, end)}  # fmt: skip
-    lat = np.array([x for per in latencies for x in per]) * 1000
-    done = len(lat)
-    return {
-        "target_rps": rate, "threads": threads, "rows_per_request": rows, "requests": done,
-        "errors": sum(errors), "unsent": sum(unsent),
-        "throughput_rps": done / (max(*finished, end) - start),
-        "p50_ms": float(np.percentile(lat, 50)) if done else None,
-        "p99_ms": float(np.percentile(lat, 99)) if done else None,
-        "mean_batch_rows": float(np.mean([b for per in batches for b in per])) if done else None,
-    }  # fmt: skip
-
-
 def closed_one(endpoint: str, n: int) -> dict[str, Any]:
     """One client, one row, closed loop, ``n`` requests: latency and the per-hop breakdown
     (REPLY.hops; ``wire`` is what the client saw beyond the broker: client <-> front door)."""
@@ -234,14 +170,18 @@ def closed_http(port: int, model: str, n: int) -> dict[str, Any]:
 
 
 def load_procs(endpoint: str, rate: float | None, seconds: float, threads: int,
-               procs: int) -> dict[str, Any]:  # fmt: skip
-    """``load`` split over ``procs`` client processes (one Python process's GIL would cap the
-    clients, not the cluster), ``threads`` clients in all, ``rate`` requests/s in all."""
+               procs: int, meter: CpuMeter | None = None) -> dict[str, Any]:  # fmt: skip
+    """``threads`` clients in all, ``rate`` requests/s in all (None: closed loop), spread
+    over ``procs`` client processes, each driving its share from one poll loop
+    (``bench.serve_load``: one DEALER per client, at most one request in flight each).
+    ``meter``: the CPU each process spent per request over the window (``bench.serve_cpu``)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # a fresh interpreter: no ZeroMQ context across a fork
     per = threads // procs
     start = time.monotonic() + 3.0  # every process spawned and connected
+    if meter is not None:
+        meter.window(start, seconds)
     with ctx.Pool(procs) as pool:
         parts = pool.starmap(_load_part, [(endpoint, None if rate is None else rate / procs,
                                            seconds, per, start) for _ in range(procs)])  # fmt: skip
@@ -256,12 +196,16 @@ def load_procs(endpoint: str, rate: float | None, seconds: float, threads: int,
         "p99_ms": float(np.percentile(lat, 99)) if done else None,
         "mean_batch_rows": float(np.mean(np.concatenate([p["batches"] for p in parts])))
         if done else None,
+        "cpu_us_per_request": {} if meter is None else meter.per_request(
+            sum(int(np.sum(p["answered_at"] < start + seconds)) for p in parts)),
     }  # fmt: skip
 
 
-def _load_part(endpoint: str, rate: float | None, seconds: float, threads: int,
+def _load_part(endpoint: str, rate: float | None, seconds: float, clients: int,
                start: float) -> dict[str, Any]:  # fmt: skip
-    return load(endpoint, rate, seconds, 1, threads, start=start, raw=True)
+    from bench.serve_load import drive
+
+    return drive(endpoint, rate, seconds, clients, start)
 
 
 def run(*, quick: bool = False) -> dict[str, Any]:
@@ -285,22 +229,31 @@ def run(*, quick: bool = False) -> dict[str, Any]:
             out["one_row_http"] = closed_http(server.http_port, server.model, n // 2)
             print("  " + fmt_one("HTTP (KServe v2 JSON)", out["one_row_http"]), flush=True)
             for rate, threads, procs in ((200.0, 8, 2), (None, 16, 4)):
-                cell = load_procs(server.endpoint, rate, seconds, threads, procs)
+                meter = CpuMeter(server.proc.pid)
+                cell = load_procs(server.endpoint, rate, seconds, threads, procs, meter)
                 cell["max_wait_ms"] = "default"
                 out["cells"].append(cell)
                 print("  " + fmt(cell), flush=True)
+                print("    " + fmt_cpu(cell["cpu_us_per_request"]), flush=True)
         finally:
             server.stop()
         if not quick:  # the same 16 clients, every request alone
             server = Server(run_dir, 0.0)
             try:
                 server.wait_ready(probe, columns)
-                cell = load_procs(server.endpoint, None, seconds, 16, 4)
+                cell = load_procs(server.endpoint, None, seconds, 16, 4,
+                                  CpuMeter(server.proc.pid))  # fmt: skip
                 cell["max_wait_ms"] = 0.0
                 out["cells"].append(cell)
                 print("  " + fmt(cell), flush=True)
+                print("    " + fmt_cpu(cell["cpu_us_per_request"]), flush=True)
             finally:
                 server.stop()
+    from bench import serve_floor
+
+    out["floor"] = serve_floor.run(n)  # the empty topology, the same machine, this run
+    print(f"  empty topology (bench.serve_floor): p50 {out['floor']['p50_ms']:.2f} ms  "
+          f"p99 {out['floor']['p99_ms']:.2f} ms", flush=True)  # fmt: skip
     out.update(figures(out))
     return out
 
@@ -319,6 +272,9 @@ def figures(out: dict[str, Any]) -> dict[str, Any]:
             out["one_row"]["p50_ms"],
             out["one_row"]["p99_ms"],
         )
+    if out.get("floor") and out.get("one_row"):
+        fig["serve_floor_p50_ms"] = out["floor"]["p50_ms"]
+        fig["serve_p50_over_floor"] = out["one_row"]["p50_ms"] / out["floor"]["p50_ms"]
     if out.get("one_row_http"):
         fig["serve_http_p50_ms"] = out["one_row_http"]["p50_ms"]
         fig["serve_http_p99_ms"] = out["one_row_http"]["p99_ms"]
@@ -341,9 +297,20 @@ def summary_lines(out: dict[str, Any]) -> list[str]:
         lines.append(fmt_one("one row, front door", out["one_row"]))
         hops = out["one_row"]["hops_p50_ms"]
         lines.append("  per hop, p50 ms: " + ", ".join(f"{h} {v:.2f}" for h, v in hops.items()))
+    if out.get("floor"):
+        floor = out["floor"]
+        ratio = (f", TRACI's p50 {out['one_row']['p50_ms'] / floor['p50_ms']:.1f}x that"
+                 if out.get("one_row") else "")  # fmt: skip
+        lines.append(
+            "empty topology, same messages, no work (bench.serve_floor): "
+            f"p50 {floor['p50_ms']:.2f} ms  p99 {floor['p99_ms']:.2f} ms{ratio}"
+        )
     if out.get("one_row_http"):
         lines.append(fmt_one("one row, HTTP", out["one_row_http"]))
-    lines += [fmt(cell) for cell in out.get("cells", [])]
+    for cell in out.get("cells", []):
+        lines.append(fmt(cell))
+        if cell.get("cpu_us_per_request") and cell["target_rps"] is None:
+            lines.append("  " + fmt_cpu(cell["cpu_us_per_request"]))
     for key, bound, way in SERVE_TARGETS:
         if out.get(key) is not None:
             ok = out[key] <= bound if way == "<=" else out[key] >= bound
