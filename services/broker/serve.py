@@ -5,7 +5,8 @@ socket (QUERY), every QEMB from an expert and every QOUT from the reducer, with 
 the ``PeerRegistry`` knows, and sends what the returned ``Outcome`` says. The flow::
 
     QUERY (client) -> group by column list (<= max_batch_rows rows, <= max_wait_ms)
-        -> one batched QUERY to every live expert -> QEMB per expert (or timeout: masked)
+        -> one batched QUERY to every live expert, holding only that expert's view columns
+        -> QEMB per expert (or timeout: masked)
         -> QBATCH to the reducer -> QOUT -> one REPLY per request, its own rows
 
 A QUERY by id (``ids``, no rows) groups with other requests by id of the same id type (int
@@ -151,6 +152,7 @@ class ServeDesk:
         self._queued = 0  # requests in _groups and _ready
         self._next_qid = 0
         self._checked: dict[tuple[str, ...], str] = {}  # column list -> what it lacks ("")
+        self._pick_cache: dict[tuple[str, ...], list[np.ndarray | None]] = {}  # _picks
 
     @classmethod
     def from_config(cls, config: Config, *, metrics: Any = None) -> ServeDesk:
@@ -310,11 +312,43 @@ class ServeDesk:
             self._queries[qid] = query
             if group.ids is not None:  # by id: no rows, each expert looks them up
                 message = Query(qid, (), (), tuple(group.ids))
-            else:  # one object: encoded once for all
-                message = Query(qid, group.columns, (self._rows(group),))
-            out.sends.extend(Send(EXPERT, rid, message) for rid in experts.values())
+                out.sends.extend(Send(EXPERT, rid, message) for rid in experts.values())
+            else:  # each expert gets its own view's columns, and no other
+                out.sends.extend(self._view_queries(qid, group, experts))
             if self.metrics is not None:
                 self.metrics.batched(group.rows, len(group.requests))
+
+    def _view_queries(self, qid: int, group: Group, experts: dict[int, bytes]) -> list[Send]:
+        """One QUERY per expert holding only the columns of its view, in the view's order
+        (need to know: a party never sees another party's features of a served row, and
+        each expert decodes its own names only). A view that is the whole request gets the
+        request's own tensor (a lone request's frame, zero-copy)."""
+        rows = self._rows(group)
+        picks = self._picks(group.columns)
+        table = rows.numpy()
+        sends = []
+        for eid, rid in experts.items():
+            if eid >= len(picks):  # no such view (the peer registry admits none): all of it
+                sends.append(Send(EXPERT, rid, Query(qid, group.columns, (rows,))))
+                continue
+            pick = picks[eid]
+            mine = rows if pick is None else Tensor.from_numpy(table[:, pick])
+            sends.append(Send(EXPERT, rid, Query(qid, self.view_columns[eid], (mine,))))
+        return sends
+
+    def _picks(self, columns: tuple[str, ...]) -> list[np.ndarray | None]:
+        """Per view, the index of each of its columns in ``columns`` (None: the view is
+        ``columns`` as they are); remembered per column list. Only for a column list
+        ``_missing`` passed: every view column is there."""
+        found = self._pick_cache.get(columns)
+        if found is None:
+            where = {c: i for i, c in enumerate(columns)}
+            found = [None if view == columns else np.array([where[c] for c in view], np.intp)
+                     for view in self.view_columns]  # fmt: skip
+            if len(self._pick_cache) >= 64:
+                self._pick_cache.pop(next(iter(self._pick_cache)))
+            self._pick_cache[columns] = found
+        return found
 
     @staticmethod
     def _rows(group: Group) -> Tensor:

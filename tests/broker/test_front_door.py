@@ -92,9 +92,12 @@ def test_concurrent_requests_travel_together_and_split_back() -> None:
     queries = sends(out, EXPERT)
     assert [s.routing_id for s in queries] == list(EXPERTS.values())
     query = queries[0].message
-    assert all(s.message is query for s in queries)  # one object, encoded once
-    assert query.tensors[0].shape == (6, 3)
-    assert np.array_equal(query.tensors[0].numpy()[2:5], rows(3, 10).numpy())
+    together = np.concatenate([rows(n, 10 * k).numpy() for k, n in enumerate((2, 3, 1))])
+    for eid, send in enumerate(queries):  # each expert: its own column of all 6 rows
+        mine = send.message
+        assert mine.qid == query.qid and mine.columns == (COLUMNS[eid],)
+        assert mine.tensors[0].shape == (6, 1)
+        assert np.array_equal(mine.tensors[0].numpy()[:, 0], together[:, eid])
     out = answer_experts(desk, query, 0.02)
     (batch_send,) = sends(out, REDUCER)
     batch = batch_send.message
@@ -116,7 +119,7 @@ def test_an_idle_cluster_sends_a_lone_request_at_once() -> None:
     tensor = rows(2)
     out = desk.request(b"c0", proto.Query(1, COLUMNS, (tensor,)), 0.0, PEERS)
     queries = sends(out, EXPERT)  # no window: nobody else is being served
-    assert len(queries) == N and queries[0].message.tensors[0] is tensor
+    assert len(queries) == N and queries[0].message.tensors[0].shape == (2, 1)
     assert desk.queued == 0 and desk.next_deadline() == pytest.approx(1.0)  # its timeout only
 
 
@@ -131,7 +134,7 @@ def test_requests_wait_only_while_the_experts_are_busy() -> None:
     out = answer_experts(desk, busy, 0.002)
     assert len(sends(out, REDUCER)) == 1
     queries = sends(out, EXPERT)
-    assert len(queries) == N and queries[0].message.tensors[0].shape == (2, 3)
+    assert len(queries) == N and queries[0].message.tensors[0].shape == (2, 1)  # its own column
     assert desk.queued == 0
 
 
@@ -161,25 +164,51 @@ def test_a_full_group_leaves_at_once_and_the_next_request_opens_another() -> Non
     occupy(desk)
     assert not desk.request(b"c0", proto.Query(1, COLUMNS, (rows(3),)), 0.0, PEERS).sends
     out = desk.request(b"c1", proto.Query(2, COLUMNS, (rows(2),)), 0.0, PEERS)  # 5 > 4: c0 leaves
-    assert [s.message.tensors[0].shape for s in sends(out, EXPERT)][0] == (3, 3)
+    assert [s.message.tensors[0].shape for s in sends(out, EXPERT)][0] == (3, 1)
     out = desk.request(b"c2", proto.Query(3, COLUMNS, (rows(2),)), 0.0, PEERS)  # 2 + 2 = 4: full
-    assert sends(out, EXPERT)[0].message.tensors[0].shape == (4, 3)
+    assert sends(out, EXPERT)[0].message.tensors[0].shape == (4, 1)
 
 
 def test_no_batching_sends_each_request_alone_zero_copy() -> None:
-    desk, _ = make_desk(max_wait=0.0)
+    # a view that is the whole request: the client's frame itself, forwarded (zero-copy)
+    whole = ServeDesk(view_names=[f"v{i}" for i in range(N)], view_columns=[COLUMNS] * N,
+                      embed_dim=D, dtype="float32", max_wait=0.0)  # fmt: skip
     tensor = rows(2)
-    out = desk.request(b"c0", proto.Query(1, COLUMNS, (tensor,)), 0.0, PEERS)
-    assert sends(out, EXPERT)[0].message.tensors[0] is tensor  # the client's frame, forwarded
+    out = whole.request(b"c0", proto.Query(1, COLUMNS, (tensor,)), 0.0, PEERS)
+    assert all(s.message.tensors[0] is tensor for s in sends(out, EXPERT))
 
 
-def test_column_lists_batch_separately_and_experts_pick_by_name() -> None:
+def test_column_lists_batch_separately_and_each_expert_gets_only_its_view() -> None:
+    """Whatever the request's column order and extra columns, expert i receives its own
+    view's columns, in the view's order, and nothing else (need to know)."""
     desk, _ = make_desk(max_wait=0.0)
     out1 = desk.request(b"c0", proto.Query(1, COLUMNS, (rows(1),)), 0.0, PEERS)
     columns = ("c", "b", "a", "z")
-    out2 = desk.request(b"c1", proto.Query(2, columns, (rows(1, 0, columns),)), 0.0, PEERS)
-    assert sends(out1, EXPERT)[0].message.columns == COLUMNS
-    assert sends(out2, EXPERT)[0].message.columns == ("c", "b", "a", "z")
+    out2 = desk.request(b"c1", proto.Query(2, columns, (rows(2, 0, columns),)), 0.0, PEERS)
+    assert [s.message.columns for s in sends(out1, EXPERT)] == [("a",), ("b",), ("c",)]
+    sent = rows(2, 0, columns).numpy()
+    for eid, send in enumerate(sends(out2, EXPERT)):
+        assert send.message.columns == (COLUMNS[eid],)
+        at = columns.index(COLUMNS[eid])
+        assert send.message.tensors[0].numpy().tolist() == sent[:, at : at + 1].tolist()
+    assert sends(out1, EXPERT)[0].message.qid != sends(out2, EXPERT)[0].message.qid
+
+
+def test_each_expert_sees_only_its_own_columns_of_wide_views() -> None:
+    """Views of several columns, interleaved in the request: each expert's QUERY holds
+    exactly its view, in view order, with the values the client sent for those columns."""
+    views = [("x3", "x0"), ("x1",), ("x2", "x4")]
+    desk = ServeDesk(view_names=["p", "q", "r"], view_columns=views, embed_dim=D,
+                     dtype="float32", max_wait=0.0)  # fmt: skip
+    columns = ("x0", "x1", "x2", "x3", "x4", "extra")
+    values = np.arange(12, dtype=np.float32).reshape(2, 6)
+    out = desk.request(b"c", proto.Query(5, columns, (proto.Tensor.from_numpy(values),)), 0.0,
+                       PEERS)  # fmt: skip
+    for eid, send in enumerate(sends(out, EXPERT)):
+        assert send.message.columns == views[eid]
+        want = values[:, [columns.index(c) for c in views[eid]]]
+        assert np.array_equal(send.message.tensors[0].numpy(), want)
+        assert "extra" not in send.message.columns
 
 
 def test_inflight_queries_are_bounded_and_launch_as_others_finish() -> None:
@@ -355,10 +384,11 @@ def test_front_door_round_trip_and_bad_requests(running) -> None:
     for k, client in enumerate(clients):
         client.send_multipart(proto.encode(proto.Query(k, COLUMNS, (rows(k + 1),))))
         time.sleep(0.05)  # the first is out before the others arrive; all are in
-    for shape in ((1, 3), (5, 3)):
+    for shape in ((1, 1), (5, 1)):  # each expert: its own column of the rows
         for i, sock in enumerate(experts):
             query = recv(sock)
             assert isinstance(query, proto.Query) and query.tensors[0].shape == shape
+            assert query.columns == (COLUMNS[i],)
             emb = proto.Tensor.from_numpy(np.full((shape[0], D), i, np.float32))
             sock.send_multipart(
                 proto.encode(proto.QEmb(query.qid, i, proto.SERVE_OK, "", (emb,))), copy=False

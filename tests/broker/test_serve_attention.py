@@ -47,7 +47,9 @@ def batch_of(desk, asks: tuple[bool, ...], skip: tuple[int, ...] = ()) -> proto.
     assert not first.message.attention  # the experts are never asked for it
     assert (
         proto.encode(first.message)[0]
-        == proto.encode(proto.Query(first.message.qid, COLUMNS, first.message.tensors))[0]
+        == proto.encode(
+            proto.Query(first.message.qid, first.message.columns, first.message.tensors)
+        )[0]  # fmt: skip
     )
     out = answer_experts(desk, first.message, 0.02, skip)
     if skip:  # the skipped experts never answer: masked at the serve timeout
