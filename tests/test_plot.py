@@ -312,10 +312,10 @@ def test_a_failure_to_plot_is_a_warning(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(plot, "plot_run", broken)
     with caplog.at_level(logging.WARNING, logger="traci_ml.app.launcher"):
-        launcher._plot(tmp_path, progress, by_class=True)  # returns, does not raise
+        launcher._plot(tmp_path, progress, read_data=True)  # returns, does not raise
     assert "plots of" in caplog.text and "no fonts today" in caplog.text
     monkeypatch.undo()
-    launcher._plot(write_run(tmp_path / "run"), progress, by_class=True)
+    launcher._plot(write_run(tmp_path / "run"), progress, read_data=True)
     assert f"plots in {tmp_path / 'run' / 'plots'}: loss.png" in progress.out.getvalue()
 
 

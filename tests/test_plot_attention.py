@@ -100,6 +100,29 @@ def test_heat_map_has_one_row_per_class_of_mean_attention(digits: Built, tmp_pat
     assert (ca.mean.sum(axis=1) < 1).all()  # [CLS] keeps the rest of each row's 1
 
 
+def test_heat_map_reads_the_reducers_attention_without_checkpoints(digits: Built, tmp_path):
+    """The reducer's eval_predictions.csv carries each test row's attention (the columns of
+    ``traci predict --split test --attention``, written here that way): with it, the map
+    needs no config, checkpoint or data, and draws the same numbers; a file without them
+    (an older run) is not read."""
+    want = plot_attention.class_attention(digits.path)  # no file in the run: predicted again
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert main(["predict", "--run", str(digits.path), "--split", "test", "--attention",
+                 "--output", str(bare / "eval_predictions.csv")]) == 0  # fmt: skip
+    got = plot_attention.class_attention(bare)
+    assert (got.groups, got.experts, got.counts, got.task) == (
+        want.groups, want.experts, want.counts, want.task)  # fmt: skip
+    np.testing.assert_allclose(got.mean, want.mean, rtol=1e-6)
+    old = tmp_path / "old.csv"
+    text = (bare / "eval_predictions.csv").read_text()
+    kept = [line.split(",")[:15] for line in text.splitlines()]
+    assert kept[0][-1] == "absent"  # row, id, label, prediction, 10 prob_*, absent
+    old.write_text("\n".join(",".join(cells) for cells in kept) + "\n")
+    assert plot_attention.from_eval_predictions(old) is None
+    assert plot_attention.from_eval_predictions(tmp_path / "none.csv") is None
+
+
 def test_plot_run_writes_the_heat_map_beside_the_others(digits: Built) -> None:
     write_run(digits.path)  # records of a run, into the run directory with the checkpoints
     paths = plot.plot_run(digits.path)
@@ -118,6 +141,11 @@ def test_regression_groups_rows_by_quantile_bins_of_the_true_label(tmp_path: Pat
                                           "data.label": "y", "data.task": "regression",
                                           "data.views": views})  # fmt: skip
     ca = plot_attention.class_attention(built.path)
+    assert main(["predict", "--run", str(built.path), "--split", "test", "--attention",
+                 "--output", str(built.path / "eval_predictions.csv")]) == 0  # fmt: skip
+    read = plot_attention.class_attention(built.path)  # now from the file: the same bins
+    assert (read.groups, read.counts) == (ca.groups, ca.counts)
+    np.testing.assert_allclose(read.mean, ca.mean, rtol=1e-6)
     assert ca.task == "regression" and ca.experts == ["left", "right"]
     assert len(ca.groups) == plot_attention.BINS and ca.mean.shape == (plot_attention.BINS, 2)
     assert ca.groups[0].startswith("[") and ca.groups[-1].endswith("]")

@@ -345,19 +345,21 @@ def test_eval_predictions_file_lists_each_row_with_masked_experts(tmp_path: Path
     rnd = EvalRound("classification", 3)
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.5]])
     absent = torch.tensor([[False, False, False], [False, True, False], [True, False, True]])
-    rnd.add(
-        logits[:2], torch.tensor([0, 0]), torch.ones(2, 3), absent[:2], rows=torch.tensor([0, 1])
-    )
-    rnd.add(logits[2:], torch.tensor([1]), torch.ones(1, 3), absent[2:], rows=torch.tensor([2]))
+    att = torch.tensor([[0.5, 0.25, 0.125], [0.5, 0.0, 0.25], [0.0, 0.75, 0.0]])
+    rnd.add(logits[:2], torch.tensor([0, 0]), att[:2], absent[:2], rows=torch.tensor([0, 1]))
+    rnd.add(logits[2:], torch.tensor([1]), att[2:], absent[2:], rows=torch.tensor([2]))
     ds = SimpleNamespace(task="classification", classes=("no", "yes"), y_mean=0.0, y_std=1.0)
     write_eval_predictions(tmp_path / "e.csv", rnd, ds)
     rows = read_out(tmp_path / "e.csv")
     assert list(rows[0]) == ["row", "id", "label", "prediction", "prob_no", "prob_yes",
-                             "absent"]  # fmt: skip
+                             "absent", "attn_cls", "attn_0", "attn_1", "attn_2"]  # fmt: skip
     assert [(r["row"], r["id"], r["label"], r["prediction"], r["absent"]) for r in rows] == [
         ("0", "0", "no", "no", ""), ("1", "1", "no", "yes", "1"), ("2", "2", "yes", "yes", "0 2"),
     ]  # fmt: skip
     np.testing.assert_allclose(probs(rows, ("no", "yes")), logits.softmax(-1).numpy(), rtol=1e-7)
+    # each row's attention: [CLS]'s own (the rest of the row's 1), then each expert's
+    weights = [[float(r[f"attn_{k}"]) for k in ("cls", "0", "1", "2")] for r in rows]
+    assert weights == [[0.125, 0.5, 0.25, 0.125], [0.25, 0.5, 0.0, 0.25], [0.25, 0.0, 0.75, 0.0]]
 
     reg = EvalRound("regression", 1)
     reg.add(torch.tensor([[0.5]]), torch.tensor([-1.0]), torch.ones(1, 1), absent[:1, :1],
@@ -365,8 +367,9 @@ def test_eval_predictions_file_lists_each_row_with_masked_experts(tmp_path: Path
     write_eval_predictions(tmp_path / "r.csv", reg, SimpleNamespace(task="regression", classes=(),
                            y_mean=10.0, y_std=2.0))  # fmt: skip
     assert read_out(tmp_path / "r.csv") == [
-        {"row": "4", "id": "4", "label": "8", "prediction": "11", "absent": ""}
-    ]
+        {"row": "4", "id": "4", "label": "8", "prediction": "11", "absent": "",
+         "attn_cls": "0", "attn_0": "1"}
+    ]  # fmt: skip
 
 
 # -- by id: one-table runs (the id is the row's number in the table) ------------------------

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from traci_ml.core.files import write_atomic
+from traci_ml.core.models.attention import column_names, with_cls
 
 
 class MetricsLog:
@@ -50,6 +51,7 @@ class EvalRound:
     att_count: torch.Tensor | None = None
     rows: list[torch.Tensor] = field(default_factory=list)  # test-split row of each prediction
     absent: list[torch.Tensor] = field(default_factory=list)
+    att_rows: list[torch.Tensor] = field(default_factory=list)  # (B, N) per row, with ``rows``
     n_present: list[torch.Tensor] = field(default_factory=list)  # experts present per row
 
     def add(
@@ -66,6 +68,7 @@ class EvalRound:
         if rows is not None:
             self.rows.append(rows.detach().cpu())
             self.absent.append(absent.detach().cpu())
+            self.att_rows.append(att.detach().float().cpu())
         present = (~absent).float().cpu()
         s, c = (att.detach().cpu() * present).sum(0), present.sum(0)
         self.att_sum = s if self.att_sum is None else self.att_sum + s
@@ -112,8 +115,10 @@ def write_eval_predictions(path: Path, rnd: EvalRound, dataset: Any) -> None:
     """One evaluation round's predictions, one line per test-split row, atomically: ``row``,
     ``id`` (the row's number in the one table, or its id in the label file), ``label``,
     ``prediction``, one ``prob_<class>`` per class (classification; the label and prediction
-    in the label's units for regression), and ``absent``: the experts masked ("" when all
-    were present). The columns of ``traci predict --split test``."""
+    in the label's units for regression), ``absent``: the experts masked ("" when all
+    were present), and each row's attention: ``attn_cls`` and ``attn_<expert>`` per expert
+    (``core/models/attention.py``; a masked expert weighs 0). The columns of ``traci predict
+    --split test --attention``; ``traci plot`` draws its attention heat map from them."""
     classes = dataset.classes if dataset.task == "classification" else ()
     y_mean, y_std = dataset.y_mean, dataset.y_std
     logits, y = torch.cat(rnd.logits), torch.cat(rnd.targets)
@@ -133,10 +138,16 @@ def write_eval_predictions(path: Path, rnd: EvalRound, dataset: Any) -> None:
             [f"{float(t) * y_std + y_mean:.9g}", f"{float(p):.9g}"]
             for t, p in zip(y, pred, strict=True)
         ]
+    views = getattr(dataset, "views", None)
+    names = [v.name for v in views] if views else [str(i) for i in range(rnd.n_experts)]
+    header += [_csv(n) for n in column_names(names)]
+    att = with_cls(torch.cat(rnd.att_rows)).tolist() if rnd.att_rows else [[]] * len(body)
     lines = [",".join(header)]
-    for r, cells, a in zip(rows.tolist(), body, absent, strict=True):
+    for r, cells, a, w in zip(rows.tolist(), body, absent, att, strict=True):
         gone = " ".join(str(i) for i in a.nonzero().flatten().tolist())
-        lines.append(",".join([str(r), _csv(ids[r] if ids is not None else r), *cells, gone]))
+        weights = (f"{v:.9g}" for v in w)
+        lines.append(",".join([str(r), _csv(ids[r] if ids is not None else r), *cells, gone,
+                               *weights]))  # fmt: skip
     write_atomic(path, "\n".join(lines) + "\n")
 
 

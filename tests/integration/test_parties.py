@@ -115,6 +115,9 @@ def test_quadrant_files_with_shuffled_rows_train_as_the_one_table_run(digits_con
     for i, path in enumerate(views):
         assert reads.pop(f"expert --id {i}") == {Path(path).name}
     assert not reads, f"other processes read data: {reads}"  # the broker and traci up: none
+    # traci up drew the heat map of attention by class from the reducer's own scoring
+    run_dir = Path(raw["run_dir"])
+    assert (run_dir / "plots" / "attention_by_class.png").stat().st_size > 1000
 
     # the same test rows, by id, in both runs' row-by-row predictions
     def rows(run: str) -> list[dict[str, str]]:

@@ -40,6 +40,11 @@ def probs(rows: list[dict[str, str]]) -> np.ndarray:
     return np.array([[float(r[f"prob_{c}"]) for c in CLASSES] for r in rows])
 
 
+def attn(rows: list[dict[str, str]]) -> np.ndarray:
+    """Each row's attention columns: attn_cls, then one per expert."""
+    return np.array([[float(v) for k, v in r.items() if k.startswith("attn_")] for r in rows])
+
+
 @pytest.mark.timeout(300)
 def test_offline_prediction_equals_the_reducers_final_eval(run_config, tmp_path, capsys):
     path, cfg = run_config(
@@ -52,15 +57,17 @@ def test_offline_prediction_equals_the_reducers_final_eval(run_config, tmp_path,
     assert summary["steps"] == 200 and (run / "preprocess.json").exists()
 
     out = tmp_path / "pred.csv"
-    assert main(["predict", "--run", str(run), "--split", "test", "--output", str(out)]) == 0
+    assert main(["predict", "--run", str(run), "--split", "test", "--attention",
+                 "--output", str(out)]) == 0  # fmt: skip
     err = capsys.readouterr().err
     offline, served = read_rows(out), read_rows(run / "eval_predictions.csv")
     assert len(offline) == len(served) == summary["test"]["samples"] == 359
     assert all(r["absent"] == "" for r in served)  # every expert present at the final eval
-    assert list(offline[0]) == list(served[0])  # row, id, label, prediction, prob_*, absent
+    assert list(offline[0]) == list(served[0])  # row, id, label, prediction, prob_*, absent, attn_*
     for key in ("row", "id", "label", "prediction", "absent"):
         assert [r[key] for r in offline] == [r[key] for r in served], key
     np.testing.assert_allclose(probs(offline), probs(served), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(attn(offline), attn(served), rtol=1e-5, atol=1e-6)
     hits = sum(r["prediction"] == r["label"] for r in offline)
     assert hits / len(offline) == pytest.approx(summary["test_accuracy"], abs=1e-7)
     assert f"test accuracy {hits / len(offline):.4f}" in err
@@ -98,16 +105,22 @@ def test_parties_split_test_equals_the_reducers_final_eval(run_config, tmp_path,
     assert summary["steps"] == 300 and not (run / "preprocess.json").exists()
 
     out = tmp_path / "pred.csv"
-    assert main(["predict", "--run", str(run), "--split", "test", "--output", str(out)]) == 0
+    assert main(["predict", "--run", str(run), "--split", "test", "--attention",
+                 "--output", str(out)]) == 0  # fmt: skip
     err = capsys.readouterr().err
     offline, served = read_rows(out), read_rows(run / "eval_predictions.csv")
     assert len(offline) == len(served) == summary["test"]["samples"]
     assert 340 < len(served) < 359  # the rows no party holds are left out by both
-    assert list(offline[0]) == list(served[0])  # row, id, label, prediction, prob_*, absent
+    assert list(offline[0]) == list(served[0])  # row, id, label, prediction, prob_*, absent, attn_*
     for key in ("row", "id", "label", "prediction", "absent"):
         assert [r[key] for r in offline] == [r[key] for r in served], key
     assert any(r["absent"] for r in served)  # some parties lack some rows
     np.testing.assert_allclose(probs(offline), probs(served), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(attn(offline), attn(served), rtol=1e-5, atol=1e-5)
+    experts = [k for k in served[0] if k.startswith("attn_")][1:]  # after attn_cls, by id
+    masked = [r for r in served if r["absent"]]  # a masked expert weighs 0 in its row
+    assert masked and all(float(r[experts[int(i)]]) == 0 for r in masked
+                          for i in r["absent"].split())  # fmt: skip
     hits = sum(r["prediction"] == r["label"] for r in offline)
     assert hits / len(offline) == pytest.approx(summary["test_accuracy"], abs=1e-7)
     assert f"test accuracy {hits / len(offline):.4f}" in err

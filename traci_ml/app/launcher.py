@@ -77,18 +77,18 @@ def _supervised(config: Config, run: RunDir, args: Any, view: PlainView) -> int:
     code = progress.final(run.path)
     if code == 0:
         progress.phase(PLOTTING)
-        # traci up reads no party's file (each expert reads its own): a parties run's heat
-        # map of attention by class is drawn by `traci plot RUN` where the files are.
-        _plot(run.path, progress, by_class=config.data.source != "parties")
+        # traci up reads no party's file (each expert reads its own): the heat map of
+        # attention by class comes from the reducer's eval_predictions.csv, never the data
+        _plot(run.path, progress, read_data=config.data.source != "parties")
         progress.phase(DONE)
     return code
 
 
-def _plot(run_path: Path, progress: Progress, *, by_class: bool) -> None:
+def _plot(run_path: Path, progress: Progress, *, read_data: bool) -> None:
     """The run's PNGs (``traci_ml.app.plot``): a failure to plot is a warning, not a failed run."""
     try:
         from traci_ml.app.plot import describe, plot_run
 
-        progress.line(describe(plot_run(run_path, by_class=by_class)))
+        progress.line(describe(plot_run(run_path, read_data=read_data)))
     except (Exception, KeyboardInterrupt) as exc:  # any failure at all: the run succeeded
         log.warning("plots of %s not written: %s", run_path, exc or type(exc).__name__)

@@ -183,10 +183,12 @@ def load_run(run_dir: Path) -> Run:
 # -- entry points ----------------------------------------------------------------------------
 
 
-def plot_run(run_dir: Path, *, by_class: bool = True) -> list[Path]:
+def plot_run(run_dir: Path, *, read_data: bool = True) -> list[Path]:
     """Write the run's PNGs into ``RUN_DIR/plots/``; returns the paths written. Without a
-    usable ``broker.jsonl`` there is no ``queue_latency.png`` (logged); ``by_class`` False
-    leaves out ``attention_by_class.png`` (it predicts the test split: it reads the data).
+    usable ``broker.jsonl`` there is no ``queue_latency.png`` (logged). The heat map of
+    attention by class comes from ``eval_predictions.csv``; a run whose file lacks the
+    attention is predicted again, which reads the data: ``read_data`` False (``traci up``
+    of a parties run, which reads no party's file) skips the map instead.
     Raises TraciError naming the file when ``metrics.jsonl`` is missing, empty or
     ``summary.json`` is corrupt; OSError when ``plots/`` cannot be written."""
     run = load_run(Path(run_dir))
@@ -204,18 +206,18 @@ def plot_run(run_dir: Path, *, by_class: bool = True) -> list[Path]:
         written.append(_save(fig, out / "queue_latency.png"))
     else:
         log.info("%s: no broker.jsonl samples, queue_latency.png not written", run.path)
-    if by_class:
-        written.extend(_by_class(run, out))
+    written.extend(_by_class(run, out, read_data))
     return written
 
 
-def _by_class(run: Run, out: Path) -> list[Path]:
+def _by_class(run: Run, out: Path, read_data: bool) -> list[Path]:
     """``attention_by_class.png`` (``plot_attention.py``), or nothing and a warning saying
-    why (no checkpoints, no data: what ``traci predict --split test`` would refuse)."""
+    why (no attention in ``eval_predictions.csv`` and no checkpoints or data to predict it:
+    what ``traci predict --split test`` would refuse)."""
     from traci_ml.app import plot_attention
 
     try:
-        ca = plot_attention.class_attention(run.path)
+        ca = plot_attention.class_attention(run.path, predict=read_data)
     except Exception as exc:  # best effort, like every plot: say why, draw the others
         log.warning("%s not written: %s", plot_attention.NAME, exc)
         return []

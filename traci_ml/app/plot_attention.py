@@ -1,8 +1,11 @@
 """``attention_by_class.png``: the reducer's attention per expert for each class, a heat map.
 
-The rows are the run's **test split** (the held-out rows the final evaluation scores),
-predicted in this process with ``traci predict --split test --attention`` (the same
-checkpoints ``traci predict`` loads; which attention it is: ``core/models/attention.py``).
+The rows are the run's **test split** (the held-out rows the final evaluation scores), with
+the attention the reducer itself computed when it scored them: ``eval_predictions.csv``'s
+``attn_*`` columns (which attention it is: ``core/models/attention.py``). Nothing is
+re-run, so the map needs neither checkpoints nor data (a ``parties`` run plotted where no
+party's file is). A run written before the reducer kept those columns is predicted again in
+this process with ``traci predict --split test --attention`` (the same checkpoints).
 Each cell is the mean attention weight the [CLS] query gives that expert over the rows of
 one **true** class (classification: the label, not the prediction, so a class the model
 confuses still shows where it looked); for regression the rows are grouped into ``BINS``
@@ -10,8 +13,9 @@ quantile bins of the true label (one per value for a label of few values). An ex
 for a row counts with its weight there, 0; [CLS]'s weight on itself is the rest of each
 row's 1 and is not drawn.
 
-Needs the run's checkpoints and data (as ``traci predict --split`` does): ``class_attention``
-raises ``TraciError`` when they are not there, and ``traci plot`` then skips the heat map.
+That fallback needs the run's checkpoints and data (as ``traci predict --split`` does):
+``class_attention`` raises ``TraciError`` when they are not there, and ``traci plot`` then
+skips the heat map.
 """
 
 from __future__ import annotations
@@ -38,8 +42,23 @@ class ClassAttention:
     task: str
 
 
-def class_attention(run_dir: str | Path, split: str = "test") -> ClassAttention:
-    """Mean attention per expert for each true class (or label bin) of ``split``."""
+def class_attention(
+    run_dir: str | Path, split: str = "test", *, predict: bool = True
+) -> ClassAttention:
+    """Mean attention per expert for each true class (or label bin) of ``split``: for the
+    test split, read from the reducer's ``eval_predictions.csv`` when it holds the
+    attention; else predicted again (``traci predict --split SPLIT --attention``), unless
+    not ``predict`` (then ``TraciError``: nothing reads the data)."""
+    from traci_ml.core.errors import TraciError
+
+    if split == "test":
+        found = from_eval_predictions(Path(run_dir) / "eval_predictions.csv")
+        if found is not None:
+            return found
+    if not predict:
+        raise TraciError(f"no attention columns in {Path(run_dir) / 'eval_predictions.csv'} "
+                         f"(an older run): `traci plot {run_dir}` predicts them where the data "
+                         "is")  # fmt: skip
     from traci_ml.app.attention import recording, with_attention
     from traci_ml.app.predict import load_id_predictor
     from traci_ml.core.data import view_specs
@@ -57,6 +76,42 @@ def class_attention(run_dir: str | Path, split: str = "test") -> ClassAttention:
         member = np.array([groups.index(str(lab)) for lab in cols["label"]], dtype=np.intp)
     else:
         groups, member = _bins(np.asarray(cols["label"], dtype=np.float64))
+    return _grouped(groups, experts, att, member, by_id.task)
+
+
+def from_eval_predictions(path: Path) -> ClassAttention | None:
+    """The heat map's numbers from the reducer's final scoring (``eval_predictions.csv``:
+    ``prob_<class>`` columns name the classes in order, ``attn_cls`` then ``attn_<expert>``
+    the attention); None when the file is missing or has no attention columns."""
+    import csv
+
+    if not path.is_file():
+        return None
+    with path.open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        lines = list(reader)
+    if "attn_cls" not in header:
+        return None
+    first = header.index("attn_cls") + 1
+    experts = [h.removeprefix("attn_") for h in header[first:]]
+    label = header.index("label")
+    att = np.array([[float(v) for v in line[first:]] for line in lines], dtype=np.float64)
+    att = att.reshape(len(lines), len(experts))
+    classes = [h.removeprefix("prob_") for h in header if h.startswith("prob_")]
+    if classes:
+        index = {c: k for k, c in enumerate(classes)}
+        groups, task = classes, "classification"
+        member = np.array([index[line[label]] for line in lines], dtype=np.intp)
+    else:
+        groups, member = _bins(np.array([float(line[label]) for line in lines], np.float64))
+        task = "regression"
+    return _grouped(groups, experts, att, member, task)
+
+
+def _grouped(groups: list[str], experts: list[str], att: np.ndarray, member: np.ndarray,
+             task: str) -> ClassAttention:  # fmt: skip
+    """The mean of ``att``'s rows per group (``member``: each row's group)."""
     mean = np.full((len(groups), len(experts)), np.nan)
     counts = []
     for k in range(len(groups)):
@@ -64,7 +119,7 @@ def class_attention(run_dir: str | Path, split: str = "test") -> ClassAttention:
         counts.append(len(rows))
         if len(rows):
             mean[k] = rows.mean(axis=0)
-    return ClassAttention(groups, experts, mean, counts, by_id.task)
+    return ClassAttention(groups, experts, mean, counts, task)
 
 
 def _bins(y: np.ndarray) -> tuple[list[str], np.ndarray]:
