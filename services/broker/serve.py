@@ -307,14 +307,16 @@ class ServeDesk:
                     self._reply_error(out, req.routing_id, req.qid, now, status, "peer lost")
                 continue
             qid, self._next_qid = self._next_qid, self._next_qid + 1
-            query = InQuery(qid, group.requests, group.rows, dict(experts), now + self.timeout,
+            # only experts with a view (the registry admits no other id; never a guess)
+            asked = {e: rid for e, rid in experts.items() if e < self.n_experts}
+            query = InQuery(qid, group.requests, group.rows, asked, now + self.timeout,
                             launched=now)  # fmt: skip
             self._queries[qid] = query
             if group.ids is not None:  # by id: no rows, each expert looks them up
                 message = Query(qid, (), (), tuple(group.ids))
-                out.sends.extend(Send(EXPERT, rid, message) for rid in experts.values())
+                out.sends.extend(Send(EXPERT, rid, message) for rid in asked.values())
             else:  # each expert gets its own view's columns, and no other
-                out.sends.extend(self._view_queries(qid, group, experts))
+                out.sends.extend(self._view_queries(qid, group, asked))
             if self.metrics is not None:
                 self.metrics.batched(group.rows, len(group.requests))
 
@@ -327,10 +329,7 @@ class ServeDesk:
         picks = self._picks(group.columns)
         table = rows.numpy()
         sends = []
-        for eid, rid in experts.items():
-            if eid >= len(picks):  # no such view (the peer registry admits none): all of it
-                sends.append(Send(EXPERT, rid, Query(qid, group.columns, (rows,))))
-                continue
+        for eid, rid in experts.items():  # ids below n_experts: each has a view
             pick = picks[eid]
             mine = rows if pick is None else Tensor.from_numpy(table[:, pick])
             sends.append(Send(EXPERT, rid, Query(qid, self.view_columns[eid], (mine,))))

@@ -414,3 +414,15 @@ def test_front_door_round_trip_and_bad_requests(running) -> None:
     assert sample("traci_broker_serve_requests_total", {"outcome": "bad_request"}) == 3
     assert sample("traci_broker_serve_requests_total", {"outcome": "ok"}) == 3
     assert sample("traci_broker_rejections_total", {"reason": "non_finite"}) == 1
+
+
+def test_an_expert_id_without_a_view_is_never_sent_rows() -> None:
+    """Defence in depth: the peer registry admits no expert id outside the run's views, but
+    should one reach the desk, it gets no QUERY (no columns to give it) and is not waited
+    for: the others answer and the request is served."""
+    desk, _ = make_desk(max_wait=0.0)
+    peers = ({**EXPERTS, N: b"stranger"}, REDUCER_ID)
+    out = desk.request(b"c0", proto.Query(1, COLUMNS, (rows(1),)), 0.0, peers)
+    assert [s.routing_id for s in sends(out, EXPERT)] == list(EXPERTS.values())
+    query = sends(out, EXPERT)[0].message
+    assert len(sends(answer_experts(desk, query, 0.001), REDUCER)) == 1  # nobody else awaited
