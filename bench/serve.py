@@ -40,9 +40,9 @@ import yaml
 from bench.e2e import free_ports
 from bench.reference import reference_config
 from bench.serve_cpu import CpuMeter, fmt_cpu
+from bench.serve_load import FEATURES, drive
 
 TRACI = [sys.executable, "-m", "traci_ml.app.cli"]
-FEATURES = 256  # the reference model's synthetic table: x0 .. x255, standard normal
 
 
 def train(run_dir: Path, *, steps: int) -> None:
@@ -183,7 +183,7 @@ def load_procs(endpoint: str, rate: float | None, seconds: float, threads: int,
     if meter is not None:
         meter.window(start, seconds)
     with ctx.Pool(procs) as pool:
-        parts = pool.starmap(_load_part, [(endpoint, None if rate is None else rate / procs,
+        parts = pool.starmap(drive, [(endpoint, None if rate is None else rate / procs,
                                            seconds, per, start) for _ in range(procs)])  # fmt: skip
     lat = np.concatenate([p["latencies"] for p in parts]) * 1000
     done = len(lat)
@@ -199,13 +199,6 @@ def load_procs(endpoint: str, rate: float | None, seconds: float, threads: int,
         "cpu_us_per_request": {} if meter is None else meter.per_request(
             sum(int(np.sum(p["answered_at"] < start + seconds)) for p in parts)),
     }  # fmt: skip
-
-
-def _load_part(endpoint: str, rate: float | None, seconds: float, clients: int,
-               start: float) -> dict[str, Any]:  # fmt: skip
-    from bench.serve_load import drive
-
-    return drive(endpoint, rate, seconds, clients, start)
 
 
 def run(*, quick: bool = False) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-FEATURES = 256  # the reference model's synthetic table: x0 .. x255
+FEATURES = 256  # the reference model's synthetic table: x0 .. x255, standard normal
 
 
 def drive(endpoint: str, rate: float | None, seconds: float, clients: int,

@@ -151,8 +151,8 @@ class ServeDesk:
         self._queries: dict[int, InQuery] = {}
         self._queued = 0  # requests in _groups and _ready
         self._next_qid = 0
-        self._checked: dict[tuple[str, ...], str] = {}  # column list -> what it lacks ("")
-        self._pick_cache: dict[tuple[str, ...], list[np.ndarray | None]] = {}  # _picks
+        # column list -> (what it lacks, "" for nothing; each view's pick of it): _plan
+        self._plans: dict[tuple[str, ...], tuple[str, list[np.ndarray | None]]] = {}
 
     @classmethod
     def from_config(cls, config: Config, *, metrics: Any = None) -> ServeDesk:
@@ -268,12 +268,23 @@ class ServeDesk:
         return out
 
     def _missing(self, columns: tuple[str, ...]) -> str:
-        """What a column list lacks for some expert's view ("": nothing); remembered."""
-        found = self._checked.get(columns)
+        """What a column list lacks for some expert's view ("": nothing)."""
+        return self._plan(columns)[0]
+
+    def _plan(self, columns: tuple[str, ...]) -> tuple[str, list[np.ndarray | None]]:
+        """What ``columns`` lacks for some view ("": nothing) and, when nothing, per view the
+        index of each of its columns in ``columns`` (None: the view is ``columns`` as they
+        are; ``_view_queries``); remembered per column list (a client repeats its own)."""
+        found = self._plans.get(columns)
         if found is None:
-            if len(self._checked) >= 64:
-                self._checked.pop(next(iter(self._checked)))
-            found = self._checked[columns] = self._lacking(columns)
+            lacking, picks = self._lacking(columns), []
+            if not lacking:
+                where = {c: i for i, c in enumerate(columns)}
+                picks = [None if view == columns else np.array([where[c] for c in view], np.intp)
+                         for view in self.view_columns]  # fmt: skip
+            if len(self._plans) >= 64:
+                self._plans.pop(next(iter(self._plans)))
+            found = self._plans[columns] = (lacking, picks)
         return found
 
     def _lacking(self, columns: tuple[str, ...]) -> str:
@@ -326,28 +337,14 @@ class ServeDesk:
         each expert decodes its own names only). A view that is the whole request gets the
         request's own tensor (a lone request's frame, zero-copy)."""
         rows = self._rows(group)
-        picks = self._picks(group.columns)
-        table = rows.numpy()
+        picks = self._plan(group.columns)[1]  # the request passed _missing: every view's
+        table = rows.numpy()  # a view of the frame, no copy
         sends = []
         for eid, rid in experts.items():  # ids below n_experts: each has a view
             pick = picks[eid]
             mine = rows if pick is None else Tensor.from_numpy(table[:, pick])
             sends.append(Send(EXPERT, rid, Query(qid, self.view_columns[eid], (mine,))))
         return sends
-
-    def _picks(self, columns: tuple[str, ...]) -> list[np.ndarray | None]:
-        """Per view, the index of each of its columns in ``columns`` (None: the view is
-        ``columns`` as they are); remembered per column list. Only for a column list
-        ``_missing`` passed: every view column is there."""
-        found = self._pick_cache.get(columns)
-        if found is None:
-            where = {c: i for i, c in enumerate(columns)}
-            found = [None if view == columns else np.array([where[c] for c in view], np.intp)
-                     for view in self.view_columns]  # fmt: skip
-            if len(self._pick_cache) >= 64:
-                self._pick_cache.pop(next(iter(self._pick_cache)))
-            self._pick_cache[columns] = found
-        return found
 
     @staticmethod
     def _rows(group: Group) -> Tensor:

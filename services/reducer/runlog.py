@@ -65,12 +65,13 @@ class EvalRound:
         self.logits.append(logits.detach().cpu())
         self.targets.append(y.detach().cpu())
         self.n_present.append((~absent).sum(dim=1).cpu())
+        att = att.detach().float().cpu()
         if rows is not None:
             self.rows.append(rows.detach().cpu())
             self.absent.append(absent.detach().cpu())
-            self.att_rows.append(att.detach().float().cpu())
+            self.att_rows.append(att)
         present = (~absent).float().cpu()
-        s, c = (att.detach().cpu() * present).sum(0), present.sum(0)
+        s, c = (att * present).sum(0), present.sum(0)
         self.att_sum = s if self.att_sum is None else self.att_sum + s
         self.att_count = c if self.att_count is None else self.att_count + c
 
@@ -141,7 +142,7 @@ def write_eval_predictions(path: Path, rnd: EvalRound, dataset: Any) -> None:
     views = getattr(dataset, "views", None)
     names = [v.name for v in views] if views else [str(i) for i in range(rnd.n_experts)]
     header += [_csv(n) for n in column_names(names)]
-    att = with_cls(torch.cat(rnd.att_rows)).tolist() if rnd.att_rows else [[]] * len(body)
+    att = with_cls(torch.cat(rnd.att_rows)).tolist()  # one per row, kept with rnd.rows
     lines = [",".join(header)]
     for r, cells, a, w in zip(rows.tolist(), body, absent, att, strict=True):
         gone = " ".join(str(i) for i in a.nonzero().flatten().tolist())
