@@ -29,7 +29,7 @@ from traci_ml.core.errors import CheckpointError, DataError, PeerTimeout
 from traci_ml.core.feedback import ErrorFeedback
 from traci_ml.core.files import write_json_atomic
 from traci_ml.core.link import BrokerLink
-from traci_ml.core.models.expert import build_expert, polyak_update
+from traci_ml.core.models.expert import build_expert, input_noise, input_noise_for, polyak_update
 from traci_ml.core.models.optim import set_weight_decay, weight_decay_for
 from traci_ml.core.rundir import RunDir
 from traci_ml.core.schedule import Schedule, Step, make_schedule, set_lr
@@ -74,6 +74,7 @@ class ExpertService:
         self.schedule: Schedule | None = None
         self.rows: RowMap | None = None
         self.table: torch.Tensor | None = None  # (n, F_i) standardised, on the device
+        self.noise = 0.0  # sd of the train steps' input noise, known once aligned (_adopt)
         self.id_index: IdIndex | None = None  # served queries by id: built on the first
         self.online, self.target, self.optimizer = build_expert(
             config, expert_id, self.data.table.shape[1], self.device
@@ -228,7 +229,8 @@ class ExpertService:
         elif step.split == "test" and self.schedule.selecting:
             net = self.selection.test_net(self.target)  # the best round's
         with torch.no_grad():
-            emb = self._embed(net, rows, held)  # (B, d), zeros where absent
+            noisy = step.seq if step.phase == "train" else None  # input noise: train only
+            emb = self._embed(net, rows, held, noisy)  # (B, d), zeros where absent
         wire = self._emb_wire(step.phase, local, present, emb)
         if epoch != self._epoch:
             return
@@ -266,11 +268,10 @@ class ExpertService:
         always at window 1, where it takes one pass off every step."""
         if self._ahead_valid(self._ahead, seq):
             return
-        assert self.table is not None
-        rows = pending.held_rows
-        if len(rows):
+        if len(pending.held_rows):
             self.online.train()
-            self._ahead = (seq, self.accounts.applied, self.online(self.table[rows]))
+            x = self._inputs(pending.rows, pending.held, seq)
+            self._ahead = (seq, self.accounts.applied, self.online(x))
 
     def _ahead_valid(self, ahead: tuple[int, int, torch.Tensor] | None, seq: int) -> bool:
         """Whether ``ahead`` is step ``seq``'s online output under the current weights."""
@@ -281,15 +282,28 @@ class ExpertService:
         return None if present is None else torch.as_tensor(np.flatnonzero(present),
                                                              device=self.device)  # fmt: skip
 
-    def _embed(self, net: torch.nn.Module, rows: torch.Tensor, held: torch.Tensor | None):
-        """``net`` on own rows ``rows`` (B,); rows not ``held`` (positions in ``rows``) are
-        zeros and never reach the net (batch statistics see only real rows)."""
+    def _inputs(self, rows: torch.Tensor, held: torch.Tensor | None,
+                noisy: int | None = None) -> torch.Tensor:  # fmt: skip
+        """The net's inputs for own rows ``rows`` (B,), only the ``held`` positions (None:
+        all); with ``noisy``, a train step's seq, plus that step's input noise
+        (``expert.input_noise``: the same draw for its EMB and its online pass)."""
         assert self.table is not None
+        x = self.table[rows]
+        if noisy is not None and self.noise:
+            x = x + input_noise(self.noise, self.config.seed, self.id, noisy, tuple(x.shape),
+                                self.device)  # fmt: skip
+        return x if held is None else x[held]
+
+    def _embed(self, net: torch.nn.Module, rows: torch.Tensor, held: torch.Tensor | None,
+               noisy: int | None = None):  # fmt: skip
+        """``net`` on own rows ``rows`` (B,); rows not ``held`` (positions in ``rows``) are
+        zeros and never reach the net (batch statistics see only real rows). ``noisy``: the
+        train step whose input noise the rows carry."""
         if held is None:
-            return net(self.table[rows])
+            return net(self._inputs(rows, None, noisy))
         out = torch.zeros(len(rows), self.config.embed_dim, device=self.device)
         if len(held):
-            out[held] = net(self.table[rows[held]]).to(out.dtype)
+            out[held] = net(self._inputs(rows, held, noisy)).to(out.dtype)
         return out
 
     # -- alignment (parties, docs/parties.md) -------------------------------------------
@@ -306,6 +320,8 @@ class ExpertService:
         # expert.weight_decay "auto" scales by the rows training draws from, known only now
         set_weight_decay(self.optimizer, weight_decay_for(self.config.expert.weight_decay,
                                                           len(self.schedule.fit_rows)))  # fmt: skip
+        self.noise = input_noise_for(self.config.expert.input_noise, len(self.schedule.fit_rows),
+                                     self.config.task)  # fmt: skip
         held_train, held_test = rows.held()
         self.metrics.rows_held.labels(expert=str(self.id), split="train").set(held_train)
         self.metrics.rows_held.labels(expert=str(self.id), split="test").set(held_test)
@@ -458,15 +474,15 @@ class ExpertService:
         # backprop the slice: the rows this expert holds only (an absent row's gradient is
         # not its own).
         ahead, self._ahead = self._ahead, None
-        rows, g = pending.held_rows, from_wire(grad, self.device)
+        g = from_wire(grad, self.device)
         if pending.held is not None:
             g = g[pending.held]
-        if len(rows):
+        if len(pending.held_rows):
             if self._ahead_valid(ahead, seq):
                 out = ahead[2]  # the graph built while the gradient travelled: still valid
             else:
                 self.online.train()
-                out = self.online(self.table[rows])  # (B_held, d)
+                out = self.online(self._inputs(pending.rows, pending.held, seq))  # (B_held, d)
             self.optimizer.zero_grad(set_to_none=True)
             out.backward(g.to(out.dtype))
             set_lr(self.optimizer, self.config.expert.lr, pending.step.index, self.config.train)

@@ -21,7 +21,13 @@ from traci_ml import proto
 from traci_ml.core import checkpoint
 from traci_ml.core.config import Config
 from traci_ml.core.data import load_dataset
-from traci_ml.core.models.expert import build_expert_net, make_target, polyak_update
+from traci_ml.core.models.expert import (
+    build_expert_net,
+    input_noise,
+    input_noise_for,
+    make_target,
+    polyak_update,
+)
 from traci_ml.core.models.optim import weight_decay_for
 from traci_ml.core.schedule import schedule_for, set_lr
 from traci_ml.core.tensors import derive_seed
@@ -195,7 +201,7 @@ def test_never_more_than_window_steps_unanswered(start, window: int) -> None:
 
 
 def test_gradient_updates_online_then_target_by_the_polyak_rule(start) -> None:
-    rig = start(**{"expert.window": "1"})
+    rig = start(**{"expert.window": "1", "expert.input_noise": "0.2"})
     config, expert = rig.config, rig.expert
     # A replay of the expert, built as the worker builds it (same derived seed).
     dataset = load_dataset(config)
@@ -209,11 +215,17 @@ def test_gradient_updates_online_then_target_by_the_polyak_rule(start) -> None:
     assert {g["weight_decay"] for g in expert.optimizer.param_groups} == {decay}
     adam = torch.optim.Adam(online.parameters(), lr=config.expert.lr, weight_decay=decay)
     rows = [torch.as_tensor(schedule.rows(schedule.step(s))) for s in (0, 1)]
+    # train steps' inputs carry the expert's input noise, drawn by (seed, expert, seq)
+    sd = input_noise_for(config.expert.input_noise, len(schedule.fit_rows), config.task)
+    assert sd == expert.noise == 0.2
+    xs = [view[r] + input_noise(sd, config.seed, 0, s, (len(r), view.shape[1]))
+          for s, r in enumerate(rows)]  # fmt: skip
 
     rig.welcome()
     emb0 = rig.broker.expect(proto.Emb)
     with torch.no_grad():  # what is sent is the target's output
-        np.testing.assert_allclose(emb0.tensor.numpy(), target(view[rows[0]]).numpy(), rtol=1e-6)
+        np.testing.assert_allclose(emb0.tensor.numpy(), target(xs[0]).numpy(), rtol=1e-6)
+        assert not np.allclose(emb0.tensor.numpy(), target(view[rows[0]]).numpy())
     rig.broker.quiet(0.2)  # window full: the expert idles, its state can be read
     target_before, online_before = states(expert.target), states(expert.online)
 
@@ -229,7 +241,7 @@ def test_gradient_updates_online_then_target_by_the_polyak_rule(start) -> None:
         torch.testing.assert_close(target_after[name], expected, rtol=1e-6, atol=1e-7)
 
     online.train()
-    out = online(view[rows[0]])
+    out = online(xs[0])  # the same noisy inputs as the EMB
     out.backward(torch.from_numpy(grad.tensors[0].numpy().copy()))
     set_lr(adam, config.expert.lr, 0, config.train)  # the rate of train step 0
     adam.step()
@@ -239,9 +251,7 @@ def test_gradient_updates_online_then_target_by_the_polyak_rule(start) -> None:
     for name, value in target.state_dict().items():
         torch.testing.assert_close(target_after[name], value, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        np.testing.assert_allclose(
-            emb1.tensor.numpy(), target(view[rows[1]]).numpy(), rtol=1e-5, atol=1e-6
-        )
+        np.testing.assert_allclose(emb1.tensor.numpy(), target(xs[1]).numpy(), rtol=1e-5, atol=1e-6)
     assert expert.accounts.applied == 1
 
 

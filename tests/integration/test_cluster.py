@@ -81,11 +81,12 @@ def test_services_started_by_hand(run_config, tmp_path):
 @pytest.mark.timeout(300)
 def test_window_1_matches_the_reference_computation(run_config):
     """Lock-step over real sockets equals one process (traci_ml.core.reference): same losses,
-    same parameters."""
+    same parameters. With input noise (``expert.input_noise``, off by default for this
+    classification run): each expert's EMB and its online pass draw the reference's noise."""
     steps = 20
     path, cfg = run_config(
         {
-            "expert": {"window": 1},
+            "expert": {"window": 1, "input_noise": 0.2},
             "reducer": {"expert_dropout": 0.1},
             "train": {"steps": steps, "eval_every": 10, "log_every": 1, "checkpoint_every": 0},
         }

@@ -36,6 +36,14 @@ ENV_PREFIX = "TRACI_"
 # (friedman1) at once. Measured in docs/config.md "Weight decay by default" (bench.quality).
 DEFAULT_WEIGHT_DECAY = "auto"
 WEIGHT_DECAY_ROWS = 40.0
+# Gaussian noise added to each expert's standardised inputs on train steps, "auto" by default:
+# for regression sd sqrt(WEIGHT_DECAY_ROWS / rows training draws from), at most
+# INPUT_NOISE_MAX; none for classification (traci_ml.core.models.expert.input_noise_for).
+# Under a squared loss such noise on a linear model is exactly a ridge penalty of sd**2: the
+# same prior worth 40 rows as the weight decay, put on the nets' slope in their inputs,
+# which small noisy tables need (docs/config.md "Input noise by default").
+DEFAULT_INPUT_NOISE = "auto"
+INPUT_NOISE_MAX = 0.3
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -51,6 +59,16 @@ def _decay(v: str | float) -> str | float:
 
 
 WeightDecay = Annotated[Literal["auto"] | float, AfterValidator(_decay)]
+
+
+def _noise(v: str | float) -> str | float:
+    """An input noise sd: "auto" or a number >= 0."""
+    if not isinstance(v, str) and not (v >= 0.0 and v != float("inf")):
+        raise ValueError("input_noise must be 'auto' or a number >= 0")
+    return v
+
+
+InputNoise = Annotated[Literal["auto"] | float, AfterValidator(_noise)]
 
 
 class ExpertModelConfig(_Section):
@@ -180,6 +198,9 @@ class ExpertConfig(_Section):
     lr: float = Field(1e-3, gt=0.0)
     # Adam's L2 penalty; "auto": WEIGHT_DECAY_ROWS / training rows (docs/config.md)
     weight_decay: WeightDecay = DEFAULT_WEIGHT_DECAY
+    # sd of the Gaussian noise on the standardised inputs of train steps; "auto": regression
+    # sqrt(WEIGHT_DECAY_ROWS / training rows), at most INPUT_NOISE_MAX; classification 0
+    input_noise: InputNoise = DEFAULT_INPUT_NOISE
     window: int = Field(2, ge=1, le=1024)  # steps in flight (sent, gradient not yet applied)
     step_timeout: float = Field(30.0, gt=0.0)  # seconds before an in-flight step is dropped
     # embeddings and gradients on the wire; int8: per-row scaled (docs/compression.md)

@@ -5,14 +5,17 @@ training step"); here it is whole, with ``window: 1`` semantics. ``ReferenceTrai
 
 1. Each expert ``i`` embeds its own features of the batch with its *target* net, no grad:
    ``t_i = target_i(x_i)``, (B, d). Rows the expert lacks are zeros and never reach the net.
+   On a train step ``x_i`` carries the expert's input noise (``expert.input_noise``, drawn
+   by (seed, i, seq)), the same in step 6.
 2. The tokens are rounded to the wire dtype (``expert.dtype``) and back, as the expert's
    send and the reducer's receive do; float32 leaves them untouched.
 3. The reducer reads the N tokens of each row with a key padding mask: the absent experts,
    plus the expert dropout of step ``seq`` (seeded, so every run drops the same tokens).
 4. The loss on the labels; backward; the reducer's Adam steps at the scheduled learning rate.
 5. ``dL/dtokens`` (N, B, d), rounded to the wire dtype like the GRAD, goes back per expert.
-6. Each expert recomputes ``o_i = online_i(x_i)`` on the rows it holds, ``o_i.backward(g_i)``,
-   steps its Adam, then pulls its target along: ``target <- target + tau (online - target)``.
+6. Each expert recomputes ``o_i = online_i(x_i)`` (the same noisy ``x_i``) on the rows it
+   holds, ``o_i.backward(g_i)``, steps its Adam, then pulls its target along:
+   ``target <- target + tau (online - target)``.
 
 Only target outputs are ever read by the reducer; the gradient only reaches online nets.
 Every net is seeded as its service seeds it, so the first step starts from the same weights.
@@ -28,7 +31,12 @@ import torch
 
 from traci_ml.core.config import Config
 from traci_ml.core.data import Dataset, load_dataset
-from traci_ml.core.models.expert import build_expert, polyak_update
+from traci_ml.core.models.expert import (
+    build_expert,
+    input_noise,
+    input_noise_for,
+    polyak_update,
+)
 from traci_ml.core.models.reducer import build_reducer, dropout_mask, loss_and_metric
 from traci_ml.core.schedule import Step, schedule_for, set_lr
 from traci_ml.core.tensors import TORCH_DTYPES
@@ -64,6 +72,9 @@ class ReferenceTrainer:
         self.reducer, self.reducer_opt = build_reducer(config, n_experts=self.n, out_dim=out_dim,
                                                        train_rows=train_rows)  # fmt: skip
         self.wire = TORCH_DTYPES[config.expert.dtype]
+        # expert.input_noise "auto" scales by the training rows too (None: no noise)
+        self.noise = 0.0 if train_rows is None else input_noise_for(config.expert.input_noise,
+                                                                     train_rows, task)  # fmt: skip
 
     @classmethod
     def for_dataset(cls, config: Config, ds: Dataset) -> ReferenceTrainer:
@@ -76,11 +87,19 @@ class ReferenceTrainer:
             return batch.absent
         return torch.zeros(len(batch.y), self.n, dtype=torch.bool)
 
+    def inputs(self, batch: Batch) -> list[torch.Tensor]:
+        """Each expert's inputs of a train step: its features plus its input noise."""
+        if not self.noise:
+            return batch.xs
+        return [x + input_noise(self.noise, self.config.seed, i, batch.seq, tuple(x.shape))
+                for i, x in enumerate(batch.xs)]  # fmt: skip
+
     @torch.no_grad()
-    def embed(self, batch: Batch) -> torch.Tensor:
-        """Steps 1-2: the tokens (N, B, d) the reducer receives."""
+    def embed(self, batch: Batch, xs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Steps 1-2: the tokens (N, B, d) the reducer receives (``xs``: the experts' inputs,
+        by default the batch's own features)."""
         tokens = []
-        for i, x in enumerate(batch.xs):
+        for i, x in enumerate(batch.xs if xs is None else xs):
             if batch.absent is None:
                 t = self.target[i](x)
             else:  # the expert embeds only the rows it holds; the rest stay zeros
@@ -94,7 +113,8 @@ class ReferenceTrainer:
     def step(self, batch: Batch) -> float:
         """One training step (1-6 above); returns the loss."""
         cfg = self.config
-        tokens = self.embed(batch).requires_grad_(True)  # (N, B, d)
+        xs = self.inputs(batch)
+        tokens = self.embed(batch, xs).requires_grad_(True)  # (N, B, d)
         masked = dropout_mask(cfg, self._absent(batch), batch.seq)
         self.reducer.train()
         logits, _ = self.reducer(tokens.transpose(0, 1), masked)
@@ -107,7 +127,7 @@ class ReferenceTrainer:
         for i, (online, target, opt) in enumerate(
             zip(self.online, self.target, self.opts, strict=True)
         ):
-            x, g = batch.xs[i], grads[i]
+            x, g = xs[i], grads[i]
             if batch.absent is not None:  # an absent row's gradient is not this expert's
                 held = ~batch.absent[:, i]
                 x, g = x[held], g[held]
