@@ -1,7 +1,7 @@
 """``expert.input_noise``: Gaussian noise on each expert's standardised inputs of train steps,
-"auto" by default (regression: sd sqrt(40 / rows training draws from), at most 0.3;
-classification: none), drawn by (seed, expert, seq) so the EMB sent and the online pass
-that takes its gradient see the same rows (docs/config.md "Input noise by default"). The
+none by default, or a number, or "auto" (regression: sd sqrt(40 / rows training draws from),
+at most 0.3; classification: none), drawn by (seed, expert, seq) so the EMB sent and the
+online pass that takes its gradient see the same rows (docs/config.md "Input noise"). The
 expert service's side is checked bit for bit in tests/expert/test_service.py and, whole, by
 the window-1 run equal to the reference (tests/integration/test_cluster.py)."""
 
@@ -18,8 +18,8 @@ from traci_ml.core.reference import ReferenceData, ReferenceTrainer
 from traci_ml.core.schedule import schedule_for
 
 
-def test_default_is_auto() -> None:
-    assert Config().expert.input_noise == "auto"
+def test_default_is_none() -> None:
+    assert Config().expert.input_noise == 0.0
 
 
 @pytest.mark.parametrize("value, want", [("auto", "auto"), (0, 0.0), ("0.2", 0.2), (1, 1.0)])
@@ -87,8 +87,8 @@ def test_the_reference_adds_it_to_train_steps_only(tmp_path) -> None:
     clean_tokens = trainer.embed(batch)
     assert not torch.allclose(trainer.embed(batch, xs), clean_tokens)
     torch.testing.assert_close(trainer.evaluate(batch), _logits(trainer, clean_tokens))
-    # the default on a classification table (digits): no noise, the inputs are the batch's own
-    quiet = validate({"run_dir": str(tmp_path / "q")})
+    # "auto" on a classification table (digits): no noise, the inputs are the batch's own
+    quiet = validate({"run_dir": str(tmp_path / "q"), "expert": {"input_noise": "auto"}})
     off = ReferenceTrainer.for_dataset(quiet, load_dataset(quiet))
     assert off.noise == 0.0 and off.inputs(batch) is batch.xs
 

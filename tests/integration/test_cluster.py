@@ -81,8 +81,8 @@ def test_services_started_by_hand(run_config, tmp_path):
 @pytest.mark.timeout(300)
 def test_window_1_matches_the_reference_computation(run_config):
     """Lock-step over real sockets equals one process (traci_ml.core.reference): same losses,
-    same parameters. With input noise (``expert.input_noise``, off by default for this
-    classification run): each expert's EMB and its online pass draw the reference's noise."""
+    same parameters. With input noise (``expert.input_noise``, off by default): each expert's
+    EMB and its online pass draw the reference's noise."""
     steps = 20
     path, cfg = run_config(
         {

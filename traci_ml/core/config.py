@@ -36,13 +36,14 @@ ENV_PREFIX = "TRACI_"
 # (friedman1) at once. Measured in docs/config.md "Weight decay by default" (bench.quality).
 DEFAULT_WEIGHT_DECAY = "auto"
 WEIGHT_DECAY_ROWS = 40.0
-# Gaussian noise added to each expert's standardised inputs on train steps, "auto" by default:
-# for regression sd sqrt(WEIGHT_DECAY_ROWS / rows training draws from), at most
+# Gaussian noise added to each expert's standardised inputs on train steps; none by default.
+# "auto": for regression sd sqrt(WEIGHT_DECAY_ROWS / rows training draws from), at most
 # INPUT_NOISE_MAX; none for classification (traci_ml.core.models.expert.input_noise_for).
 # Under a squared loss such noise on a linear model is exactly a ridge penalty of sd**2: the
-# same prior worth 40 rows as the weight decay, put on the nets' slope in their inputs,
-# which small noisy tables need (docs/config.md "Input noise by default").
-DEFAULT_INPUT_NOISE = "auto"
+# same prior worth 40 rows as the weight decay, put on the nets' slope in their inputs. Not
+# the default: over five splits of diabetes it gained 0.005 r2 and cost friedman1 0.008
+# (docs/config.md "Input noise").
+DEFAULT_INPUT_NOISE = 0.0
 INPUT_NOISE_MAX = 0.3
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -198,8 +199,8 @@ class ExpertConfig(_Section):
     lr: float = Field(1e-3, gt=0.0)
     # Adam's L2 penalty; "auto": WEIGHT_DECAY_ROWS / training rows (docs/config.md)
     weight_decay: WeightDecay = DEFAULT_WEIGHT_DECAY
-    # sd of the Gaussian noise on the standardised inputs of train steps; "auto": regression
-    # sqrt(WEIGHT_DECAY_ROWS / training rows), at most INPUT_NOISE_MAX; classification 0
+    # sd of the Gaussian noise on the standardised inputs of train steps (0: none); "auto":
+    # regression sqrt(WEIGHT_DECAY_ROWS / training rows), at most INPUT_NOISE_MAX
     input_noise: InputNoise = DEFAULT_INPUT_NOISE
     window: int = Field(2, ge=1, le=1024)  # steps in flight (sent, gradient not yet applied)
     step_timeout: float = Field(30.0, gt=0.0)  # seconds before an in-flight step is dropped

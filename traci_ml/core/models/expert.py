@@ -115,7 +115,7 @@ def input_noise_for(value: str | float, train_rows: int, task: str) -> float:
     weights, put on the net's slope in its inputs, so its variance shrinks as 1/n (1440 rows:
     0.17, 100,000: 0.02), capped at 0.3 of a feature's sd. On the bundled classification
     tables it moved single test rows both ways and took wine below its linear tie, so
-    ``auto`` leaves classification without it (docs/config.md "Input noise by default")."""
+    ``auto`` leaves classification without it (docs/config.md "Input noise")."""
     if value == "auto":
         if task != "regression":
             return 0.0
