@@ -312,3 +312,51 @@ def test_traci_http_serves_grpc_alone_and_stops_on_sigterm(tmp_path: Path, door)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_stream_answers_in_order_and_a_failure_does_not_end_it(client, door) -> None:
+    """tritonclient's streaming API: good, bad (unknown output), busy front door, good."""
+    got: list[tuple[object, object]] = []
+    client.start_stream(callback=lambda result, error: got.append((result, error)))
+    x = np.array([[0.5, -1.0], [2.0, 3.0]], np.float32)
+
+    def inputs() -> list:
+        a, b = tc.InferInput("a", [2], "FP32"), tc.InferInput("b", [2], "FP32")
+        a.set_data_from_numpy(x[:, 0].copy())
+        b.set_data_from_numpy(x[:, 1].copy())
+        return [a, b]
+
+    client.async_stream_infer(MODEL, inputs(), request_id="s1")
+    client.async_stream_infer(MODEL, inputs(), request_id="s2",
+                              outputs=[tc.InferRequestedOutput("logits")])  # fmt: skip
+    deadline = time.monotonic() + 10
+    while len(got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    door.status = "busy"
+    client.async_stream_infer(MODEL, inputs(), request_id="s3")
+    while len(got) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    door.status = None
+    client.async_stream_infer(MODEL, inputs(), request_id="s4")
+    client.stop_stream()  # waits for the answers in flight
+    assert len(got) == 4
+    (first, e1), (_, e2), (_, e3), (last, e4) = got
+    assert e1 is None and e4 is None
+    assert first.get_response().id == "s1" and last.get_response().id == "s4"
+    np.testing.assert_array_equal(first.as_numpy("probabilities"), dog(x))
+    np.testing.assert_array_equal(last.as_numpy("probabilities"), dog(x))
+    assert "INVALID_ARGUMENT: unknown output 'logits'" in e2.message() and "'s2'" in e2.message()
+    assert e3.message() == "RESOURCE_EXHAUSTED: busy: the fake says busy (request id 's3')"
+
+
+def test_a_stream_names_an_unknown_model_and_goes_on(stub) -> None:
+    answers = list(stub.ModelStreamInfer(iter([
+        _rows(id="a"), pb.ModelInferRequest(model_name="nope", id="b"),
+        _rows(model_version="2"), _rows(id="d")])))  # fmt: skip
+    assert [a.error_message for a in answers] == [
+        "", "NOT_FOUND: unknown model 'nope': this server serves 'toy' (request id 'b')",
+        f"NOT_FOUND: model '{MODEL}' has version '1' only, not '2'", ""]  # fmt: skip
+    assert [a.infer_response.id for a in answers] == ["a", "b", "", "d"]
+    assert len(answers[3].infer_response.outputs) == 2
+    # and the server still answers plain calls
+    assert len(stub.ModelInfer(_rows()).outputs) == 2

@@ -161,7 +161,8 @@ def test_errors_in_the_protocols_shape(server: int, offline) -> None:
 @pytest.mark.timeout(300)
 def test_grpc_answers_equal_traci_predict_and_rest(server: int, ports: list[int], offline) -> None:
     """tritonclient.grpc against `traci serve --grpc-port`: rows as traci predict answers them,
-    ids as the REST side answers them, and the front door's refusals as status codes."""
+    ids as the REST side answers them, and the front door's refusals as status codes; the
+    same over the streaming API."""
     import tritonclient.grpc as tgrpc  # a dependency: never skipped
     from tritonclient.utils import InferenceServerException
 
@@ -202,4 +203,16 @@ def test_grpc_answers_equal_traci_predict_and_rest(server: int, ports: list[int]
         with pytest.raises(InferenceServerException) as caught:
             call()
         assert caught.value.status() == f"StatusCode.{code}" and words in caught.value.message()
+    # the streaming API: the same answers, in order, a refusal in its place
+    streamed: list = []
+    client.start_stream(callback=lambda result, error: streamed.append((result, error)))
+    client.async_stream_infer(MODEL, columns_as(x, columns), request_id="one")
+    client.async_stream_infer(MODEL, columns_as(x[:2, 1:], columns[1:]), request_id="two")
+    client.async_stream_infer(MODEL, [ids], request_id="three")
+    client.stop_stream()  # after the answers in flight
+    assert [(r is None, e is None) for r, e in streamed] == [(False, True), (True, False),
+                                                             (False, True)]  # fmt: skip
+    np.testing.assert_allclose(streamed[0][0].as_numpy("probabilities"), probs, atol=2e-6, rtol=0)
+    assert "INVALID_ARGUMENT: missing_columns" in streamed[1][1].message()
+    np.testing.assert_allclose(streamed[2][0].as_numpy("probabilities"), by_id, atol=0, rtol=0)
     client.close()

@@ -7,6 +7,8 @@ same inputs and outputs and the same rules (``oip``), in the same process (``tra
     ModelReady, ModelMetadata                   the run's model (name: its run_id; version 1)
     ModelInfer                                  ``contents`` or ``raw_input_contents`` in,
                                                 ``raw_output_contents`` out (as Triton)
+    ModelStreamInfer                            the same, requests and answers on one
+                                                stream, in order (Triton's streaming API)
 
 The message and service stubs are tritonclient's (``tritonclient.grpc.service_pb2``,
 generated from Triton's grpc_service.proto, a superset of KServe's): Triton-only RPCs (model
@@ -14,13 +16,15 @@ repository, statistics, shared memory, ...) answer UNIMPLEMENTED, the servicer b
 Errors are status codes with a message naming the problem: INVALID_ARGUMENT (the request;
 bad_request, oversize, missing_columns), NOT_FOUND (an unknown model or version),
 RESOURCE_EXHAUSTED (busy), UNAVAILABLE (no_reducer, no_expert, shutdown), DEADLINE_EXCEEDED
-(timeout), INTERNAL (expert_error, reducer_error, anything else).
+(timeout), INTERNAL (expert_error, reducer_error, anything else). On a stream, a request
+that fails is answered in its place with ``error_message`` ("CODE: message", and the
+request's id) and the stream goes on; an open stream holds one of the ``WORKERS`` threads.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -160,6 +164,31 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._known(request.model_name, request.model_version, context)
+        answer = self._infer(request, context)
+        if isinstance(answer, tuple):
+            context.abort(*answer)
+        return answer
+
+    def ModelStreamInfer(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        """Each request of the stream answered in order, as ModelInfer would; one that fails
+        gets ``error_message`` ("CODE: message (request id ...)") and the stream goes on."""
+        for request in requests:
+            unknown = self._unknown(request.model_name, request.model_version)
+            answer = self._infer(request, context) if unknown is None else (
+                grpc.StatusCode.NOT_FOUND, unknown)  # fmt: skip
+            if not isinstance(answer, tuple):
+                yield pb.ModelStreamInferResponse(infer_response=answer)
+                continue
+            code, message = answer
+            about = f" (request id {request.id!r})" if request.id else ""
+            failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id,
+                                           model_version=request.model_version)  # fmt: skip
+            yield pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}{about}",
+                                              infer_response=failed)  # fmt: skip
+
+    def _infer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """The ModelInferResponse for ``request``, or the (status code, message) it fails
+        with."""
         try:
             rows, ids = read_request(request)
             left = context.time_remaining()  # the caller's deadline, if it set one
@@ -167,21 +196,24 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             outputs, params = self.tr.predict(rows, ids, timeout=timeout)
             return encode_response(self.tr.name, request, outputs, params)
         except ValueError as exc:  # BadTensor too
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+            return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except ServeError as exc:
-            code, message = CODE[failure(exc)], f"{exc.status}: {exc.detail}"
+            return CODE[failure(exc)], f"{exc.status}: {exc.detail}"
         except Exception as exc:  # a bug here: answered, never the server's end
             log.exception("grpc ModelInfer failed")
-            code, message = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
-        context.abort(code, message)
+            return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+    def _unknown(self, name: str, version: str) -> str | None:
+        """Why ``name``/``version`` is not this server's model (None: it is)."""
+        if name != self.tr.name:
+            return f"unknown model '{name}': this server serves '{self.tr.name}'"
+        if version not in ("", "1"):
+            return f"model '{name}' has version '1' only, not '{version}'"
+        return None
 
     def _known(self, name: str, version: str, context: grpc.ServicerContext) -> None:
-        if name != self.tr.name:
-            message = f"unknown model '{name}': this server serves '{self.tr.name}'"
-            context.abort(grpc.StatusCode.NOT_FOUND, message)
-        if version not in ("", "1"):
-            message = f"model '{name}' has version '1' only, not '{version}'"
-            context.abort(grpc.StatusCode.NOT_FOUND, message)
+        if (problem := self._unknown(name, version)) is not None:
+            context.abort(grpc.StatusCode.NOT_FOUND, problem)
 
 
 def start(tr: Translator, bind: str, port: int, *, workers: int = WORKERS,
