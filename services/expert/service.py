@@ -288,10 +288,11 @@ class ExpertService:
         all); with ``noisy``, a train step's seq, plus that step's input noise
         (``expert.input_noise``: the same draw for its EMB and its online pass)."""
         assert self.table is not None
-        x = self.table[rows]
-        if noisy is not None and self.noise:
-            x = x + input_noise(self.noise, self.config.seed, self.id, noisy, tuple(x.shape),
-                                self.device)  # fmt: skip
+        if noisy is None or not self.noise:  # one gather, as before there was noise
+            return self.table[rows if held is None else rows[held]]
+        x = self.table[rows]  # every row of the step draws its noise, held or not
+        x = x + input_noise(self.noise, self.config.seed, self.id, noisy, tuple(x.shape),
+                            self.device)  # fmt: skip
         return x if held is None else x[held]
 
     def _embed(self, net: torch.nn.Module, rows: torch.Tensor, held: torch.Tensor | None,
