@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers.support import deep_update, free_ports
+from tests.helpers.support import EXPERT_BLOCK, deep_update, free_ports
 
 # the fake front door of the Open Inference Protocol's tests: fixtures door, translator
 pytest_plugins = ("tests.helpers.front_door",)
@@ -24,7 +24,11 @@ def run_config(tmp_path: Path):
         metrics: bool = False,
         example: str = "examples/digits.yaml",
     ):
-        expert_port, reducer_port, broker_m, reducer_m, expert_m, serve_port = free_ports(6)
+        expert_port, reducer_port, broker_m, reducer_m, serve_port = free_ports(5)
+        # expert i serves metrics on expert_m + i: a block, every port of it checked free
+        (expert_m,) = free_ports(1, block=EXPERT_BLOCK, avoid=(broker_m, reducer_m,
+                                                               expert_port, reducer_port,
+                                                               serve_port))  # fmt: skip
         base = yaml.safe_load(Path(example).read_text())
         base = deep_update(
             base,

@@ -29,7 +29,7 @@ import yaml
 
 from tests.helpers.fuzz_proxy import FuzzProxy
 from tests.helpers.fuzzing import RunFacts
-from tests.helpers.support import deep_update, free_ports
+from tests.helpers.support import EXPERT_BLOCK, deep_update, free_ports
 from traci_ml.core.config import load_config
 from traci_ml.core.data import load_dataset
 from traci_ml.core.schedule import schedule_for
@@ -287,7 +287,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="traci-fuzz-"))
-    expert_port, reducer_port, broker_m, reducer_m, expert_m = free_ports(5)
+    expert_port, reducer_port, broker_m, reducer_m = ports = free_ports(4)
+    (expert_m,) = free_ports(1, block=EXPERT_BLOCK, avoid=ports)  # expert i: expert_m + i
     base = yaml.safe_load(Path("examples/digits.yaml").read_text())
     cfg = deep_update(base, {
         "run_dir": str(workdir / "run"),

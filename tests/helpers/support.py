@@ -3,7 +3,6 @@ shared by the tests."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import threading
 import time
@@ -13,21 +12,9 @@ from typing import Any
 
 import zmq
 
+from bench.e2e import EXPERT_BLOCK, free_ports  # noqa: F401 -- the tests' free ports
 from traci_ml import proto
 from traci_ml.core.config import Config, load_config
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free on 127.0.0.1 right now."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
