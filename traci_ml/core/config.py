@@ -52,24 +52,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _decay(v: str | float) -> str | float:
-    """A weight decay: "auto" or a number >= 0."""
-    if not isinstance(v, str) and not (v >= 0.0 and v != float("inf")):
-        raise ValueError("weight_decay must be 'auto' or a number >= 0")
-    return v
+def _auto_or_number(key: str) -> AfterValidator:
+    """A key that takes "auto" or a finite number >= 0 (the error names ``key``)."""
+
+    def check(v: str | float) -> str | float:
+        if not isinstance(v, str) and not (v >= 0.0 and v != float("inf")):
+            raise ValueError(f"{key} must be 'auto' or a number >= 0")
+        return v
+
+    return AfterValidator(check)
 
 
-WeightDecay = Annotated[Literal["auto"] | float, AfterValidator(_decay)]
-
-
-def _noise(v: str | float) -> str | float:
-    """An input noise sd: "auto" or a number >= 0."""
-    if not isinstance(v, str) and not (v >= 0.0 and v != float("inf")):
-        raise ValueError("input_noise must be 'auto' or a number >= 0")
-    return v
-
-
-InputNoise = Annotated[Literal["auto"] | float, AfterValidator(_noise)]
+WeightDecay = Annotated[Literal["auto"] | float, _auto_or_number("weight_decay")]
+InputNoise = Annotated[Literal["auto"] | float, _auto_or_number("input_noise")]
 
 
 class ExpertModelConfig(_Section):
