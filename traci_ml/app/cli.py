@@ -237,6 +237,12 @@ def serve_parsers(sub: argparse._SubParsersAction, common: Callable) -> None:
                           "serve starts it)")  # fmt: skip
     http.add_argument("--config", help="run config naming the front door and the run")
     http.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # always serves
+    http.add_argument(
+        "--insecure",
+        action="store_true",
+        help="let it listen off loopback without TLS and tokens (serve.http_tls_cert, "
+        "serve.http_tls_key, serve.http_token_file; sets security.insecure)",
+    )
     grpc_port(http)
     common(http)
 

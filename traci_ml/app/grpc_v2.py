@@ -34,6 +34,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from traci_ml.app.client import ServeError
+from traci_ml.app.http_auth import Access, grpc_interceptor
 from traci_ml.app.oip import (
     NUMERIC,
     BadTensor,
@@ -217,19 +218,26 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 
 def start(tr: Translator, bind: str, port: int, *, workers: int = WORKERS,
-          max_calls: int = MAX_CALLS) -> tuple[Any, int]:  # fmt: skip
+          max_calls: int = MAX_CALLS, access: Access | None = None) -> tuple[Any, int]:  # fmt: skip
     """A started gRPC server on ``bind:port`` (0: any free port) and the port it bound;
-    ``workers`` calls answered at once, at most ``max_calls`` in it at once."""
+    ``workers`` calls answered at once, at most ``max_calls`` in it at once; ``access``:
+    its TLS and tokens (``http_auth``; None: neither)."""
     from traci_ml.core.errors import ConfigError
 
+    access = access or Access()
     # so_reuseport 0: a port in use is an error, not silently shared with another server
     options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.so_reuseport", 0)]
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc-v2")
-    server = grpc.server(pool, options=options, maximum_concurrent_rpcs=max_calls)
+    tokens = grpc_interceptor(access)
+    server = grpc.server(pool, options=options, maximum_concurrent_rpcs=max_calls,
+                         interceptors=[tokens] if tokens is not None else None)  # fmt: skip
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(tr), server)
     address = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if access.tls:
+            bound = server.add_secure_port(address, access.server_credentials())
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError:  # grpcio >= 1.53 raises where older ones answered 0
         bound = 0
     if not bound:

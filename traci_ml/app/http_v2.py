@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from traci_ml.app.client import ServeError
+from traci_ml.app.http_auth import access_for, guard
 from traci_ml.app.http_tensors import decode_request, encode_response, read_inputs
 from traci_ml.app.oip import BadTensor, Translator, failure
 from traci_ml.core.config import Config
@@ -117,22 +118,27 @@ def run(config: Config) -> int:
     if not (s.http_port or s.grpc_port) or not config.network.serve_port:
         raise ConfigError("traci http needs network.serve_port and serve.http_port or "
                           "serve.grpc_port (--grpc-port; 0 is off)")  # fmt: skip
+    access = access_for(config)  # before anything listens: TLS, tokens, the bind rule
     endpoint = tcp_endpoint(config.network.broker_host, config.network.serve_port)
     tr = Translator(config, endpoint, curve=peer_keys(config, "client"))
     sock = _listen(s.http_bind, s.http_port) if s.http_port else None
-    where = [f"http://{_host(s.http_bind)}:{s.http_port}/v2"] if sock is not None else []
+    scheme = "https" if access.tls else "http"
+    where = [f"{scheme}://{_host(s.http_bind)}:{s.http_port}/v2"] if sock is not None else []
     grpc_server = None
     if s.grpc_port:
         from traci_ml.app.grpc_v2 import start
 
-        grpc_server, _ = start(tr, s.http_bind, s.grpc_port)
-        where.append(f"grpc {_host(s.http_bind)}:{s.grpc_port}")
+        grpc_server, _ = start(tr, s.http_bind, s.grpc_port, access=access)
+        where.append(f"grpc{'s' * access.tls} {_host(s.http_bind)}:{s.grpc_port}")
         signal.signal(signal.SIGTERM, _exit)  # so that the finally below stops it
-    log.info("http ready: Open Inference Protocol on %s (model '%s') -> %s",
-             " and ".join(where), tr.name, endpoint)  # fmt: skip
+    tokens = f", {len(access.tokens)} token(s) asked" if access.tokens else ""
+    log.info("http ready: Open Inference Protocol on %s (model '%s'%s) -> %s",
+             " and ".join(where), tr.name, tokens, endpoint)  # fmt: skip
     try:
         if sock is not None:  # uvicorn raises the SIGINT/SIGTERM it stopped for again
-            app = uvicorn.Config(build_app(tr), log_level="warning", access_log=False)
+            app = uvicorn.Config(guard(build_app(tr), access), log_level="warning",
+                                 access_log=False, ssl_certfile=access.cert,
+                                 ssl_keyfile=access.key)  # fmt: skip
             uvicorn.Server(app).run(sockets=[sock])
         else:
             while True:

@@ -124,17 +124,22 @@ def http_container(config: Config) -> Obj:
     ports = [{"name": "http", "containerPort": s.http_port}] if s.http_port else []
     if s.grpc_port:
         ports.append({"name": "grpc", "containerPort": s.grpc_port})
+    tls = s.http_tls_cert is not None
     if s.http_port:
-        live: Obj = {"httpGet": {"path": "/v2/health/live", "port": "http"}}
-        ready: Obj = {"httpGet": {"path": "/v2/health/ready", "port": "http"}}
+        scheme = {"scheme": "HTTPS"} if tls else {}  # the health checks need no token
+        live: Obj = {"httpGet": {"path": "/v2/health/live", "port": "http", **scheme}}
+        ready: Obj = {"httpGet": {"path": "/v2/health/ready", "port": "http", **scheme}}
     else:
         live = ready = {"tcpSocket": {"port": "grpc"}}
+    # the pod's address is off loopback: plaintext without tokens only by --insecure, fenced
+    # by the NetworkPolicy as the broker's ZeroMQ ports are (app/http_auth.py)
+    secure = tls and s.http_token_file is not None
     return {
         "name": "http",
         "image": "traci",
         "imagePullPolicy": "IfNotPresent",
         "command": ["traci"],
-        "args": ["http", "--config", CONFIG],
+        "args": ["http", "--config", CONFIG, *(() if secure else ("--insecure",))],
         "workingDir": "/var/lib/traci",
         "env": [
             {"name": "TRACI_SERVE__HTTP_BIND", "value": "0.0.0.0"},

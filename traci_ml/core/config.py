@@ -319,12 +319,25 @@ class ServeConfig(_Section):
     max_inflight: int = Field(32, ge=1)  # queries at the experts or reducer at once
     max_queued: int = Field(1024, ge=1)  # requests waiting beyond that; more are refused (busy)
     # the Open Inference Protocol (KServe v2 REST) beside the front door (app/http_v2.py);
-    # traci serve starts it; 0: off. No authentication or TLS: loopback unless you mean it
+    # traci serve starts it; 0: off
     http_port: int = Field(8080, ge=0, le=65535)
-    http_bind: str = "127.0.0.1"
+    http_bind: str = "127.0.0.1"  # off loopback only with TLS and tokens (or --insecure)
     # the same protocol over gRPC (app/grpc_v2.py), in the same traci http process, on
     # http_bind:grpc_port; 0: off (traci serve --grpc-port P sets it)
     grpc_port: int = Field(0, ge=0, le=65535)
+    # TLS for both sides (PEM files: the certificate chain and its private key; both or
+    # neither) and bearer tokens (a file, one token per line) every request but the health
+    # checks must carry (app/http_auth.py; docs/serving.md "Security")
+    http_tls_cert: str | None = Field(None, min_length=1)
+    http_tls_key: str | None = Field(None, min_length=1)
+    http_token_file: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServeConfig:
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ValueError("serve.http_tls_cert and serve.http_tls_key go together: "
+                             "set both (TLS) or neither")  # fmt: skip
+        return self
 
 
 class MetricsConfig(_Section):

@@ -1,0 +1,232 @@
+"""Who may use `traci http` (app/http_auth.py): bearer tokens on every request but the health
+checks, TLS on both sides, and no listening off loopback without both unless --insecure.
+The live tests run the command itself (REST and gRPC in one process) in front of the fake
+front door, and ask it as outsiders would: no token, a wrong one, another scheme, then the
+right one, with a plain HTTPS client and tritonclient.grpc over TLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers.front_door import MODEL, dog
+from tests.helpers.support import free_ports
+from traci_ml.app.http_auth import MIN_TOKEN, Access, access_for, load_tokens
+from traci_ml.core.config import Config, validate
+from traci_ml.core.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(120)
+TOKEN = "t0k3n-" + "a" * 26
+OTHER = "other-token-" + "b" * 20
+
+
+def _config(**serve) -> Config:
+    return Config.model_validate({"serve": serve})
+
+
+def test_tokens_file_rules(tmp_path: Path) -> None:
+    f = tmp_path / "tokens"
+    f.write_text(f"# who has which\n\n{TOKEN}\n  {OTHER}  \n")
+    assert load_tokens(str(f)) == (TOKEN.encode(), OTHER.encode())
+    f.write_text("short\n")
+    with pytest.raises(ConfigError, match=rf"serve.http_token_file: .* line 1: .*{MIN_TOKEN}"):
+        load_tokens(str(f))
+    f.write_text("# nothing\n\n")
+    with pytest.raises(ConfigError, match="serve.http_token_file: .* holds no token"):
+        load_tokens(str(f))
+    with pytest.raises(ConfigError, match="serve.http_token_file: cannot read"):
+        load_tokens(str(tmp_path / "absent"))
+
+
+def test_tls_files_go_together_and_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="serve.http_tls_cert and serve.http_tls_key"):
+        validate({"serve": {"http_tls_cert": "cert.pem"}})
+    with pytest.raises(ConfigError, match=r"serve.http_tls_cert: .*cert.pem is not a readable"):
+        access_for(_config(http_tls_cert=str(tmp_path / "cert.pem"), http_tls_key="k"))
+
+
+def test_off_loopback_needs_tls_and_tokens_or_insecure(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    for bind in ("0.0.0.0", "10.1.2.3", "::", "my-host"):
+        with pytest.raises(ConfigError, match=rf"refusing .* on {bind} without TLS .* --insecure"):
+            access_for(_config(http_bind=bind))
+    with pytest.raises(ConfigError, match=r"without TLS \(serve.http_tls_cert.*read the tokens"):
+        access_for(_config(http_bind="0.0.0.0", http_token_file=str(tokens)))
+    with pytest.raises(ConfigError, match=r"without tokens \(serve.http_token_file\)"):
+        access_for(_config(http_bind="0.0.0.0", http_tls_cert=str(cert), http_tls_key=str(key)))
+    both = access_for(_config(http_bind="0.0.0.0", http_tls_cert=str(cert),
+                              http_tls_key=str(key), http_token_file=str(tokens)))  # fmt: skip
+    assert both.tls and both.tokens == (TOKEN.encode(),)
+    loose = Config.model_validate({"serve": {"http_bind": "0.0.0.0"},
+                                   "security": {"insecure": True}})  # fmt: skip
+    assert access_for(loose) == Access()  # --insecure: as asked, warned in the log
+    for bind in ("127.0.0.1", "localhost", "::1"):
+        assert not access_for(_config(http_bind=bind)).tokens  # loopback: as before
+
+
+def test_a_token_is_a_listed_bearer_token() -> None:
+    access = Access((TOKEN.encode(), OTHER.encode()))
+    assert access.allows(f"Bearer {TOKEN}") and access.allows(f"bearer  {OTHER} ".encode())
+    for bad in (None, "", TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}",
+                "Bearer ", "Bearer \udcff"):  # fmt: skip
+        assert not access.allows(bad), bad
+    assert Access().allows(None)  # no tokens asked: everyone, as before
+    message = access.refuse("POST /v2/models/toy/infer", has_header=True)
+    assert access.refused == 1 and "serve.http_token_file" in message and "not listed" in message
+
+
+def test_traci_http_refuses_a_public_bind_before_listening(tmp_path: Path) -> None:
+    """One line naming the keys and --insecure, the config-error exit code, nothing bound."""
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "metrics": {"broker_port": 0},
+                               "serve": {"http_bind": "0.0.0.0", "http_port": 18080}}))  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "traci_ml.app.cli", "http", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "refusing" in line]
+    assert len(errors) == 1 and "serve.http_token_file" in errors[0] and "--insecure" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+# -- live: the command, TLS and tokens, REST and gRPC -----------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key."""
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("openssl missing; CI installs it with deploy/ci/install-tls.sh")
+        pytest.skip("openssl missing")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    return cert, key
+
+
+def _https(port: int, path: str, cafile: Path, token: str | None, body: dict | None = None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=data, headers=headers)
+    context = ssl.create_default_context(cafile=str(cafile))
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=context) as resp:
+            return resp.status, json.loads(resp.read()), resp.headers
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), exc.headers
+
+
+def test_tls_and_tokens_on_both_sides(tmp_path: Path, door, pki) -> None:
+    import grpc
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    cert, key = pki
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\n{OTHER}\n")
+    http_port, grpc_port = free_ports(2)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "preprocess.json").write_text(json.dumps(
+        {"task": "classification", "columns": ["a", "b"], "classes": ["cat", "dog"]}))  # fmt: skip
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(json.dumps({
+        "run_id": MODEL, "run_dir": str(tmp_path / "run"), "metrics": {"broker_port": 0},
+        "network": {"serve_port": int(door.endpoint.rsplit(":", 1)[1])},
+        "serve": {"http_port": http_port, "http_tls_cert": str(cert), "http_tls_key": str(key),
+                  "http_token_file": str(tokens)},
+    }))  # fmt: skip
+    argv = [sys.executable, "-m", "traci_ml.app.cli", "http", "--config", str(cfg),
+            "--grpc-port", str(grpc_port), "--log-level", "WARNING"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the health checks need no token
+            try:
+                if _https(http_port, "/v2/health/live", cert, None)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "traci http never came up"
+            time.sleep(0.3)
+        x = np.array([[0.5, -1.0], [2.0, 0.25]], np.float32)
+        body = {"inputs": [{"name": c, "datatype": "FP32", "shape": [2], "data": x[:, j].tolist()}
+                           for j, c in enumerate("ab")]}  # fmt: skip
+        infer = f"/v2/models/{MODEL}/infer"
+        for token in (None, OTHER + "x", "not-a-listed-token-at-all"):
+            code, answer, headers = _https(http_port, infer, cert, token, body)
+            assert code == 401 and "unauthorized" in answer["error"], (token, answer)
+            assert headers["WWW-Authenticate"].startswith("Bearer")
+        assert _https(http_port, f"/v2/models/{MODEL}", cert, None)[0] == 401  # metadata too
+        code, answer, _ = _https(http_port, infer, cert, OTHER, body)
+        assert code == 200, answer
+        probs = np.array(answer["outputs"][0]["data"], np.float32).reshape(2, 2)
+        np.testing.assert_allclose(probs, dog(x), rtol=1e-6)
+        with pytest.raises(OSError):  # plaintext to the TLS port: no answer
+            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/live", timeout=5)
+
+        client = tc.InferenceServerClient(f"127.0.0.1:{grpc_port}", ssl=True,
+                                          root_certificates=str(cert))  # fmt: skip
+        try:
+            assert client.is_server_live()  # open without a token
+            inputs = [tc.InferInput(c, [2], "FP32") for c in "ab"]
+            for j, i in enumerate(inputs):
+                i.set_data_from_numpy(x[:, j].copy())
+            with pytest.raises(InferenceServerException, match="unauthorized"):
+                client.infer(MODEL, inputs)
+            with pytest.raises(InferenceServerException, match="unauthorized"):
+                client.get_model_metadata(MODEL, headers={"authorization": f"Bearer {OTHER}x"})
+            result = client.infer(MODEL, inputs, headers={"authorization": f"Bearer {TOKEN}"})
+            np.testing.assert_allclose(result.as_numpy("probabilities"), dog(x), rtol=1e-6)
+        finally:
+            client.close()
+        from tritonclient.grpc import service_pb2 as pb
+        from tritonclient.grpc import service_pb2_grpc
+
+        tls = grpc.ssl_channel_credentials(cert.read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{grpc_port}", tls) as channel:  # a stream too
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.ModelStreamInfer(iter([pb.ModelInferRequest(model_name=MODEL)])))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert stub.ServerReady(pb.ServerReadyRequest()).ready is not None
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as plain:  # no TLS: no answer
+            with pytest.raises(grpc.FutureTimeoutError):
+                grpc.channel_ready_future(plain).result(timeout=3)
+        assert proc.poll() is None  # nothing above ended it
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert "refused" in out and "no bearer token" in out  # the refusals were logged
+
+
+def test_the_kubernetes_sidecar_is_insecure_only_without_tls_and_tokens() -> None:
+    """The pod's address is off loopback: `traci deploy k8s` adds --insecure to the sidecar
+    unless the three keys are set, and then probes over HTTPS (the probes need no token)."""
+    from traci_ml.app.k8s_objects import http_container
+
+    plain = http_container(Config.model_validate({}))
+    assert "--insecure" in plain["args"] and "scheme" not in plain["readinessProbe"]["httpGet"]
+    locked = http_container(_config(http_tls_cert="/etc/tls/cert.pem",
+                                    http_tls_key="/etc/tls/key.pem",
+                                    http_token_file="/etc/tls/tokens"))  # fmt: skip
+    assert "--insecure" not in locked["args"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert locked[probe]["httpGet"]["scheme"] == "HTTPS"

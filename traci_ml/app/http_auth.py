@@ -1,0 +1,192 @@
+"""Who may use the Open Inference Protocol endpoint (``traci http``, REST and gRPC): TLS and
+bearer tokens, and where it may listen without them (docs/serving.md "Security").
+
+- ``serve.http_tls_cert`` / ``serve.http_tls_key``: PEM files; both sides then speak TLS only.
+- ``serve.http_token_file``: one token per line (blank lines and ``#`` comments skipped, at
+  least ``MIN_TOKEN`` characters, no spaces). Every request but the health checks must carry
+  one: ``Authorization: Bearer <token>`` (REST), ``authorization`` metadata of the same form
+  (gRPC). Otherwise: HTTP 401 ``{"error": ...}`` with ``WWW-Authenticate: Bearer``, gRPC
+  UNAUTHENTICATED; counted, and logged at most once per ``LOG_EVERY`` seconds.
+- Off loopback, ``serve.http_bind`` needs both (tokens in plaintext can be read on the way),
+  unless ``security.insecure`` (``--insecure``): the rule the broker keeps for CURVE.
+
+The health checks (``/v2/health/live``, ``/v2/health/ready``; gRPC ServerLive, ServerReady)
+stay open so that load balancers and Kubernetes probes work without a secret; they say only
+whether the process runs and the front door can answer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from traci_ml.core.config import Config
+from traci_ml.core.errors import ConfigError
+from traci_ml.core.security import is_loopback
+
+log = logging.getLogger(__name__)
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+OPEN_RPCS = frozenset({"ServerLive", "ServerReady"})
+MIN_TOKEN = 16  # characters: a guessable token is no token
+LOG_EVERY = 10.0  # seconds between two warnings about refused requests
+CHALLENGE = 'Bearer realm="traci"'
+
+
+@dataclass
+class Access:
+    """What ``traci http`` enforces: the tokens (empty: none asked) and the TLS files."""
+
+    tokens: tuple[bytes, ...] = ()
+    cert: str | None = None
+    key: str | None = None
+    refused: int = field(default=0, compare=False)  # refused for a missing or wrong token
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _warned: float = field(default=float("-inf"), repr=False, compare=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.cert is not None
+
+    def allows(self, header: str | bytes | None) -> bool:
+        """Whether an ``Authorization`` header (or gRPC metadata value) carries a listed
+        token. Compared in constant time against every token."""
+        if not self.tokens:
+            return True
+        if header is None:
+            return False
+        raw = header if isinstance(header, bytes) else header.encode("utf-8", "replace")
+        scheme, _, token = raw.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        token = token.strip()
+        found = False
+        for listed in self.tokens:  # no early exit: the time says nothing about which
+            found |= hmac.compare_digest(token, listed)
+        return found
+
+    def refuse(self, what: str, has_header: bool) -> str:
+        """Count a refused request and say why, in one line (logged now and then)."""
+        why = "a token not listed" if has_header else "no bearer token"
+        with self._lock:
+            self.refused += 1
+            now = time.monotonic()
+            warn = now - self._warned >= LOG_EVERY
+            if warn:
+                self._warned = now
+            count = self.refused
+        if warn:
+            log.warning("http: refused %s with %s (%d refused so far)", what, why, count)
+        return (f"unauthorized: {what} needs 'Authorization: Bearer <token>' with a token "
+                f"from serve.http_token_file ({why})")  # fmt: skip
+
+    def server_credentials(self):  # -> grpc.ServerCredentials
+        import grpc
+
+        pair = (Path(self.key).read_bytes(), Path(self.cert).read_bytes())  # type: ignore[arg-type]
+        return grpc.ssl_server_credentials([pair])
+
+
+def load_tokens(path: str) -> tuple[bytes, ...]:
+    """The tokens of ``serve.http_token_file``; a ConfigError naming the key and the line
+    for anything else."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"serve.http_token_file: cannot read {path}: {exc}") from None
+    tokens = []
+    for n, line in enumerate(text.splitlines(), 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if len(token) < MIN_TOKEN or any(c.isspace() for c in token):
+            raise ConfigError(f"serve.http_token_file: {path} line {n}: a token is at least "
+                              f"{MIN_TOKEN} characters without spaces (e.g. `python -c "
+                              "'import secrets; print(secrets.token_urlsafe(32))'`)")  # fmt: skip
+        tokens.append(token.encode())
+    if not tokens:
+        raise ConfigError(f"serve.http_token_file: {path} holds no token")
+    return tuple(tokens)
+
+
+def access_for(config: Config) -> Access:
+    """The endpoint's access rules from the config, checked before anything listens: the
+    files readable, and off loopback both TLS and tokens unless ``security.insecure``."""
+    s = config.serve
+    for key in ("http_tls_cert", "http_tls_key"):
+        path = getattr(s, key)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"serve.{key}: {path} is not a readable file")
+    access = Access(load_tokens(s.http_token_file) if s.http_token_file else (),
+                    s.http_tls_cert, s.http_tls_key)  # fmt: skip
+    if is_loopback(s.http_bind) or (access.tls and access.tokens):
+        return access
+    missing = " and ".join(
+        what for what, ok in (("TLS (serve.http_tls_cert, serve.http_tls_key)", access.tls),
+                              ("tokens (serve.http_token_file)", bool(access.tokens))) if not ok
+    )  # fmt: skip
+    if not config.security.insecure:
+        raise ConfigError(f"refusing to serve the Open Inference Protocol on {s.http_bind} "
+                          f"without {missing}: anyone who can reach it could ask predictions"
+                          f"{' and read the tokens' if access.tokens else ''}; set them, or "
+                          "pass --insecure")  # fmt: skip
+    log.warning("http: serving on %s without %s (--insecure): anyone who can reach it can "
+                "ask predictions", s.http_bind, missing)  # fmt: skip
+    return access
+
+
+def guard(app, access: Access):  # noqa: ANN001, ANN201 -- an ASGI app in, one out
+    """``app`` behind ``access``'s tokens: a request without a listed one (health checks
+    aside) is answered 401 in the protocol's error shape and never reaches ``app``."""
+    if not access.tokens:
+        return app
+    from starlette.responses import JSONResponse
+
+    async def guarded(scope, receive, send):  # noqa: ANN001, ANN202
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await app(scope, receive, send)
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        if access.allows(header):
+            return await app(scope, receive, send)
+        what = f"{scope['method']} {scope['path']}"
+        body = {"error": access.refuse(what, header is not None)}
+        reply = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": CHALLENGE})
+        return await reply(scope, receive, send)
+
+    return guarded
+
+
+def grpc_interceptor(access: Access):  # -> grpc.ServerInterceptor | None
+    """A gRPC interceptor refusing every RPC but the health checks without a listed token
+    (UNAUTHENTICATED, before the request is read); None when no token is asked."""
+    if not access.tokens:
+        return None
+    import grpc
+
+    class Tokens(grpc.ServerInterceptor):
+        def intercept_service(self, continuation, details):  # noqa: ANN001, ANN202
+            method = details.method.rpartition("/")[2]
+            header = next((v for k, v in details.invocation_metadata or ()
+                           if k == "authorization"), None)  # fmt: skip
+            if method in OPEN_RPCS or access.allows(header):
+                return continuation(details)
+            handler = continuation(details)
+            if handler is None:  # an RPC nobody serves: UNIMPLEMENTED as before
+                return None
+            message = access.refuse(method, header is not None)
+
+            def deny(request, context):  # noqa: ANN001, ANN202
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+            kind = {(False, False): grpc.unary_unary_rpc_method_handler,
+                    (False, True): grpc.unary_stream_rpc_method_handler,
+                    (True, False): grpc.stream_unary_rpc_method_handler,
+                    (True, True): grpc.stream_stream_rpc_method_handler}  # fmt: skip
+            make = kind[(handler.request_streaming, handler.response_streaming)]
+            return make(deny, request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)  # fmt: skip
+
+    return Tokens()
