@@ -360,3 +360,21 @@ def test_a_stream_names_an_unknown_model_and_goes_on(stub) -> None:
     assert len(answers[3].infer_response.outputs) == 2
     # and the server still answers plain calls
     assert len(stub.ModelInfer(_rows()).outputs) == 2
+
+
+def test_a_message_over_the_limit_is_refused(translator: Translator, door) -> None:
+    """serve.http_max_body_mb bounds a gRPC message as it bounds a REST body."""
+    serve = translator.config.serve.model_copy(update={"http_max_body_mb": 0.01})  # 10 KiB
+    translator.config = translator.config.model_copy(update={"serve": serve})
+    server, bound = grpc_v2.start(translator, "127.0.0.1", 0, workers=2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{bound}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            big = _rows(raw=[np.zeros(3000, np.float32).tobytes()] * 2)
+            assert big.ByteSize() > 10 * 1024
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(big)
+            assert refused.value.code() == Code.RESOURCE_EXHAUSTED
+            assert [o.name for o in stub.ModelInfer(_rows()).outputs] == ["probabilities", "label"]
+    finally:
+        server.stop(grace=None).wait(5)

@@ -5,6 +5,8 @@ front door's statuses become their HTTP codes."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import socket
 import threading
@@ -22,13 +24,13 @@ from traci_ml.app.oip import Translator
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def port(translator: Translator) -> Iterator[int]:
+@contextlib.contextmanager
+def running(tr: Translator) -> Iterator[int]:
+    """The REST app for ``tr`` on uvicorn in a thread; its port."""
     import uvicorn
 
     from traci_ml.app.http_v2 import build_app
 
-    tr = translator
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(build_app(tr), log_level="warning"))
@@ -36,10 +38,18 @@ def port(translator: Translator) -> Iterator[int]:
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    yield sock.getsockname()[1]
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture
+def port(translator: Translator) -> Iterator[int]:
+    with running(translator) as bound:
+        yield bound
 
 
 def call(port: int, path: str, body: dict | bytes | None = None) -> tuple[int, dict]:
@@ -85,3 +95,38 @@ def test_errors(port: int, door: FrontDoor, status, code: int) -> None:
     got, answer = call(port, f"/v2/models/{model}/infer", body)
     words = {None: "unknown model", b"{": "not JSON", "timeout": "timeout: no reply"}
     assert got == code and words.get(status, f"{status}: the fake says") in answer["error"]
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_held(translator: Translator) -> None:
+    """serve.http_max_body_mb: 413 naming the key, whether the Content-Length says so or a
+    chunked body grows past it; the server answers the next request as before."""
+    serve = translator.config.serve.model_copy(update={"http_max_body_mb": 0.01})  # 10 KiB
+    translator.config = translator.config.model_copy(update={"serve": serve})
+    x = np.array([[0.5, -1.0]], np.float32)
+    with running(translator) as bound:
+        path = f"/v2/models/{MODEL}/infer"
+        big = json.dumps({"inputs": [{"name": "a", "datatype": "FP32", "shape": [3000],
+                                      "data": [0.0] * 3000}]}).encode()  # fmt: skip
+        assert len(big) > 10 * 1024
+        conn = http.client.HTTPConnection("127.0.0.1", bound, timeout=10)
+        try:
+            conn.request("POST", path, big, {"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            assert reply.status == 413
+            assert "serve.http_max_body_mb" in json.loads(reply.read())["error"]
+        finally:
+            conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", bound, timeout=10)
+        try:  # no Content-Length: the stream is counted as it comes
+            chunks = (big[i : i + 1024] for i in range(0, len(big), 1024))
+            conn.request("POST", path, chunks, {"Content-Type": "application/json"},
+                         encode_chunked=True)  # fmt: skip
+            reply = conn.getresponse()
+            assert reply.status == 413
+            assert "serve.http_max_body_mb" in json.loads(reply.read())["error"]
+        finally:
+            conn.close()
+        code, answer = call(bound, path, rows(x))
+        assert code == 200, answer
+        np.testing.assert_allclose(np.array(answer["outputs"][0]["data"]).reshape(1, 2), dog(x),
+                                   rtol=1e-6)  # fmt: skip

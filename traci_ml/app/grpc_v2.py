@@ -43,6 +43,7 @@ from traci_ml.app.oip import (
     column_length,
     failure,
     from_raw,
+    max_body,
     raw_output,
     rows_or_ids,
 )
@@ -65,7 +66,6 @@ CONTENTS = {
     "FP32": ("fp32_contents", np.float32), "FP64": ("fp64_contents", np.float64),
     "BYTES": ("bytes_contents", object),
 }  # fmt: skip
-MAX_MESSAGE = 256 * 1024 * 1024  # bytes a request may hold (gRPC's default: 4 MiB)
 WORKERS = 16  # requests answered at once, each thread with its own Client
 # calls in the server at once, answered or waiting for a worker: one more is refused at once
 # with RESOURCE_EXHAUSTED (gRPC's own queue is unbounded: a flood would grow it without end)
@@ -226,7 +226,8 @@ def start(tr: Translator, bind: str, port: int, *, workers: int = WORKERS,
 
     access = access or Access()
     # so_reuseport 0: a port in use is an error, not silently shared with another server
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.so_reuseport", 0)]
+    options = [("grpc.max_receive_message_length", max_body(tr.config)),
+               ("grpc.so_reuseport", 0)]  # fmt: skip
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc-v2")
     tokens = grpc_interceptor(access)
     server = grpc.server(pool, options=options, maximum_concurrent_rpcs=max_calls,

@@ -14,10 +14,11 @@ answer. No model code here: the columns and classes it describes come from the r
 Inputs are the feature columns, one tensor each, shape ``[R]`` or ``[R, 1]`` (any numeric
 datatype), or a single tensor ``id`` (INT64 or BYTES, shape ``[R]``): rows by id. Outputs:
 classification ``probabilities`` FP32 ``[R, C]`` and ``label`` BYTES ``[R]``; regression
-``value`` FP32 ``[R, 1]``. Errors: ``{"error": "..."}`` with 400 (the request), 404 (an
-unknown model), 429 (busy), 503 (cannot answer now), 504 (timeout) or 500. What this shares
-with the protocol's gRPC side (``grpc_v2``, served by the same process with ``traci http
---grpc-port``) is in ``oip``.
+``value`` FP32 ``[R, 1]``. Errors: ``{"error": "..."}`` with 400 (the request), 401 (no
+listed token, ``http_auth``), 404 (an unknown model), 413 (a body over
+``serve.http_max_body_mb``), 429 (busy), 503 (cannot answer now), 504 (timeout) or 500.
+What this shares with the protocol's gRPC side (``grpc_v2``, served by the same process
+with ``traci http --grpc-port``) is in ``oip``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 from traci_ml.app.client import ServeError
 from traci_ml.app.http_auth import access_for, guard
 from traci_ml.app.http_tensors import decode_request, encode_response, read_inputs
-from traci_ml.app.oip import BadTensor, Translator, failure
+from traci_ml.app.oip import BadTensor, Translator, failure, max_body
 from traci_ml.core.config import Config
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,25 @@ def build_app(tr: Translator):  # -> starlette.applications.Starlette
         ok = tr.ready()
         return JSONResponse({"name": tr.name, "ready": ok}, status_code=200 if ok else 503)
 
+    limit = max_body(tr.config)
+
+    def too_large(size: int | str) -> JSONResponse:
+        return error(f"the request body ({size} bytes) exceeds serve.http_max_body_mb "
+                     f"({limit} bytes)", 413)  # fmt: skip
+
     async def infer(request: Request) -> Response:
         if (bad := known(request)) is not None:
             return bad
-        body = await request.body()
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # refused before it is read
+            return too_large(declared)
+        chunks, size = [], 0
+        async for chunk in request.stream():  # chunked, or a Content-Length that lies
+            size += len(chunk)
+            if size > limit:
+                return too_large(f"over {limit}")
+            chunks.append(chunk)
+        body = b"".join(chunks)
         length = request.headers.get("inference-header-content-length")
         from starlette.concurrency import run_in_threadpool
 

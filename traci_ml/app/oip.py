@@ -44,6 +44,11 @@ class BadTensor(ValueError):
     """A request the protocol's rules refuse (HTTP 400, gRPC INVALID_ARGUMENT)."""
 
 
+def max_body(config: Config) -> int:
+    """``serve.http_max_body_mb`` in bytes: the largest REST body or gRPC message read."""
+    return int(config.serve.http_max_body_mb * 1024 * 1024)
+
+
 def failure(exc: ServeError) -> str:
     """``exc``'s kind of failure (``FAILURE``)."""
     return FAILURE.get(exc.status, "internal")

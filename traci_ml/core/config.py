@@ -331,6 +331,9 @@ class ServeConfig(_Section):
     http_tls_cert: str | None = Field(None, min_length=1)
     http_tls_key: str | None = Field(None, min_length=1)
     http_token_file: str | None = Field(None, min_length=1)
+    # the largest request body (REST) or message (gRPC) it reads, in MiB: a larger one is
+    # refused (413 / RESOURCE_EXHAUSTED) before it is held in memory
+    http_max_body_mb: float = Field(64.0, gt=0.0, le=2047.0)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServeConfig:
