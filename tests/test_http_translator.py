@@ -82,7 +82,7 @@ def test_metadata_and_rows(port: int) -> None:
 @pytest.mark.parametrize(
     ("status", "code"),
     [("busy", 429), ("no_expert", 503), ("oversize", 400), ("timeout", 504),
-     ("expert_error", 500), (None, 404), (b"{", 400)],
+     ("expert_error", 500), (None, 404), (b"{", 400), (b"[" * 100_000, 400)],
 )  # fmt: skip
 def test_errors(port: int, door: FrontDoor, status, code: int) -> None:
     x = np.zeros((1, 2), np.float32)
@@ -93,7 +93,8 @@ def test_errors(port: int, door: FrontDoor, status, code: int) -> None:
     model = "nope" if status is None else MODEL
     body = status if isinstance(status, bytes) else rows(x)
     got, answer = call(port, f"/v2/models/{model}/infer", body)
-    words = {None: "unknown model", b"{": "not JSON", "timeout": "timeout: no reply"}
+    words = {None: "unknown model", b"{": "not JSON", "timeout": "timeout: no reply",
+             b"[" * 100_000: "nested too deeply"}  # fmt: skip
     assert got == code and words.get(status, f"{status}: the fake says") in answer["error"]
 
 

@@ -32,6 +32,8 @@ def decode_request(body: bytes, header_length: int | None) -> tuple[dict[str, An
         request = json.loads(head)
     except ValueError as exc:
         raise BadTensor(f"the request is not JSON: {exc}") from None
+    except RecursionError:  # [[[[...: a hostile body, not a crash
+        raise BadTensor("the request's JSON is nested too deeply") from None
     if not isinstance(request, dict):
         raise BadTensor("the request is a JSON object with 'inputs'")
     return request, b"" if header_length is None else body[header_length:]

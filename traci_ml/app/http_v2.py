@@ -109,6 +109,9 @@ def build_app(tr: Translator):  # -> starlette.applications.Starlette
             return error(str(exc), 400)
         except ServeError as exc:
             return error(f"{exc.status}: {exc.detail}", STATUS[failure(exc)])
+        except Exception as exc:  # a bug here: answered in the protocol's shape, logged
+            log.exception("http: inference failed")
+            return error(f"internal: {type(exc).__name__}: {exc}", 500)
         return Response(out, headers=headers)
 
     routes = [
