@@ -230,3 +230,18 @@ def test_the_kubernetes_sidecar_is_insecure_only_without_tls_and_tokens() -> Non
     assert "--insecure" not in locked["args"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert locked[probe]["httpGet"]["scheme"] == "HTTPS"
+
+
+def test_traci_serve_refuses_a_public_http_bind_before_starting_anything(tmp_path: Path) -> None:
+    """`traci serve` checks traci http's rules itself, first: one line, exit 2, no child."""
+    from traci_ml.app import serving
+
+    config = Config.model_validate({"run_dir": str(tmp_path / "run"),
+                                    "serve": {"http_bind": "0.0.0.0"}})  # fmt: skip
+    with pytest.raises(ConfigError, match="refusing to serve the Open Inference Protocol"):
+        serving.serve(config)
+    assert not (tmp_path / "run").exists()  # no serve.yaml, no logs: nothing started
+    off = Config.model_validate({"run_dir": str(tmp_path / "run"),
+                                 "serve": {"http_bind": "0.0.0.0", "http_port": 0}})  # fmt: skip
+    with pytest.raises(Exception, match="train the run first"):  # REST off: not asked
+        serving.serve(off)

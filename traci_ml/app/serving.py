@@ -45,6 +45,10 @@ def serve(config: Config, *, out: TextIO = sys.stdout) -> int:
     from traci_ml.core.data import expert_count
     from traci_ml.core.security import tcp_endpoint
 
+    if config.serve.http_port or config.serve.grpc_port:  # traci http's rules, checked
+        from traci_ml.app.http_auth import access_for  # here before any process starts
+
+        access_for(config)  # TLS and token files readable; off loopback both, or --insecure
     run = RunDir(config.run_path)
     n = expert_count(config)
     missing = run.missing_checkpoints(n)
