@@ -115,6 +115,13 @@ def test_client_input_checks() -> None:
     assert names == ("a", "b") and x.tolist() == [[1, 3], [2, 4]] and x.dtype == np.float32
     x, names = _as_rows([1.0, 2.0], ["a", "b"])  # one row
     assert x.shape == (1, 2)
+    cols = {f"c{j}": np.arange(3.0) * j for j in range(256)}  # many 1-D columns: one copy
+    x, _ = _as_rows(cols, None)
+    assert x.flags.c_contiguous and x.tolist() == np.column_stack(list(cols.values())).tolist()
+    x, _ = _as_rows({"a": [[1], [2]], "b": [3, 4]}, None)  # an (R, 1) column as before
+    assert x.tolist() == [[1, 3], [2, 4]]
+    with pytest.raises(ServeError, match="bad_request|not numeric"):
+        _as_rows({"a": [1, 2], "b": [3, 4, 5]}, None)  # columns of different lengths
     for rows, columns in (([[1, 2]], ["a"]), ([[1, 2]], None), ([["x", 2]], ["a", "b"])):
         with pytest.raises(ServeError) as exc:
             _as_rows(rows, columns)
