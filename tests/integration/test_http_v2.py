@@ -19,6 +19,7 @@ import pytest
 from tests.helpers.serve_proc import traci_serve
 from tests.helpers.support import free_ports
 from tests.integration.test_serve_run import TRACI, trained  # noqa: F401 (the fixture)
+from tests.test_http_auth import pki  # noqa: F401 (the fixture)
 from traci_ml.app.predict import load_predictor, predict_array, split_rows
 
 pytestmark = pytest.mark.integration
@@ -216,3 +217,81 @@ def test_grpc_answers_equal_traci_predict_and_rest(server: int, ports: list[int]
     assert "INVALID_ARGUMENT: missing_columns" in streamed[1][1].message()
     np.testing.assert_allclose(streamed[2][0].as_numpy("probabilities"), by_id, atol=0, rtol=0)
     client.close()
+
+
+@pytest.mark.timeout(240)
+def test_tls_and_tokens_on_a_served_run(trained: Path, offline, pki, tmp_path: Path) -> None:  # noqa: F811
+    """`traci serve` with serve.http_tls_cert/key and serve.http_token_file (a copy of the
+    run, its own ports): over HTTPS the health check answers without a token, inference
+    without a listed one is 401 and never reaches the cluster, with one it equals traci
+    predict; the gRPC side likewise over TLS (tritonclient.grpc)."""
+    import shutil
+    import ssl
+
+    import tritonclient.grpc as tgrpc
+    from tritonclient.utils import InferenceServerException
+
+    cert, key = pki
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# one line per client\nclient-one-" + "x" * 24 + "\n")
+    token = tokens.read_text().splitlines()[1]
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    expert, reducer, front, http_port, grpc_port = free_ports(5)
+    sets = {"network.expert_port": expert, "network.reducer_port": reducer,
+            "network.serve_port": front, "metrics.broker_port": 0, "serve.http_port": http_port,
+            "serve.http_tls_cert": cert, "serve.http_tls_key": key,
+            "serve.http_token_file": tokens}  # fmt: skip
+    context = ssl.create_default_context(cafile=str(cert))
+    columns, x, probs, labels = offline
+    body = {"inputs": [{"name": c, "datatype": "FP32", "shape": [len(x)],
+                        "data": x[:, j].astype(np.float32).tolist()}
+                       for j, c in enumerate(columns)]}  # fmt: skip
+
+    def https(path: str, auth: str | None = None, data: dict | None = None) -> tuple[int, dict]:
+        headers = {"Authorization": auth} if auth else {}
+        raw = None if data is None else json.dumps(data).encode()
+        req = urllib.request.Request(f"https://127.0.0.1:{http_port}{path}", data=raw,
+                                     headers=headers)  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=context) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    with traci_serve(run, sets, "serve-tls.out", ["--grpc-port", str(grpc_port)]) as proc:
+        deadline = time.monotonic() + 150
+        while True:
+            try:
+                if https("/v2/health/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "never ready"
+            time.sleep(0.5)
+        infer = f"/v2/models/{MODEL}/infer"
+        for auth in (None, "Bearer wrong-token-of-some-length", f"Basic {token}"):
+            code, answer = https(infer, auth, body)
+            assert code == 401 and "unauthorized" in answer["error"], (auth, answer)
+        code, answer = https(infer, f"Bearer {token}", body)
+        assert code == 200, answer
+        got = {o["name"]: o for o in answer["outputs"]}
+        np.testing.assert_allclose(np.array(got["probabilities"]["data"]).reshape(probs.shape),
+                                   probs, atol=2e-6, rtol=0)  # fmt: skip
+        assert got["label"]["data"] == labels
+
+        client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}", ssl=True,
+                                             root_certificates=str(cert))  # fmt: skip
+        try:
+            assert client.is_server_ready()  # no token needed
+            inputs = [tgrpc.InferInput(c, [len(x)], "FP32") for c in columns]
+            for j, t in enumerate(inputs):
+                t.set_data_from_numpy(np.ascontiguousarray(x[:, j], np.float32))
+            with pytest.raises(InferenceServerException, match="unauthorized"):
+                client.infer(MODEL, inputs)
+            result = client.infer(MODEL, inputs, headers={"authorization": f"Bearer {token}"})
+            np.testing.assert_allclose(result.as_numpy("probabilities"), probs, atol=2e-6, rtol=0)
+        finally:
+            client.close()
+    log = (tmp_path / "serve-tls.out").read_text()
+    assert "Traceback" not in log
