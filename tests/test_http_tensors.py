@@ -115,3 +115,15 @@ def test_a_bool_or_a_string_among_plain_numbers_is_still_refused(value, words: s
     inputs = [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1.0, value]}]
     with pytest.raises(BadTensor, match=words):
         read_inputs({"inputs": inputs}, b"")
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [(b"{", "not JSON"), (b'{"inputs": [{"name": "a", "data": [NaN]}]}', "not JSON"),
+     (b'{"inputs": Infinity}', "not JSON"), (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+     (b"\xff\xfe", "not JSON"), (b"[1, 2]", "a JSON object")],
+)  # fmt: skip
+def test_bodies_that_are_not_strict_json_objects(body: bytes, words: str) -> None:
+    """RFC 8259 JSON only (no NaN / Infinity literals), at most 1024 deep, an object."""
+    with pytest.raises(BadTensor, match=words):
+        decode_request(body, None)
