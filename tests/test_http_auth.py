@@ -56,12 +56,22 @@ def test_tls_files_go_together_and_must_exist(tmp_path: Path) -> None:
         access_for(_config(http_tls_cert=str(tmp_path / "cert.pem"), http_tls_key="k"))
 
 
-def test_off_loopback_needs_tls_and_tokens_or_insecure(tmp_path: Path) -> None:
+def test_a_certificate_and_key_that_do_not_load_are_named(tmp_path: Path, pki) -> None:
+    cert, key = pki
+    junk = tmp_path / "junk.pem"
+    junk.write_text("-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
+    other = tmp_path / "other.pem"
+    other.write_bytes(key.read_bytes().replace(b"\n", b"\n\n", 1)[:40])  # a broken key
+    for c, k in ((junk, key), (cert, other), (cert, cert)):
+        with pytest.raises(ConfigError, match="serve.http_tls_cert / serve.http_tls_key: .* not"):
+            access_for(_config(http_tls_cert=str(c), http_tls_key=str(k)))
+    assert access_for(_config(http_tls_cert=str(cert), http_tls_key=str(key))).tls
+
+
+def test_off_loopback_needs_tls_and_tokens_or_insecure(tmp_path: Path, pki) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(TOKEN + "\n")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.write_text("x")
-    key.write_text("x")
+    cert, key = pki
     for bind in ("0.0.0.0", "10.1.2.3", "::", "my-host"):
         with pytest.raises(ConfigError, match=rf"refusing .* on {bind} without TLS .* --insecure"):
             access_for(_config(http_bind=bind))

@@ -120,6 +120,8 @@ def access_for(config: Config) -> Access:
         path = getattr(s, key)
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"serve.{key}: {path} is not a readable file")
+    if s.http_tls_cert is not None:
+        _check_pair(s.http_tls_cert, s.http_tls_key)  # type: ignore[arg-type]
     access = Access(load_tokens(s.http_token_file) if s.http_token_file else (),
                     s.http_tls_cert, s.http_tls_key)  # fmt: skip
     if is_loopback(s.http_bind) or (access.tls and access.tokens):
@@ -136,6 +138,19 @@ def access_for(config: Config) -> Access:
     log.warning("http: serving on %s without %s (--insecure): anyone who can reach it can "
                 "ask predictions", s.http_bind, missing)  # fmt: skip
     return access
+
+
+def _check_pair(cert: str, key: str) -> None:
+    """The certificate chain and its key load as a TLS server's would: a ConfigError naming
+    both keys here, not a traceback when the server starts (or restarts, again and again)."""
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"serve.http_tls_cert / serve.http_tls_key: {cert} and {key} are not "
+                          f"a PEM certificate chain and its unencrypted private key ({exc})"
+                          ) from None  # fmt: skip
 
 
 def guard(app, access: Access):  # noqa: ANN001, ANN201 -- an ASGI app in, one out
