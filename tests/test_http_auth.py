@@ -132,8 +132,11 @@ def pki(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def _https(port: int, path: str, cafile: Path, token: str | None, body: dict | None = None):
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+def https_call(port: int, path: str, cafile: Path, auth: str | None = None,
+               body: dict | None = None):  # fmt: skip
+    """(status, JSON answer, headers) of one HTTPS request to 127.0.0.1:``port`` trusting
+    ``cafile``; ``auth``: the Authorization header, if any."""
+    headers = {"Authorization": auth} if auth else {}
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=data, headers=headers)
     context = ssl.create_default_context(cafile=str(cafile))
@@ -170,7 +173,7 @@ def test_tls_and_tokens_on_both_sides(tmp_path: Path, door, pki) -> None:
         deadline = time.monotonic() + 60
         while True:  # the health checks need no token
             try:
-                if _https(http_port, "/v2/health/live", cert, None)[0] == 200:
+                if https_call(http_port, "/v2/health/live", cert)[0] == 200:
                     break
             except OSError:
                 pass
@@ -181,11 +184,12 @@ def test_tls_and_tokens_on_both_sides(tmp_path: Path, door, pki) -> None:
                            for j, c in enumerate("ab")]}  # fmt: skip
         infer = f"/v2/models/{MODEL}/infer"
         for token in (None, OTHER + "x", "not-a-listed-token-at-all"):
-            code, answer, headers = _https(http_port, infer, cert, token, body)
+            auth = f"Bearer {token}" if token else None
+            code, answer, headers = https_call(http_port, infer, cert, auth, body)
             assert code == 401 and "unauthorized" in answer["error"], (token, answer)
             assert headers["WWW-Authenticate"].startswith("Bearer")
-        assert _https(http_port, f"/v2/models/{MODEL}", cert, None)[0] == 401  # metadata too
-        code, answer, _ = _https(http_port, infer, cert, OTHER, body)
+        assert https_call(http_port, f"/v2/models/{MODEL}", cert)[0] == 401  # metadata too
+        code, answer, _ = https_call(http_port, infer, cert, f"Bearer {OTHER}", body)
         assert code == 200, answer
         probs = np.array(answer["outputs"][0]["data"], np.float32).reshape(2, 2)
         np.testing.assert_allclose(probs, dog(x), rtol=1e-6)

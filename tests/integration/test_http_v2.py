@@ -19,7 +19,7 @@ import pytest
 from tests.helpers.serve_proc import traci_serve
 from tests.helpers.support import free_ports
 from tests.integration.test_serve_run import TRACI, trained  # noqa: F401 (the fixture)
-from tests.test_http_auth import pki  # noqa: F401 (the fixture)
+from tests.test_http_auth import https_call, pki  # noqa: F401 (pki: the fixture)
 from traci_ml.app.predict import load_predictor, predict_array, split_rows
 
 pytestmark = pytest.mark.integration
@@ -226,7 +226,6 @@ def test_tls_and_tokens_on_a_served_run(trained: Path, offline, pki, tmp_path: P
     without a listed one is 401 and never reaches the cluster, with one it equals traci
     predict; the gRPC side likewise over TLS (tritonclient.grpc)."""
     import shutil
-    import ssl
 
     import tritonclient.grpc as tgrpc
     from tritonclient.utils import InferenceServerException
@@ -242,22 +241,13 @@ def test_tls_and_tokens_on_a_served_run(trained: Path, offline, pki, tmp_path: P
             "network.serve_port": front, "metrics.broker_port": 0, "serve.http_port": http_port,
             "serve.http_tls_cert": cert, "serve.http_tls_key": key,
             "serve.http_token_file": tokens}  # fmt: skip
-    context = ssl.create_default_context(cafile=str(cert))
     columns, x, probs, labels = offline
     body = {"inputs": [{"name": c, "datatype": "FP32", "shape": [len(x)],
                         "data": x[:, j].astype(np.float32).tolist()}
                        for j, c in enumerate(columns)]}  # fmt: skip
 
     def https(path: str, auth: str | None = None, data: dict | None = None) -> tuple[int, dict]:
-        headers = {"Authorization": auth} if auth else {}
-        raw = None if data is None else json.dumps(data).encode()
-        req = urllib.request.Request(f"https://127.0.0.1:{http_port}{path}", data=raw,
-                                     headers=headers)  # fmt: skip
-        try:
-            with urllib.request.urlopen(req, timeout=10, context=context) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return https_call(http_port, path, cert, auth, data)[:2]
 
     with traci_serve(run, sets, "serve-tls.out", ["--grpc-port", str(grpc_port)]) as proc:
         deadline = time.monotonic() + 150
