@@ -231,6 +231,45 @@ def test_tls_and_tokens_on_both_sides(tmp_path: Path, door, pki) -> None:
     assert "refused" in out and "no bearer token" in out  # the refusals were logged
 
 
+def test_the_sidecars_two_key_files_reach_a_curve_front_door(tmp_path: Path) -> None:
+    """What the Kubernetes sidecar mounts under CURVE (components/curve: broker.key and
+    client.key_secret, nothing else) is enough for `traci http` to ask a CURVE front door;
+    without keys, or with a listed key of another role, it gets no answer."""
+    from tests.helpers.front_door import FrontDoor, make_translator
+    from traci_ml.app.oip import Translator
+    from traci_ml.core.errors import ServeError
+    from traci_ml.core.security import broker_keys, generate, peer_keys
+
+    keys = tmp_path / "keys"
+    generate(keys, 1)
+    sidecar = tmp_path / "sidecar"
+    sidecar.mkdir()
+    for name in ("broker.key", "client.key_secret"):
+        shutil.copy(keys / name, sidecar / name)
+    server = broker_keys(Config.model_validate({"security": {"curve_dir": str(keys)}}))
+    door = FrontDoor(curve=server)
+    plain = make_translator(tmp_path / "run", door)
+    try:
+
+        def asking(curve_dir: Path, name: str) -> Translator:
+            config = plain.config.model_copy(update={"security": plain.config.security.model_copy(
+                update={"curve_dir": str(curve_dir)})})  # fmt: skip
+            return Translator(config, door.endpoint, curve=peer_keys(config, name))
+
+        x = {"a": np.array([0.5, 2.0], np.float32), "b": np.array([-1.0, 3.0], np.float32)}
+        tr = asking(sidecar, "client")
+        outputs, _ = tr.predict(x, None, timeout=5.0)
+        np.testing.assert_array_equal(outputs["probabilities"], dog(np.stack([x["a"], x["b"]], 1)))
+        tr.close()
+        wrong_role = asking(keys, "expert-0")  # a listed key, but not the front door's
+        for tr in (plain, wrong_role):
+            with pytest.raises(ServeError):
+                tr.predict(x, None, timeout=1.0)
+            tr.close()
+    finally:
+        door.close()
+
+
 def test_the_kubernetes_sidecar_is_insecure_only_without_tls_and_tokens() -> None:
     """The pod's address is off loopback: `traci deploy k8s` adds --insecure to the sidecar
     unless the three keys are set, and then probes over HTTPS (the probes need no token)."""

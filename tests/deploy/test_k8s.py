@@ -292,12 +292,29 @@ def test_curve_variant_drops_insecure_and_mounts_the_secret(k8s_variants) -> Non
         broker = by_name(docs, "broker")["spec"]["template"]["spec"]["containers"][0]
         assert ("--insecure" in broker["args"]) != curve, label
         assert len([d for d in docs if d["kind"] == "Secret"]) == (1 if curve else 0), label
-        for where, c in containers(docs):
-            if c["name"] == "http":  # the sidecar has no client key pair yet (docs/serving.md)
-                continue
+        for where, c in containers(docs):  # the serving broker's http sidecar too
             env = {e["name"]: e.get("value") for e in c.get("env", [])}
             curve_dir = env.get("TRACI_SECURITY__CURVE_DIR")
-            assert (curve_dir == "/run/secrets/traci-curve") == curve, where
+            assert (curve_dir == "/run/secrets/traci-curve") == curve, (where, c["name"])
+
+
+def test_curve_sidecar_holds_the_client_key_and_none_of_the_brokers(curve_tree: Path) -> None:
+    """`traci http` is a front-door client: with CURVE on it needs the client's secret key and
+    the broker's public key (else it connects in plaintext to a CURVE broker and the pod is
+    never ready), in a volume of its own, so the broker's secret key stays in the broker's
+    container."""
+    for overlay in ("cpu-serve", "gpu-serve"):
+        docs = render(curve_tree / "overlays" / overlay)
+        secret = next(d for d in docs if d["kind"] == "Secret")
+        assert "client.key_secret" in secret["data"], overlay
+        pod = by_name(docs, "broker")["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounted = {c["name"]: {m["name"] for m in c["volumeMounts"]} for c in pod["containers"]}
+        assert "curve-client" in mounted["http"] and "curve" not in mounted["http"], overlay
+        assert "curve-client" not in mounted["broker"], overlay
+        items = {i["path"] for i in volumes["curve-client"]["secret"]["items"]}
+        assert items == {"broker.key", "client.key_secret"}, overlay
+        assert "client.key_secret" not in {i["path"] for i in volumes["curve"]["secret"]["items"]}
 
 
 def test_curve_component_without_keys_fails_loudly(tmp_path: Path, curve_tree: Path) -> None:

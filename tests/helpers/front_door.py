@@ -19,6 +19,7 @@ from traci_ml import proto
 from traci_ml.app.oip import Translator
 from traci_ml.core.config import Config
 from traci_ml.core.rundir import RunDir
+from traci_ml.core.security import ServerKeys, apply_domain, apply_server, start_authenticator
 
 MODEL = "toy"
 CLASSES = ("cat", "dog")
@@ -35,13 +36,19 @@ class FrontDoor:
     """Answers as the broker's front door: ``missing_columns`` for rows lacking a or b, else
     ``dog``'s probabilities; ``status`` set: that error instead; ``silent``: no answer."""
 
-    def __init__(self) -> None:
+    def __init__(self, curve: ServerKeys | None = None) -> None:
+        """``curve``: a CURVE front door as the broker's (its own context and ZAP handler,
+        admitting the ``client`` keys listed in ``curve.authorized``)."""
         self.status: str | None = None
         self.silent = False
         self.asked: list[proto.Query] = []
-        self._ctx = zmq.Context.instance()
+        self._ctx = zmq.Context() if curve else zmq.Context.instance()
+        self._auth = start_authenticator(self._ctx, curve.authorized) if curve else None
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve:
+            apply_server(self._sock, curve)
+            apply_domain(self._sock, "client")
         port = self._sock.bind_to_random_port("tcp://127.0.0.1")
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self._stop = threading.Event()
@@ -78,6 +85,9 @@ class FrontDoor:
         self._stop.set()
         self._thread.join(5)
         self._sock.close()
+        if self._auth is not None:
+            self._auth.stop()
+            self._ctx.term()
 
 
 def make_translator(run_dir: Path, door: FrontDoor) -> Translator:

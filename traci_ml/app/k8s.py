@@ -124,7 +124,8 @@ def _render(config_path: Path) -> tuple[dict[str, str], list[DataPod]]:
     port = obj.ports(config, "broker")[-1]["containerPort"]
     secure = {serve: [a for a in obj.args("broker", None, port, serve) if a != "--insecure"]
               for serve in (False, True)}  # fmt: skip
-    files.update(curve_component(n, secure))
+    sidecar = bool(config.serve.http_port or config.serve.grpc_port)  # k8s_objects.pod_template
+    files.update(curve_component(n, secure, sidecar=sidecar))
     extra = []
     if pods:
         files.update(data_component(pods))

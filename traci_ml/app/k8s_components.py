@@ -133,27 +133,36 @@ def modules_component(sources: list[Path]) -> dict[str, str]:
     return files
 
 
-def _curve_patch(
-    name: str, role: str, items: list[tuple[str, str]], args: list[str] | None = None
-) -> str:
-    container: dict[str, Any] = {"name": role}
+def _curve_mount(container: str, volume: str, items: list[tuple[str, str]], args: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """A container's patch (CURVE_DIR and the mount) and the Secret volume it mounts, which
+    holds only ``items`` (key in the Secret, path under CURVE)."""
+    patch: dict[str, Any] = {"name": container}
     if args is not None:
-        container["args"] = args
-    container["env"] = [{"name": "TRACI_SECURITY__CURVE_DIR", "value": CURVE}]
-    container["volumeMounts"] = [{"name": "curve", "mountPath": CURVE, "readOnly": True}]
+        patch["args"] = args
+    patch["env"] = [{"name": "TRACI_SECURITY__CURVE_DIR", "value": CURVE}]
+    patch["volumeMounts"] = [{"name": volume, "mountPath": CURVE, "readOnly": True}]
     secret = {"secretName": "traci-curve", "defaultMode": 0o440,
               "items": [{"key": k, "path": p} for k, p in items]}  # fmt: skip
+    return patch, {"name": volume, "secret": secret}
+
+
+def _curve_patch(name: str, mounts: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
     return dump({**PLACEHOLDER, "metadata": {"name": name}, "spec": {"template": {"spec": {
-        "containers": [container], "volumes": [{"name": "curve", "secret": secret}]}}}})  # fmt: skip
+        "containers": [c for c, _ in mounts], "volumes": [v for _, v in mounts]}}}})  # fmt: skip
 
 
-def curve_component(n_experts: int, broker_args: dict[bool, list[str]]) -> dict[str, str]:
+def curve_component(
+    n_experts: int, broker_args: dict[bool, list[str]], *, sidecar: bool = False
+) -> dict[str, str]:
     """components/curve: the Secret of every role's keys and, per process, a mount of only the
     files its role needs (the broker: its pair and authorized/; a peer: its own secret key and
     the broker's public key); the broker drops --insecure. ``broker_args``: the broker's args
-    without --insecure, for training (False) and serving (True)."""
+    without --insecure, for training (False) and serving (True). ``sidecar``: the serving
+    broker's pod runs ``traci http``, a front-door client: it gets a volume of its own with
+    the client's secret key and the broker's public key (none of the broker's keys)."""
     experts = [f"expert-{i}" for i in range(n_experts)]
     keys = ["broker.key", "broker.key_secret", "reducer.key", "reducer.key_secret", "client.key"]
+    keys += ["client.key_secret"] if sidecar else []
     keys += [f"{e}.{s}" for e in experts for s in ("key", "key_secret")]
     head = f"""# CurveZMQ between the broker and its peers (docs/security.md), keys from a Secret.
 #
@@ -178,17 +187,21 @@ secretGenerator:
                     ("reducer.key", "authorized/reducer.key"),
                     ("client.key", "authorized/client.key")]  # the front door's client  # fmt: skip
     broker_items += [(f"{e}.key", f"authorized/{e}.key") for e in experts]
+    client = [("broker.key", "broker.key"), ("client.key_secret", "client.key_secret")]
     for serve, args in broker_args.items():
         where = "broker-serve" if serve else "broker"
         kind = "Deployment" if serve else "Job"
-        files[f"components/curve/{where}.yaml"] = _curve_patch(
-            "broker", "broker", broker_items, args
-        )
+        mounts = [_curve_mount("broker", "curve", broker_items, args)]
+        if serve and sidecar:
+            mounts.append(_curve_mount("http", "curve-client", client))
+        files[f"components/curve/{where}.yaml"] = _curve_patch("broker", mounts)
         kust += f"  - path: {where}.yaml\n    target: {target({'kind': kind, 'name': 'broker'})}\n"
     peers = [("reducer", "reducer"), *((e, "expert") for e in experts)]
     for name, role in peers:
         items = [("broker.key", "broker.key"), (f"{name}.key_secret", f"{name}.key_secret")]
-        files[f"components/curve/{name}.yaml"] = _curve_patch(name, role, items)
+        files[f"components/curve/{name}.yaml"] = _curve_patch(
+            name, [_curve_mount(role, "curve", items)]
+        )
         kust += f"  - path: {name}.yaml\n    target: {target({'labelSelector': f'{WORKLOAD}={name}'})}\n"
     files["components/curve/kustomization.yaml"] = kust
     return files
