@@ -100,6 +100,36 @@ def test_a_token_is_a_listed_bearer_token() -> None:
     assert access.refused == 1 and "serve.http_token_file" in message and "not listed" in message
 
 
+def test_a_changed_token_file_is_taken_without_a_restart(tmp_path: Path, caplog) -> None:
+    """Revoking a token is editing the file: looked at again at most every RELOAD_EVERY s; a
+    file that no longer loads (a short token, no token, gone) keeps the tokens in force."""
+    from traci_ml.app.http_auth import RELOAD_EVERY
+
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN}\n")
+    access = access_for(_config(http_token_file=str(path)))
+    t = time.monotonic()
+    assert access.allows(f"Bearer {TOKEN}") and not access.allows(f"Bearer {OTHER}")
+    path.write_text(f"# {TOKEN} revoked\n{OTHER}\n")
+    access.reload(now=t)  # within RELOAD_EVERY of the last look: not yet
+    assert access.tokens == (TOKEN.encode(),)
+    t += RELOAD_EVERY + 0.01
+    access.reload(now=t)
+    assert access.tokens == (OTHER.encode(),) and access.reloads == 1
+    for broken in ("short\n", "# none left\n", None):
+        if broken is None:
+            path.unlink()
+        else:
+            path.write_text(broken)
+        t += RELOAD_EVERY + 0.01
+        access.reload(now=t)
+        assert access.tokens == (OTHER.encode(),), broken
+    assert "token(s) in force stay" in caplog.text and "line 1" in caplog.text
+    path.write_text(f"{TOKEN}\n{OTHER}\n")  # back: taken again
+    access.reload(now=t + RELOAD_EVERY + 0.01)
+    assert access.tokens == (TOKEN.encode(), OTHER.encode()) and access.reloads == 2
+
+
 def test_traci_http_refuses_a_public_bind_before_listening(tmp_path: Path) -> None:
     """One line naming the keys and --insecure, the config-error exit code, nothing bound."""
     cfg = tmp_path / "serve.yaml"
@@ -209,6 +239,19 @@ def test_tls_and_tokens_on_both_sides(tmp_path: Path, door, pki) -> None:
                 client.get_model_metadata(MODEL, headers={"authorization": f"Bearer {OTHER}x"})
             result = client.infer(MODEL, inputs, headers={"authorization": f"Bearer {TOKEN}"})
             np.testing.assert_allclose(result.as_numpy("probabilities"), dog(x), rtol=1e-6)
+            tokens.write_text(f"{OTHER}\n")  # revoke TOKEN, no restart
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.infer(MODEL, inputs, headers={"authorization": f"Bearer {TOKEN}"})
+                except InferenceServerException as exc:
+                    assert "unauthorized" in str(exc)
+                    break
+                assert time.monotonic() < deadline, "a revoked token still answered"
+                time.sleep(0.2)
+            code, answer, _ = https_call(http_port, infer, cert, f"Bearer {TOKEN}", body)
+            assert code == 401, answer  # REST shares the tokens
+            assert https_call(http_port, infer, cert, f"Bearer {OTHER}", body)[0] == 200
         finally:
             client.close()
         from tritonclient.grpc import service_pb2 as pb

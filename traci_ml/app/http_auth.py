@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,29 +34,65 @@ OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 OPEN_RPCS = frozenset({"ServerLive", "ServerReady"})
 MIN_TOKEN = 16  # characters: a guessable token is no token
 LOG_EVERY = 10.0  # seconds between two warnings about refused requests
+RELOAD_EVERY = 1.0  # seconds between two looks at serve.http_token_file
 CHALLENGE = 'Bearer realm="traci"'
 
 
 @dataclass
 class Access:
-    """What ``traci http`` enforces: the tokens (empty: none asked) and the TLS files."""
+    """What ``traci http`` enforces: the tokens (empty: none asked) and the TLS files.
+    ``token_file``: where the tokens came from; it is looked at again at most every
+    ``RELOAD_EVERY`` seconds, and a changed file that loads replaces the tokens (a token
+    removed from it is refused from then on, without a restart); one that does not load is
+    logged and the tokens in force stay."""
 
     tokens: tuple[bytes, ...] = ()
     cert: str | None = None
     key: str | None = None
+    token_file: str | None = None
     refused: int = field(default=0, compare=False)  # refused for a missing or wrong token
+    reloads: int = field(default=0, compare=False)  # token file changes taken
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _warned: float = field(default=float("-inf"), repr=False, compare=False)
+    _looked: float = field(default_factory=time.monotonic, repr=False, compare=False)
+    _stamp: tuple | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.token_file is not None and self._stamp is None:
+            self._stamp = _stamp(self.token_file)
 
     @property
     def tls(self) -> bool:
         return self.cert is not None
+
+    def reload(self, *, now: float | None = None) -> None:
+        """Take the token file again if it changed (at most every ``RELOAD_EVERY`` s)."""
+        if self.token_file is None:
+            return
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if now - self._looked < RELOAD_EVERY:
+                return
+            self._looked = now
+            stamp = _stamp(self.token_file)
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
+        try:
+            tokens = load_tokens(self.token_file)
+        except ConfigError as exc:
+            log.error("http: %s; the %d token(s) in force stay", exc, len(self.tokens))
+            return
+        self.tokens = tokens  # one assignment: a request sees the old tuple or the new
+        self.reloads += 1
+        log.warning("http: %s changed: %d token(s) now", self.token_file, len(tokens))
 
     def allows(self, header: str | bytes | None) -> bool:
         """Whether an ``Authorization`` header (or gRPC metadata value) carries a listed
         token. Compared in constant time against every token."""
         if not self.tokens:
             return True
+        self.reload()
         if header is None:
             return False
         raw = header if isinstance(header, bytes) else header.encode("utf-8", "replace")
@@ -88,6 +125,15 @@ class Access:
 
         pair = (Path(self.key).read_bytes(), Path(self.cert).read_bytes())  # type: ignore[arg-type]
         return grpc.ssl_server_credentials([pair])
+
+
+def _stamp(path: str) -> tuple | None:
+    """What tells a changed file (a Kubernetes Secret's update swaps a symlink: followed)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def load_tokens(path: str) -> tuple[bytes, ...]:
@@ -123,7 +169,7 @@ def access_for(config: Config) -> Access:
     if s.http_tls_cert is not None:
         _check_pair(s.http_tls_cert, s.http_tls_key)  # type: ignore[arg-type]
     access = Access(load_tokens(s.http_token_file) if s.http_token_file else (),
-                    s.http_tls_cert, s.http_tls_key)  # fmt: skip
+                    s.http_tls_cert, s.http_tls_key, s.http_token_file)  # fmt: skip
     if is_loopback(s.http_bind) or (access.tls and access.tokens):
         return access
     missing = " and ".join(
