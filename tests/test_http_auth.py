@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -194,7 +195,7 @@ def test_tls_and_tokens_on_both_sides(tmp_path: Path, door, pki) -> None:
         "run_id": MODEL, "run_dir": str(tmp_path / "run"), "metrics": {"broker_port": 0},
         "network": {"serve_port": int(door.endpoint.rsplit(":", 1)[1])},
         "serve": {"http_port": http_port, "http_tls_cert": str(cert), "http_tls_key": str(key),
-                  "http_token_file": str(tokens)},
+                  "http_token_file": str(tokens), "http_read_timeout": 2.0},
     }))  # fmt: skip
     argv = [sys.executable, "-m", "traci_ml.app.cli", "http", "--config", str(cfg),
             "--grpc-port", str(grpc_port), "--log-level", "WARNING"]  # fmt: skip
@@ -223,6 +224,12 @@ def test_tls_and_tokens_on_both_sides(tmp_path: Path, door, pki) -> None:
         assert code == 200, answer
         probs = np.array(answer["outputs"][0]["data"], np.float32).reshape(2, 2)
         np.testing.assert_allclose(probs, dog(x), rtol=1e-6)
+        idle = ssl.create_default_context(cafile=str(cert)).wrap_socket(
+            socket.create_connection(("127.0.0.1", http_port), timeout=10),
+            server_hostname="localhost")  # fmt: skip
+        with idle:  # a TLS client that then sends nothing: closed at serve.http_read_timeout
+            t = time.monotonic()
+            assert idle.recv(100) == b"" and time.monotonic() - t < 8
         with pytest.raises(OSError):  # plaintext to the TLS port: no answer
             urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/live", timeout=5)
 

@@ -130,6 +130,7 @@ def run(config: Config) -> int:
     process, until stopped. Either may be off (port 0), not both."""
     import uvicorn
 
+    from traci_ml.app.http_conn import Closed, protocol
     from traci_ml.core.errors import ConfigError
     from traci_ml.core.security import peer_keys, tcp_endpoint
 
@@ -155,9 +156,11 @@ def run(config: Config) -> int:
              " and ".join(where), tr.name, tokens, endpoint)  # fmt: skip
     try:
         if sock is not None:  # uvicorn raises the SIGINT/SIGTERM it stopped for again
+            conn = protocol(s.http_read_timeout, s.http_max_connections, Closed())
             app = uvicorn.Config(guard(build_app(tr), access), log_level="warning",
                                  access_log=False, ssl_certfile=access.cert,
-                                 ssl_keyfile=access.key)  # fmt: skip
+                                 ssl_keyfile=access.key, http=conn,
+                                 limit_concurrency=s.http_max_connections + 1)  # fmt: skip
             uvicorn.Server(app).run(sockets=[sock])
         else:
             while True:

@@ -334,6 +334,11 @@ class ServeConfig(_Section):
     # the largest request body (REST) or message (gRPC) it reads, in MiB: a larger one is
     # refused (413 / RESOURCE_EXHAUSTED) before it is held in memory
     http_max_body_mb: float = Field(64.0, gt=0.0, le=2047.0)
+    # slow and many REST clients (app/http_conn.py): a request must arrive whole within
+    # http_read_timeout seconds of the connection waiting for it; connections beyond
+    # http_max_connections are closed as they open
+    http_read_timeout: float = Field(30.0, gt=0.0, le=3600.0)
+    http_max_connections: int = Field(1000, ge=1)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServeConfig:
