@@ -55,6 +55,14 @@ def test_binary_inputs_follow_the_json_header() -> None:
           {"name": "a", "datatype": "FP32", "shape": [1], "data": [1]}], "alone"),
         ([{"name": "a", "datatype": "FP32", "shape": [1], "data": [1]},
           {"name": "b", "datatype": "FP32", "shape": [2], "data": [1, 2]}], "different numbers"),
+        # hostile but well-formed: a JSON true as a dimension, values FP32 cannot hold (sent
+        # on they would be inf), a null, parameters that are not an object
+        ([{"name": "a", "datatype": "FP32", "shape": [True], "data": [1]}], "shape"),
+        ([{"name": "a", "datatype": "FP32", "shape": [1], "data": [1e300]}], "beyond FP32"),
+        ([{"name": "a", "datatype": "FP32", "shape": [1], "data": [10**47]}], "beyond FP32"),
+        ([{"name": "a", "datatype": "FP64", "shape": [1], "data": [None]}], "NaN"),
+        ([{"name": "a", "datatype": "FP32", "shape": [1], "data": [1], "parameters": [1]}],
+         "'parameters' is not a JSON object"),
     ],
 )  # fmt: skip
 def test_refusals(inputs: list, words: str) -> None:
@@ -77,6 +85,9 @@ def test_outputs_json_binary_and_unknown() -> None:
     assert body[n:] == struct.pack("<I", 1) + b"b"
     with pytest.raises(BadTensor, match="unknown output"):
         encode_response("m", {"outputs": [{"name": "logits"}]}, outputs, {})
+    for bad in ({"parameters": [1]}, {"outputs": [{"name": "label", "parameters": 5}]}):
+        with pytest.raises(BadTensor, match="'parameters' is not a JSON object"):
+            encode_response("m", bad, outputs, {})
 
 
 def _checked(req: dict) -> dict:
@@ -127,3 +138,11 @@ def test_bodies_that_are_not_strict_json_objects(body: bytes, words: str) -> Non
     """RFC 8259 JSON only (no NaN / Infinity literals), at most 1024 deep, an object."""
     with pytest.raises(BadTensor, match=words):
         decode_request(body, None)
+
+
+def test_a_header_length_that_is_no_byte_count_is_named() -> None:
+    """http_v2 passes -1 for an Inference-Header-Content-Length that is not digits ("abc",
+    "-3"): before, int("abc")'s own message was the answer."""
+    for length, words in ((-1, "is not a byte count"), (99, "99 is not in the body")):
+        with pytest.raises(BadTensor, match=f"Inference-Header-Content-Length {words}"):
+            decode_request(b"{}", length)

@@ -79,10 +79,15 @@ def test_metadata_and_rows(port: int) -> None:
     assert answer["outputs"][1]["data"] == ["cat", "dog"]
 
 
+# a request whose top-level parameters are a list: answered 500 (AttributeError) before
+PARAMS = json.dumps({"inputs": [{"name": c, "datatype": "FP32", "shape": [1], "data": [0]}
+                                for c in "ab"], "parameters": [1]}).encode()  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("status", "code"),
     [("busy", 429), ("no_expert", 503), ("oversize", 400), ("timeout", 504),
-     ("expert_error", 500), (None, 404), (b"{", 400), (b"[" * 100_000, 400)],
+     ("expert_error", 500), (None, 404), (b"{", 400), (b"[" * 100_000, 400), (PARAMS, 400)],
 )  # fmt: skip
 def test_errors(port: int, door: FrontDoor, status, code: int) -> None:
     x = np.zeros((1, 2), np.float32)
@@ -94,7 +99,8 @@ def test_errors(port: int, door: FrontDoor, status, code: int) -> None:
     body = status if isinstance(status, bytes) else rows(x)
     got, answer = call(port, f"/v2/models/{model}/infer", body)
     words = {None: "unknown model", b"{": "not JSON", "timeout": "timeout: no reply",
-             b"[" * 100_000: "nested too deeply"}  # fmt: skip
+             b"[" * 100_000: "nested too deeply",
+             PARAMS: "'parameters' is not a JSON object"}  # fmt: skip
     assert got == code and words.get(status, f"{status}: the fake says") in answer["error"]
 
 

@@ -18,6 +18,7 @@ import zmq
 from traci_ml import proto
 from traci_ml.app.oip import Translator
 from traci_ml.core.config import Config
+from traci_ml.core.errors import ProtocolError
 from traci_ml.core.rundir import RunDir
 from traci_ml.core.security import ServerKeys, apply_domain, apply_server, start_authenticator
 
@@ -60,7 +61,13 @@ class FrontDoor:
             if not self._sock.poll(50):
                 continue
             who, *frames = self._sock.recv_multipart()
-            query = proto.decode(frames)
+            try:
+                query = proto.decode(frames)
+            except ProtocolError as exc:  # as the broker answers a bad QUERY
+                self.asked.append(None)
+                reply = proto.Reply(-1, "bad_request", str(exc))
+                self._sock.send_multipart([who, *proto.encode(reply)])
+                continue
             self.asked.append(query)
             if self.silent:
                 continue

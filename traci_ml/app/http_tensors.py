@@ -29,9 +29,11 @@ from traci_ml.app.oip import (
 
 
 def decode_request(body: bytes, header_length: int | None) -> tuple[dict[str, Any], bytes]:
-    """The JSON header and the binary data after it (empty without the extension)."""
+    """The JSON header and the binary data after it (empty without the extension);
+    ``header_length`` -1: the header was not a byte count."""
     if header_length is not None and not 0 <= header_length <= len(body):
-        raise BadTensor(f"Inference-Header-Content-Length {header_length} is not in the body")
+        what = "is not a byte count" if header_length < 0 else f"{header_length} is not in the body"
+        raise BadTensor(f"Inference-Header-Content-Length {what}")
     head = body if header_length is None else body[:header_length]
     try:
         request = orjson.loads(head)
@@ -90,6 +92,8 @@ def _plain_columns(inputs: list) -> dict[str, np.ndarray] | None:
         n = len(data)
         if shape != [n] and shape != [n, 1] or (rows >= 0 and n != rows):
             return None
+        if any(type(d) is not int for d in shape):  # [true] == [1] in Python, not in JSON
+            return None
         rows = n
         names.append(name)
         datas.append(data)
@@ -98,17 +102,30 @@ def _plain_columns(inputs: list) -> dict[str, np.ndarray] | None:
     ):
         return None
     try:
-        table = np.array(datas, dtype=NUMERIC[datatype]).astype(np.float64)  # (columns, R)
+        with np.errstate(over="ignore"):  # 1e300 as FP32: inf, named by the checked path
+            table = np.array(datas, dtype=NUMERIC[datatype]).astype(np.float64)  # (columns, R)
     except (ValueError, OverflowError):
         return None
+    if not np.isfinite(table).all():
+        return None
     return dict(zip(names, table, strict=True))
+
+
+def parameters(obj: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """``obj``'s ``parameters`` (absent or null: none), which the protocol makes an object."""
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadTensor(f"{where}'s 'parameters' is not a JSON object")
+    return params
 
 
 def _tensor(t: Mapping[str, Any], blobs: bytes, at: int) -> tuple[np.ndarray, int]:
     """One input as a 1-D array (shape [R] or [R, 1]) and where the next binary data starts."""
     name, datatype, shape = t["name"], t.get("datatype"), t.get("shape")
     n = column_length(name, datatype, shape)
-    size = (t.get("parameters") or {}).get("binary_data_size")
+    size = parameters(t, f"input '{name}'").get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0 or at + size > len(blobs):
             raise BadTensor(f"input '{name}': binary_data_size {size} exceeds the binary data")
@@ -125,9 +142,13 @@ def _tensor(t: Mapping[str, Any], blobs: bytes, at: int) -> tuple[np.ndarray, in
             else:
                 if any(isinstance(v, (str, bool)) for v in flat):
                     raise TypeError("not a number")
-                value = flat.astype(NUMERIC[datatype])
+                with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+                    value = flat.astype(NUMERIC[datatype])
         except (TypeError, ValueError, OverflowError):
             raise BadTensor(f"input '{name}': its data are not {datatype} values") from None
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise BadTensor(f"input '{name}': its data hold NaN, Inf or values beyond {datatype}'s "
+                        "range")  # fmt: skip
     if value.size != n:
         raise BadTensor(f"input '{name}' has shape {shape} but {value.size} values")
     return value.reshape(n), at
@@ -138,7 +159,7 @@ def encode_response(
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and headers: the outputs asked (all by default), each as JSON
     ``data`` or, where asked (``binary_data`` / ``binary_data_output``), binary."""
-    every = bool((request.get("parameters") or {}).get("binary_data_output", False))
+    every = bool(parameters(request, "the request").get("binary_data_output", False))
     asked = request.get("outputs")
     if asked is None:
         wanted = [(name, every) for name in outputs]
@@ -146,7 +167,8 @@ def encode_response(
         if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
             raise BadTensor("'outputs' is a list of objects with a 'name'")
         check_outputs((o.get("name") for o in asked), outputs)
-        wanted = [(o["name"], bool((o.get("parameters") or {}).get("binary_data", every)))
+        wanted = [(o["name"], bool(parameters(o, f"output '{o['name']}'").get("binary_data",
+                                                                            every)))
                   for o in asked]  # fmt: skip
     tensors, blobs = [], []
     for name, binary in wanted:

@@ -103,7 +103,7 @@ def build_app(tr: Translator):  # -> starlette.applications.Starlette
         from starlette.concurrency import run_in_threadpool
 
         try:
-            size = int(length) if length is not None else None
+            size = None if length is None else int(length) if length.isdigit() else -1
             out, headers = await run_in_threadpool(infer_body, tr, body, size)
         except ValueError as exc:  # BadTensor too
             return error(str(exc), 400)
