@@ -240,8 +240,9 @@ def serve_parsers(sub: argparse._SubParsersAction, common: Callable) -> None:
     http.add_argument(
         "--insecure",
         action="store_true",
-        help="let it listen off loopback without TLS and tokens (serve.http_tls_cert, "
-        "serve.http_tls_key, serve.http_token_file; sets security.insecure)",
+        help="let it listen off loopback without TLS and tokens or client certificates "
+        "(serve.http_tls_cert, serve.http_tls_key, serve.http_token_file, "
+        "serve.http_tls_client_ca; sets security.insecure)",
     )
     grpc_port(http)
     common(http)

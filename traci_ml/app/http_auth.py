@@ -7,8 +7,12 @@ bearer tokens, and where it may listen without them (docs/serving.md "Security")
   one: ``Authorization: Bearer <token>`` (REST), ``authorization`` metadata of the same form
   (gRPC). Otherwise: HTTP 401 ``{"error": ...}`` with ``WWW-Authenticate: Bearer``, gRPC
   UNAUTHENTICATED; counted, and logged at most once per ``LOG_EVERY`` seconds.
-- Off loopback, ``serve.http_bind`` needs both (tokens in plaintext can be read on the way),
-  unless ``security.insecure`` (``--insecure``): the rule the broker keeps for CURVE.
+- ``serve.http_tls_client_ca``: mutual TLS. Every client must present a certificate signed
+  by one of these CAs, or its TLS handshake fails (REST and gRPC; health checks included,
+  since the handshake comes before any path).
+- Off loopback, ``serve.http_bind`` needs TLS and a way to know the client: tokens or client
+  certificates (tokens in plaintext can be read on the way), unless ``security.insecure``
+  (``--insecure``): the rule the broker keeps for CURVE.
 
 The health checks (``/v2/health/live``, ``/v2/health/ready``; gRPC ServerLive, ServerReady)
 stay open so that load balancers and Kubernetes probes work without a secret; they say only
@@ -50,6 +54,7 @@ class Access:
     cert: str | None = None
     key: str | None = None
     token_file: str | None = None
+    client_ca: str | None = None  # mutual TLS: the CAs of the admitted client certificates
     refused: int = field(default=0, compare=False)  # refused for a missing or wrong token
     reloads: int = field(default=0, compare=False)  # token file changes taken
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -124,7 +129,22 @@ class Access:
         import grpc
 
         pair = (Path(self.key).read_bytes(), Path(self.cert).read_bytes())  # type: ignore[arg-type]
-        return grpc.ssl_server_credentials([pair])
+        if self.client_ca is None:
+            return grpc.ssl_server_credentials([pair])
+        roots = Path(self.client_ca).read_bytes()
+        return grpc.ssl_server_credentials([pair], root_certificates=roots,
+                                           require_client_auth=True)  # fmt: skip
+
+    def uvicorn_ssl(self) -> dict:
+        """uvicorn.Config's TLS arguments (none without TLS)."""
+        import ssl
+
+        if not self.tls:
+            return {}
+        args = {"ssl_certfile": self.cert, "ssl_keyfile": self.key}
+        if self.client_ca is not None:
+            args |= {"ssl_ca_certs": self.client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        return args
 
 
 def _stamp(path: str) -> tuple | None:
@@ -162,19 +182,25 @@ def access_for(config: Config) -> Access:
     """The endpoint's access rules from the config, checked before anything listens: the
     files readable, and off loopback both TLS and tokens unless ``security.insecure``."""
     s = config.serve
-    for key in ("http_tls_cert", "http_tls_key"):
+    for key in ("http_tls_cert", "http_tls_key", "http_tls_client_ca"):
         path = getattr(s, key)
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"serve.{key}: {path} is not a readable file")
     if s.http_tls_cert is not None:
         _check_pair(s.http_tls_cert, s.http_tls_key)  # type: ignore[arg-type]
+    if s.http_tls_client_ca is not None:
+        _check_ca(s.http_tls_client_ca)
     access = Access(load_tokens(s.http_token_file) if s.http_token_file else (),
-                    s.http_tls_cert, s.http_tls_key, s.http_token_file)  # fmt: skip
-    if is_loopback(s.http_bind) or (access.tls and access.tokens):
+                    s.http_tls_cert, s.http_tls_key, s.http_token_file,
+                    s.http_tls_client_ca)  # fmt: skip
+    who = bool(access.tokens) or access.client_ca is not None
+    if is_loopback(s.http_bind) or (access.tls and who):
         return access
     missing = " and ".join(
-        what for what, ok in (("TLS (serve.http_tls_cert, serve.http_tls_key)", access.tls),
-                              ("tokens (serve.http_token_file)", bool(access.tokens))) if not ok
+        what for what, ok in (
+            ("TLS (serve.http_tls_cert, serve.http_tls_key)", access.tls),
+            ("tokens (serve.http_token_file) or client certificates "
+             "(serve.http_tls_client_ca)", who)) if not ok
     )  # fmt: skip
     if not config.security.insecure:
         raise ConfigError(f"refusing to serve the Open Inference Protocol on {s.http_bind} "
@@ -197,6 +223,17 @@ def _check_pair(cert: str, key: str) -> None:
         raise ConfigError(f"serve.http_tls_cert / serve.http_tls_key: {cert} and {key} are not "
                           f"a PEM certificate chain and its unencrypted private key ({exc})"
                           ) from None  # fmt: skip
+
+
+def _check_ca(path: str) -> None:
+    """The client CA bundle loads as the TLS server will load it."""
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"serve.http_tls_client_ca: {path} is not a PEM bundle of CA "
+                          f"certificates ({exc})") from None  # fmt: skip
 
 
 def guard(app, access: Access):  # noqa: ANN001, ANN201 -- an ASGI app in, one out

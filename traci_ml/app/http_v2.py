@@ -152,14 +152,14 @@ def run(config: Config) -> int:
         where.append(f"grpc{'s' * access.tls} {_host(s.http_bind)}:{s.grpc_port}")
         signal.signal(signal.SIGTERM, _exit)  # so that the finally below stops it
     tokens = f", {len(access.tokens)} token(s) asked" if access.tokens else ""
+    tokens += ", client certificates asked" if access.client_ca else ""
     log.info("http ready: Open Inference Protocol on %s (model '%s'%s) -> %s",
              " and ".join(where), tr.name, tokens, endpoint)  # fmt: skip
     try:
         if sock is not None:  # uvicorn raises the SIGINT/SIGTERM it stopped for again
             conn = protocol(s.http_read_timeout, s.http_max_connections, Closed())
             app = uvicorn.Config(guard(build_app(tr), access), log_level="warning",
-                                 access_log=False, ssl_certfile=access.cert,
-                                 ssl_keyfile=access.key, http=conn,
+                                 access_log=False, http=conn, **access.uvicorn_ssl(),
                                  limit_concurrency=s.http_max_connections + 1)  # fmt: skip
             uvicorn.Server(app).run(sockets=[sock])
         else:

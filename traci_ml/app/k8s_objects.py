@@ -125,15 +125,16 @@ def http_container(config: Config) -> Obj:
     if s.grpc_port:
         ports.append({"name": "grpc", "containerPort": s.grpc_port})
     tls = s.http_tls_cert is not None
-    if s.http_port:
+    mutual = s.http_tls_client_ca is not None
+    if s.http_port and not mutual:
         scheme = {"scheme": "HTTPS"} if tls else {}  # the health checks need no token
         live: Obj = {"httpGet": {"path": "/v2/health/live", "port": "http", **scheme}}
         ready: Obj = {"httpGet": {"path": "/v2/health/ready", "port": "http", **scheme}}
-    else:
-        live = ready = {"tcpSocket": {"port": "grpc"}}
+    else:  # kubelet's probes present no client certificate: the port accepting, then
+        live = ready = {"tcpSocket": {"port": "http" if s.http_port else "grpc"}}
     # the pod's address is off loopback: plaintext without tokens only by --insecure, fenced
     # by the NetworkPolicy as the broker's ZeroMQ ports are (app/http_auth.py)
-    secure = tls and s.http_token_file is not None
+    secure = tls and (s.http_token_file is not None or mutual)
     return {
         "name": "http",
         "image": "traci",

@@ -331,6 +331,9 @@ class ServeConfig(_Section):
     http_tls_cert: str | None = Field(None, min_length=1)
     http_tls_key: str | None = Field(None, min_length=1)
     http_token_file: str | None = Field(None, min_length=1)
+    # mutual TLS: PEM certificates of the CAs whose client certificates are admitted; every
+    # client must then present one (REST and gRPC; it stands in for tokens off loopback)
+    http_tls_client_ca: str | None = Field(None, min_length=1)
     # the largest request body (REST) or message (gRPC) it reads, in MiB: a larger one is
     # refused (413 / RESOURCE_EXHAUSTED) before it is held in memory
     http_max_body_mb: float = Field(64.0, gt=0.0, le=2047.0)
@@ -345,6 +348,11 @@ class ServeConfig(_Section):
         if (self.http_tls_cert is None) != (self.http_tls_key is None):
             raise ValueError("serve.http_tls_cert and serve.http_tls_key go together: "
                              "set both (TLS) or neither")  # fmt: skip
+        if self.http_tls_client_ca is not None and self.http_tls_cert is None:
+            raise ValueError(
+                "serve.http_tls_client_ca needs serve.http_tls_cert and "
+                "serve.http_tls_key (client certificates are asked over TLS)"
+            )
         return self
 
 
