@@ -173,3 +173,82 @@ def test_traci_http_admits_only_certificates_of_its_ca(tmp_path: Path, door, pki
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
+
+
+def test_rotated_tls_files_are_taken_without_a_restart(tmp_path: Path, door, pki) -> None:
+    """cert-manager and Secret updates replace the files under a running server: traci http
+    takes them for new connections (REST and gRPC) within seconds; a pair that does not load
+    (the certificate of one key, the other key) is refused and the one in force stays."""
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    live = {"pem": tmp_path / "live.pem", "key": tmp_path / "live.key"}
+    new = {"pem": tmp_path / "new.pem", "key": tmp_path / "new.key"}
+    openssl("req", "-x509", *EC, "-days", "2", "-subj", "/CN=localhost", "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(new["key"]),
+            "-out", str(new["pem"]))  # fmt: skip
+    shutil.copy(pki["server.pem"], live["pem"])
+    shutil.copy(pki["server.key"], live["key"])
+    http_port, grpc_port = free_ports(2)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "preprocess.json").write_text(json.dumps(
+        {"task": "classification", "columns": ["a", "b"], "classes": ["cat", "dog"]}))  # fmt: skip
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(json.dumps({
+        "run_id": MODEL, "run_dir": str(tmp_path / "run"), "metrics": {"broker_port": 0},
+        "network": {"serve_port": int(door.endpoint.rsplit(":", 1)[1])},
+        "serve": {"http_port": http_port, "http_tls_cert": str(live["pem"]),
+                  "http_tls_key": str(live["key"]), "http_tls_client_ca": str(pki["ca.pem"])},
+    }))  # fmt: skip
+    argv = [sys.executable, "-m", "traci_ml.app.cli", "http", "--config", str(cfg),
+            "--grpc-port", str(grpc_port), "--log-level", "WARNING"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    x = np.array([[0.5, -1.0]], np.float32)
+    inputs = [tc.InferInput(c, [1], "FP32") for c in "ab"]
+    for j, i in enumerate(inputs):
+        i.set_data_from_numpy(x[:, j].copy())
+
+    def rest(trust: Path) -> bool:
+        pki_trusting = {**pki, "server.pem": trust}
+        try:
+            return https(http_port, "/v2/health/live", pki_trusting, "alice")[0] == 200
+        except OSError:
+            return False
+
+    def grpc_ok(trust: Path) -> bool:
+        alice = {"private_key": str(pki["alice.key"]), "certificate_chain": str(pki["alice.pem"])}
+        with tc.InferenceServerClient(f"127.0.0.1:{grpc_port}", ssl=True,
+                                      root_certificates=str(trust), **alice) as client:  # fmt: skip
+            try:
+                return client.infer(MODEL, inputs, client_timeout=5) is not None
+            except InferenceServerException:
+                return False
+
+    def within(seconds: float, check) -> bool:  # noqa: ANN001
+        deadline = time.monotonic() + seconds
+        while not check():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.25)
+        return True
+
+    def replace(pem: Path, key: Path) -> None:  # each file swapped whole, as a Secret update
+        for src, dst in ((key, live["key"]), (pem, live["pem"])):
+            shutil.copy(src, tmp_path / "swap")
+            os.replace(tmp_path / "swap", dst)
+
+    try:
+        assert within(60, lambda: rest(pki["server.pem"])), "traci http never came up"
+        assert grpc_ok(pki["server.pem"]) and not rest(new["pem"]) and not grpc_ok(new["pem"])
+        replace(new["pem"], new["key"])
+        assert within(10, lambda: rest(new["pem"])), "REST kept the old certificate"
+        assert within(10, lambda: grpc_ok(new["pem"])), "gRPC kept the old certificate"
+        assert not rest(pki["server.pem"])
+        replace(pki["server.pem"], new["key"])  # a certificate and a key that do not match
+        time.sleep(2.5)  # looked at once a second
+        assert rest(new["pem"]) and grpc_ok(new["pem"]), "a broken pair replaced a good one"
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert "TLS files changed: taken" in out and "do not load" in out, out

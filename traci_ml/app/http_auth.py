@@ -59,12 +59,11 @@ class Access:
     reloads: int = field(default=0, compare=False)  # token file changes taken
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _warned: float = field(default=float("-inf"), repr=False, compare=False)
-    _looked: float = field(default_factory=time.monotonic, repr=False, compare=False)
-    _stamp: tuple | None = field(default=None, repr=False, compare=False)
+    _tokens_watch: Watched | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.token_file is not None and self._stamp is None:
-            self._stamp = _stamp(self.token_file)
+        if self.token_file is not None and self._tokens_watch is None:
+            self._tokens_watch = Watched([self.token_file])
 
     @property
     def tls(self) -> bool:
@@ -72,19 +71,10 @@ class Access:
 
     def reload(self, *, now: float | None = None) -> None:
         """Take the token file again if it changed (at most every ``RELOAD_EVERY`` s)."""
-        if self.token_file is None:
+        if self._tokens_watch is None or not self._tokens_watch.changed(now=now):
             return
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            if now - self._looked < RELOAD_EVERY:
-                return
-            self._looked = now
-            stamp = _stamp(self.token_file)
-            if stamp == self._stamp:
-                return
-            self._stamp = stamp
         try:
-            tokens = load_tokens(self.token_file)
+            tokens = load_tokens(self.token_file)  # type: ignore[arg-type]
         except ConfigError as exc:
             log.error("http: %s; the %d token(s) in force stay", exc, len(self.tokens))
             return
@@ -125,15 +115,57 @@ class Access:
         return (f"unauthorized: {what} needs 'Authorization: Bearer <token>' with a token "
                 f"from serve.http_token_file ({why})")  # fmt: skip
 
+    def tls_files(self) -> Watched:
+        """A watch on the TLS files (certificate, key, client CAs), for one consumer."""
+        return Watched([p for p in (self.cert, self.key, self.client_ca) if p is not None])
+
     def server_credentials(self):  # -> grpc.ServerCredentials
+        """gRPC's TLS credentials, taking new TLS files at the next handshake after they
+        change (rotated certificates need no restart); files that do not load as a pair
+        are logged and the ones in force stay."""
         import grpc
 
-        pair = (Path(self.key).read_bytes(), Path(self.cert).read_bytes())  # type: ignore[arg-type]
-        if self.client_ca is None:
-            return grpc.ssl_server_credentials([pair])
-        roots = Path(self.client_ca).read_bytes()
-        return grpc.ssl_server_credentials([pair], root_certificates=roots,
-                                           require_client_auth=True)  # fmt: skip
+        def configuration():  # -> grpc.ServerCertificateConfiguration
+            pair = (Path(self.key).read_bytes(), Path(self.cert).read_bytes())  # type: ignore[arg-type]
+            roots = None if self.client_ca is None else Path(self.client_ca).read_bytes()
+            return grpc.ssl_server_certificate_configuration([pair], roots)
+
+        watch = self.tls_files()
+
+        def fetch():  # called by grpc before every handshake: cheap unless a file changed
+            if not watch.changed():
+                return None
+            try:
+                _check_pair(self.cert, self.key)  # type: ignore[arg-type]
+                new = configuration()
+            except (ConfigError, OSError) as exc:
+                log.error("grpc: the TLS files changed but do not load (%s); the ones in force "
+                          "stay", exc)  # fmt: skip
+                return None
+            log.warning("grpc: TLS files changed: taken for new connections")
+            return new
+
+        return grpc.dynamic_ssl_server_credentials(
+            configuration(), fetch, require_client_authentication=self.client_ca is not None
+        )
+
+    def reload_tls(self, context, watch: Watched) -> bool:  # noqa: ANN001 -- ssl.SSLContext
+        """Load changed TLS files into uvicorn's ``context`` (new handshakes use them; the
+        connections open keep theirs). True when taken; files that do not load as a pair are
+        logged and the ones in force stay. Call it on the event loop's thread."""
+        if not watch.changed():
+            return False
+        try:
+            _check_pair(self.cert, self.key)  # type: ignore[arg-type]
+            context.load_cert_chain(self.cert, self.key)
+            if self.client_ca is not None:  # adds the CAs listed now (none is forgotten)
+                context.load_verify_locations(cafile=self.client_ca)
+        except (ConfigError, OSError, ValueError) as exc:
+            log.error("http: the TLS files changed but do not load (%s); the ones in force "
+                      "stay", exc)  # fmt: skip
+            return False
+        log.warning("http: TLS files changed: taken for new connections")
+        return True
 
     def uvicorn_ssl(self) -> dict:
         """uvicorn.Config's TLS arguments (none without TLS)."""
@@ -145,6 +177,29 @@ class Access:
         if self.client_ca is not None:
             args |= {"ssl_ca_certs": self.client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
         return args
+
+
+class Watched:
+    """Files looked at again at most every ``RELOAD_EVERY`` seconds: ``changed()`` is True
+    once for each change seen (by inode, mtime and size)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self._stamps = [_stamp(p) for p in paths]
+        self._looked = time.monotonic()
+        self._lock = threading.Lock()
+
+    def changed(self, *, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if now - self._looked < RELOAD_EVERY:
+                return False
+            self._looked = now
+            stamps = [_stamp(p) for p in self.paths]
+            if stamps == self._stamps:
+                return False
+            self._stamps = stamps
+            return True
 
 
 def _stamp(path: str) -> tuple | None:

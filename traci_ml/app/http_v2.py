@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from traci_ml.app.client import ServeError
-from traci_ml.app.http_auth import access_for, guard
+from traci_ml.app.http_auth import Access, access_for, guard
 from traci_ml.app.http_tensors import decode_request, encode_response, read_inputs
 from traci_ml.app.oip import BadTensor, Translator, failure, max_body
 from traci_ml.core.config import Config
@@ -161,7 +161,7 @@ def run(config: Config) -> int:
             app = uvicorn.Config(guard(build_app(tr), access), log_level="warning",
                                  access_log=False, http=conn, **access.uvicorn_ssl(),
                                  limit_concurrency=s.http_max_connections + 1)  # fmt: skip
-            uvicorn.Server(app).run(sockets=[sock])
+            _server_class()(app, access).run(sockets=[sock])
         else:
             while True:
                 time.sleep(3600)
@@ -173,6 +173,27 @@ def run(config: Config) -> int:
             grpc_server.stop(grace=1.0).wait(2.0)
         tr.close()
     return 0
+
+
+def _server_class():  # -> type[uvicorn.Server]
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, taking rotated TLS files without a restart: once a second, on
+        the event loop's thread, changed files are loaded into its SSL context (new
+        handshakes use them)."""
+
+        def __init__(self, config: uvicorn.Config, access: Access) -> None:
+            super().__init__(config)
+            self.access = access
+            self.watch = access.tls_files() if access.tls else None
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.watch is not None and counter % 10 == 0 and self.config.ssl is not None:
+                self.access.reload_tls(self.config.ssl, self.watch)
+            return await super().on_tick(counter)
+
+    return Server
 
 
 def _listen(bind: str, port: int):  # -> socket.socket
