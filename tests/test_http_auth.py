@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers.front_door import MODEL, dog
-from tests.helpers.support import free_ports
+from tests.helpers.front_door import MODEL, dog, spawn_http, wait_up
 from traci_ml.app.http_auth import MIN_TOKEN, Access, access_for, load_tokens
 from traci_ml.core.config import Config, validate
 from traci_ml.core.errors import ConfigError
@@ -186,30 +185,11 @@ def test_tls_and_tokens_on_both_sides(tmp_path: Path, door, pki) -> None:
     cert, key = pki
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{TOKEN}\n{OTHER}\n")
-    http_port, grpc_port = free_ports(2)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "preprocess.json").write_text(json.dumps(
-        {"task": "classification", "columns": ["a", "b"], "classes": ["cat", "dog"]}))  # fmt: skip
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text(json.dumps({
-        "run_id": MODEL, "run_dir": str(tmp_path / "run"), "metrics": {"broker_port": 0},
-        "network": {"serve_port": int(door.endpoint.rsplit(":", 1)[1])},
-        "serve": {"http_port": http_port, "http_tls_cert": str(cert), "http_tls_key": str(key),
-                  "http_token_file": str(tokens), "http_read_timeout": 2.0},
-    }))  # fmt: skip
-    argv = [sys.executable, "-m", "traci_ml.app.cli", "http", "--config", str(cfg),
-            "--grpc-port", str(grpc_port), "--log-level", "WARNING"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # the health checks need no token
-            try:
-                if https_call(http_port, "/v2/health/live", cert)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "traci http never came up"
-            time.sleep(0.3)
+    proc, http_port, grpc_port = spawn_http(tmp_path, door, {
+        "http_tls_cert": str(cert), "http_tls_key": str(key), "http_token_file": str(tokens),
+        "http_read_timeout": 2.0})  # fmt: skip
+    try:  # the health checks need no token
+        wait_up(proc, lambda: https_call(http_port, "/v2/health/live", cert)[0] == 200)
         x = np.array([[0.5, -1.0], [2.0, 0.25]], np.float32)
         body = {"inputs": [{"name": c, "datatype": "FP32", "shape": [2], "data": x[:, j].tolist()}
                            for j, c in enumerate("ab")]}  # fmt: skip

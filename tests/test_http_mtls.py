@@ -9,7 +9,6 @@ import os
 import shutil
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers.front_door import MODEL, dog
-from tests.helpers.support import free_ports
+from tests.helpers.front_door import MODEL, dog, spawn_http, wait_up
 from traci_ml.app.http_auth import access_for
 from traci_ml.core.config import Config, validate
 from traci_ml.core.errors import ConfigError
@@ -115,31 +113,11 @@ def test_traci_http_admits_only_certificates_of_its_ca(tmp_path: Path, door, pki
     import tritonclient.grpc as tc
     from tritonclient.utils import InferenceServerException
 
-    http_port, grpc_port = free_ports(2)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "preprocess.json").write_text(json.dumps(
-        {"task": "classification", "columns": ["a", "b"], "classes": ["cat", "dog"]}))  # fmt: skip
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text(json.dumps({
-        "run_id": MODEL, "run_dir": str(tmp_path / "run"), "metrics": {"broker_port": 0},
-        "network": {"serve_port": int(door.endpoint.rsplit(":", 1)[1])},
-        "serve": {"http_port": http_port, "http_tls_cert": str(pki["server.pem"]),
-                  "http_tls_key": str(pki["server.key"]),
-                  "http_tls_client_ca": str(pki["ca.pem"])},
-    }))  # fmt: skip
-    argv = [sys.executable, "-m", "traci_ml.app.cli", "http", "--config", str(cfg),
-            "--grpc-port", str(grpc_port), "--log-level", "WARNING"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, http_port, grpc_port = spawn_http(tmp_path, door, {
+        "http_tls_cert": str(pki["server.pem"]), "http_tls_key": str(pki["server.key"]),
+        "http_tls_client_ca": str(pki["ca.pem"])})  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if https(http_port, "/v2/health/live", pki, "alice")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "traci http never came up"
-            time.sleep(0.3)
+        wait_up(proc, lambda: https(http_port, "/v2/health/live", pki, "alice")[0] == 200)
         x = np.array([[0.5, -1.0], [2.0, 0.25]], np.float32)
         body = {"inputs": [{"name": c, "datatype": "FP32", "shape": [2], "data": x[:, j].tolist()}
                            for j, c in enumerate("ab")]}  # fmt: skip
@@ -189,20 +167,9 @@ def test_rotated_tls_files_are_taken_without_a_restart(tmp_path: Path, door, pki
             "-out", str(new["pem"]))  # fmt: skip
     shutil.copy(pki["server.pem"], live["pem"])
     shutil.copy(pki["server.key"], live["key"])
-    http_port, grpc_port = free_ports(2)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "preprocess.json").write_text(json.dumps(
-        {"task": "classification", "columns": ["a", "b"], "classes": ["cat", "dog"]}))  # fmt: skip
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text(json.dumps({
-        "run_id": MODEL, "run_dir": str(tmp_path / "run"), "metrics": {"broker_port": 0},
-        "network": {"serve_port": int(door.endpoint.rsplit(":", 1)[1])},
-        "serve": {"http_port": http_port, "http_tls_cert": str(live["pem"]),
-                  "http_tls_key": str(live["key"]), "http_tls_client_ca": str(pki["ca.pem"])},
-    }))  # fmt: skip
-    argv = [sys.executable, "-m", "traci_ml.app.cli", "http", "--config", str(cfg),
-            "--grpc-port", str(grpc_port), "--log-level", "WARNING"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, http_port, grpc_port = spawn_http(tmp_path, door, {
+        "http_tls_cert": str(live["pem"]), "http_tls_key": str(live["key"]),
+        "http_tls_client_ca": str(pki["ca.pem"])})  # fmt: skip
     x = np.array([[0.5, -1.0]], np.float32)
     inputs = [tc.InferInput(c, [1], "FP32") for c in "ab"]
     for j, i in enumerate(inputs):

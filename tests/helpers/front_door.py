@@ -7,7 +7,10 @@ preprocess.json names columns a and b and classes cat and dog. The fixtures ``do
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,3 +126,40 @@ def translator(tmp_path: Path, door: FrontDoor) -> Iterator[Translator]:
     tr = make_translator(tmp_path / "run", door)
     yield tr
     tr.close()
+
+
+def spawn_http(tmp_path: Path, door: FrontDoor, serve: dict) -> tuple[subprocess.Popen, int, int]:
+    """`traci http` (REST and gRPC, on free ports) as a process, in front of ``door``, for a
+    run whose preprocess.json names columns a and b (classes cat and dog); ``serve``: more
+    of the config's ``serve`` section. Returns (process, REST port, gRPC port); its output
+    (WARNING and up) is on its stdout pipe."""
+    from tests.helpers.support import free_ports
+
+    http_port, grpc_port = free_ports(2)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "preprocess.json").write_text(json.dumps(
+        {"task": "classification", "columns": ["a", "b"], "classes": list(CLASSES)}))  # fmt: skip
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(json.dumps({
+        "run_id": MODEL, "run_dir": str(tmp_path / "run"), "metrics": {"broker_port": 0},
+        "network": {"serve_port": int(door.endpoint.rsplit(":", 1)[1])},
+        "serve": {"http_port": http_port, **serve},
+    }))  # fmt: skip
+    argv = [sys.executable, "-m", "traci_ml.app.cli", "http", "--config", str(cfg),
+            "--grpc-port", str(grpc_port), "--log-level", "WARNING"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, http_port, grpc_port
+
+
+def wait_up(proc: subprocess.Popen, check, seconds: float = 60.0) -> None:  # noqa: ANN001
+    """Until ``check()`` (an OSError counts as not yet), failing if ``proc`` ends first or
+    ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "traci http never came up"
+        time.sleep(0.3)
