@@ -91,9 +91,40 @@ def test_window_1_matches_the_reference_computation(run_config):
             "train": {"steps": steps, "eval_every": 10, "log_every": 1, "checkpoint_every": 0},
         }
     )
+    assert_run_matches_reference(path, Path(cfg["run_dir"]), steps)
+
+
+@pytest.mark.timeout(400)
+def test_window_1_regression_with_the_linear_path_matches_the_reference(run_config, tmp_path):
+    """The same on a regression table, whose nets carry the linear path by default
+    (``reducer.linear_path: auto``): each expert's linear map at its own rate, the reducer's
+    gate under its own penalty, equal in the services and in one process."""
+    from bench.quality_tables import load_table, table_config, write_csv
+
+    table = load_table("diabetes")
+    csv = write_csv(table, tmp_path / "diabetes.csv")
+    data = table_config(table, csv, tmp_path / "unused")["data"]
+    steps = 20
+    path, cfg = run_config(
+        {
+            "data": data,
+            "expert": {"window": 1},
+            "train": {"steps": steps, "eval_every": 10, "log_every": 1, "checkpoint_every": 0},
+        }
+    )
+    config = load_config(path)
+    assert config.task == "regression" and config.linear_path
+    run_dir = Path(cfg["run_dir"])
+    assert_run_matches_reference(path, run_dir, steps)
+    reducer = torch.load(run_dir / "checkpoints" / "reducer.pt", weights_only=False)["model"]
+    assert reducer["gate"].item() != 1.0  # it trained: from 1, moved by data and penalty
+
+
+def assert_run_matches_reference(path: Path, run_dir: Path, steps: int) -> None:
+    """`traci up` of the config at ``path`` gives the reference trainer's losses and, in its
+    checkpoints, its parameters."""
     proc = subprocess.run([*TRACI, "up", str(path)], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = Path(cfg["run_dir"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     dist_losses = [r["loss"] for r in records if r["kind"] == "train"]
 

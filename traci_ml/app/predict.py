@@ -156,15 +156,15 @@ def _assemble(
                 in_dim=in_dim,
                 out_dim=config.embed_dim,
                 key=config.expert_model_key(i),
+                linear=config.linear_path,
             )
             fits.expert_weights(config, i, state, path, {"target": net}, fix=fix, against=against)
             experts.append(net.eval().requires_grad_(False))
             seqs.append(state.get("seq_next"))
             last = run.expert_checkpoint(i)
             states.append(state if path == last else checkpoint.load(last, run_id=config.run_id))
-        reducer = Reducer(
-            n_experts=len(in_dims), d=config.embed_dim, out_dim=out_dim, cfg=config.reducer
-        )
+        reducer = Reducer(n_experts=len(in_dims), d=config.embed_dim, out_dim=out_dim,
+                          cfg=config.reducer, linear=config.linear_path)  # fmt: skip
     path = chosen.reducer
     state = checkpoint.load(path, run_id=config.run_id)
     fits.reducer_weights(config, state, path, reducer, fix=fix, against=against)

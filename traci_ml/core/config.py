@@ -223,6 +223,10 @@ class ReducerConfig(_Section):
     # train batches split into this many row slices on parallel threads (CPU; 1: whole batch;
     # traci_ml/core/models/shards.py)
     shards: int = Field(1, ge=1, le=64)
+    # a linear path beside the network (regression): each expert's last embedding coordinate
+    # a linear map of its columns, summed over the tokens, plus the network's output times a
+    # gate penalised toward 0 ("auto": on for regression; docs/config.md "Linear path")
+    linear_path: Literal["auto"] | bool = "auto"
 
 
 class TrainConfig(_Section):
@@ -445,6 +449,12 @@ class Config(_Section):
         if train.patience and not self.data.val_fraction:
             raise ValueError(f"train.patience ({train.patience}): early stopping needs a "
                              "validation split (data.val_fraction > 0)")  # fmt: skip
+        if self.linear_path and self.embed_dim < 2:
+            raise ValueError("embed_dim: the linear path (reducer.linear_path) takes an "
+                             "embedding's last coordinate; it needs embed_dim >= 2")  # fmt: skip
+        if self.reducer.linear_path is True and task != "regression":
+            raise ValueError("reducer.linear_path: true is for regression runs (one output); "
+                             f"this run's task is {task}")  # fmt: skip
         fits = {"accuracy": "classification", "rmse": "regression", "r2": "regression"}
         if fits.get(train.monitor, task) != task:
             raise ValueError(f"train.monitor {train.monitor!r} is a {fits[train.monitor]} "
@@ -456,6 +466,12 @@ class Config(_Section):
         """The run's task: ``data.task`` for csv and parties runs; digits and synthetic
         tables are classification."""
         return self.data.task if self.data.source in ("csv", "parties") else "classification"
+
+    @property
+    def linear_path(self) -> bool:
+        """Whether the nets carry the linear path (``reducer.linear_path``; "auto": regression)."""
+        value = self.reducer.linear_path
+        return self.task == "regression" if value == "auto" else bool(value)
 
     def expert_model(self, expert_id: int) -> ExpertModelConfig:
         """Expert ``expert_id``'s network: its view's own ``model``, else ``expert.model``."""

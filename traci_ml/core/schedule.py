@@ -208,10 +208,10 @@ def lr_factor(index: int, train: TrainConfig) -> float:
 
 def set_lr(optimizer, base: float, index: int, train: TrainConfig) -> None:  # noqa: ANN001
     """Sets every parameter group of ``optimizer`` to the scheduled rate for train step
-    ``index``."""
+    ``index`` (times the group's ``lr_scale``, if it has one: ``models/optim.make_adam``)."""
     lr = base * lr_factor(index, train)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def schedule_for(config: Config, dataset: Dataset) -> Schedule:

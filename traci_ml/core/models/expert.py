@@ -53,11 +53,42 @@ class EmbeddingMLP(nn.Module):
         return self.net(x)
 
 
+class LinearPath(nn.Module):
+    """``net``'s embedding with its last ``width`` coordinates replaced by a linear map of
+    the inputs (no bias, zero at start): the expert's share of the reducer's linear path
+    (``reducer.linear_path``; the reducer sums these coordinates over the tokens present).
+    Its weights learn at ``LINEAR_LR_SCALE`` times the expert's rate (a convex problem that
+    the network's rate would leave half-solved at the first validation rounds)."""
+
+    def __init__(self, net: nn.Module, in_dim: int, width: int = 1) -> None:
+        super().__init__()
+        self.net, self.width = net, width
+        self.lin = nn.Linear(in_dim, width, bias=False)
+        nn.init.zeros_(self.lin.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B, d)
+        return torch.cat([self.net(x)[:, : -self.width], self.lin(x)], dim=1)
+
+
+LINEAR_LR_SCALE = 20.0  # the linear path's rate, times expert.lr (docs/config.md "Linear path")
+
+
 def build_expert_net(
-    cfg: ExpertModelConfig, *, in_dim: int, out_dim: int, key: str = "expert.model"
+    cfg: ExpertModelConfig,
+    *,
+    in_dim: int,
+    out_dim: int,
+    key: str = "expert.model",
+    linear: bool = False,
 ) -> nn.Module:
-    """The configured feed-forward net, or ``package.module:Class(in_dim, out_dim, **kwargs)``.
-    ``key`` names the config section in errors."""
+    """The configured feed-forward net, or ``package.module:Class(in_dim, out_dim, **kwargs)``;
+    ``linear``: inside a ``LinearPath`` (``Config.linear_path``). ``key`` names the config
+    section in errors."""
+    net = _build_net(cfg, in_dim=in_dim, out_dim=out_dim, key=key)
+    return LinearPath(net, in_dim) if linear else net
+
+
+def _build_net(cfg: ExpertModelConfig, *, in_dim: int, out_dim: int, key: str) -> nn.Module:
     if cfg.module is None:
         return EmbeddingMLP(
             in_dim,
@@ -100,10 +131,19 @@ def build_expert(
         in_dim=in_dim,
         out_dim=config.embed_dim,
         key=config.expert_model_key(expert_id),
+        linear=config.linear_path,
     ).to(device)
     decay = 0.0 if train_rows is None else weight_decay_for(config.expert.weight_decay, train_rows)
-    opt = make_adam(online.parameters(), lr=config.expert.lr, weight_decay=decay)
+    opt = make_adam(param_groups(online), lr=config.expert.lr, weight_decay=decay)
     return online, make_target(online), opt
+
+
+def param_groups(online: nn.Module) -> list[dict]:
+    """The online net's Adam groups: the network, and a ``LinearPath``'s map at its rate."""
+    if not isinstance(online, LinearPath):
+        return [{"params": list(online.parameters())}]
+    return [{"params": list(online.net.parameters())},
+            {"params": list(online.lin.parameters()), "lr_scale": LINEAR_LR_SCALE}]  # fmt: skip
 
 
 def input_noise_for(value: str | float, train_rows: int, task: str) -> float:

@@ -11,15 +11,23 @@ from traci_ml.core.config import WEIGHT_DECAY_ROWS
 FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused Adam kernel
 
 
-def make_adam(params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float):  # noqa: ANN201
+def make_adam(params: Iterable, *, lr: float, weight_decay: float):  # noqa: ANN201
     """Adam, fused into one kernel where torch has one for the parameters' device: one call
     per step instead of a dozen tensor ops per parameter (on a CPU expert that is most of
-    its optimizer time). The same update rule; the reference step builds it the same way."""
+    its optimizer time). The same update rule; the reference step builds it the same way.
+    ``params``: parameters, or parameter groups (dicts) that may carry ``lr_scale`` (their
+    rate as a multiple of the scheduled one, ``schedule.set_lr``) and their own
+    ``weight_decay``."""
     params = list(params)
-    fused = bool(params) and all(
-        p.device.type in FUSED_DEVICES and p.dtype.is_floating_point for p in params
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    for group in groups:
+        group["params"] = list(group["params"])
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    every = [p for g in groups for p in g["params"]]
+    fused = bool(every) and all(
+        p.device.type in FUSED_DEVICES and p.dtype.is_floating_point for p in every
     )
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def weight_decay_for(value: str | float, train_rows: int) -> float:
@@ -38,4 +46,4 @@ def set_weight_decay(optimizer, weight_decay: float) -> None:  # noqa: ANN001
     """Sets every parameter group of ``optimizer`` to ``weight_decay`` (Adam reads it on
     each step): an expert learns its training rows only once aligned."""
     for group in optimizer.param_groups:
-        group["weight_decay"] = weight_decay
+        group["weight_decay"] = weight_decay + group.get("extra_decay", 0.0)

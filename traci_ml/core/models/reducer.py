@@ -69,9 +69,16 @@ class Block(nn.Module):
 
 
 class Reducer(nn.Module):
-    def __init__(self, *, n_experts: int, d: int, out_dim: int, cfg: ReducerConfig) -> None:
+    """``linear``: the linear path (``reducer.linear_path``, regression): the output is the
+    sum over the present tokens of their last ``out_dim`` coordinates (each expert's linear
+    map of its columns, ``models.expert.LinearPath``) plus a bias, plus the network's output
+    times ``gate``, a scalar from 0 whose L2 penalty is worth ``LINEAR_GATE_ROWS`` rows
+    (``build_reducer``): the network adds to a linear model where the data pay for it."""
+
+    def __init__(self, *, n_experts: int, d: int, out_dim: int, cfg: ReducerConfig,
+                 linear: bool = False) -> None:  # fmt: skip
         super().__init__()
-        self.n_experts = n_experts
+        self.n_experts, self.out_dim, self.linear = n_experts, out_dim, linear
         self.identity = nn.Parameter(torch.randn(n_experts, d) * 0.02)  # per-expert id
         self.cls = nn.Parameter(torch.zeros(1, 1, d))
         self.ln_in = nn.LayerNorm(d)  # experts' embeddings arrive at arbitrary scales
@@ -80,6 +87,9 @@ class Reducer(nn.Module):
         )
         self.ln_out = nn.LayerNorm(d)
         self.head = nn.Linear(d, out_dim)
+        if linear:
+            self.gate = nn.Parameter(torch.full((), LINEAR_GATE_INIT))
+            self.linear_bias = nn.Parameter(torch.zeros(out_dim))
 
     def forward(
         self, tokens: torch.Tensor, absent: torch.Tensor
@@ -94,7 +104,12 @@ class Reducer(nn.Module):
         for i, block in enumerate(self.blocks):
             x, att = block(x, mask, i == last)  # the last block: the [CLS] row only
         cls_att = att[:, :, 0, 1:].mean(dim=1)  # (B, N): last layer, [CLS] query, mean heads
-        return self.head(self.ln_out(x[:, 0])), cls_att
+        out = self.head(self.ln_out(x[:, 0]))
+        if self.linear:  # the tokens present: their linear coordinates, summed
+            present = (~absent).to(tokens.dtype)[:, :, None]  # (B, N, 1)
+            wide = (tokens[:, :, -self.out_dim :] * present).sum(dim=1)  # (B, out)
+            out = self.gate * out + wide + self.linear_bias
+        return out, cls_att
 
     @staticmethod
     def saved_sizes(weights: Any) -> tuple[int, int] | None:
@@ -119,11 +134,23 @@ def build_reducer(
     from, which ``reducer.weight_decay: auto`` scales by (None: a penalty of 0, for a
     reducer that only predicts)."""
     torch.manual_seed(derive_seed(config.seed, "reducer"))
-    reducer = Reducer(n_experts=n_experts, d=config.embed_dim, out_dim=out_dim, cfg=config.reducer)
+    reducer = Reducer(n_experts=n_experts, d=config.embed_dim, out_dim=out_dim, cfg=config.reducer,
+                      linear=config.linear_path)  # fmt: skip
     reducer = reducer.to(device)
     decay = 0.0 if train_rows is None else weight_decay_for(config.reducer.weight_decay, train_rows)
-    opt = make_adam(reducer.parameters(), lr=config.reducer.lr, weight_decay=decay)
+    groups: list[dict] = [{"params": [p for n, p in reducer.named_parameters() if n != "gate"]}]
+    if reducer.linear:  # the gate's own penalty: gate**2 * LINEAR_GATE_ROWS / n, as an L2 term
+        extra = 0.0 if train_rows is None else 2 * LINEAR_GATE_ROWS / max(int(train_rows), 1)
+        groups.append({"params": [reducer.gate], "extra_decay": extra,
+                       "weight_decay": decay + extra})  # fmt: skip
+    opt = make_adam(groups, lr=config.reducer.lr, weight_decay=decay)
     return reducer, opt
+
+
+# The prior on the linear path's gate, in rows: its L2 penalty beside the mean loss over n
+# training rows is gate**2 * LINEAR_GATE_ROWS / n (docs/config.md "Linear path").
+LINEAR_GATE_ROWS = 1600.0
+LINEAR_GATE_INIT = 1.0  # the gate at start: the network whole (from 0 it would get no gradient)
 
 
 def dropout_mask(config: Config, absent: torch.Tensor, seq: int) -> torch.Tensor:
