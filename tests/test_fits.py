@@ -99,7 +99,7 @@ def test_a_changed_hidden_size_names_the_tensor_and_the_key(tmp_path: Path) -> N
     message = refusal(config(tmp_path, **{"expert.model.hidden": "[12]"}))
     assert "expert-0.pt does not fit the config" in message
     assert "net.0.weight is [8, 16] in the checkpoint, [12, 16] in the net the config" in message
-    assert "view 0 'top_left': 16 columns), expert.model and embed_dim" in message
+    assert "16 columns), expert.model, embed_dim and reducer.linear_path" in message
     message = refusal(config(tmp_path, **{"reducer.ff": "16"}))
     assert "reducer.pt does not fit the config: blocks.0.mlp.0.weight is [8, 8]" in message
 

@@ -55,14 +55,15 @@ def expert_shapes(config: Config, expert_id: int) -> str:
     view = view_specs(config.data)[expert_id]
     return (
         f"its shapes come from {views_key(config)} (view {expert_id} {view.name!r}: "
-        f"{len(view.columns)} columns), {config.expert_model_key(expert_id)} and embed_dim"
+        f"{len(view.columns)} columns), {config.expert_model_key(expert_id)}, embed_dim and "
+        "reducer.linear_path (on for regression since 2026-12-08: false for older runs)"
     )
 
 
 def reducer_shapes(config: Config, n_experts: int) -> str:
     return (
         f"its shapes come from the number of views ({n_experts}, {views_key(config)}), "
-        "embed_dim, reducer.layers/heads/ff and the label's classes"
+        "embed_dim, reducer.layers/heads/ff, reducer.linear_path and the label's classes"
     )
 
 
