@@ -151,3 +151,31 @@ def test_connections_beyond_the_cap_are_closed_as_they_open(served, connect) -> 
         s.close()
     time.sleep(0.3)
     assert ask(connect(port)).startswith(b"HTTP/1.1 200")  # room again
+
+
+def test_the_grpc_side_closes_a_connection_that_never_handshakes(tmp_path, door) -> None:
+    """grpc-core keeps a connection that sends nothing (or half an HTTP/2 preface) for its
+    120 s handshake timeout; traci http's gRPC side uses serve.http_read_timeout. A real
+    call on a connection of its own still answers."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc
+
+    from tests.helpers.front_door import make_translator
+    from traci_ml.app import grpc_v2
+
+    tr = make_translator(tmp_path / "run", door)
+    serve = tr.config.serve.model_copy(update={"http_read_timeout": TIMEOUT})
+    tr.config = tr.config.model_copy(update={"serve": serve})
+    server, port = grpc_v2.start(tr, "127.0.0.1", 0, workers=2)
+    try:
+        for payload in (b"", b"PRI * HTTP/2.0\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(payload)
+                assert closed_after(s) < TIMEOUT + 3, payload
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live
+    finally:
+        server.stop(grace=None).wait(5)
+        tr.close()

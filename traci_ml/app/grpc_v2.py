@@ -225,9 +225,14 @@ def start(tr: Translator, bind: str, port: int, *, workers: int = WORKERS,
     from traci_ml.core.errors import ConfigError
 
     access = access or Access()
-    # so_reuseport 0: a port in use is an error, not silently shared with another server
+    # so_reuseport 0: a port in use is an error, not silently shared with another server;
+    # serve.http_read_timeout bounds a connection that never finishes its TLS/HTTP2 handshake
+    # (grpc-core's default: 120 s) and one that stays open with no call in it (default: never),
+    # as it bounds REST's (app/http_conn.py); a client reconnects on the GOAWAY by itself
+    wait_ms = int(tr.config.serve.http_read_timeout * 1000)
     options = [("grpc.max_receive_message_length", max_body(tr.config)),
-               ("grpc.so_reuseport", 0)]  # fmt: skip
+               ("grpc.so_reuseport", 0), ("grpc.server_handshake_timeout_ms", wait_ms),
+               ("grpc.max_connection_idle_ms", wait_ms)]  # fmt: skip
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc-v2")
     tokens = grpc_interceptor(access)
     server = grpc.server(pool, options=options, maximum_concurrent_rpcs=max_calls,

@@ -12,8 +12,8 @@ keep-alive timer is reset by every byte). Two bounds, for every client:
   requests in progress beyond it are answered 503 by uvicorn's ``limit_concurrency``), so a
   flood of connections cannot take the process's file descriptors.
 
-gRPC bounds its own: at most ``MAX_CALLS`` calls in the server, and grpc-core's handshake
-timeout for connections that never finish one.
+The gRPC side (``app/grpc_v2.py``) takes ``serve.http_read_timeout`` as grpc-core's
+handshake and idle-connection timeouts, and holds at most ``MAX_CALLS`` calls.
 """
 
 from __future__ import annotations
