@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -162,30 +161,50 @@ def test_served_answers_equal_offline_answers(served: Served) -> None:
 
 @pytest.mark.timeout(200)
 def test_dynamic_batching_groups_concurrent_requests(served: Served) -> None:
-    threads, rows = 8, 4
-    barrier = threading.Barrier(threads)
-    results: dict[int, object] = {}
+    """Eight connected clients ask at once (sent back to back from one thread, so they
+    arrive within the experts' round trip on any machine): the first leaves at once (an idle
+    cluster never holds a request), the rest wait while it is at the experts and travel
+    together; each gets its own rows back."""
+    from traci_ml import proto
+    from traci_ml.core.link import dealer
 
-    def ask(k: int) -> None:
-        x = served.x[k * rows : (k + 1) * rows]
-        with Client(served.endpoint) as client:
-            client.predict(x, served.columns)  # connected and warm
-            barrier.wait()
-            results[k] = client.predict(x, served.columns)
+    clients, rows = 8, 4
+    context = zmq.Context.instance()
+    socks = [dealer(context, served.endpoint, None) for _ in range(clients)]
+    xs = [served.x[k * rows : (k + 1) * rows] for k in range(clients)]
+    offline = served.offline(served.x[: clients * rows])
 
-    workers = [threading.Thread(target=ask, args=(k,)) for k in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(60)
-    assert len(results) == threads
-    sizes = [results[k].batch_rows for k in range(threads)]
-    print(f"batch rows seen by 8 concurrent requests of {rows} rows: {sizes}")
-    assert max(sizes) > rows  # requests travelled together
-    offline = served.offline(served.x[: threads * rows])
-    for k in range(threads):  # ... and each got its own rows back
-        got = results[k].outputs
-        np.testing.assert_allclose(got, offline[k * rows : (k + 1) * rows], atol=2e-6, rtol=0)
+    def query(k: int, qid: int) -> list:
+        tensor = proto.Tensor.from_numpy(xs[k])
+        return proto.encode(proto.Query(qid, tuple(served.columns), (tensor,)))
+
+    def reply(k: int, qid: int) -> proto.Reply:
+        assert socks[k].poll(30_000), f"client {k}: no reply to {qid}"
+        got = proto.decode(socks[k].recv_multipart())
+        assert isinstance(got, proto.Reply) and got.qid == qid, got
+        assert got.status == proto.SERVE_OK, (got.status, got.detail)
+        return got
+
+    try:
+        for k in range(clients):  # connected and warm
+            socks[k].send_multipart(query(k, 1))
+            reply(k, 1)
+        sizes: list[list[int]] = []
+        for attempt in range(2, 7):  # one round is enough; a few guard a stalled scheduler
+            for k in range(clients):
+                socks[k].send_multipart(query(k, attempt))
+            replies = [reply(k, attempt) for k in range(clients)]
+            for k, got in enumerate(replies):  # ... and each got its own rows back
+                out = np.array(got.tensors[0].numpy())
+                np.testing.assert_allclose(out, offline[k * rows : (k + 1) * rows], atol=2e-6)
+            sizes.append([got.batch_rows for got in replies])
+            if max(sizes[-1]) > rows:
+                break
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+    print(f"batch rows seen by {clients} concurrent requests of {rows} rows: {sizes}")
+    assert max(sizes[-1]) > rows, sizes  # requests travelled together
     assert scrape(served.metrics_port, "traci_broker_serve_batch_requests_count") >= 1
 
 
