@@ -156,7 +156,7 @@ def _assemble(
                 in_dim=in_dim,
                 out_dim=config.embed_dim,
                 key=config.expert_model_key(i),
-                linear=config.linear_path,
+                linear=config.linear_width,
             )
             fits.expert_weights(config, i, state, path, {"target": net}, fix=fix, against=against)
             experts.append(net.eval().requires_grad_(False))
@@ -164,7 +164,7 @@ def _assemble(
             last = run.expert_checkpoint(i)
             states.append(state if path == last else checkpoint.load(last, run_id=config.run_id))
         reducer = Reducer(n_experts=len(in_dims), d=config.embed_dim, out_dim=out_dim,
-                          cfg=config.reducer, linear=config.linear_path)  # fmt: skip
+                          cfg=config.reducer, linear=config.linear_width)  # fmt: skip
     path = chosen.reducer
     state = checkpoint.load(path, run_id=config.run_id)
     fits.reducer_weights(config, state, path, reducer, fix=fix, against=against)

@@ -223,9 +223,10 @@ class ReducerConfig(_Section):
     # train batches split into this many row slices on parallel threads (CPU; 1: whole batch;
     # traci_ml/core/models/shards.py)
     shards: int = Field(1, ge=1, le=64)
-    # a linear path beside the network (regression): each expert's last embedding coordinate
-    # a linear map of its columns, summed over the tokens, plus the network's output times a
-    # gate penalised toward 0 ("auto": on for regression; docs/config.md "Linear path")
+    # a linear path beside the network: each expert's last embedding coordinate(s) a linear
+    # map of its columns, summed over the tokens (regression) or mapped to the classes'
+    # logits, plus the network's output times a gate penalised toward 0 ("auto": on for
+    # regression, off for classification; docs/config.md "Linear path")
     linear_path: Literal["auto"] | bool = "auto"
 
 
@@ -410,6 +411,18 @@ class TrackingConfig(_Section):
         return v
 
 
+# The linear path's width (docs/config.md "Linear path"): a regression run's experts give it
+# one coordinate, summed; a classification run's give it up to LINEAR_WIDTH each, which the
+# reducer maps to the classes' logits (rank LINEAR_WIDTH per expert: a full multinomial
+# logistic model up to LINEAR_WIDTH + 1 classes).
+LINEAR_WIDTH = 8
+
+
+def linear_width(task: str, embed_dim: int) -> int:
+    """The linear path's coordinates per embedding for ``task`` (at most ``embed_dim // 2``)."""
+    return 1 if task == "regression" else max(1, min(LINEAR_WIDTH, embed_dim // 2))
+
+
 class Config(_Section):
     run_id: str = Field("traci", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     seed: int = 0
@@ -451,10 +464,7 @@ class Config(_Section):
                              "validation split (data.val_fraction > 0)")  # fmt: skip
         if self.linear_path and self.embed_dim < 2:
             raise ValueError("embed_dim: the linear path (reducer.linear_path) takes an "
-                             "embedding's last coordinate; it needs embed_dim >= 2")  # fmt: skip
-        if self.reducer.linear_path is True and task != "regression":
-            raise ValueError("reducer.linear_path: true is for regression runs (one output); "
-                             f"this run's task is {task}")  # fmt: skip
+                             "embedding's last coordinates; it needs embed_dim >= 2")  # fmt: skip
         fits = {"accuracy": "classification", "rmse": "regression", "r2": "regression"}
         if fits.get(train.monitor, task) != task:
             raise ValueError(f"train.monitor {train.monitor!r} is a {fits[train.monitor]} "
@@ -469,9 +479,15 @@ class Config(_Section):
 
     @property
     def linear_path(self) -> bool:
-        """Whether the nets carry the linear path (``reducer.linear_path``; "auto": regression)."""
+        """Whether the nets carry the linear path (``reducer.linear_path``; "auto":
+        regression; classification takes it when asked, docs/config.md "Linear path")."""
         value = self.reducer.linear_path
         return self.task == "regression" if value == "auto" else bool(value)
+
+    @property
+    def linear_width(self) -> int:
+        """The embedding coordinates each expert gives the linear path (0: none)."""
+        return linear_width(self.task, self.embed_dim) if self.linear_path else 0
 
     def expert_model(self, expert_id: int) -> ExpertModelConfig:
         """Expert ``expert_id``'s network: its view's own ``model``, else ``expert.model``."""

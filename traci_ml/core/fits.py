@@ -135,14 +135,14 @@ def check_run(config: Config, *, serve: bool = False) -> None:
         if reducer is not None:
             out = sizes[1] if sizes is not None else 1
             net = Reducer(n_experts=n, d=config.embed_dim, out_dim=out, cfg=config.reducer,
-                          linear=config.linear_path)  # fmt: skip
+                          linear=config.linear_width)  # fmt: skip
             reducer_weights(config, reducer, run.reducer_checkpoint, net, fix=fix)
         views = view_specs(config.data)
         for i, state in sorted(experts.items()):
             net = build_expert_net(
                 config.expert_model(i), in_dim=len(views[i].columns),
                 out_dim=config.embed_dim, key=config.expert_model_key(i),
-                linear=config.linear_path,
+                linear=config.linear_width,
             )  # fmt: skip
             nets = {"online": net, "target": net}  # the same shapes, both checked
             expert_weights(config, i, state, run.expert_checkpoint(i), nets, fix=fix)

@@ -10,7 +10,7 @@ from torch import nn
 
 from traci_ml.core.config import INPUT_NOISE_MAX, WEIGHT_DECAY_ROWS, Config, ExpertModelConfig
 from traci_ml.core.errors import ConfigError
-from traci_ml.core.models.optim import make_adam, weight_decay_for
+from traci_ml.core.models.optim import linear_decay_scale, make_adam, weight_decay_for
 from traci_ml.core.tensors import derive_seed
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -56,9 +56,10 @@ class EmbeddingMLP(nn.Module):
 class LinearPath(nn.Module):
     """``net``'s embedding with its last ``width`` coordinates replaced by a linear map of
     the inputs (no bias, zero at start): the expert's share of the reducer's linear path
-    (``reducer.linear_path``; the reducer sums these coordinates over the tokens present).
-    Its weights learn at ``LINEAR_LR_SCALE`` times the expert's rate (a convex problem that
-    the network's rate would leave half-solved at the first validation rounds)."""
+    (``reducer.linear_path``; the reducer sums these coordinates over the tokens present, or
+    maps them to the classes' logits). Its weights learn at ``LINEAR_LR_SCALE`` times the
+    expert's rate (a convex problem that the network's rate would leave half-solved at the
+    first validation rounds)."""
 
     def __init__(self, net: nn.Module, in_dim: int, width: int = 1) -> None:
         super().__init__()
@@ -79,13 +80,13 @@ def build_expert_net(
     in_dim: int,
     out_dim: int,
     key: str = "expert.model",
-    linear: bool = False,
+    linear: int = 0,
 ) -> nn.Module:
     """The configured feed-forward net, or ``package.module:Class(in_dim, out_dim, **kwargs)``;
-    ``linear``: inside a ``LinearPath`` (``Config.linear_path``). ``key`` names the config
-    section in errors."""
+    ``linear``: inside a ``LinearPath`` of that width (``Config.linear_width``; 0: none).
+    ``key`` names the config section in errors."""
     net = _build_net(cfg, in_dim=in_dim, out_dim=out_dim, key=key)
-    return LinearPath(net, in_dim) if linear else net
+    return LinearPath(net, in_dim, linear) if linear else net
 
 
 def _build_net(cfg: ExpertModelConfig, *, in_dim: int, out_dim: int, key: str) -> nn.Module:
@@ -131,19 +132,22 @@ def build_expert(
         in_dim=in_dim,
         out_dim=config.embed_dim,
         key=config.expert_model_key(expert_id),
-        linear=config.linear_path,
+        linear=config.linear_width,
     ).to(device)
     decay = 0.0 if train_rows is None else weight_decay_for(config.expert.weight_decay, train_rows)
-    opt = make_adam(param_groups(online), lr=config.expert.lr, weight_decay=decay)
+    groups = param_groups(online, linear_decay_scale(config.task))
+    opt = make_adam(groups, lr=config.expert.lr, weight_decay=decay)
     return online, make_target(online), opt
 
 
-def param_groups(online: nn.Module) -> list[dict]:
-    """The online net's Adam groups: the network, and a ``LinearPath``'s map at its rate."""
+def param_groups(online: nn.Module, decay_scale: float = 1.0) -> list[dict]:
+    """The online net's Adam groups: the network, and a ``LinearPath``'s map at its rate
+    with its weight decay times ``decay_scale`` (``linear_decay_scale``)."""
     if not isinstance(online, LinearPath):
         return [{"params": list(online.parameters())}]
     return [{"params": list(online.net.parameters())},
-            {"params": list(online.lin.parameters()), "lr_scale": LINEAR_LR_SCALE}]  # fmt: skip
+            {"params": list(online.lin.parameters()), "lr_scale": LINEAR_LR_SCALE,
+             "decay_scale": decay_scale}]  # fmt: skip
 
 
 def input_noise_for(value: str | float, train_rows: int, task: str) -> float:

@@ -16,13 +16,14 @@ def make_adam(params: Iterable, *, lr: float, weight_decay: float):  # noqa: ANN
     per step instead of a dozen tensor ops per parameter (on a CPU expert that is most of
     its optimizer time). The same update rule; the reference step builds it the same way.
     ``params``: parameters, or parameter groups (dicts) that may carry ``lr_scale`` (their
-    rate as a multiple of the scheduled one, ``schedule.set_lr``) and their own
-    ``weight_decay``."""
+    rate as a multiple of the scheduled one, ``schedule.set_lr``), ``decay_scale`` (their
+    L2 coefficient as a multiple of ``weight_decay``) and ``extra_decay`` (added to it)."""
     params = list(params)
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
     for group in groups:
         group["params"] = list(group["params"])
         group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["weight_decay"] = _decay(group, weight_decay)
     every = [p for g in groups for p in g["params"]]
     fused = bool(every) and all(
         p.device.type in FUSED_DEVICES and p.dtype.is_floating_point for p in every
@@ -46,4 +47,20 @@ def set_weight_decay(optimizer, weight_decay: float) -> None:  # noqa: ANN001
     """Sets every parameter group of ``optimizer`` to ``weight_decay`` (Adam reads it on
     each step): an expert learns its training rows only once aligned."""
     for group in optimizer.param_groups:
-        group["weight_decay"] = weight_decay + group.get("extra_decay", 0.0)
+        group["weight_decay"] = _decay(group, weight_decay)
+
+
+def _decay(group: dict, weight_decay: float) -> float:
+    """A group's L2 coefficient: the optimizer's, scaled by ``decay_scale``, plus
+    ``extra_decay``."""
+    return weight_decay * group.get("decay_scale", 1.0) + group.get("extra_decay", 0.0)
+
+
+def linear_decay_scale(task: str) -> float:
+    """The linear path's weight decay as a multiple of the network's: the same for
+    regression; ``LINEAR_DECAY_SCALE_CLS`` for classification, whose map is a product of
+    two (the experts' and the reducer's ``linear_head``)."""
+    return 1.0 if task == "regression" else LINEAR_DECAY_SCALE_CLS
+
+
+LINEAR_DECAY_SCALE_CLS = 0.0

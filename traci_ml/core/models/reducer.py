@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from traci_ml.core.config import Config, ReducerConfig
-from traci_ml.core.models.optim import make_adam, weight_decay_for
+from traci_ml.core.models.optim import linear_decay_scale, make_adam, weight_decay_for
 from traci_ml.core.tensors import derive_seed
 
 
@@ -69,14 +69,17 @@ class Block(nn.Module):
 
 
 class Reducer(nn.Module):
-    """``linear``: the linear path (``reducer.linear_path``, regression): the output is the
-    sum over the present tokens of their last ``out_dim`` coordinates (each expert's linear
-    map of its columns, ``models.expert.LinearPath``) plus a bias, plus the network's output
-    times ``gate``, a scalar from 0 whose L2 penalty is worth ``LINEAR_GATE_ROWS`` rows
-    (``build_reducer``): the network adds to a linear model where the data pay for it."""
+    """``linear``: the width of the linear path (``reducer.linear_path``,
+    ``Config.linear_width``; 0: none). The output is a linear model of the present tokens'
+    last ``linear`` coordinates (each expert's linear map of its columns,
+    ``models.expert.LinearPath``; an absent token's count as 0) plus a bias, plus the
+    network's output times ``gate``, a scalar from ``LINEAR_GATE_INIT`` whose L2 penalty is
+    worth ``LINEAR_GATE_ROWS`` rows (``build_reducer``): the network adds to a linear model
+    where the data pay for it. One output from one coordinate each (regression): their sum;
+    else ``linear_head`` maps every expert's coordinates to the outputs."""
 
     def __init__(self, *, n_experts: int, d: int, out_dim: int, cfg: ReducerConfig,
-                 linear: bool = False) -> None:  # fmt: skip
+                 linear: int = 0) -> None:  # fmt: skip
         super().__init__()
         self.n_experts, self.out_dim, self.linear = n_experts, out_dim, linear
         self.identity = nn.Parameter(torch.randn(n_experts, d) * 0.02)  # per-expert id
@@ -90,6 +93,10 @@ class Reducer(nn.Module):
         if linear:
             self.gate = nn.Parameter(torch.full((), LINEAR_GATE_INIT))
             self.linear_bias = nn.Parameter(torch.zeros(out_dim))
+        # one output of width 1 (regression): the coordinates summed; else a map from every
+        # expert's coordinates to the outputs (no bias; the experts' maps start at 0)
+        self.linear_head = (nn.Linear(n_experts * linear, out_dim, bias=False)
+                            if linear and (linear, out_dim) != (1, 1) else None)  # fmt: skip
 
     def forward(
         self, tokens: torch.Tensor, absent: torch.Tensor
@@ -107,7 +114,8 @@ class Reducer(nn.Module):
         out = self.head(self.ln_out(x[:, 0]))
         if self.linear:  # the tokens present: their linear coordinates, summed
             present = (~absent).to(tokens.dtype)[:, :, None]  # (B, N, 1)
-            wide = (tokens[:, :, -self.out_dim :] * present).sum(dim=1)  # (B, out)
+            lin = tokens[:, :, -self.linear :] * present  # (B, N, width)
+            wide = lin.sum(dim=1) if self.linear_head is None else self.linear_head(lin.flatten(1))
             out = self.gate * out + wide + self.linear_bias
         return out, cls_att
 
@@ -135,14 +143,17 @@ def build_reducer(
     reducer that only predicts)."""
     torch.manual_seed(derive_seed(config.seed, "reducer"))
     reducer = Reducer(n_experts=n_experts, d=config.embed_dim, out_dim=out_dim, cfg=config.reducer,
-                      linear=config.linear_path)  # fmt: skip
+                      linear=config.linear_width)  # fmt: skip
     reducer = reducer.to(device)
     decay = 0.0 if train_rows is None else weight_decay_for(config.reducer.weight_decay, train_rows)
-    groups: list[dict] = [{"params": [p for n, p in reducer.named_parameters() if n != "gate"]}]
+    own = ("gate", "linear_head.weight")
+    groups: list[dict] = [{"params": [p for n, p in reducer.named_parameters() if n not in own]}]
     if reducer.linear:  # the gate's own penalty: gate**2 * LINEAR_GATE_ROWS / n, as an L2 term
         extra = 0.0 if train_rows is None else 2 * LINEAR_GATE_ROWS / max(int(train_rows), 1)
-        groups.append({"params": [reducer.gate], "extra_decay": extra,
-                       "weight_decay": decay + extra})  # fmt: skip
+        groups.append({"params": [reducer.gate], "extra_decay": extra})
+    if reducer.linear_head is not None:  # a part of the linear model: its prior
+        groups.append({"params": [reducer.linear_head.weight],
+                       "decay_scale": linear_decay_scale(config.task)})  # fmt: skip
     opt = make_adam(groups, lr=config.reducer.lr, weight_decay=decay)
     return reducer, opt
 
