@@ -418,11 +418,6 @@ class TrackingConfig(_Section):
 LINEAR_WIDTH = 8
 
 
-def linear_width(task: str, embed_dim: int) -> int:
-    """The linear path's coordinates per embedding for ``task`` (at most ``embed_dim // 2``)."""
-    return 1 if task == "regression" else max(1, min(LINEAR_WIDTH, embed_dim // 2))
-
-
 class Config(_Section):
     run_id: str = Field("traci", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     seed: int = 0
@@ -486,8 +481,11 @@ class Config(_Section):
 
     @property
     def linear_width(self) -> int:
-        """The embedding coordinates each expert gives the linear path (0: none)."""
-        return linear_width(self.task, self.embed_dim) if self.linear_path else 0
+        """The embedding coordinates each expert gives the linear path (0: none; regression
+        1; classification ``LINEAR_WIDTH``, at most ``embed_dim // 2``)."""
+        if not self.linear_path:
+            return 0
+        return 1 if self.task == "regression" else max(1, min(LINEAR_WIDTH, self.embed_dim // 2))
 
     def expert_model(self, expert_id: int) -> ExpertModelConfig:
         """Expert ``expert_id``'s network: its view's own ``model``, else ``expert.model``."""

@@ -112,7 +112,7 @@ class Reducer(nn.Module):
             x, att = block(x, mask, i == last)  # the last block: the [CLS] row only
         cls_att = att[:, :, 0, 1:].mean(dim=1)  # (B, N): last layer, [CLS] query, mean heads
         out = self.head(self.ln_out(x[:, 0]))
-        if self.linear:  # the tokens present: their linear coordinates, summed
+        if self.linear:  # the present tokens' linear coordinates: summed, or to the outputs
             present = (~absent).to(tokens.dtype)[:, :, None]  # (B, N, 1)
             lin = tokens[:, :, -self.linear :] * present  # (B, N, width)
             wide = lin.sum(dim=1) if self.linear_head is None else self.linear_head(lin.flatten(1))
